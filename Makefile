@@ -1,0 +1,60 @@
+# histo: set-up is `make demo` and `make test`. Both install into .venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 \
+	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
+	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+
+.PHONY: install sysdeps demo test lint bench train evaluate screenshot clean
+
+install: $(STAMP)
+
+# Re-install only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[napari,dev]"
+	touch $(STAMP)
+
+# Xvfb and GL libraries for the napari tests (Debian); installed only when missing.
+sysdeps:
+	@if ! command -v xvfb-run >/dev/null 2>&1 || ! ldconfig -p | grep -q libEGL.so.1 \
+		|| ! ldconfig -p | grep -q libxkbcommon-x11; then \
+		echo "installing Xvfb and GL libraries"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
+	fi
+
+demo: install
+	mkdir -p demo
+	$(BIN)/histo synth --phenotype oc-rich --size 2048 --pixel-size 1.0 --seed 7 --out demo/oc-rich.ome.tif
+	$(BIN)/histo analyze demo/oc-rich.ome.tif --out demo/results
+	@echo "demo: see demo/results/indices.csv, demo/results/report.html and demo/results/*/overlay.png"
+
+test: install sysdeps
+	$(BIN)/lint-imports
+	$(BIN)/ruff check histo plugins tests benchmarks
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check histo plugins tests benchmarks
+	$(BIN)/ruff format --check histo plugins tests benchmarks
+	$(BIN)/lint-imports
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+train: install
+	$(BIN)/histo train --out models/histo-unet --seed 0
+
+evaluate: install
+	$(BIN)/histo evaluate --out docs/evaluation
+
+screenshot: install sysdeps
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot docs/napari.png
+
+clean:
+	rm -rf $(VENV) demo bench-out

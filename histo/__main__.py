@@ -1,0 +1,5 @@
+import sys
+
+from histo.cli import main
+
+sys.exit(main())
