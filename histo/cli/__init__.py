@@ -12,19 +12,21 @@ import sys
 from histo import __version__
 from histo.errors import HistoError
 
-#: command name -> module under histo.cli
+#: command name -> one-line help (the module is histo.cli.<name>, imported only when used,
+#: so that ``histo --help`` and ``histo synth`` do not pay for importing torch)
 COMMANDS = {
-    "synth": "synth",
-    "analyze": "analyze",
-    "batch": "batch",
-    "measure": "measure",
-    "calibrate": "calibrate",
-    "train": "train",
-    "evaluate": "evaluate",
+    "synth": "write a synthetic TRAP-stained slide (OME-TIFF) and its ground truth",
+    "analyze": "analyse slides end to end: segment, measure, call the phenotype",
+    "batch": "analyse a folder of slides in parallel (dask), with resume",
+    "measure": "ASBMR indices and object tables from class maps alone",
+    "calibrate": "learn reference ranges from a lab's own control slides",
+    "train": "train the segmentation network on synthetic slides",
+    "evaluate": "score the network and the classical baseline on held-out synthetic slides",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of the command named in ``argv`` are loaded from its module."""
     parser = argparse.ArgumentParser(
         prog="histo",
         description=(
@@ -35,12 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"histo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"histo.cli.{module_name}")
+    chosen = next((a for a in (argv or []) if a in COMMANDS), None)
+    for name, help_line in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_line)
+            continue
+        module = importlib.import_module(f"histo.cli.{name}")
         p = sub.add_parser(
             name,
-            help=module.HELP,
-            description=getattr(module, "DESCRIPTION", module.HELP),
+            help=help_line,
+            description=getattr(module, "DESCRIPTION", help_line),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
@@ -49,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -45,7 +45,7 @@ PHENOTYPE_PARAMS = {
         trap_mono_per_mm2=(5.0, 25.0),
         adipocyte_fraction=(0.05, 0.20),
         cortex_um=(50.0, 110.0),
-        trab_scale_um=(55.0, 90.0),
+        trab_scale_um=(140.0, 220.0),
     ),
     "oc-rich": PhenotypeParams(
         bv_tv=(0.42, 0.68),
@@ -57,7 +57,7 @@ PHENOTYPE_PARAMS = {
         trap_mono_per_mm2=(10.0, 40.0),
         adipocyte_fraction=(0.0, 0.06),
         cortex_um=(90.0, 180.0),
-        trab_scale_um=(45.0, 75.0),
+        trab_scale_um=(60.0, 100.0),
     ),
     "oc-poor": PhenotypeParams(
         bv_tv=(0.42, 0.68),
@@ -69,7 +69,7 @@ PHENOTYPE_PARAMS = {
         trap_mono_per_mm2=(0.0, 4.0),
         adipocyte_fraction=(0.0, 0.06),
         cortex_um=(90.0, 180.0),
-        trab_scale_um=(45.0, 75.0),
+        trab_scale_um=(60.0, 100.0),
     ),
 }
 
@@ -191,6 +191,14 @@ def _contour_samples(mask: np.ndarray, step_px: float, rng) -> np.ndarray:
         return edge.reshape(0, 2)
     keep = rng.random(len(edge)) < min(1.0, 1.0 / max(step_px, 1e-3))
     return edge[keep]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of ``mask`` (one cell is one region)."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def build_field(
@@ -331,6 +339,7 @@ def build_field(
         carved = bone_local & ~(carved_sdf > 0)
         cell = (cell & ~bone_local) | carved
         cell &= tissue[sl]
+        cell = _largest_component(cell)
         # keep away from other osteoclasts (gap of 2 px) and from the tissue edge
         if (cell & oc_keepout[sl]).any() or cell.sum() < 20:
             continue

@@ -1,0 +1,136 @@
+"""The synthetic generator: its truth must agree with its own class map and phenotypes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+
+from histo import classes
+from histo.synth import make_section, truth_paths, write_synthetic_slide
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.5, 1.0])
+@pytest.mark.parametrize("phenotype", ["normal", "oc-rich", "oc-poor"])
+def test_truth_matches_class_map(synthetic_section, phenotype, pixel_size_um):
+    size = int(800 / pixel_size_um)
+    s = synthetic_section(phenotype, size, pixel_size_um, seed=11)
+    cm, t, p = s.class_map, s.truth, pixel_size_um
+    assert cm.dtype == np.uint8 and set(np.unique(cm)) <= {0, 1, 2, 3, 4}
+    mm2 = (p / 1000) ** 2
+    assert t["T.Ar"] == pytest.approx((cm > 0).sum() * mm2)
+    assert t["B.Ar"] == pytest.approx(np.isin(cm, [2, 4]).sum() * mm2)
+    # counts: every instance is one connected region of its class, none touch
+    oc_ids = np.unique(s.osteoclast_labels[s.osteoclast_labels > 0])
+    assert t["N.Oc"] == len(oc_ids)
+    assert np.array_equal(s.osteoclast_labels > 0, cm == classes.OSTEOCLAST)
+    _, n_oc_components = ndi.label(cm == classes.OSTEOCLAST, structure=np.ones((3, 3)))
+    assert n_oc_components == len(oc_ids)
+    ot_ids = np.unique(s.osteocyte_labels[s.osteocyte_labels > 0])
+    assert np.array_equal(s.osteocyte_labels > 0, cm == classes.OSTEOCYTE)
+    _, n_ot_components = ndi.label(cm == classes.OSTEOCYTE, structure=np.ones((3, 3)))
+    assert n_ot_components == len(ot_ids) == len(s.occupied)
+    assert t["N.Ot"] == sum(s.occupied.values())
+    assert t["Empty lacunae (non-standard)"] == len(s.occupied) - t["N.Ot"]
+    # every osteoclast touches bone; every lacuna lies inside bone
+    bone = np.isin(cm, [2, 4])
+    near_bone = ndi.binary_dilation(bone, np.ones((3, 3)))
+    touching = np.unique(s.osteoclast_labels[near_bone & (s.osteoclast_labels > 0)])
+    assert len(touching) == len(oc_ids)
+    lac_ring = ndi.binary_dilation(cm == 4, np.ones((3, 3))) & (cm != 4)
+    assert np.all(np.isin(cm[lac_ring], [2, 4]))
+    # the sub-pixel perimeter is close to a pixel-count estimate (edge pixels, Crofton-like)
+    edge = bone & ~ndi.binary_erosion(bone, np.ones((3, 3)))
+    assert t["B.Pm"] == pytest.approx(edge.sum() * p / 1000 / 1.12, rel=0.12)
+    assert t["N.Oc/B.Pm"] == pytest.approx(t["N.Oc"] / t["B.Pm"]) if t["N.Oc"] else True
+
+
+def test_phenotypes_differ_in_the_stated_direction():
+    rows = {
+        ph: [make_section(ph, 700, 1.0, seed=100 + i).truth for i in range(3)]
+        for ph in ("normal", "oc-rich", "oc-poor")
+    }
+    for t in rows["normal"]:
+        assert 8 <= t["BV/TV"] <= 28
+        assert 0.5 <= t["N.Oc/B.Pm"] <= 8
+    for ph in ("oc-rich", "oc-poor"):
+        for t in rows[ph]:
+            assert 35 <= t["BV/TV"] <= 75
+    for t in rows["oc-poor"]:
+        assert t["N.Oc"] == 0 and t["Oc.S/BS"] == 0
+    normal_noc = np.median([t["N.Oc/B.Pm"] for t in rows["normal"]])
+    rich_noc = np.median([t["N.Oc/B.Pm"] for t in rows["oc-rich"]])
+    assert rich_noc > 2 * normal_noc
+    assert min(t["Ma.Ar/T.Ar"] for t in rows["normal"]) > max(
+        t["Ma.Ar/T.Ar"] for t in rows["oc-rich"] + rows["oc-poor"]
+    )
+
+
+def test_same_seed_same_section_and_different_seeds_differ():
+    a = make_section("normal", 400, 1.0, seed=5)
+    b = make_section("normal", 400, 1.0, seed=5)
+    c = make_section("normal", 400, 1.0, seed=6)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.class_map, b.class_map)
+    assert not np.array_equal(a.class_map, c.class_map)
+    assert a.params["bv_tv_target"] != c.params["bv_tv_target"]
+
+
+@pytest.mark.parametrize("counterstain", ["hematoxylin", "fast-green", "methyl-green"])
+def test_counterstains_colour_bone_differently_and_trap_is_red(counterstain):
+    s = make_section("oc-rich", 600, 1.0, seed=3, counterstain=counterstain)
+    img = s.image.astype(float)
+    oc = img[s.class_map == classes.OSTEOCLAST].mean(axis=0)
+    bone = img[s.class_map == classes.BONE].mean(axis=0)
+    assert oc[0] > oc[1] + 20, "TRAP+ osteoclasts are red: more red than green"
+    if counterstain == "fast-green":
+        assert bone[1] > bone[0] + 15, "fast green bone is green-blue"
+    glass = img[s.class_map == classes.BACKGROUND].mean(axis=0)
+    assert glass.mean() > bone.mean()
+
+
+def test_write_slide_carries_pixel_size_pyramid_and_truth(tmp_path):
+    path = tmp_path / "slide.ome.tif"
+    truth = write_synthetic_slide(path, "normal", size=(1300, 2100), pixel_size_um=0.5, seed=1)
+    files = truth_paths(path)
+    assert all(f.exists() for f in files.values())
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_ome
+        series = tf.series[0]
+        assert series.shape == (1300, 2100, 3)
+        assert len(series.levels) == 3  # 2100 -> 1050 -> 525
+        assert 'PhysicalSizeX="0.5"' in tf.ome_metadata
+    cm = tifffile.imread(files["classes"])
+    assert cm.shape == (1300, 2100) and cm.dtype == np.uint8
+    saved = json.loads(files["truth"].read_text())
+    assert saved["indices"]["T.Ar"] == pytest.approx((cm > 0).sum() * 0.5**2 / 1e6)
+    ocl = tifffile.imread(files["osteoclasts"])
+    assert len(np.unique(ocl[ocl > 0])) == truth["indices"]["N.Oc"]
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".synth-*"))
+
+
+def test_mosaic_of_fields_keeps_instances_unique(tmp_path, monkeypatch):
+    import histo.synth as synth
+
+    monkeypatch.setattr(synth, "FIELD_MAX_PX", 512)  # force a 2 x 2 mosaic at small size
+    path = tmp_path / "mosaic.ome.tif"
+    truth = write_synthetic_slide(path, "oc-rich", size=1024, pixel_size_um=2.0, seed=4)
+    assert truth["fields"] == 4
+    ocl = tifffile.imread(truth_paths(path)["osteoclasts"])
+    ids = np.unique(ocl[ocl > 0])
+    assert len(ids) == truth["indices"]["N.Oc"] > 0
+    assert ids.max() == len(ids)  # labels are consecutive across fields
+    cm = tifffile.imread(truth_paths(path)["classes"])
+    # each field keeps a glass margin: the field borders are background
+    assert (cm[510:514, :] == 0).all() and (cm[:, 510:514] == 0).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="phenotype"):
+        make_section("osteoporosis", 100)
+    with pytest.raises(ValueError, match="pixel size"):
+        make_section("normal", 100, pixel_size_um=0)
+    assert math.isfinite(make_section("normal", 128, 2.0, seed=0).truth["T.Ar"])
