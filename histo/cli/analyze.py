@@ -1,0 +1,83 @@
+"""``histo analyze``: slides end to end, one after the other."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from histo.cli._progress import progress_bar
+
+HELP = "analyse slides end to end: segment, measure, call the phenotype"
+DESCRIPTION = """\
+Analyse one or more slides end to end: find the tissue, segment bone, marrow, osteoclasts and
+osteocytes, compute the ASBMR indices and call the phenotype (normal, oc-rich, oc-poor).
+
+Writes to DIR: indices.csv (one row per slide), failures.csv (one row per slide that failed,
+with the reason), report.html, and per slide DIR/<slide>/labels.ome.zarr, osteoclasts.csv,
+osteocytes.csv, *.geojson (QuPath outlines) and overlay.png.
+
+The pixel size comes from the file (OME PhysicalSizeX, Aperio MPP, TIFF resolution) or from
+--pixel-size, which wins. Without either a slide fails: indices without a scale are meaningless.
+
+exit status: 0 all slides analysed, 1 some failed (see failures.csv), 2 usage error,
+4 output folder unusable, 5 model weights missing or corrupt.
+
+examples:
+  histo analyze slide.ome.tif --out results
+  histo analyze fields/*.png --pixel-size 0.5 --model classical --out results
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to analyse")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="level-0 pixel size in µm/px (overrides the file's metadata)",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="NAME|PATH",
+        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from histo.batch import analyze_one, write_summary
+    from histo.io.locking import output_lock
+
+    out = Path(args.out)
+    outcomes = []
+    with output_lock(out):
+        for i, path in enumerate(args.slides, 1):
+            with progress_bar(f"[{i}/{len(args.slides)}] {Path(path).name}") as progress:
+                outcome = analyze_one(
+                    path,
+                    out,
+                    pixel_size_um=args.pixel_size,
+                    model=args.model,
+                    progress=progress,
+                )
+            outcomes.append(outcome)
+            if outcome.ok:
+                row = outcome.row
+                print(
+                    f"{outcome.slide}: {row['phenotype']}  BV/TV {row['BV/TV']:.1f}%  "
+                    f"N.Oc/B.Pm {row['N.Oc/B.Pm']:.2f}/mm  N.Ot/B.Ar {row['N.Ot/B.Ar']:.0f}/mm²  "
+                    f"({outcome.seconds:.1f} s)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"{outcome.slide}: failed: {outcome.reason}", file=sys.stderr)
+        paths = write_summary(out, outcomes)
+    failed = sum(not o.ok for o in outcomes)
+    print(
+        f"{len(outcomes) - failed} analysed, {failed} failed; indices in {paths['indices']}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
