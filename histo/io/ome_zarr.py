@@ -1,0 +1,354 @@
+"""OME-Zarr (NGFF) output: class map and instance labels, written tile by tile.
+
+Layout of ``DIR/<slide>/labels.ome.zarr`` (NGFF 0.5 on zarr v3 by default, or NGFF 0.4 on
+zarr v2 with ``ngff_version="0.4"``)::
+
+    labels.ome.zarr/             multiscales: an RGB overview (c, y, x) for display
+      0/                         the overview (colours of the class map unless one was given)
+      labels/                    "labels": ["class_map", "osteoclasts", "osteocytes"]
+        class_map/               multiscales (y, x) + image-label colours of histo.classes
+          0/ 1/ 2/               full working resolution, 2x and 4x coarser
+        osteoclasts/  osteocytes/  (uint32 instance labels, same levels)
+
+Every array has a physical scale in micrometer (``coordinateTransformations``). Coarser levels
+are nearest-neighbour samples taken at the centre of each block (label values are never
+averaged) and are filled as the tiles arrive, so nothing is read back.
+
+Writing is atomic at the slide level: everything goes to ``labels.ome.zarr.partial`` and
+:meth:`LabelsWriter.finalize` renames it; a killed run leaves only the ``.partial`` folder,
+which the next writer removes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histo.classes import COLORS, NAMES
+from histo.errors import OutputError
+
+#: the label images a slide's result holds, with their types
+DEFAULT_LABELS: dict[str, str] = {
+    "class_map": "uint8",
+    "osteoclasts": "uint32",
+    "osteocytes": "uint32",
+}
+
+
+def _axes(channel: bool) -> list[dict[str, str]]:
+    axes = [{"name": "c", "type": "channel"}] if channel else []
+    return axes + [
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+
+
+def _multiscales(name: str, sizes_um: list[float], channel: bool, version: str) -> list[dict]:
+    lead = [1.0] if channel else []
+    entry: dict[str, Any] = {
+        "name": name,
+        "axes": _axes(channel),
+        "datasets": [
+            {
+                "path": str(k),
+                "coordinateTransformations": [{"type": "scale", "scale": lead + [s, s]}],
+            }
+            for k, s in enumerate(sizes_um)
+        ],
+    }
+    if version == "0.4":
+        entry = {"version": "0.4", **entry}
+    return [entry]
+
+
+class LabelsWriter:
+    """Write a slide's label images to OME-Zarr as tiles are computed.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final location, usually ``DIR/<slide>/labels.ome.zarr``.
+    shape : (int, int)
+        (height, width) of the label images in pixels at ``pixel_size_um``.
+    pixel_size_um : float
+        Pixel size of the label images (the working resolution) in µm per pixel.
+    labels : dict, optional
+        Label image names and dtypes (default: class_map uint8, osteoclasts and osteocytes
+        uint32).
+    n_levels : int
+        Number of resolution levels (1 = full resolution only; each further level is 2x
+        coarser).
+    chunk_px : int
+        Chunk side in pixels.
+    ngff_version : {'0.5', '0.4'}
+        NGFF version: 0.5 is written as zarr v3, 0.4 as zarr v2.
+
+    Examples
+    --------
+    >>> with LabelsWriter(out / "labels.ome.zarr", (h, w), 1.0) as writer:  # doctest: +SKIP
+    ...     writer.write_tile("class_map", y, x, class_tile)
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], pixel_size_um: float,
+                 *, labels: dict[str, str] | None = None, n_levels: int = 3,
+                 chunk_px: int = 512, ngff_version: str = "0.5") -> None:
+        import zarr
+
+        if ngff_version not in ("0.4", "0.5"):
+            raise ValueError(f"ngff_version must be '0.4' or '0.5', not {ngff_version!r}")
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.shape = (int(shape[0]), int(shape[1]))
+        if min(self.shape) < 1:
+            raise ValueError(f"label image shape must be positive, got {shape}")
+        self.pixel_size_um = float(pixel_size_um)
+        self.version = ngff_version
+        self.labels = dict(DEFAULT_LABELS if labels is None else labels)
+        self.factors = [2**k for k in range(max(1, int(n_levels)))]
+        self._overview: tuple[np.ndarray, float] | None = None
+        self._finalized = False
+        zarr_format = 3 if ngff_version == "0.5" else 2
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self._root = zarr.open_group(str(self.partial), mode="w", zarr_format=zarr_format)
+            group = self._root.create_group("labels")
+            self._set_attrs(group, {"labels": list(self.labels)})
+            self._arrays: dict[str, list[Any]] = {}
+            for name, dtype in self.labels.items():
+                sub = group.create_group(name)
+                arrays = []
+                for k, f in enumerate(self.factors):
+                    shape_k = tuple(self._level_len(n, f) for n in self.shape)
+                    kwargs: dict[str, Any] = {}
+                    if zarr_format == 3:
+                        kwargs["dimension_names"] = ["y", "x"]
+                    arrays.append(sub.create_array(
+                        str(k), shape=shape_k, chunks=(min(chunk_px, shape_k[0]),
+                                                       min(chunk_px, shape_k[1])),
+                        dtype=dtype, fill_value=0, **kwargs))
+                self._arrays[name] = arrays
+                meta: dict[str, Any] = {
+                    "multiscales": _multiscales(
+                        name, [self.pixel_size_um * f for f in self.factors], False, self.version
+                    ),
+                    "image-label": self._image_label(name),
+                }
+                self._set_attrs(sub, meta)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _level_len(n: int, f: int) -> int:
+        """Length of an axis of ``n`` pixels at factor ``f`` (samples at f*i + f//2)."""
+        return max(1, math.ceil((n - f // 2) / f))
+
+    def _set_attrs(self, group: Any, meta: dict[str, Any]) -> None:
+        if self.version == "0.5":
+            group.attrs.update({"ome": {"version": "0.5", **meta}})
+        else:
+            group.attrs.update(meta)
+
+    def _image_label(self, name: str) -> dict[str, Any]:
+        meta: dict[str, Any] = {"source": {"image": "../../"}}
+        if self.version == "0.4":
+            meta["version"] = "0.4"
+        if name == "class_map":
+            meta["colors"] = [
+                {"label-value": code, "rgba": [*rgb, 0 if code == 0 else 255]}
+                for code, rgb in COLORS.items()
+            ]
+            meta["properties"] = [
+                {"label-value": code, "class": cname} for code, cname in NAMES.items()
+            ]
+        return meta
+
+    def write_tile(self, name: str, y: int, x: int, array: np.ndarray) -> None:
+        """Write a tile of label image ``name`` with its top-left corner at (y, x).
+
+        Parameters
+        ----------
+        name : str
+            One of the label names (``class_map``, ``osteoclasts``, ``osteocytes``).
+        y, x : int
+            Top-left corner in pixels of the working resolution; parts outside the image are
+            dropped.
+        array : ndarray
+            2-D label values.
+
+        Notes
+        -----
+        Not thread-safe for tiles that share a chunk: write from one thread (tiles that
+        overlap should write only their core, see :class:`histo.io.Tile`).
+        """
+        if self._finalized:
+            raise RuntimeError("LabelsWriter already finalized")
+        if name not in self._arrays:
+            raise KeyError(f"unknown label image {name!r}; expected one of {list(self.labels)}")
+        array = np.asarray(array)
+        if array.ndim != 2:
+            raise ValueError(f"a label tile is 2-D, got shape {array.shape}")
+        arrays = self._arrays[name]
+        dtype = arrays[0].dtype
+        if array.dtype != dtype:
+            if array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
+                raise ValueError(f"{name}: values outside the range of {dtype}")
+            array = array.astype(dtype)
+        y, x = int(y), int(x)
+        h, w = self.shape
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + array.shape[0], h), min(x + array.shape[1], w)
+        if y1 <= y0 or x1 <= x0:
+            return
+        array = array[y0 - y : y1 - y, x0 - x : x1 - x]
+        try:
+            for f, target in zip(self.factors, arrays, strict=True):
+                # level rows i hold level-0 rows f*i + f//2
+                i0, i1 = math.ceil((y0 - f // 2) / f), math.ceil((y1 - f // 2) / f)
+                j0, j1 = math.ceil((x0 - f // 2) / f), math.ceil((x1 - f // 2) / f)
+                i0, j0 = max(i0, 0), max(j0, 0)
+                i1, j1 = min(i1, target.shape[0]), min(j1, target.shape[1])
+                if i1 <= i0 or j1 <= j0:
+                    continue
+                oy, ox = f * i0 + f // 2 - y0, f * j0 + f // 2 - x0
+                target[i0:i1, j0:j1] = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+
+    def write_overview(self, rgb: np.ndarray, pixel_size_um: float) -> None:
+        """Set the root image shown under the labels (RGB uint8, ``pixel_size_um`` µm/px).
+
+        Without one, :meth:`finalize` renders the class map's coarsest level in the class
+        colours.
+        """
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"overview must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+        self._overview = (rgb, float(pixel_size_um))
+
+    def _write_root(self) -> None:
+        if self._overview is not None:
+            rgb, size = self._overview
+            planes = np.moveaxis(rgb, -1, 0)
+        else:
+            f = self.factors[-1]
+            size = self.pixel_size_um * f
+            if "class_map" in self._arrays:
+                codes = np.asarray(self._arrays["class_map"][-1][:])
+            else:
+                codes = np.zeros(tuple(self._level_len(n, f) for n in self.shape), np.uint8)
+            lut = np.zeros((256, 3), np.uint8)
+            for code, color in COLORS.items():
+                lut[code] = color
+            planes = np.moveaxis(lut[codes], -1, 0)
+        kwargs: dict[str, Any] = {}
+        if self.version == "0.5":
+            kwargs["dimension_names"] = ["c", "y", "x"]
+        self._root.create_array(
+            "0", data=np.ascontiguousarray(planes),
+            chunks=(3, min(1024, planes.shape[1]), min(1024, planes.shape[2])), **kwargs,
+        )
+        meta = {"multiscales": _multiscales("overview", [size], True, self.version)}
+        if self.version == "0.4":
+            meta["omero"] = {"rdefs": {"model": "color"}, "channels": [
+                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0,
+                                                      "max": 255}, "active": True}
+                for c, col in zip("RGB", ("FF0000", "00FF00", "0000FF"), strict=True)]}
+        self._set_attrs(self._root, meta)
+
+    def finalize(self) -> Path:
+        """Write the root metadata and move the store to its final name (atomically).
+
+        Returns
+        -------
+        Path
+            The final ``labels.ome.zarr`` path. An existing store there is replaced.
+        """
+        if self._finalized:
+            return self.path
+        try:
+            self._write_root()
+            old = self.path.with_name(self.path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if self.path.exists():
+                os.replace(self.path, old)
+            os.replace(self.partial, self.path)
+            if old.exists():
+                shutil.rmtree(old)
+        except OSError as exc:
+            raise OutputError(f"cannot finalize {self.path}: {exc.strerror or exc}") from None
+        self._finalized = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the partial store (after a failure or cancel)."""
+        self._finalized = True
+        if self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> LabelsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def _unwrap(attrs: dict[str, Any]) -> dict[str, Any]:
+    return attrs.get("ome", attrs)
+
+
+def _scale_x(dataset: dict[str, Any], axes: list[Any]) -> float | None:
+    names = [a["name"] if isinstance(a, dict) else a for a in axes]
+    ix = names.index("x") if "x" in names else -1
+    for t in dataset.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            return float(t["scale"][ix])
+    return None
+
+
+def read_labels(path: str | os.PathLike, level: int = 0,
+                lazy: bool = False) -> dict[str, tuple[Any, float | None]]:
+    """Read the label images of an OME-Zarr store written by :class:`LabelsWriter`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``labels.ome.zarr`` folder (NGFF 0.4 or 0.5).
+    level : int
+        Resolution level (0 = full resolution).
+    lazy : bool
+        Return zarr arrays (read on indexing) instead of numpy arrays.
+
+    Returns
+    -------
+    dict
+        label name -> (array (H, W), pixel size in µm per pixel or None).
+    """
+    import zarr
+
+    from histo.errors import SlideReadError
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        labels_group = root["labels"]
+    except Exception as exc:
+        raise SlideReadError(f"{Path(path).name}: not an OME-Zarr labels store ({exc})") from None
+    names = _unwrap(dict(labels_group.attrs)).get("labels", [])
+    out: dict[str, tuple[Any, float | None]] = {}
+    for name in names:
+        group = labels_group[name]
+        ms = _unwrap(dict(group.attrs))["multiscales"][0]
+        dataset = ms["datasets"][level]
+        array = group[dataset["path"]]
+        out[name] = (array if lazy else np.asarray(array[:]), _scale_x(dataset, ms["axes"]))
+    return out
