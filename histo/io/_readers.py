@@ -194,7 +194,7 @@ def open_tiff(path: Path) -> Opened:
         except Exception as exc:
             raise SlideReadError(f"{name}: corrupt TIFF ({one_line(exc, 120)})") from None
         if not series_list:
-            raise SlideReadError(f"{name}: TIFF holds no image")
+            raise SlideReadError(f"{name}: no image in the TIFF (truncated or corrupt)")
         index = 0
         series = series_list[0]
         is_ndpi = 65420 in tf.pages.first.tags  # Hamamatsu FileFormat tag
@@ -384,6 +384,8 @@ def open_raster(path: Path, fmt: str) -> Opened:
     data = path.read_bytes()
     if fmt == "png":
         width, height, bpp, um = _png_header(data, name)
+        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+            raise SlideReadError(f"{name}: truncated PNG (no IEND chunk)")
         raw = width * height * bpp
         if raw > 1100 * len(data):  # deflate cannot compress more than ~1032:1
             raise SlideReadError(

@@ -117,6 +117,12 @@ def patch_tag(path: Path, code: int, values: tuple[int, ...], fmt: str) -> None:
         fh.write(struct.pack("<" + fmt, *values))
 
 
+@pytest.fixture(name="patch_tag")
+def patch_tag_fixture():
+    """:func:`patch_tag`, for tests that corrupt a TIFF header."""
+    return patch_tag
+
+
 @pytest.fixture(scope="session")
 def rgb() -> np.ndarray:
     return make_rgb(512, 768)
