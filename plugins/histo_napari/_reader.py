@@ -1,0 +1,271 @@
+"""Reader: slides as multiscale image layers in µm; class maps and histo outputs as labels.
+
+What it opens (``get_reader`` returns None for anything else):
+
+- a slide or field that :func:`histo.io.open_slide` reads (pyramidal OME-TIFF, SVS, NDPI,
+  TIFF, PNG, JPEG, OME-Zarr image): one RGB image layer, multiscale when the file has a
+  pyramid, scaled in µm (nothing is read until napari displays it);
+- a histo class map ``NAME.classes.tif`` (and ``NAME.osteoclasts.tif``,
+  ``NAME.osteocytes.tif`` instance maps) as labels layers with the class colours;
+- a histo output: ``DIR/<slide>/labels.ome.zarr``, the ``<slide>`` folder or the output
+  ``DIR`` itself: the class map and instance labels of each slide as labels layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histo import classes
+from histo.errors import HistoError
+
+LayerData = tuple[Any, dict[str, Any], str]
+PathLike = str | Sequence[str]
+
+#: suffixes worth sniffing (the format itself is recognised from the content)
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".png", ".jpg",
+                  ".jpeg", ".zarr")
+#: histo's own label TIFFs (written by ``histo synth`` and by the widget's Save)
+LABEL_TIFF_SUFFIXES = {
+    ".classes.tif": "class_map",
+    ".osteoclasts.tif": "osteoclasts",
+    ".osteocytes.tif": "osteocytes",
+}
+UNIT = "micrometer"
+#: class maps up to this many pixels are loaded into memory (editable); larger stay lazy
+MAX_EDITABLE_PX = 64 * 2**20
+
+
+def class_colormap() -> dict[int | None, tuple[float, float, float, float]]:
+    """Label value -> RGBA (0-1) of the class codes (histo.classes.COLORS); 0 transparent."""
+    cmap: dict[int | None, tuple[float, float, float, float]] = {
+        None: (0.0, 0.0, 0.0, 0.0),
+    }
+    for code, rgb in classes.COLORS.items():
+        alpha = 0.0 if code == classes.BACKGROUND else 1.0
+        cmap[code] = (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, alpha)
+    return cmap
+
+
+def class_map_kwargs(name: str, pixel_size_um: float | None, **extra: Any) -> dict[str, Any]:
+    """Layer keyword arguments of a class-map labels layer (colours, scale, metadata)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    scale = pixel_size_um or 1.0
+    meta = {"pixel_size_um": pixel_size_um, "histo_kind": "class_map"}
+    meta.update(extra.pop("metadata", {}))
+    return {
+        "name": name,
+        "scale": (scale, scale),
+        "units": (UNIT, UNIT) if pixel_size_um else None,
+        "colormap": DirectLabelColormap(color_dict=class_colormap()),
+        "opacity": 0.5,
+        "metadata": meta,
+        **extra,
+    }
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _labels_stores(path: Path) -> list[Path]:
+    """The ``labels.ome.zarr`` stores of a histo output under ``path`` (may be empty)."""
+    if not path.is_dir():
+        return []
+    if path.name.endswith("labels.ome.zarr"):
+        return [path]
+    own = path / "labels.ome.zarr"
+    if own.is_dir():
+        return [own]
+    return sorted(p for p in path.glob("*/labels.ome.zarr") if p.is_dir())
+
+
+def _label_tiff_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix, kind in LABEL_TIFF_SUFFIXES.items():
+        if name.endswith(suffix) or name.endswith(suffix + "f"):
+            return kind
+    return None
+
+
+def get_reader(path: PathLike) -> Callable[[PathLike], list[LayerData]] | None:
+    """napari reader contribution: a reader function for ``path``, or None if it is not ours."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if not paths:
+        return None
+    for p in paths:
+        if not _readable(Path(p)):
+            return None
+    return read
+
+
+def _readable(path: Path) -> bool:
+    if _labels_stores(path):
+        return True
+    if _label_tiff_kind(path):
+        return path.is_file()
+    if path.suffix.lower() not in SLIDE_SUFFIXES and not path.is_dir():
+        return False
+    from histo.io import open_slide
+
+    try:  # lazy: parses headers, reads no pixels
+        open_slide(path).close()
+    except HistoError:
+        return False
+    except Exception:  # noqa: BLE001 - a reader must never raise on a file it cannot read
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read(path: PathLike) -> list[LayerData]:
+    """Read one or several paths into napari layer data."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        layers.extend(read_one(Path(p)))
+    return layers
+
+
+def read_one(path: Path) -> list[LayerData]:
+    """Layers of one path (slide, label TIFF or histo output)."""
+    stores = _labels_stores(path)
+    if stores:
+        out: list[LayerData] = []
+        for store in stores:
+            out.extend(read_labels_store(store))
+        return out
+    kind = _label_tiff_kind(path)
+    if kind:
+        return [read_label_tiff(path, kind)]
+    return [read_slide(path)]
+
+
+def slide_layer(path: Path) -> tuple[LayerData, Any]:
+    """The image layer data of a slide and the opened :class:`histo.io.Slide` (kept open)."""
+    from histo.io import open_slide
+
+    slide = open_slide(path)
+    px = slide.pixel_size_um
+    levels = list(slide.levels)
+    multiscale = len(levels) > 1
+    meta = {
+        "pixel_size_um": px,
+        "pixel_size_source": slide.pixel_size_source,
+        "histo_path": str(path),
+        "slide_name": slide.name,
+        "format": slide.format,
+        "level_pixel_sizes_um": list(slide.level_pixel_sizes),
+    }
+    scale = px if px else 1.0
+    kwargs = _clean_kwargs({
+        "name": slide.name,
+        "rgb": True,
+        "multiscale": multiscale,
+        "contrast_limits": (0, 255),
+        "scale": (scale, scale),
+        "units": (UNIT, UNIT) if px else None,
+        "metadata": meta,
+    })
+    data = levels if multiscale else levels[0]
+    return (data, kwargs, "image"), slide
+
+
+def read_slide(path: Path) -> LayerData:
+    """One slide as an RGB (multiscale) image layer scaled in µm."""
+    from napari.utils.notifications import show_warning
+
+    layer, slide = slide_layer(path)
+    if slide.pixel_size_um is None:
+        why = slide.pixel_size_problem or "the file does not say"
+        show_warning(
+            f"{path.name}: pixel size unknown ({why}); shown in pixels. "
+            "Enter the pixel size in the Histomorphometry widget to measure."
+        )
+    return layer
+
+
+def _tiff_pixel_size(path: Path) -> float | None:
+    """Pixel size (µm) of a label TIFF from OME PhysicalSizeX or its resolution tags."""
+    from histo.io import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            return slide.pixel_size_um
+    except HistoError:
+        return None
+
+
+def read_label_tiff(path: Path, kind: str) -> LayerData:
+    """A histo class map or instance TIFF as a labels layer."""
+    import tifffile
+
+    data = tifffile.imread(path)
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    px = _tiff_pixel_size(path)
+    name = path.name
+    meta = {"histo_path": str(path)}
+    if kind == "class_map":
+        kwargs = class_map_kwargs(name, px, metadata=meta)
+    else:
+        scale = px or 1.0
+        kwargs = {
+            "name": name,
+            "scale": (scale, scale),
+            "units": (UNIT, UNIT) if px else None,
+            "opacity": 0.6,
+            "metadata": {"pixel_size_um": px, "histo_kind": kind, **meta},
+        }
+    return data, _clean_kwargs(kwargs), "labels"
+
+
+def read_labels_store(store: Path) -> list[LayerData]:
+    """The label images of a ``labels.ome.zarr`` store as (multiscale, lazy) labels layers."""
+    from histo.io.ome_zarr import read_labels
+
+    slide = store.parent.name if store.name == "labels.ome.zarr" else store.name
+    levels: list[dict[str, tuple[Any, float | None]]] = []
+    k = 0
+    while True:
+        try:
+            levels.append(read_labels(store, level=k, lazy=True))
+        except (IndexError, KeyError):
+            break
+        k += 1
+    if not levels:
+        levels.append(read_labels(store, level=0, lazy=True))
+    out: list[LayerData] = []
+    order = ["class_map", "osteocytes", "osteoclasts"]
+    names = sorted(levels[0], key=lambda n: order.index(n) if n in order else len(order))
+    for name in names:
+        arrays = [lv[name][0] for lv in levels if name in lv]
+        px = levels[0][name][1]
+        data: Any = arrays if len(arrays) > 1 else arrays[0]
+        meta = {"histo_path": str(store), "slide_name": slide}
+        if name == "class_map":
+            if np.prod(arrays[0].shape) <= MAX_EDITABLE_PX:
+                data = np.asarray(arrays[0][:])  # in memory, so that it can be painted
+            kwargs = class_map_kwargs(f"{slide} classes", px, metadata=meta,
+                                      multiscale=isinstance(data, list))
+        else:
+            scale = px or 1.0
+            kwargs = {
+                "name": f"{slide} {name}",
+                "scale": (scale, scale),
+                "units": (UNIT, UNIT) if px else None,
+                "multiscale": isinstance(data, list),
+                "opacity": 0.6,
+                "metadata": {"pixel_size_um": px, "histo_kind": name, **meta},
+            }
+        out.append((data, _clean_kwargs(kwargs), "labels"))
+    return out

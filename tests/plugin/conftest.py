@@ -1,0 +1,101 @@
+"""Fixtures of the napari plugin tests: a viewer with the widget, a scripted pipeline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+SIZE_PX = 512
+
+
+@pytest.fixture(scope="session")
+def oc_rich_section():
+    from histo.synth import make_section
+
+    return make_section("oc-rich", size=SIZE_PX, pixel_size_um=1.0, seed=7)
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, oc_rich_section):
+    """(viewer, widget) with the oc-rich synthetic section as the image layer."""
+    from histo_napari._widget import HistoWidget
+
+    viewer = make_napari_viewer()
+    s = oc_rich_section
+    viewer.add_image(s.image, name="section", rgb=True, scale=(1.0, 1.0),
+                     units=("micrometer", "micrometer"),
+                     metadata={"pixel_size_um": 1.0, "slide_name": "section"})
+    widget = HistoWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Histomorphometry")
+    return viewer, widget
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages passed to show_error by the widget (instead of napari notifications)."""
+    import histo_napari._widget as w
+
+    shown: list[str] = []
+    monkeypatch.setattr(w, "show_error", shown.append)
+    return shown
+
+
+class ScriptedPipeline:
+    """Stands in for histo.pipeline.analyze_slide: the synthetic truth as the segmentation.
+
+    Honours ``progress`` and ``cancel`` like the real pipeline, in ``steps`` steps of
+    ``step_s`` seconds, and can be told to raise an error.
+    """
+
+    def __init__(self, section, steps: int = 5, step_s: float = 0.01):
+        self.section, self.steps, self.step_s = section, steps, step_s
+        self.raise_error: Exception | None = None
+        self.started = threading.Event()
+        self.calls: list[dict] = []
+
+    def __call__(self, source, *, pixel_size_um=None, model="default", roi=None, name=None,
+                 progress=None, cancel=None, **kwargs):
+        from histo.errors import Cancelled
+        from histo.measure import measure
+
+        self.calls.append({"pixel_size_um": pixel_size_um, "model": model, "roi": roi})
+        self.started.set()
+        for k in range(self.steps):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            if progress is not None:
+                progress(k / self.steps, f"step {k + 1}/{self.steps}")
+            time.sleep(self.step_s)
+        if self.raise_error is not None:
+            raise self.raise_error
+        s = self.section
+        image = np.asarray(source)
+        m = measure(s.class_map, s.pixel_size_um, osteoclast_labels=s.osteoclast_labels,
+                    osteocyte_labels=s.osteocyte_labels, image=image, roi=roi)
+        call = SimpleNamespace(phenotype="oc-rich", confidence=0.9,
+                               evidence=["N.Oc/B.Pm high", "BV/TV high"])
+        return SimpleNamespace(
+            name=name or "image", pixel_size_um=s.pixel_size_um,
+            source_pixel_size_um=pixel_size_um, class_map=s.class_map.copy(),
+            osteoclast_labels=s.osteoclast_labels.copy(),
+            osteocyte_labels=s.osteocyte_labels.copy(), measurement=m, phenotype=call,
+            model=model, seconds=0.0,
+        )
+
+
+@pytest.fixture
+def scripted_pipeline(monkeypatch, oc_rich_section):
+    import histo.pipeline
+
+    fake = ScriptedPipeline(oc_rich_section)
+    monkeypatch.setattr(histo.pipeline, "analyze_slide", fake)
+    return fake
+
+
+def wait_for_run(qtbot, widget, timeout_ms: int = 60_000) -> None:
+    """Wait until the widget's worker has finished."""
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)

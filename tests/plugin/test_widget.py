@@ -1,0 +1,170 @@
+"""The Histomorphometry widget in a real napari viewer (run under xvfb-run)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import wait_for_run
+
+from histo import classes
+from histo.errors import Cancelled, EmptyTissueError
+
+pytestmark = pytest.mark.gui
+
+
+def assert_same_indices(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = float(a[key]), float(b[key])
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-9), key
+
+
+def test_widget_fills_pixel_size_and_models(viewer_widget):
+    viewer, widget = viewer_widget
+    assert widget.image_combo.layer() is viewer.layers["section"]
+    assert widget.pixel_size.value() == pytest.approx(1.0)
+    models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert models[:2] == ["default", "classical"]
+
+
+def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, errors):
+    from histo.measure import measure
+
+    viewer, widget = viewer_widget
+    progress = []
+    widget.run()
+    assert widget.running
+    widget.worker.yielded.connect(progress.append)
+    wait_for_run(qtbot, widget)
+    assert errors == [] and widget.last_error is None
+    names = {layer.name for layer in viewer.layers}
+    assert {"section classes", "section osteoclasts", "section osteocytes",
+            "section osteoclast centres"} <= names
+    cmap = viewer.layers["section classes"]
+    assert tuple(cmap.scale) == (1.0, 1.0)
+    assert cmap.colormap.map(classes.OSTEOCLAST)[:3] == pytest.approx(
+        [c / 255 for c in classes.COLORS[classes.OSTEOCLAST]], abs=1e-3)
+    # the table holds what histo.measure gives on the same maps
+    s = scripted_pipeline.section
+    expected = measure(cmap.data, 1.0, osteoclast_labels=s.osteoclast_labels,
+                       osteocyte_labels=s.osteocyte_labels, image=s.image).indices
+    assert_same_indices(widget.table_indices(), expected)
+    points = viewer.layers["section osteoclast centres"]
+    assert len(points.data) == expected["N.Oc"] > 0
+    assert {"area_um2", "bone_contact_um", "nuclei"} <= set(points.features.columns)
+    assert "oc-rich" in widget.phenotype_label.text()
+    assert "N.Oc/B.Pm high" in widget.evidence_label.text()
+    assert widget.progress.value() == widget.progress.maximum()
+    # re-measuring the unedited map gives the run's numbers
+    assert_same_indices(widget.remeasure().indices, expected)
+
+
+def test_cancel_stops_the_run(qtbot, viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    scripted_pipeline.steps, scripted_pipeline.step_s = 200, 0.02
+    n_layers = len(viewer.layers)
+    widget.run()
+    assert scripted_pipeline.started.wait(10)
+    widget.cancel()
+    wait_for_run(qtbot, widget, 10_000)
+    assert isinstance(widget.last_error, Cancelled)
+    assert len(viewer.layers) == n_layers
+    assert widget.output is None and errors == []
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_unknown_pixel_size_is_a_notification(viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    widget.pixel_size.setValue(0.0)
+    widget.run()
+    assert not widget.running
+    assert len(errors) == 1 and "pixel size" in errors[0]
+    assert scripted_pipeline.calls == []
+
+
+def test_pipeline_error_is_a_notification(qtbot, viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    scripted_pipeline.raise_error = EmptyTissueError("section: no tissue found on the slide")
+    n_layers = len(viewer.layers)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert errors == ["histo: section: no tissue found on the slide"]
+    assert len(viewer.layers) == n_layers
+    assert widget.run_button.isEnabled()
+
+
+def test_remeasure_after_erasing_an_osteoclast(qtbot, viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    widget.run()
+    wait_for_run(qtbot, widget)
+    before = widget.table_indices()
+    counted = widget.measurement.osteoclasts
+    assert len(counted) >= 2
+    # paint marrow over the first counted osteoclast, as a user would with the brush
+    layer = viewer.layers["section classes"]
+    oc = viewer.layers["section osteoclasts"].data
+    target = oc == counted[0]["label"]
+    data = layer.data.copy()
+    data[target & (data == classes.OSTEOCLAST)] = classes.MARROW
+    layer.data = data
+    after = widget.remeasure()
+    assert errors == []
+    assert after.indices["N.Oc"] == before["N.Oc"] - 1
+    assert widget.table_indices()["N.Oc"] == before["N.Oc"] - 1
+    assert len(viewer.layers["section osteoclast centres"].data) == before["N.Oc"] - 1
+    assert widget.last_remeasure_seconds < 5.0
+
+
+def test_remeasure_counts_a_painted_osteoclast(qtbot, viewer_widget, scripted_pipeline):
+    from histo_napari._widget import class_map_instances
+
+    cmap = np.ones((40, 60), np.uint8)
+    cmap[20:, :] = classes.BONE
+    inst = np.zeros(cmap.shape, np.int32)
+    cmap[14:20, 5:15] = classes.OSTEOCLAST
+    inst[14:20, 5:15] = 7
+    cmap[14:20, 15:18] = classes.OSTEOCLAST  # painted onto osteoclast 7: joins it
+    cmap[14:20, 40:50] = classes.OSTEOCLAST  # painted apart: a new one
+    lab = class_map_instances(cmap, inst, classes.OSTEOCLAST)
+    assert set(np.unique(lab[14:20, 5:18])) == {7}
+    assert len(set(np.unique(lab[14:20, 40:50]))) == 1 and lab[15, 45] not in (0, 7)
+
+
+def test_save_and_export(tmp_path, qtbot, viewer_widget, scripted_pipeline, errors):
+    import csv
+
+    import tifffile
+
+    from histo.io import open_slide
+    from histo.measure import measure
+
+    viewer, widget = viewer_widget
+    widget.run()
+    wait_for_run(qtbot, widget)
+    path = widget.save_class_map(tmp_path / "section.classes.tif")
+    assert errors == [] and path.exists()
+    saved = tifffile.imread(path)
+    assert saved.dtype == np.uint8
+    np.testing.assert_array_equal(saved, viewer.layers["section classes"].data)
+    with open_slide(path) as slide:
+        assert slide.pixel_size_um == pytest.approx(1.0)
+    # what `histo measure` computes from the saved file is measure() on the class map alone
+    assert measure(saved, 1.0).indices["B.Ar"] == widget.table_indices()["B.Ar"]
+    out = widget.export_csv(tmp_path / "indices.csv")
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert rows[0]["slide"] == "section" and rows[0]["phenotype"] == "oc-rich"
+    assert float(rows[0]["N.Oc"]) == widget.table_indices()["N.Oc"]
+
+
+def test_sample_data_and_widget_from_the_plugin(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("histo", "oc-poor")
+    layer = viewer.layers[-1]
+    assert layer.rgb and tuple(layer.scale) == (1.0, 1.0)
+    assert layer.metadata["pixel_size_um"] == 1.0
+    assert layer.metadata["truth"]["N.Oc"] == 0
+    dock, widget = viewer.window.add_plugin_dock_widget("histo", "Histomorphometry")
+    assert widget.image_combo.layer() is layer
+    assert widget.pixel_size.value() == pytest.approx(1.0)
