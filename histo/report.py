@@ -58,16 +58,38 @@ def write_overlay(path: str | os.PathLike, result) -> Path:
 
 
 PHENOTYPE_COLORS = {"normal": "#2b8cbe", "oc-rich": "#e34a33", "oc-poor": "#756bb1"}
+#: indices shown in the report's table (name, unit), in this order
 REPORT_COLUMNS = (
-    "BV/TV",
-    "Ma.Ar/T.Ar",
-    "N.Oc/B.Pm",
-    "N.Oc/T.Ar",
-    "Oc.S/BS",
-    "N.Ot/B.Ar",
-    "Tb.Th",
-    "Tb.N",
+    ("T.Ar", "mm²"),
+    ("BV/TV", "%"),
+    ("Ma.Ar/T.Ar", "%"),
+    ("B.Pm", "mm"),
+    ("N.Oc", ""),
+    ("N.Oc/B.Pm", "/mm"),
+    ("N.Oc/T.Ar", "/mm²"),
+    ("Oc.S/BS", "%"),
+    ("N.Ot", ""),
+    ("N.Ot/B.Ar", "/mm²"),
+    ("Tb.Th", "µm"),
+    ("Tb.N", "/mm"),
 )
+#: indices compared between groups (box plots and Mann-Whitney tests)
+GROUP_COLUMNS = ("BV/TV", "N.Oc/B.Pm", "Oc.S/BS", "N.Ot/B.Ar")
+
+
+def _finite(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure drawn with Agg, without pyplot (no global state, thread-safe)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _png_base64(fig) -> str:
@@ -75,49 +97,64 @@ def _png_base64(fig) -> str:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _scatter(rows: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    """N.Oc/B.Pm against BV/TV, one colour per phenotype call (PNG, base64)."""
+    fig = _figure(6.0, 4.2)
+    ax = fig.add_subplot()
     for phenotype, color in PHENOTYPE_COLORS.items():
-        pts = [r for r in rows if r.get("phenotype") == phenotype]
+        pts = [
+            (x, y)
+            for r in rows
+            if r.get("phenotype") == phenotype
+            and (x := _finite(r.get("BV/TV"))) is not None
+            and (y := _finite(r.get("N.Oc/B.Pm"))) is not None
+        ]
         if pts:
-            ax.scatter(
-                [r["BV/TV"] for r in pts],
-                [r["N.Oc/B.Pm"] for r in pts],
-                c=color,
-                label=f"{phenotype} ({len(pts)})",
-                edgecolors="k",
-                linewidths=0.4,
-            )
+            xs, ys = zip(*pts, strict=True)
+            ax.scatter(xs, ys, c=color, s=36, label=f"{phenotype} ({len(pts)})",
+                       edgecolors="k", linewidths=0.4)
     ax.set_xlabel("BV/TV (%)")
     ax.set_ylabel("N.Oc/B.Pm (/mm)")
-    ax.set_title("Phenotype call")
-    ax.legend(frameon=False)
-    data = _png_base64(fig)
-    plt.close(fig)
-    return data
+    ax.set_title("Osteoclasts per bone perimeter against bone fraction")
+    ax.grid(alpha=0.3)
+    if ax.collections:
+        ax.legend(frameon=False, title="phenotype call")
+    return _png_base64(fig)
 
 
 def group_statistics(rows: list[dict], groups: dict[str, str], column: str) -> dict:
-    """Values of ``column`` per group and two-sided Mann-Whitney U p-values between groups."""
+    """Values of ``column`` per group and two-sided Mann-Whitney U tests between groups.
+
+    Parameters
+    ----------
+    rows
+        Rows of indices.csv (dicts with ``slide`` and the index names).
+    groups
+        ``{slide: group}``; slides without a group are left out.
+    column
+        The index compared.
+
+    Returns
+    -------
+    dict
+        ``values``: {group: [values]} (finite values only), ``p``: {(group a, group b): p}
+        for every pair of groups with at least 2 values each (p-values not corrected for
+        multiple comparisons).
+    """
     from itertools import combinations
 
     from scipy.stats import mannwhitneyu
 
     values: dict[str, list[float]] = {}
     for r in rows:
-        g = groups.get(r["slide"])
-        v = r.get(column)
-        if g is not None and v is not None and np.isfinite(v):
-            values.setdefault(g, []).append(float(v))
+        g = groups.get(str(r["slide"]))
+        v = _finite(r.get(column))
+        if g is not None and v is not None:
+            values.setdefault(g, []).append(v)
     tests = {}
     for a, b in combinations(sorted(values), 2):
         if len(values[a]) >= 2 and len(values[b]) >= 2:
@@ -128,48 +165,96 @@ def group_statistics(rows: list[dict], groups: dict[str, str], column: str) -> d
 
 
 def _boxplots(rows: list[dict], groups: dict[str, str]) -> tuple[str, list[tuple]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = ("BV/TV", "N.Oc/B.Pm", "Oc.S/BS", "N.Ot/B.Ar")
-    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.6))
+    """Box plots per group of :data:`GROUP_COLUMNS` (PNG, base64) and the test table rows
+    ``(index, group a, n a, median a, group b, n b, median b, p)``."""
+    fig = _figure(3.3 * len(GROUP_COLUMNS), 3.4)
+    axes = fig.subplots(1, len(GROUP_COLUMNS))
     table = []
-    for ax, col in zip(axes, cols, strict=True):
+    units = dict(REPORT_COLUMNS)
+    for ax, col in zip(axes, GROUP_COLUMNS, strict=True):
         stats = group_statistics(rows, groups, col)
         names = sorted(stats["values"])
         if names:
-            ax.boxplot([stats["values"][n] for n in names], tick_labels=names)
-            for i, n in enumerate(names, 1):
-                ax.scatter(np.full(len(stats["values"][n]), i), stats["values"][n], s=10, c="k")
-        ax.set_title(col)
+            data = [stats["values"][n] for n in names]
+            ax.boxplot(data, tick_labels=names, widths=0.5, showfliers=False)
+            rng = np.random.default_rng(0)
+            for i, vals in enumerate(data, 1):
+                jitter = rng.uniform(-0.08, 0.08, len(vals))
+                ax.scatter(i + jitter, vals, s=12, c="k", zorder=3)
+        ax.set_title(f"{col} ({units.get(col, '')})".replace(" ()", ""))
+        ax.tick_params(axis="x", labelrotation=20)
         for (a, b), p in stats["p"].items():
-            table.append((col, a, b, p))
-    data = _png_base64(fig)
-    plt.close(fig)
-    return data, table
+            va, vb = stats["values"][a], stats["values"][b]
+            table.append(
+                (col, a, len(va), float(np.median(va)), b, len(vb), float(np.median(vb)), p)
+            )
+    return _png_base64(fig), table
 
 
 def read_sample_sheet(path: str | os.PathLike) -> dict[str, str]:
-    """A CSV with columns ``slide`` and ``group`` -> {slide: group}."""
+    """A CSV with columns ``slide`` and ``group`` -> {slide: group}.
+
+    ``slide`` may be a file name or a path; its image suffixes are removed (``S1.ome.tif`` ->
+    ``S1``) so it matches the slide names of indices.csv. A path is also recorded under the
+    name ``histo batch`` gives slides whose file names collide (``a/S1.tif`` -> ``a__S1``).
+
+    Raises
+    ------
+    HistoError
+        The file cannot be read or lacks the ``slide`` and ``group`` columns.
+    """
     import csv
 
     from histo.errors import HistoError
+    from histo.io import slide_name
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"slide", "group"} <= set(reader.fieldnames):
-            raise HistoError(f"sample sheet {path} needs the columns 'slide' and 'group'")
-        sheet = {}
-        for row in reader:
-            slide = row["slide"].strip()
-            for suffix in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".png"):
-                if slide.lower().endswith(suffix):
-                    slide = slide[: -len(suffix)]
-                    break
-            sheet[slide] = row["group"].strip()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = {(n or "").strip().lower(): n for n in reader.fieldnames or []}
+            if not {"slide", "group"} <= set(fields):
+                raise HistoError(f"sample sheet {path} needs the columns 'slide' and 'group'")
+            sheet = {}
+            for row in reader:
+                slide = (row.get(fields["slide"]) or "").strip()
+                group = (row.get(fields["group"]) or "").strip()
+                if not slide or not group:
+                    continue
+                parts = Path(slide.replace("\\", "/")).parts
+                sheet[slide_name(parts[-1])] = group
+                if len(parts) > 1:
+                    sheet["__".join([*parts[:-1], slide_name(parts[-1])])] = group
+    except OSError as exc:
+        raise HistoError(f"cannot read sample sheet {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise HistoError(f"sample sheet {path} is not a UTF-8 CSV file: {exc}") from None
     return sheet
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:1400px}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:13px;margin:.4em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;position:sticky;top:0}th small{color:#666;font-weight:normal}
+td.l,th.l{text-align:left}tr:nth-child(even) td{background:#fafafa}
+.call{display:inline-block;padding:0 .5em;border-radius:.6em;color:#fff;font-weight:600}
+.fail td{text-align:left;white-space:normal}.fail td.err{white-space:nowrap;color:#a00}
+.note{color:#666;font-size:12px}.counts b{font-size:1.1em}
+a{color:#1a5fb4}img{max-width:100%}
+"""
+
+
+def _cell(value, digits: int = 2) -> str:
+    import html
+
+    v = _finite(value)
+    if v is None:
+        is_text = isinstance(value, str) and value.lower() not in ("nan", "inf", "-inf", "")
+        return f"<td>{html.escape(value)}</td>" if is_text else "<td>–</td>"
+    if float(v).is_integer() and abs(v) >= 1 and digits == 0:
+        return f"<td>{int(v)}</td>"
+    return f"<td>{v:.{digits}f}</td>"
 
 
 def write_report_html(
@@ -177,73 +262,137 @@ def write_report_html(
     rows: list[dict],
     failures: list[dict],
     groups: dict[str, str] | None = None,
+    out_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """A self-contained HTML report (plots embedded, no server needed)."""
+    """A self-contained HTML report (plots embedded, no server or network needed).
+
+    Parameters
+    ----------
+    path
+        The HTML file written (under a temporary name, then renamed).
+    rows
+        Rows of indices.csv.
+    failures
+        ``{slide, reason[, error]}`` per failed slide.
+    groups
+        ``{slide: group}`` from a sample sheet: adds box plots per group and Mann-Whitney
+        tests between groups.
+    out_dir
+        The batch's output folder: slide names link to ``<slide>/overlay.png`` when it exists.
+
+    Notes
+    -----
+    Sections (with element ids for tests): ``summary``, ``scatter`` (N.Oc/B.Pm against BV/TV
+    coloured by phenotype call), ``indices`` (table), ``groups`` and ``tests`` (with a sample
+    sheet), ``failures``.
+    """
     import html
+    from collections import Counter
+    from datetime import datetime
+
+    from histo import __version__
 
     path = Path(path)
+    base = Path(out_dir) if out_dir is not None else path.parent
     esc = html.escape
+    calls = Counter(str(r.get("phenotype")) for r in rows)
+    call_text = ", ".join(
+        f"<span class='call' style='background:{PHENOTYPE_COLORS.get(k, '#555')}'>{esc(k)}</span>"
+        f" {n}"
+        for k, n in sorted(calls.items())
+    )
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>histo report</title>",
-        "<style>body{font-family:sans-serif;margin:2em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-        ".fail td{text-align:left}</style></head><body>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>histo report</title>",
+        f"<style>{_CSS}</style></head><body>",
         "<h1>histo: bone histomorphometry report</h1>",
-        f"<p id='summary'>{len(rows)} slides analysed, {len(failures)} failed.</p>",
+        f"<p class='note'>histo {esc(__version__)}, "
+        f"{datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
+        f"<p id='summary' class='counts'><b>{len(rows)}</b> slides analysed, "
+        f"<b>{len(failures)}</b> failed."
+        + (f" Calls: {call_text}." if rows else "")
+        + "</p>",
     ]
     if rows:
         parts.append(
-            f"<img id='scatter' alt='N.Oc/B.Pm against BV/TV' "
+            "<img id='scatter' alt='N.Oc/B.Pm against BV/TV, coloured by phenotype call' "
             f"src='data:image/png;base64,{_scatter(rows)}'>"
         )
-        parts.append("<h2>Indices</h2><table id='indices'><tr><th>slide</th><th>phenotype</th>")
-        parts.extend(f"<th>{esc(c)}</th>" for c in REPORT_COLUMNS)
-        parts.append("<th>confidence</th></tr>")
+        parts.append(
+            "<h2>Indices</h2><table id='indices'><thead><tr><th class='l'>slide</th>"
+            "<th class='l'>phenotype</th>"
+        )
+        if groups:
+            parts.append("<th class='l'>group</th>")
+        parts.extend(
+            f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS
+        )
+        parts.append("<th>confidence</th></tr></thead><tbody>")
         for r in rows:
-            color = PHENOTYPE_COLORS.get(r.get("phenotype"), "#000")
+            slide = str(r["slide"])
+            phenotype = str(r.get("phenotype"))
+            color = PHENOTYPE_COLORS.get(phenotype, "#555")
+            overlay = base / slide / "overlay.png"
+            label = esc(slide)
+            if overlay.exists():
+                href = esc(f"{slide}/overlay.png", quote=True)
+                label = f"<a href='{href}' title='QC overlay'>{label}</a>"
             parts.append(
-                f"<tr><td>{esc(str(r['slide']))}</td>"
-                f"<td style='color:{color}'>{esc(str(r.get('phenotype')))}</td>"
+                f"<tr><td class='l'>{label}</td><td class='l'>"
+                f"<span class='call' style='background:{color}'>{esc(phenotype)}</span></td>"
             )
-            for c in REPORT_COLUMNS:
-                v = r.get(c)
-                parts.append(f"<td>{v:.2f}</td>" if isinstance(v, float) else f"<td>{v}</td>")
-            conf = r.get("confidence")
-            parts.append(f"<td>{conf:.2f}</td></tr>" if isinstance(conf, float) else "<td></td>")
-        parts.append("</table>")
+            if groups:
+                parts.append(f"<td class='l'>{esc(groups.get(slide, '–'))}</td>")
+            for c, _ in REPORT_COLUMNS:
+                parts.append(_cell(r.get(c), 0 if c in ("N.Oc", "N.Ot") else 2))
+            parts.append(_cell(r.get("confidence")) + "</tr>")
+        parts.append("</tbody></table>")
     if rows and groups:
         img, table = _boxplots(rows, groups)
+        ungrouped = sorted(str(r["slide"]) for r in rows if str(r["slide"]) not in groups)
         parts.append("<h2>Groups</h2>")
         parts.append(
             f"<img id='groups' alt='box plots per group' src='data:image/png;base64,{img}'>"
         )
         parts.append(
-            "<table id='tests'><tr><th>index</th><th>group A</th><th>group B</th>"
-            "<th>Mann-Whitney p</th></tr>"
+            "<table id='tests'><thead><tr><th class='l'>index</th><th class='l'>group A</th>"
+            "<th>n</th><th>median</th><th class='l'>group B</th><th>n</th><th>median</th>"
+            "<th>Mann-Whitney p</th></tr></thead><tbody>"
         )
-        for col, a, b, p in table:
+        for col, a, na, ma, b, nb, mb, p in table:
             parts.append(
-                f"<tr><td>{esc(col)}</td><td>{esc(a)}</td><td>{esc(b)}</td><td>{p:.4g}</td></tr>"
+                f"<tr><td class='l'>{esc(col)}</td><td class='l'>{esc(a)}</td><td>{na}</td>"
+                f"<td>{ma:.2f}</td><td class='l'>{esc(b)}</td><td>{nb}</td><td>{mb:.2f}</td>"
+                f"<td>{p:.3g}</td></tr>"
             )
-        parts.append("</table>")
+        parts.append("</tbody></table>")
+        parts.append(
+            "<p class='note'>Two-sided Mann-Whitney U tests, not corrected for multiple "
+            "comparisons; pairs with fewer than 2 slides per group are not tested."
+            + (f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}." if ungrouped
+               else "")
+            + "</p>"
+        )
     if failures:
         parts.append(
-            "<h2>Failures</h2><table id='failures' class='fail'>"
-            "<tr><th>slide</th><th>reason</th></tr>"
+            "<h2>Failures</h2><table id='failures' class='fail'><thead>"
+            "<tr><th class='l'>slide</th><th class='l'>error</th><th class='l'>reason</th></tr>"
+            "</thead><tbody>"
         )
         for f in failures:
             parts.append(
-                f"<tr><td>{esc(str(f['slide']))}</td><td>{esc(str(f['reason']))}</td></tr>"
+                f"<tr><td class='l'>{esc(str(f['slide']))}</td>"
+                f"<td class='err'>{esc(str(f.get('error') or ''))}</td>"
+                f"<td>{esc(str(f['reason']))}</td></tr>"
             )
-        parts.append("</table>")
+        parts.append("</tbody></table>")
     parts.append(
-        "<p style='color:#777'>Indices follow the ASBMR nomenclature (Dempster et al., "
-        "JBMR 2013). Areas mm², lengths mm, fractions %, densities /mm or /mm².</p>"
+        "<p class='note'>Indices follow the ASBMR nomenclature (Dempster et al., JBMR 2013; "
+        "doi 10.1002/jbmr.1805). Areas mm², lengths mm, fractions %, densities /mm or /mm². "
+        "Each slide's QC overlay, object tables and outlines are in its folder.</p>"
     )
     parts.append("</body></html>")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     partial.write_text("".join(parts), encoding="utf-8")
     os.replace(partial, path)
     return path
