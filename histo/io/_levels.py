@@ -14,12 +14,19 @@ normalised on the fly:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from histo.errors import SlideReadError
+
+#: decoded tiles kept per level (bytes of RGB uint8)
+CHUNK_CACHE_BYTES = 64 * 2**20
+#: tiles or strips larger than this (pixels) are not cached but read window by window
+CACHED_CHUNK_MAX_PX = 2048 * 2048
 
 
 def one_line(text: object, limit: int = 200) -> str:
@@ -149,6 +156,9 @@ class LevelArray:
         else:
             self._h, self._w = shape[n_lead], shape[n_lead + 1]
         self._ndim_source = len(shape)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -181,12 +191,63 @@ class LevelArray:
                 key.append(slice(None))
         return tuple(key)
 
+    def _chunk_shape(self) -> tuple[int, int] | None:
+        """(rows, cols) of the stored chunks (tiles or strips), or None if not chunked."""
+        chunks = getattr(self.source, "chunks", None)
+        if not chunks or len(chunks) != self._ndim_source:
+            return None
+        if self.layout.channel_axis == "first":
+            ch, cw = int(chunks[-2]), int(chunks[-1])
+        else:
+            n_lead = len(self.layout.lead)
+            ch, cw = int(chunks[n_lead]), int(chunks[n_lead + 1])
+        if (ch, cw) == (self._h, self._w) or ch * cw > CACHED_CHUNK_MAX_PX:
+            return None
+        return ch, cw
+
+    def _cached_chunk(self, cy: int, cx: int, ch: int, cw: int) -> np.ndarray:
+        key = (cy, cx)
+        with self._lock:
+            block = self._cache.get(key)
+            if block is not None:
+                self._cache.move_to_end(key)
+                return block
+        block = self._read_direct(cy * ch, min((cy + 1) * ch, self._h),
+                                  cx * cw, min((cx + 1) * cw, self._w))
+        with self._lock:
+            self._cache[key] = block
+            self._cache_bytes += block.nbytes
+            while self._cache_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return block
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Read rows ``y0:y1`` and columns ``x0:x1`` (clipped to the level) as RGB uint8."""
+        """Read rows ``y0:y1`` and columns ``x0:x1`` (clipped to the level) as RGB uint8.
+
+        Stored tiles are decoded once and kept in a small LRU cache (``CHUNK_CACHE_BYTES``
+        per level), so overlapping or unaligned reads do not decode the same tile again.
+        """
         y0, y1 = max(0, y0), min(self._h, y1)
         x0, x1 = max(0, x0), min(self._w, x1)
         if y1 <= y0 or x1 <= x0:
             return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)
+        chunk = self._chunk_shape()
+        if chunk is None:
+            return self._read_direct(y0, y1, x0, x1)
+        ch, cw = chunk
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                block = self._cached_chunk(cy, cx, ch, cw)
+                by0, bx0 = cy * ch, cx * cw
+                iy0, iy1 = max(y0, by0), min(y1, by0 + block.shape[0])
+                ix0, ix1 = max(x0, bx0), min(x1, bx0 + block.shape[1])
+                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = \
+                    block[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+        return out
+
+    def _read_direct(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
             block = np.asarray(self.source[self._source_key(slice(y0, y1), slice(x0, x1))])
         except SlideReadError:
