@@ -1,0 +1,163 @@
+"""CSV tables: one row per slide (indices.csv) and one row per object (osteoclasts.csv, ...).
+
+Writes are atomic: the table goes to a temporary file in the same folder, then ``os.replace``
+puts it in place, so a killed run never leaves a half-written table. Undefined values (NaN,
+None) are written as empty cells; floats with 10 significant digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from histo.errors import OutputError
+
+__all__ = [
+    "INDICES_LEADING_COLUMNS",
+    "INDICES_TRAILING_COLUMNS",
+    "format_cell",
+    "indices_columns",
+    "read_indices_csv",
+    "write_indices_csv",
+    "write_object_table",
+]
+
+#: columns before the indices in indices.csv
+INDICES_LEADING_COLUMNS = ("slide", "phenotype")
+#: columns after the indices in indices.csv
+INDICES_TRAILING_COLUMNS = ("confidence", "evidence")
+
+
+def format_cell(value) -> str:
+    """One CSV cell: empty for None/NaN, integers plainly, floats with 10 significant digits."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.10g}"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(str(v) for v in value)
+    try:  # numpy scalars
+        return format_cell(value.item())
+    except AttributeError:
+        return str(value)
+
+
+def indices_columns(rows: Sequence[Mapping]) -> list[str]:
+    """Column order of indices.csv: slide, phenotype, INDEX_COLUMNS, confidence, evidence, rest."""
+    from histo.measure import INDEX_COLUMNS
+
+    columns = [*INDICES_LEADING_COLUMNS, *INDEX_COLUMNS, *INDICES_TRAILING_COLUMNS]
+    seen = set(columns)
+    for row in rows:
+        for key in row:
+            if key not in seen:
+                columns.append(key)
+                seen.add(key)
+    return columns
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _csv_text(columns: Sequence[str], rows: Iterable[Mapping]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([format_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def write_indices_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
+    """Write indices.csv, one row per slide, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+    rows : sequence of mapping
+        Each with ``slide``, ``phenotype``, the indices (:data:`histo.measure.INDEX_COLUMNS`),
+        ``confidence`` and ``evidence`` (a list of strings is joined with "; "); extra keys
+        become extra columns after these.
+
+    Returns
+    -------
+    Path
+    """
+    rows = list(rows)
+    return _write_atomic(path, _csv_text(indices_columns(rows), rows))
+
+
+def write_object_table(
+    path: str | os.PathLike, rows: Sequence[Mapping], columns: Sequence[str] | None = None
+) -> Path:
+    """Write a per-object table (osteoclasts.csv, osteocytes.csv), atomically.
+
+    Parameters
+    ----------
+    path : path-like
+    rows : sequence of mapping
+        One row per object.
+    columns : sequence of str, optional
+        Column order; by default the keys of the rows in order of first appearance. An empty
+        table still gets its header when ``columns`` is given.
+    """
+    rows = list(rows)
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    else:
+        columns = list(columns)
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    return _write_atomic(path, _csv_text(columns, rows))
+
+
+def read_indices_csv(path: str | os.PathLike) -> list[dict]:
+    """Read indices.csv back: numbers as float (empty cells as NaN), other cells as str."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for raw in csv.DictReader(fh):
+            row: dict = {}
+            for key, text in raw.items():
+                if key is None:
+                    continue
+                if key in ("slide", "phenotype", "evidence"):
+                    row[key] = text
+                    continue
+                try:
+                    row[key] = float(text) if text not in ("", None) else math.nan
+                except ValueError:
+                    row[key] = text
+            rows.append(row)
+    return rows
