@@ -24,7 +24,7 @@ import numpy as np
 from histo.errors import SlideReadError
 
 #: decoded tiles kept per level (bytes of RGB uint8)
-CHUNK_CACHE_BYTES = 64 * 2**20
+CHUNK_CACHE_BYTES = 32 * 2**20
 #: tiles or strips larger than this (pixels) are not cached but read window by window
 CACHED_CHUNK_MAX_PX = 2048 * 2048
 

@@ -205,6 +205,8 @@ def open_tiff(path: Path) -> Opened:
             page = level.keyframe
             where = f"{name} level {k}"
             _check_tiff_page(page, name, fsize)
+            if hasattr(page, "init_decode"):
+                page.init_decode()  # not thread-safe on first use: do it here, once
             try:
                 store = series.aszarr(level=k)
                 array = zarr.open(store, mode="r")
