@@ -106,6 +106,7 @@ def analyze_slide(
     tile_px: int | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    record: dict | None = None,
 ) -> SlideResult:
     """Analyse one slide: segment, measure the ASBMR indices, call the phenotype.
 
@@ -133,6 +134,9 @@ def analyze_slide(
     cancel
         ``cancel() -> bool``; when it returns True the run stops with
         :class:`histo.errors.Cancelled`.
+    record
+        Stored as ``input`` in the slide's indices.json (``histo batch --resume`` records the
+        input path, size, mtime and a settings hash there).
     """
     from histo.io import detect_tissue
     from histo.measure import measure
@@ -152,13 +156,14 @@ def analyze_slide(
         tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
         segmenter = load_model(model)
         step(0.05, "segmenting")
+        tiling = {"tile_px": int(tile_px)} if tile_px else {}
         seg = segment_slide(
             slide,
             segmenter,
             tissue=tissue,
-            tile_px=tile_px,
             progress=step.sub(0.05, 0.85),
             cancel=cancel,
+            **tiling,
         )
         step(0.86, "measuring")
         image = _image_for_measure(slide, seg.class_map.shape, seg.pixel_size_um)
@@ -189,7 +194,7 @@ def analyze_slide(
         )
         if out_dir is not None:
             step(0.9, "writing")
-            result.out_dir = write_slide_outputs(result, out_dir)
+            result.out_dir = write_slide_outputs(result, out_dir, record=record)
         result.seconds = time.perf_counter() - t0
         step(1.0, f"{call.phenotype} in {result.seconds:.1f} s")
         return result
@@ -220,8 +225,27 @@ def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarra
     return read_region(slide, 0.0, 0.0, h, w, pixel_size_um / scale)
 
 
-def write_slide_outputs(result: SlideResult, out_dir: str | os.PathLike) -> Path:
-    """Write one slide's outputs to ``out_dir/<name>/`` atomically; returns that folder."""
+def _json_value(value):
+    """numpy scalars and arrays as JSON values (integers stay integers)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return float(value)
+
+
+def write_slide_outputs(
+    result: SlideResult, out_dir: str | os.PathLike, record: dict | None = None
+) -> Path:
+    """Write one slide's outputs to ``out_dir/<name>/`` atomically; returns that folder.
+
+    Everything is written into ``out_dir/.<name>.partial-<pid>`` and renamed at the end. An
+    existing ``<name>`` folder is first renamed aside (``.<name>.old-<pid>``) and removed only
+    after the new one is in place, so ``<name>`` is at every instant absent, the old complete
+    folder or the new complete folder. ``record`` is stored as ``input`` in indices.json.
+    """
     import json
 
     from histo.io.geojson import write_geojson
@@ -266,10 +290,14 @@ def write_slide_outputs(result: SlideResult, out_dir: str | os.PathLike) -> Path
             "pixel_size_um": result.pixel_size_um,
             "source_pixel_size_um": result.source_pixel_size_um,
         }
-        (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=float))
+        if record is not None:
+            meta["input"] = record
+        (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=_json_value))
+        old = out_dir / f".{result.name}.old-{os.getpid()}"
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
     except HistoError:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -1,0 +1,298 @@
+"""``histo batch``: finding slides, resume records, local and distributed dask runs, the lock."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from histo.batch import (
+    BatchReporter,
+    BatchSettings,
+    clean_stale_partials,
+    completed_outcome,
+    find_slides,
+    run_batch,
+    unique_names,
+)
+from histo.errors import HistoError
+
+HISTO = [sys.executable, "-m", "histo"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "120"}
+
+
+def write_slides(folder: Path, specs=(("normal", 0), ("oc-rich", 1), ("oc-poor", 2))) -> list:
+    """Small synthetic slides (512 px, 1 µm/px) named by phenotype and seed."""
+    from histo.synth import write_synthetic_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for phenotype, seed in specs:
+        path = folder / f"{phenotype}-{seed}.ome.tif"
+        write_synthetic_slide(path, phenotype, size=512, pixel_size_um=1.0, seed=seed)
+        paths.append(path)
+    return paths
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("slides")
+    write_slides(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, slides) -> list[dict]:
+    """indices.csv of the slides analysed in this process, one after the other."""
+    out = tmp_path_factory.mktemp("reference")
+    run_batch(slides, out, workers=0, model="classical")
+    return read_csv(out / "indices.csv")
+
+
+# ------------------------------------------------------------------ finding slides
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _ngff(folder: Path, label: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    attrs = {"ome": {"version": "0.5", "multiscales": [{"datasets": [{"path": "0"}]}]}}
+    if label:
+        attrs["ome"]["image-label"] = {}
+    (folder / "zarr.json").write_text(json.dumps({"zarr_format": 3, "attributes": attrs}))
+    return folder
+
+
+def test_find_slides_by_extension_recursively(tmp_path):
+    root = tmp_path / "in"
+    expected = [
+        _touch(root / "A.OME.TIFF"),
+        _touch(root / "a.svs"),
+        _touch(root / "b.ndpi"),
+        _touch(root / "c.png"),
+        _touch(root / "d.JPG"),
+        _touch(root / "e.jpeg"),
+        _ngff(root / "f.ome.zarr"),
+        _touch(root / "sub dir" / "g h é.tif"),
+        _touch(root / "sub dir" / "deeper" / "i.ome.tif"),
+    ]
+    # not slides
+    for name in ("x.classes.tif", "x.osteoclasts.tif", "x.osteocytes.tif", "notes.txt",
+                 "x.truth.json", ".hidden.tif", "x.tif.partial"):
+        _touch(root / name)
+    _touch(root / ".cache" / "y.tif")
+    _ngff(root / "labels-only.zarr", label=True)
+    (root / "empty.zarr").mkdir()
+    # histo's own outputs: an output folder (lock) and a slide result folder (indices.json)
+    _touch(root / "results" / ".histo.lock")
+    _touch(root / "results" / "S1" / "overlay.png")
+    _touch(root / "old" / "S2" / "indices.json")
+    _touch(root / "old" / "S2" / "overlay.png")
+    _touch(root / "excluded" / "z.tif")
+    found = find_slides(root, exclude=[root / "excluded"])
+    assert sorted(found) == sorted(expected)
+    assert found == sorted(found, key=lambda p: [part for part in p.relative_to(root).parts])
+
+
+def test_find_slides_missing_folder(tmp_path):
+    with pytest.raises(HistoError, match="no such folder"):
+        find_slides(tmp_path / "nope")
+
+
+def test_unique_names_disambiguates_collisions(tmp_path):
+    paths = [tmp_path / "a" / "S1.tif", tmp_path / "b" / "S1.svs", tmp_path / "S2.ome.tif"]
+    names = unique_names(paths, tmp_path)
+    assert names == {paths[0]: "a__S1", paths[1]: "b__S1", paths[2]: "S2"}
+
+
+def test_clean_stale_partials(tmp_path):
+    stale = [tmp_path / n for n in (".S1.partial-123", ".S2.old-9", ".indices.csv.partial-5")]
+    stale[0].mkdir()
+    _touch(stale[0] / "labels.ome.zarr" / "zarr.json")
+    stale[1].mkdir()
+    _touch(stale[2])
+    keep = [_touch(tmp_path / "S1" / "indices.json"), _touch(tmp_path / ".histo.lock"),
+            _touch(tmp_path / "indices.csv")]
+    removed = clean_stale_partials(tmp_path)
+    assert sorted(removed) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+
+
+def test_settings_digest_changes_with_every_setting():
+    base = BatchSettings("classical", "fp", None, "0.1.0")
+    others = [
+        BatchSettings("default", "fp", None, "0.1.0"),
+        BatchSettings("classical", "fp2", None, "0.1.0"),
+        BatchSettings("classical", "fp", 0.5, "0.1.0"),
+        BatchSettings("classical", "fp", None, "0.2.0"),
+    ]
+    assert len({base.digest(), *(o.digest() for o in others)}) == 5
+    assert base.digest() == BatchSettings("classical", "fp", None, "0.1.0").digest()
+
+
+# ------------------------------------------------------------------ end to end
+
+
+class Recorder(BatchReporter):
+    def __init__(self):
+        self.started, self.done, self.progress = None, [], []
+
+    def start(self, total, resumed):
+        self.started = (total, resumed)
+
+    def slide_progress(self, slide, fraction, message):
+        self.progress.append((slide, fraction))
+
+    def slide_done(self, outcome):
+        self.done.append(outcome.slide)
+
+
+def test_batch_in_process_and_resume(tmp_path, slides, reference):
+    out = tmp_path / "out"
+    rec = Recorder()
+    result = run_batch(slides, out, workers=0, model="classical", reporter=rec)
+    assert result.failed == 0 and result.succeeded == 3 and rec.started == (3, 0)
+    assert {s for s, _ in rec.progress} == set(rec.done) == {"normal-0", "oc-rich-1", "oc-poor-2"}
+    rows = read_csv(out / "indices.csv")
+    assert [r["slide"] for r in rows] == ["normal-0", "oc-poor-2", "oc-rich-1"]  # path order
+    assert rows == reference
+    meta = json.loads((out / "normal-0" / "indices.json").read_text())
+    assert meta["input"]["path"] == str((slides / "normal-0.ome.tif").resolve())
+    assert meta["input"]["size"] == (slides / "normal-0.ome.tif").stat().st_size
+    settings = BatchSettings.make("classical", None)
+    assert meta["input"]["settings_hash"] == settings.digest()
+    assert read_csv(out / "failures.csv") == []
+    assert "id='indices'" in (out / "report.html").read_text(encoding="utf-8")
+
+    # resume: nothing reruns, the rows are the same
+    stamp = (out / "normal-0" / "indices.json").stat().st_mtime_ns
+    rec = Recorder()
+    again = run_batch(slides, out, workers=0, model="classical", resume=True, reporter=rec)
+    assert again.resumed == 3 and rec.done == [] and rec.started == (3, 3)
+    assert read_csv(out / "indices.csv") == rows
+    assert (out / "normal-0" / "indices.json").stat().st_mtime_ns == stamp
+
+    # a changed input, a different setting, an incomplete folder: rerun
+    src = slides / "oc-rich-1.ome.tif"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 1_000_000_000))
+    (out / "oc-poor-2" / "overlay.png").unlink()
+    rec = Recorder()
+    third = run_batch(slides, out, workers=0, model="classical", resume=True, reporter=rec)
+    assert sorted(rec.done) == ["oc-poor-2", "oc-rich-1"] and third.resumed == 1
+    assert read_csv(out / "indices.csv") == rows
+    assert completed_outcome(out, "normal-0", slides / "normal-0.ome.tif", settings) is not None
+    other = BatchSettings.make("classical", 1.0)
+    assert completed_outcome(out, "normal-0", slides / "normal-0.ome.tif", other) is None
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env(), **kw)
+
+
+def test_batch_on_a_distributed_cluster(tmp_path, slides, reference):
+    """A real scheduler and worker on loopback, started as processes; the batch runs there."""
+    bin_dir = Path(sys.executable).parent
+    sched_file = tmp_path / "scheduler.json"
+    scheduler = _start([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                        "--no-dashboard", "--scheduler-file", str(sched_file)])
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() or not sched_file.read_text().strip():
+            assert scheduler.poll() is None, scheduler.stderr.read()
+            assert time.monotonic() < deadline, "scheduler did not start"
+            time.sleep(0.2)
+        time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        worker = _start([str(bin_dir / "dask"), "worker", address, "--nworkers", "1",
+                         "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"])
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [*HISTO, "batch", str(slides), "--out", str(out), "--scheduler", address,
+             "--model", "classical"],
+            capture_output=True, text=True, timeout=300, env=_env(),
+        )
+        assert proc.returncode == 0, proc.stderr
+        rows = read_csv(out / "indices.csv")
+        assert rows == reference
+        assert all((out / r["slide"] / "overlay.png").exists() for r in rows)
+        # the scheduler file works as the address too, and --resume reuses everything
+        proc = subprocess.run(
+            [*HISTO, "batch", str(slides), "--out", str(out), "--scheduler", str(sched_file),
+             "--model", "classical", "--resume"],
+            capture_output=True, text=True, timeout=300, env=_env(),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "3 analysed (3 reused), 0 failed" in proc.stderr
+    finally:
+        for p in (worker, scheduler):
+            if p is not None:
+                p.terminate()
+        for p in (worker, scheduler):
+            if p is not None:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
+    import histo.batch
+    from histo.batch import dask_client
+
+    monkeypatch.setattr(histo.batch, "CONNECT_TIMEOUT", "1s")
+    with pytest.raises(HistoError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
+        with dask_client(scheduler="tcp://127.0.0.1:9"):
+            pass
+
+
+def test_local_workers_and_the_output_lock(tmp_path, slides, reference):
+    """``histo batch --workers 2`` (a LocalCluster of real processes) gives the in-process
+    table; a second run on the same output folder is refused with exit status 4 while the first
+    holds it, and the first run's outputs are intact."""
+    out = tmp_path / "out"
+    first = _start([*HISTO, "batch", str(slides), "--out", str(out), "--workers", "2",
+                    "--model", "classical"])
+    lock = out / ".histo.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(
+        [*HISTO, "batch", str(slides), "--out", str(out), "--workers", "1", "--model",
+         "classical"],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )
+    assert first.poll() is None, "the first run ended before the second was refused"
+    assert second.returncode == 4
+    lines = [ln for ln in second.stderr.splitlines() if "error" in ln]
+    assert lines == [
+        f"histo batch: error: output folder {out} is in use by another histo run "
+        f"(pid {first.pid}); wait for it or choose another --out"
+    ]
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert "3 analysed, 0 failed" in err
+    assert read_csv(out / "indices.csv") == reference
