@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="sample size in pixels")
     args = parser.parse_args(argv)
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message="System theme detection")  # PyQt5 notice
+
     import napari
 
     from histo_napari._sample_data import make_sample
@@ -42,10 +46,24 @@ def main(argv: list[str] | None = None) -> int:
         if layer.name.endswith(" osteoclasts"):
             layer.visible = False
     viewer.reset_view()
+    _close_toasts(viewer)
     viewer.screenshot(args.out, canvas_only=False)
     viewer.close()
     print(f"wrote {args.out}: {output.result.phenotype.phenotype} in {output.seconds:.1f} s")
     return 0
+
+
+def _close_toasts(viewer) -> None:
+    """Close notification pop-ups so that they do not cover the canvas."""
+    from qtpy.QtWidgets import QApplication
+
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    QApplication.processEvents()
 
 
 if __name__ == "__main__":

@@ -355,6 +355,7 @@ class HistoWidget(QWidget):
         self.last_remeasure_seconds: float | None = None
         self.image_layer: Layer | None = None  #: the image of the last run
         self._result_layers: dict[str, Layer] = {}
+        self._instance_cache: dict[str, tuple[Any, Any]] = {}
         self._build()
 
     # ---- layout
@@ -423,7 +424,6 @@ class HistoWidget(QWidget):
         self.table.setHorizontalHeaderLabels(["Index", "Value", "Unit"])
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.Stretch)
         header.setSectionResizeMode(1, QHeaderView.ResizeToContents)
@@ -544,9 +544,9 @@ class HistoWidget(QWidget):
             return
         r = output.result
         self.progress.setValue(PROGRESS_STEPS)
+        h, w = r.class_map.shape[:2]
         self.status.setText(
-            f"{r.name}: {r.phenotype.phenotype} in {output.seconds:.1f} s "
-            f"({r.class_map.shape[1]} x {r.class_map.shape[0]} px at {r.pixel_size_um:g} µm/px)"
+            f"done in {output.seconds:.1f} s: {w} × {h} px at {r.pixel_size_um:g} µm/px"
         )
 
     def _on_errored(self, exc: BaseException) -> None:
@@ -722,15 +722,11 @@ class HistoWidget(QWidget):
             px = self._class_map_pixel_size(layer)
             cmap = np.asarray(layer.data)
             kwargs: dict[str, Any] = {}
-            out = self.output
-            if out is not None and layer.metadata.get("histo_run") == id(out) \
-                    and cmap.shape == out.result.class_map.shape:
-                oc = self._result_layers.get("osteoclasts")
-                ot = self._result_layers.get("osteocytes")
-                kwargs["osteoclast_labels"] = class_map_instances(
-                    cmap, None if oc is None else oc.data, classes.OSTEOCLAST)
-                kwargs["osteocyte_labels"] = class_map_instances(
-                    cmap, None if ot is None else ot.data, classes.OSTEOCYTE)
+            oc, ot = self._instances(layer, cmap)
+            kwargs["osteoclast_labels"] = oc
+            kwargs["osteocyte_labels"] = ot
+            out = self._run_of(layer, cmap)
+            if out is not None:
                 kwargs["image"] = out.image
                 kwargs["roi"] = out.roi_working_px
             else:
@@ -751,6 +747,44 @@ class HistoWidget(QWidget):
             f"N.Oc {measurement.indices.get('N.Oc', 0):g}"
         )
         return measurement
+
+    def _run_of(self, layer: Layer, cmap: np.ndarray) -> AnalysisOutput | None:
+        """The run that produced the class-map layer (None for a map opened from a file)."""
+        out = self.output
+        if out is not None and layer.metadata.get("histo_run") == id(out) \
+                and cmap.shape == out.result.class_map.shape:
+            return out
+        return None
+
+    def _instances(self, layer: Layer,
+                   cmap: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Osteoclast and osteocyte instances consistent with the (edited) class map.
+
+        From the run's instance layers, or, for a class map opened from a file, from the
+        instance maps beside it (``NAME.osteoclasts.tif``, a labels.ome.zarr's labels), as
+        ``histo measure`` reads them. (None, None) when there are none: each connected region
+        is then one object.
+        """
+        if self._run_of(layer, cmap) is not None:
+            raw = tuple(None if (lyr := self._result_layers.get(k)) is None else
+                        np.asarray(lyr.data) for k in ("osteoclasts", "osteocytes"))
+        else:
+            raw = self._file_instances(layer.metadata.get("histo_path"))
+        return (class_map_instances(cmap, raw[0], classes.OSTEOCLAST),
+                class_map_instances(cmap, raw[1], classes.OSTEOCYTE))
+
+    def _file_instances(self, path: str | None) -> tuple[Any, Any]:
+        if not path:
+            return None, None
+        if path not in self._instance_cache:
+            try:
+                from histo.cli.measure import load_class_map
+
+                _, oc, ot, _ = load_class_map(path)
+            except (ImportError, HistoError, OSError):
+                oc = ot = None
+            self._instance_cache[path] = (oc, ot)
+        return self._instance_cache[path]
 
     def _roi_for_layer(self, layer: Layer) -> np.ndarray | None:
         shapes = self.region_combo.layer()
@@ -780,10 +814,19 @@ class HistoWidget(QWidget):
                 )
                 if not path:
                     return None
-            path = write_class_map_tiff(path, np.asarray(layer.data), px)
+            cmap = np.asarray(layer.data)
+            path = write_class_map_tiff(path, cmap, px)
+            base = path.name[: -len(".classes.tif")] if path.name.endswith(".classes.tif") \
+                else path.stem
+            for kind, labels in zip(("osteoclasts", "osteocytes"), self._instances(layer, cmap),
+                                    strict=True):
+                if labels is not None:  # beside it, where `histo measure` looks for them
+                    write_label_tiff(path.with_name(f"{base}.{kind}.tif"),
+                                     labels.astype(np.uint32), px)
         except (HistoError, OSError) as exc:
             self._fail(exc)
             return None
+        self._instance_cache.clear()
         self.status.setText(f"saved {path}")
         show_info(f"histo: class map saved to {path}")
         return path
@@ -827,17 +870,24 @@ def format_value(value: Any) -> str:
 
 def write_class_map_tiff(path: str | Path, class_map: np.ndarray, pixel_size_um: float) -> Path:
     """Write a uint8 class map as TIFF with its pixel size (OME PhysicalSizeX + resolution)."""
-    import os
-
-    import tifffile
-
-    from histo.measure import validate_class_map, validate_pixel_size
+    from histo.measure import validate_class_map
 
     path = Path(path)
     if not path.name.lower().endswith((".tif", ".tiff")):
         path = path.with_name(path.name + ".classes.tif")
-    cmap = validate_class_map(class_map).astype(np.uint8)
+    return write_label_tiff(path, validate_class_map(class_map).astype(np.uint8), pixel_size_um)
+
+
+def write_label_tiff(path: Path, labels: np.ndarray, pixel_size_um: float) -> Path:
+    """Write a label image as an OME-TIFF with its pixel size, atomically."""
+    import os
+
+    import tifffile
+
+    from histo.measure import validate_pixel_size
+
     px = validate_pixel_size(pixel_size_um)
+    cmap = np.ascontiguousarray(labels)
     partial = path.with_name(path.name + ".partial")
     metadata = {"axes": "YX", "PhysicalSizeX": px, "PhysicalSizeXUnit": "µm",
                 "PhysicalSizeY": px, "PhysicalSizeYUnit": "µm"}

@@ -150,8 +150,15 @@ def test_save_and_export(tmp_path, qtbot, viewer_widget, scripted_pipeline, erro
     np.testing.assert_array_equal(saved, viewer.layers["section classes"].data)
     with open_slide(path) as slide:
         assert slide.pixel_size_um == pytest.approx(1.0)
-    # what `histo measure` computes from the saved file is measure() on the class map alone
-    assert measure(saved, 1.0).indices["B.Ar"] == widget.table_indices()["B.Ar"]
+    # `histo measure` finds the instance maps beside the class map
+    from histo.cli.measure import load_class_map
+
+    cmap, oc, ot, px = load_class_map(path)
+    assert px == pytest.approx(1.0) and oc is not None and ot is not None
+    m = measure(cmap, px, osteoclast_labels=oc, osteocyte_labels=ot)
+    shown = widget.table_indices()
+    for key in ("T.Ar", "B.Ar", "B.Pm"):  # counts differ: no image, no nuclei or occupancy
+        assert m.indices[key] == pytest.approx(shown[key], rel=1e-12), key
     out = widget.export_csv(tmp_path / "indices.csv")
     rows = list(csv.DictReader(open(out, encoding="utf-8")))
     assert rows[0]["slide"] == "section" and rows[0]["phenotype"] == "oc-rich"
@@ -168,3 +175,21 @@ def test_sample_data_and_widget_from_the_plugin(make_napari_viewer):
     dock, widget = viewer.window.add_plugin_dock_widget("histo", "Histomorphometry")
     assert widget.image_combo.layer() is layer
     assert widget.pixel_size.value() == pytest.approx(1.0)
+
+
+def test_remeasure_of_a_saved_class_map_equals_histo_measure(
+        tmp_path, qtbot, viewer_widget, scripted_pipeline, errors):
+    from histo.cli.measure import load_class_map
+    from histo.measure import measure
+
+    viewer, widget = viewer_widget
+    widget.run()
+    wait_for_run(qtbot, widget)
+    path = widget.save_class_map(tmp_path / "edited.classes.tif")
+    (layer,) = viewer.open(str(path), plugin="histo")
+    assert widget.class_map_combo.layer() is layer
+    shown = widget.remeasure().indices
+    cmap, oc, ot, px = load_class_map(path)
+    expected = measure(cmap, px, osteoclast_labels=oc, osteocyte_labels=ot).indices
+    assert_same_indices(shown, expected)
+    assert errors == []
