@@ -40,7 +40,7 @@ __all__ = [
 
 #: physical size of one field of a mosaic (µm) and its largest size in pixels
 FIELD_UM = 2500.0
-FIELD_MAX_PX = 3072
+FIELD_MAX_PX = 2560
 
 
 @dataclass

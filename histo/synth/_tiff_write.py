@@ -18,7 +18,7 @@ import zarr
 
 TILE = 512
 #: arrays larger than this many pixels are staged on disk (zarr) rather than in memory
-IN_MEMORY_MAX_PX = 64 * 1024 * 1024
+IN_MEMORY_MAX_PX = 4096 * 4096
 
 
 def new_canvas(shape: tuple[int, ...], dtype, workdir: str | os.PathLike | None, name: str):
