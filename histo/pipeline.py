@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histo.errors import Cancelled, EmptyTissueError, HistoError, OutputError
+from histo.errors import Cancelled, EmptyTissueError, HistoError, OutputError, PixelSizeError
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -155,6 +155,7 @@ def analyze_slide(
             raise EmptyTissueError(f"{name}: no tissue found on the slide")
         tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
         segmenter = load_model(model)
+        _check_resolution(slide, segmenter, name)
         step(0.05, "segmenting")
         tiling = {"tile_px": int(tile_px)} if tile_px else {}
         seg = segment_slide(
@@ -200,6 +201,21 @@ def analyze_slide(
         return result
     finally:
         slide.close()
+
+
+#: a slide may be at most this many times coarser than the model's working resolution: beyond
+#: it, upsampling invents detail (and a 100 µm/px file would become a gigantic working image)
+MAX_UPSAMPLING = 4.0
+
+
+def _check_resolution(slide, segmenter, name: str) -> None:
+    working = float(segmenter.working_pixel_size_um)
+    if slide.pixel_size_um > MAX_UPSAMPLING * working:
+        raise PixelSizeError(
+            f"{name}: pixel size {slide.pixel_size_um:g} µm/px is too coarse for the model "
+            f"(it works at {working:g} µm/px and accepts slides up to "
+            f"{MAX_UPSAMPLING * working:g} µm/px); check the file's pixel size or --pixel-size"
+        )
 
 
 #: the RGB image at working resolution is given to measure (lacuna occupancy, nuclei, TRAP
