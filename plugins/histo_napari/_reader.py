@@ -26,8 +26,19 @@ LayerData = tuple[Any, dict[str, Any], str]
 PathLike = str | Sequence[str]
 
 #: suffixes worth sniffing (the format itself is recognised from the content)
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".png", ".jpg",
-                  ".jpeg", ".zarr")
+SLIDE_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".svs",
+    ".ndpi",
+    ".btf",
+    ".tf8",
+    ".tf2",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".zarr",
+)
 #: histo's own label TIFFs (written by ``histo synth`` and by the widget's Save)
 LABEL_TIFF_SUFFIXES = {
     ".classes.tif": "class_map",
@@ -167,15 +178,17 @@ def slide_layer(path: Path) -> tuple[LayerData, Any]:
         "level_pixel_sizes_um": list(slide.level_pixel_sizes),
     }
     scale = px if px else 1.0
-    kwargs = _clean_kwargs({
-        "name": slide.name,
-        "rgb": True,
-        "multiscale": multiscale,
-        "contrast_limits": (0, 255),
-        "scale": (scale, scale),
-        "units": (UNIT, UNIT) if px else None,
-        "metadata": meta,
-    })
+    kwargs = _clean_kwargs(
+        {
+            "name": slide.name,
+            "rgb": True,
+            "multiscale": multiscale,
+            "contrast_limits": (0, 255),
+            "scale": (scale, scale),
+            "units": (UNIT, UNIT) if px else None,
+            "metadata": meta,
+        }
+    )
     data = levels if multiscale else levels[0]
     return (data, kwargs, "image"), slide
 
@@ -255,8 +268,9 @@ def read_labels_store(store: Path) -> list[LayerData]:
         if name == "class_map":
             if np.prod(arrays[0].shape) <= MAX_EDITABLE_PX:
                 data = np.asarray(arrays[0][:])  # in memory, so that it can be painted
-            kwargs = class_map_kwargs(f"{slide} classes", px, metadata=meta,
-                                      multiscale=isinstance(data, list))
+            kwargs = class_map_kwargs(
+                f"{slide} classes", px, metadata=meta, multiscale=isinstance(data, list)
+            )
         else:
             scale = px or 1.0
             kwargs = {

@@ -15,9 +15,12 @@ SAMPLE_PIXEL_SIZE_UM = 1.0
 SEEDS = {"normal": 1, "oc-rich": 7, "oc-poor": 3}
 
 
-def make_sample(phenotype: str, size: int = SAMPLE_SIZE_PX,
-                pixel_size_um: float = SAMPLE_PIXEL_SIZE_UM,
-                seed: int | None = None) -> list[tuple[Any, dict[str, Any], str]]:
+def make_sample(
+    phenotype: str,
+    size: int = SAMPLE_SIZE_PX,
+    pixel_size_um: float = SAMPLE_PIXEL_SIZE_UM,
+    seed: int | None = None,
+) -> list[tuple[Any, dict[str, Any], str]]:
     """Layer data of a synthetic section: an RGB image layer scaled in µm."""
     from histo.synth import make_section
 

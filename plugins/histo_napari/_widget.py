@@ -123,8 +123,9 @@ def working_pixel_size_um(model: str) -> float:
         return float(load_model(model).working_pixel_size_um)
 
 
-def class_map_instances(class_map: np.ndarray, instances: np.ndarray | None,
-                        code: int) -> np.ndarray | None:
+def class_map_instances(
+    class_map: np.ndarray, instances: np.ndarray | None, code: int
+) -> np.ndarray | None:
     """Instance labels consistent with an edited class map.
 
     Pixels of class ``code`` keep their instance; a region painted as ``code`` that touches no
@@ -241,8 +242,12 @@ def _working_image(job: AnalysisJob, result: Any) -> np.ndarray | None:
         return None
     if isinstance(job.source, np.ndarray):
         src = job.source
-        if src.shape[:2] == (h, w) and src.ndim == 3 and src.dtype == np.uint8 \
-                and src.shape[2] == 3:
+        if (
+            src.shape[:2] == (h, w)
+            and src.ndim == 3
+            and src.dtype == np.uint8
+            and src.shape[2] == 3
+        ):
             return src
         slide = slide_from_array(src, pixel_size_um=job.pixel_size_um)
     else:
@@ -286,8 +291,14 @@ def analysis_generator(job: AnalysisJob) -> Iterator[tuple[float, str]]:
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some types, kept in sync with the layer list."""
 
-    def __init__(self, viewer: napari.Viewer, types: tuple[type, ...],
-                 none_text: str | None = None, accept=None, parent: QWidget | None = None):
+    def __init__(
+        self,
+        viewer: napari.Viewer,
+        types: tuple[type, ...],
+        none_text: str | None = None,
+        accept=None,
+        parent: QWidget | None = None,
+    ):
         super().__init__(parent)
         self.viewer, self.types, self.none_text = viewer, types, none_text
         self.accept = accept or (lambda layer: True)
@@ -385,8 +396,9 @@ class HistoWidget(QWidget):
             "indices without a scale are meaningless."
         )
         form.addRow("Pixel size", self.pixel_size)
-        self.region_combo = LayerCombo(self.viewer, (Shapes,), none_text="whole section",
-                                       parent=self)
+        self.region_combo = LayerCombo(
+            self.viewer, (Shapes,), none_text="whole section", parent=self
+        )
         self.region_combo.setToolTip("Measure only inside the polygons of a shapes layer.")
         form.addRow("Region", self.region_combo)
         root.addWidget(inputs)
@@ -434,8 +446,10 @@ class HistoWidget(QWidget):
         correct = QGroupBox("Correct")
         cform = QFormLayout(correct)
         self.class_map_combo = LayerCombo(
-            self.viewer, (Labels,),
-            accept=lambda layer: layer.metadata.get("histo_kind") == "class_map", parent=self,
+            self.viewer,
+            (Labels,),
+            accept=lambda layer: layer.metadata.get("histo_kind") == "class_map",
+            parent=self,
         )
         self.class_map_combo.setToolTip(
             "Paint marrow (1) over a false osteoclast, osteoclast (3) to add one; then Re-measure."
@@ -490,8 +504,13 @@ class HistoWidget(QWidget):
             if source.ndim not in (2, 3) or (source.ndim == 3 and not layer.rgb):
                 raise HistoError(f"'{layer.name}' is not a 2-D RGB or grey image")
         name = layer.metadata.get("slide_name") or layer.name
-        return AnalysisJob(source=source, pixel_size_um=px, model=self.model_combo.currentText(),
-                           name=str(name), roi_source_px=self._roi_polygon(layer))
+        return AnalysisJob(
+            source=source,
+            pixel_size_um=px,
+            model=self.model_combo.currentText(),
+            name=str(name),
+            roi_source_px=self._roi_polygon(layer),
+        )
 
     # ---- run / cancel
     def run(self) -> None:
@@ -505,8 +524,7 @@ class HistoWidget(QWidget):
             return
         self.job, self.last_error = job, None
         self.image_layer = self.image_combo.layer()
-        worker = create_worker(analysis_generator, job, _start_thread=False,
-                               _ignore_errors=True)
+        worker = create_worker(analysis_generator, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
@@ -588,8 +606,14 @@ class HistoWidget(QWidget):
         name = kwargs["name"]
         layer = self._result_layers.get(key)
         if layer is None or layer not in self.viewer.layers:
-            layer = next((lyr for lyr in self.viewer.layers
-                          if lyr.name == name and lyr._type_string == kind), None)
+            layer = next(
+                (
+                    lyr
+                    for lyr in self.viewer.layers
+                    if lyr.name == name and lyr._type_string == kind
+                ),
+                None,
+            )
         if layer is not None:
             layer.data = data
             for attr in ("scale", "translate", "metadata", "features"):
@@ -614,17 +638,34 @@ class HistoWidget(QWidget):
         place = placement(self.image_layer, float(self.job.pixel_size_um), pw)
         common = {"scale": place.scale, "translate": place.translate, "units": place.units}
         meta = {"pixel_size_um": pw, "slide_name": r.name, "histo_run": id(output)}
-        self._upsert("osteocytes", np.asarray(r.osteocyte_labels), "labels",
-                     name=f"{r.name} osteocytes", opacity=0.7, visible=False,
-                     metadata={**meta, "histo_kind": "osteocytes"}, **common)
-        self._upsert("osteoclasts", np.asarray(r.osteoclast_labels), "labels",
-                     name=f"{r.name} osteoclasts", opacity=0.8,
-                     metadata={**meta, "histo_kind": "osteoclasts"}, **common)
+        self._upsert(
+            "osteocytes",
+            np.asarray(r.osteocyte_labels),
+            "labels",
+            name=f"{r.name} osteocytes",
+            opacity=0.7,
+            visible=False,
+            metadata={**meta, "histo_kind": "osteocytes"},
+            **common,
+        )
+        self._upsert(
+            "osteoclasts",
+            np.asarray(r.osteoclast_labels),
+            "labels",
+            name=f"{r.name} osteoclasts",
+            opacity=0.8,
+            metadata={**meta, "histo_kind": "osteoclasts"},
+            **common,
+        )
         cmap_layer = self._upsert(
-            "class_map", np.array(r.class_map, dtype=np.uint8, copy=True), "labels",
-            name=f"{r.name} classes", opacity=0.45,
+            "class_map",
+            np.array(r.class_map, dtype=np.uint8, copy=True),
+            "labels",
+            name=f"{r.name} classes",
+            opacity=0.45,
             colormap=DirectLabelColormap(color_dict=class_colormap()),
-            metadata={**meta, "histo_kind": "class_map"}, **common,
+            metadata={**meta, "histo_kind": "class_map"},
+            **common,
         )
         if isinstance(cmap_layer, Labels):
             cmap_layer.selected_label = classes.MARROW
@@ -640,8 +681,9 @@ class HistoWidget(QWidget):
         rows = measurement.osteoclasts
         pw = float(measurement.pixel_size_um)
         f = float(cmap_layer.scale[-1]) / pw  # world units per µm
-        coords = np.array([[r["centroid_y_um"], r["centroid_x_um"]] for r in rows],
-                          float).reshape(-1, 2)
+        coords = np.array([[r["centroid_y_um"], r["centroid_x_um"]] for r in rows], float).reshape(
+            -1, 2
+        )
         features = {
             "area_um2": np.array([r["area_um2"] for r in rows], float),
             "bone_contact_um": np.array([r["bone_contact_um"] for r in rows], float),
@@ -650,10 +692,20 @@ class HistoWidget(QWidget):
         name = cmap_layer.name.removesuffix(" classes") + " osteoclast centres"
         translate = tuple(np.asarray(cmap_layer.translate[-2:], float))
         self._upsert(
-            "points", coords, "points", name=name, features=features, scale=(f, f),
-            translate=translate, units=(UNIT, UNIT) if math.isclose(f, 1.0) else None,
-            size=12.0, symbol="ring", face_color="transparent", border_color="#ff2060",
-            border_width=0.15, metadata={"histo_kind": "osteoclast_points"},
+            "points",
+            coords,
+            "points",
+            name=name,
+            features=features,
+            scale=(f, f),
+            translate=translate,
+            units=(UNIT, UNIT) if math.isclose(f, 1.0) else None,
+            size=12.0,
+            symbol="ring",
+            face_color="transparent",
+            border_color="#ff2060",
+            border_width=0.15,
+            metadata={"histo_kind": "osteoclast_points"},
         )
 
     def _show_measurement(self, measurement: Any, call: Any, cmap_layer: Layer) -> None:
@@ -666,8 +718,11 @@ class HistoWidget(QWidget):
         self.table.setRowCount(len(order))
         for i, key in enumerate(order):
             value = indices[key]
-            items = (QTableWidgetItem(key), QTableWidgetItem(format_value(value)),
-                     QTableWidgetItem(INDEX_UNITS.get(key, "")))
+            items = (
+                QTableWidgetItem(key),
+                QTableWidgetItem(format_value(value)),
+                QTableWidgetItem(INDEX_UNITS.get(key, "")),
+            )
             items[1].setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
             items[1].setData(Qt.UserRole, value)
             for j, item in enumerate(items):
@@ -686,8 +741,10 @@ class HistoWidget(QWidget):
 
     def table_indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""
-        return {self.table.item(i, 0).text(): self.table.item(i, 1).data(Qt.UserRole)
-                for i in range(self.table.rowCount())}
+        return {
+            self.table.item(i, 0).text(): self.table.item(i, 1).data(Qt.UserRole)
+            for i in range(self.table.rowCount())
+        }
 
     # ---- correct
     def _class_map_layer(self) -> Labels:
@@ -751,13 +808,17 @@ class HistoWidget(QWidget):
     def _run_of(self, layer: Layer, cmap: np.ndarray) -> AnalysisOutput | None:
         """The run that produced the class-map layer (None for a map opened from a file)."""
         out = self.output
-        if out is not None and layer.metadata.get("histo_run") == id(out) \
-                and cmap.shape == out.result.class_map.shape:
+        if (
+            out is not None
+            and layer.metadata.get("histo_run") == id(out)
+            and cmap.shape == out.result.class_map.shape
+        ):
             return out
         return None
 
-    def _instances(self, layer: Layer,
-                   cmap: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _instances(
+        self, layer: Layer, cmap: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Osteoclast and osteocyte instances consistent with the (edited) class map.
 
         From the run's instance layers, or, for a class map opened from a file, from the
@@ -766,12 +827,16 @@ class HistoWidget(QWidget):
         is then one object.
         """
         if self._run_of(layer, cmap) is not None:
-            raw = tuple(None if (lyr := self._result_layers.get(k)) is None else
-                        np.asarray(lyr.data) for k in ("osteoclasts", "osteocytes"))
+            raw = tuple(
+                None if (lyr := self._result_layers.get(k)) is None else np.asarray(lyr.data)
+                for k in ("osteoclasts", "osteocytes")
+            )
         else:
             raw = self._file_instances(layer.metadata.get("histo_path"))
-        return (class_map_instances(cmap, raw[0], classes.OSTEOCLAST),
-                class_map_instances(cmap, raw[1], classes.OSTEOCYTE))
+        return (
+            class_map_instances(cmap, raw[0], classes.OSTEOCLAST),
+            class_map_instances(cmap, raw[1], classes.OSTEOCYTE),
+        )
 
     def _file_instances(self, path: str | None) -> tuple[Any, Any]:
         if not path:
@@ -816,13 +881,18 @@ class HistoWidget(QWidget):
                     return None
             cmap = np.asarray(layer.data)
             path = write_class_map_tiff(path, cmap, px)
-            base = path.name[: -len(".classes.tif")] if path.name.endswith(".classes.tif") \
+            base = (
+                path.name[: -len(".classes.tif")]
+                if path.name.endswith(".classes.tif")
                 else path.stem
-            for kind, labels in zip(("osteoclasts", "osteocytes"), self._instances(layer, cmap),
-                                    strict=True):
+            )
+            for kind, labels in zip(
+                ("osteoclasts", "osteocytes"), self._instances(layer, cmap), strict=True
+            ):
                 if labels is not None:  # beside it, where `histo measure` looks for them
-                    write_label_tiff(path.with_name(f"{base}.{kind}.tif"),
-                                     labels.astype(np.uint32), px)
+                    write_label_tiff(
+                        path.with_name(f"{base}.{kind}.tif"), labels.astype(np.uint32), px
+                    )
         except (HistoError, OSError) as exc:
             self._fail(exc)
             return None
@@ -841,7 +911,8 @@ class HistoWidget(QWidget):
         try:
             if path is None:
                 path, _ = QFileDialog.getSaveFileName(
-                    self, "Export indices", f"{name}.indices.csv", "CSV (*.csv)")
+                    self, "Export indices", f"{name}.indices.csv", "CSV (*.csv)"
+                )
                 if not path:
                     return None
             path = write_indices(path, name, self.measurement, self.phenotype)
@@ -889,12 +960,22 @@ def write_label_tiff(path: Path, labels: np.ndarray, pixel_size_um: float) -> Pa
     px = validate_pixel_size(pixel_size_um)
     cmap = np.ascontiguousarray(labels)
     partial = path.with_name(path.name + ".partial")
-    metadata = {"axes": "YX", "PhysicalSizeX": px, "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": px, "PhysicalSizeYUnit": "µm"}
+    metadata = {
+        "axes": "YX",
+        "PhysicalSizeX": px,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": px,
+        "PhysicalSizeYUnit": "µm",
+    }
     with tifffile.TiffWriter(partial, ome=True) as tif:
-        tif.write(cmap, photometric="minisblack", compression="zlib",
-                  resolution=(1e4 / px, 1e4 / px), resolutionunit="CENTIMETER",
-                  metadata=metadata)
+        tif.write(
+            cmap,
+            photometric="minisblack",
+            compression="zlib",
+            resolution=(1e4 / px, 1e4 / px),
+            resolutionunit="CENTIMETER",
+            metadata=metadata,
+        )
     os.replace(partial, path)
     return path
 
@@ -904,8 +985,7 @@ def write_indices(path: str | Path, name: str, measurement: Any, call: Any) -> P
     import csv
 
     path = Path(path)
-    row: dict[str, Any] = {"slide": name,
-                           "phenotype": getattr(call, "phenotype", "")}
+    row: dict[str, Any] = {"slide": name, "phenotype": getattr(call, "phenotype", "")}
     row.update(measurement.indices)
     row["confidence"] = getattr(call, "confidence", "")
     row["evidence"] = "; ".join(getattr(call, "evidence", []) or [])

@@ -26,10 +26,16 @@ def viewer_widget(make_napari_viewer, oc_rich_section):
 
     viewer = make_napari_viewer()
     s = oc_rich_section
-    viewer.add_image(s.image, name="section", rgb=True, scale=(1.0, 1.0),
-                     units=("micrometer", "micrometer"),
-                     metadata={"pixel_size_um": 1.0, "slide_name": "section"})
+    viewer.add_image(
+        s.image,
+        name="section",
+        rgb=True,
+        scale=(1.0, 1.0),
+        units=("micrometer", "micrometer"),
+        metadata={"pixel_size_um": 1.0, "slide_name": "section"},
+    )
     widget = HistoWidget(viewer)
+    widget.model_combo.setCurrentText("classical")  # no weights needed
     viewer.window.add_dock_widget(widget, name="Histomorphometry")
     return viewer, widget
 
@@ -57,8 +63,18 @@ class ScriptedPipeline:
         self.started = threading.Event()
         self.calls: list[dict] = []
 
-    def __call__(self, source, *, pixel_size_um=None, model="default", roi=None, name=None,
-                 progress=None, cancel=None, **kwargs):
+    def __call__(
+        self,
+        source,
+        *,
+        pixel_size_um=None,
+        model="default",
+        roi=None,
+        name=None,
+        progress=None,
+        cancel=None,
+        **kwargs,
+    ):
         from histo.errors import Cancelled
         from histo.measure import measure
 
@@ -74,16 +90,28 @@ class ScriptedPipeline:
             raise self.raise_error
         s = self.section
         image = np.asarray(source)
-        m = measure(s.class_map, s.pixel_size_um, osteoclast_labels=s.osteoclast_labels,
-                    osteocyte_labels=s.osteocyte_labels, image=image, roi=roi)
-        call = SimpleNamespace(phenotype="oc-rich", confidence=0.9,
-                               evidence=["N.Oc/B.Pm high", "BV/TV high"])
+        m = measure(
+            s.class_map,
+            s.pixel_size_um,
+            osteoclast_labels=s.osteoclast_labels,
+            osteocyte_labels=s.osteocyte_labels,
+            image=image,
+            roi=roi,
+        )
+        call = SimpleNamespace(
+            phenotype="oc-rich", confidence=0.9, evidence=["N.Oc/B.Pm high", "BV/TV high"]
+        )
         return SimpleNamespace(
-            name=name or "image", pixel_size_um=s.pixel_size_um,
-            source_pixel_size_um=pixel_size_um, class_map=s.class_map.copy(),
+            name=name or "image",
+            pixel_size_um=s.pixel_size_um,
+            source_pixel_size_um=pixel_size_um,
+            class_map=s.class_map.copy(),
             osteoclast_labels=s.osteoclast_labels.copy(),
-            osteocyte_labels=s.osteocyte_labels.copy(), measurement=m, phenotype=call,
-            model=model, seconds=0.0,
+            osteocyte_labels=s.osteocyte_labels.copy(),
+            measurement=m,
+            phenotype=call,
+            model=model,
+            seconds=0.0,
         )
 
 

@@ -29,7 +29,6 @@ def test_npe2_validate_command_on_the_installed_plugin():
     npe2 = shutil.which("npe2", path=str(Path(sys.executable).parent))
     if npe2 is None:
         pytest.skip("npe2 command not installed")
-    done = subprocess.run([npe2, "validate", "histo"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([npe2, "validate", "histo"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in done.stdout

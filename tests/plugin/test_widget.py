@@ -40,16 +40,26 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
     wait_for_run(qtbot, widget)
     assert errors == [] and widget.last_error is None
     names = {layer.name for layer in viewer.layers}
-    assert {"section classes", "section osteoclasts", "section osteocytes",
-            "section osteoclast centres"} <= names
+    assert {
+        "section classes",
+        "section osteoclasts",
+        "section osteocytes",
+        "section osteoclast centres",
+    } <= names
     cmap = viewer.layers["section classes"]
     assert tuple(cmap.scale) == (1.0, 1.0)
     assert cmap.colormap.map(classes.OSTEOCLAST)[:3] == pytest.approx(
-        [c / 255 for c in classes.COLORS[classes.OSTEOCLAST]], abs=1e-3)
+        [c / 255 for c in classes.COLORS[classes.OSTEOCLAST]], abs=1e-3
+    )
     # the table holds what histo.measure gives on the same maps
     s = scripted_pipeline.section
-    expected = measure(cmap.data, 1.0, osteoclast_labels=s.osteoclast_labels,
-                       osteocyte_labels=s.osteocyte_labels, image=s.image).indices
+    expected = measure(
+        cmap.data,
+        1.0,
+        osteoclast_labels=s.osteoclast_labels,
+        osteocyte_labels=s.osteocyte_labels,
+        image=s.image,
+    ).indices
     assert_same_indices(widget.table_indices(), expected)
     points = viewer.layers["section osteoclast centres"]
     assert len(points.data) == expected["N.Oc"] > 0
@@ -178,7 +188,8 @@ def test_sample_data_and_widget_from_the_plugin(make_napari_viewer):
 
 
 def test_remeasure_of_a_saved_class_map_equals_histo_measure(
-        tmp_path, qtbot, viewer_widget, scripted_pipeline, errors):
+    tmp_path, qtbot, viewer_widget, scripted_pipeline, errors
+):
     from histo.cli.measure import load_class_map
     from histo.measure import measure
 
@@ -193,3 +204,20 @@ def test_remeasure_of_a_saved_class_map_equals_histo_measure(
     expected = measure(cmap, px, osteoclast_labels=oc, osteocyte_labels=ot).indices
     assert_same_indices(shown, expected)
     assert errors == []
+
+
+def test_region_polygon_limits_the_measurement(qtbot, viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    full = scripted_pipeline.section
+    # the left half of the section, drawn in world coordinates (µm)
+    polygon = np.array([[0.0, 0.0], [0.0, 255.5], [511.5, 255.5], [511.5, 0.0]])
+    viewer.add_shapes([polygon], shape_type="polygon", name="trabecular ROI")
+    assert widget.region_combo.layer().name == "trabecular ROI"
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert errors == []
+    np.testing.assert_allclose(scripted_pipeline.calls[-1]["roi"], polygon)
+    t_ar = widget.table_indices()["T.Ar"]
+    assert 0 < t_ar < full.truth["T.Ar"]
+    # re-measuring keeps the region
+    assert widget.remeasure().indices["T.Ar"] == t_ar

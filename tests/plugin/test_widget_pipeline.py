@@ -34,8 +34,13 @@ def test_run_to_completion_matches_histo_measure(qtbot, classical, errors, oc_ri
     oc = viewer.layers["section osteoclasts"]
     ot = viewer.layers["section osteocytes"]
     assert tuple(cmap.scale) == (result.pixel_size_um,) * 2
-    expected = measure(cmap.data, result.pixel_size_um, osteoclast_labels=oc.data,
-                       osteocyte_labels=ot.data, image=oc_rich_section.image).indices
+    expected = measure(
+        cmap.data,
+        result.pixel_size_um,
+        osteoclast_labels=oc.data,
+        osteocyte_labels=ot.data,
+        image=oc_rich_section.image,
+    ).indices
     shown = widget.table_indices()
     assert shown.keys() == expected.keys()
     for key, value in expected.items():
@@ -56,8 +61,12 @@ def test_cancel_real_run(qtbot, classical, errors):
 
 def test_image_without_tissue_is_a_notification(qtbot, classical, errors):
     viewer, widget = classical
-    viewer.add_image(np.full((256, 256, 3), 245, np.uint8), name="glass", rgb=True,
-                     metadata={"pixel_size_um": 1.0})
+    viewer.add_image(
+        np.full((256, 256, 3), 245, np.uint8),
+        name="glass",
+        rgb=True,
+        metadata={"pixel_size_um": 1.0},
+    )
     assert widget.image_combo.layer().name == "glass"
     n_layers = len(viewer.layers)
     widget.run()
