@@ -34,7 +34,12 @@ from histo._measure_objects import (
     lacuna_occupancy,
     optical_density,
 )
-from histo._measure_perimeter import BoundaryCells, boundary_cells, boundary_length_px
+from histo._measure_perimeter import (
+    CORNER_OFFSETS,
+    BoundaryCells,
+    boundary_cells,
+    boundary_length_px,
+)
 from histo.errors import ClassMapError, PixelSizeError
 
 __all__ = [
@@ -303,10 +308,10 @@ def _eroded_pits(
     return pits
 
 
-def _side_fraction(cells: BoundaryCells, non_bone: np.ndarray, selected: np.ndarray) -> np.ndarray:
-    """Per boundary cell: fraction of its non-bone corners that are ``selected`` pixels."""
-    nb = cells.corners(non_bone, fill=True)
-    sel = cells.corners(selected, fill=False) & nb
+def _side_fraction(nb: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """Per boundary segment: fraction of its cell's non-bone corners (``nb``, (4, n)) that are
+    ``selected`` ((4, n) bool)."""
+    sel = selected & nb
     n_nb = nb.sum(axis=0)
     out = np.zeros(n_nb.shape)
     np.divide(sel.sum(axis=0), n_nb, out=out, where=n_nb > 0)
@@ -427,12 +432,11 @@ def measure(
     # the non-bone side of the bone boundary belongs to an osteoclast when an osteoclast pixel
     # lies within rules.oc_surface_tolerance_px (square neighbourhood); an osteoclast's own
     # pixels always belong to it
-    oc_side = _near_labels(oc_lab, non_bone, rules.oc_surface_tolerance_px)
+    nb = cells.corners(non_bone, fill=True)
+    lab_c = _corner_labels(cells, oc_lab, rules.oc_surface_tolerance_px) * nb
     # bone contact per object: each segment's length shared among its cell's non-bone corners
     contact_px = np.zeros(n_oc_obj + 1)
     if n_oc_obj:
-        nb = cells.corners(non_bone, fill=True)
-        lab_c = cells.corners(oc_side, fill=0) * nb
         n_nb = nb.sum(axis=0)
         share = np.zeros(n_nb.shape)
         np.divide(cells.length_px, n_nb, out=share, where=n_nb > 0)
@@ -488,15 +492,16 @@ def measure(
     # ---- osteoclast surface: bone boundary whose non-bone side is a counted osteoclast
     counted_lut = np.zeros(n_oc_obj + 1, bool)
     counted_lut[1:] = counted
-    oc_surface = counted_lut[oc_side]
-    oc_s_px = float((length * _side_fraction(cells, non_bone, oc_surface)).sum())
+    oc_surface = counted_lut[lab_c]
+    oc_s_px = float((length * _side_fraction(nb, oc_surface)).sum())
 
     # ---- eroded surface: osteoclast-covered surface (Howship's lacunae under osteoclasts), plus
     # optionally the surface facing pits filled by a closing of bone (see CountingRules)
     eroded_side = oc_surface
     if rules.eroded_closing_um > 0:
-        eroded_side = eroded_side | _eroded_pits(bone, tissue, rules, px)
-    es_px = float((length * _side_fraction(cells, non_bone, eroded_side)).sum())
+        pits = _eroded_pits(bone, tissue, rules, px)
+        eroded_side = eroded_side | cells.corners(pits, fill=False)
+    es_px = float((length * _side_fraction(nb, eroded_side)).sum())
 
     # ---- osteocytes (lacunae)
     ot_lab, ot_ids, n_ot_obj = _objects(
@@ -567,12 +572,28 @@ def measure(
     )
 
 
-def _near_labels(labels: np.ndarray, non_bone: np.ndarray, tolerance_px: int) -> np.ndarray:
-    """Labels grown by ``tolerance_px`` (square neighbourhood) into unlabelled non-bone pixels."""
-    if tolerance_px <= 0 or not labels.any():
-        return labels
-    grown = ndi.maximum_filter(labels, size=2 * int(tolerance_px) + 1)
-    return np.where((labels == 0) & non_bone, grown, labels)
+def _corner_labels(cells: BoundaryCells, labels: np.ndarray, tolerance_px: int) -> np.ndarray:
+    """Object label on the corners of the boundary cells, shape (4, n).
+
+    A corner's own label, else the largest label within ``tolerance_px`` pixels (square
+    neighbourhood); evaluated only at the corners, never over the whole image.
+    """
+    own = cells.corners(labels, fill=0)
+    t = int(tolerance_px)
+    if t <= 0 or cells.y.size == 0:
+        return own
+    h, w = cells.shape
+    near = np.zeros_like(own)
+    for k, (dy, dx) in enumerate(CORNER_OFFSETS):
+        yy = cells.y + dy
+        xx = cells.x + dx
+        for oy in range(-t, t + 1):
+            for ox in range(-t, t + 1):
+                y2, x2 = yy + oy, xx + ox
+                inside = (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
+                values = labels[np.clip(y2, 0, h - 1), np.clip(x2, 0, w - 1)]
+                np.maximum(near[k], np.where(inside, values, 0), out=near[k])
+    return np.where(own > 0, own, near)
 
 
 def _centroids_in(region: np.ndarray | None, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
