@@ -367,6 +367,7 @@ class HistoWidget(QWidget):
         self.image_layer: Layer | None = None  #: the image of the last run
         self._result_layers: dict[str, Layer] = {}
         self._instance_cache: dict[str, tuple[Any, Any]] = {}
+        self._pixel_size_for: Layer | None = None  #: the image the pixel size was filled for
         self._build()
 
     # ---- layout
@@ -472,8 +473,12 @@ class HistoWidget(QWidget):
 
     # ---- inputs
     def _on_image_changed(self, *_: Any) -> None:
-        px = layer_pixel_size_um(self.image_combo.layer())
-        self.pixel_size.setValue(px or 0.0)
+        """Fill in the pixel size of a newly chosen image (keeps what the user typed)."""
+        layer = self.image_combo.layer()
+        if layer is self._pixel_size_for and layer is not None:
+            return
+        self._pixel_size_for = layer
+        self.pixel_size.setValue(layer_pixel_size_um(layer) or 0.0)
 
     def _roi_polygon(self, image_layer: Layer) -> np.ndarray | None:
         """The first polygon of the region layer in the image's level-0 pixels."""

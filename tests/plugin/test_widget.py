@@ -27,6 +27,17 @@ def test_widget_fills_pixel_size_and_models(viewer_widget):
     assert widget.pixel_size.value() == pytest.approx(1.0)
     models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     assert models[:2] == ["default", "classical"]
+    # a typed pixel size survives other layers coming and going
+    widget.pixel_size.setValue(0.5)
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="other")
+    viewer.add_image(np.zeros((8, 8), np.uint8), name="grey")
+    assert widget.image_combo.layer().name == "grey" and widget.pixel_size.value() == 0
+    widget.image_combo.set_layer(viewer.layers["section"])
+    assert widget.pixel_size.value() == pytest.approx(1.0)
+    viewer.layers.remove("grey")
+    widget.pixel_size.setValue(0.5)
+    viewer.layers.remove("other")
+    assert widget.pixel_size.value() == pytest.approx(0.5)
 
 
 def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, errors):
