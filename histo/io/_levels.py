@@ -109,9 +109,9 @@ def to_rgb8(block: np.ndarray, layout: Layout) -> np.ndarray:
     if block.ndim == 2:
         block = block[..., None]
     if block.dtype != np.uint8:
+        if block.dtype.kind == "f":  # clip first: huge floats overflow float32 and * 255
+            block = np.clip(np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         values = block.astype(np.float32)
-        if block.dtype.kind == "f":
-            values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
         values *= 255.0 / layout.max_value
         np.clip(values, 0, 255, out=values)
         block = np.rint(values).astype(np.uint8)
