@@ -318,11 +318,8 @@ def test_synthetic_truth(synthetic_section, phenotype, pixel_size):
         assert got[key] == truth[key], key
     for key in AREAS + ("N.Oc/T.Ar", "N.Ot/B.Ar"):
         assert _close(got[key], truth[key], 0.01), (key, got[key], truth[key])
-    # oc-rich: the generator's sub-pixel-deep pits leave sub-pixel bone slivers that its
-    # continuous truth counts on both sides and no class map can show (docs/measure.md)
-    rel = 0.05 if phenotype == "oc-rich" else 0.03
     for key in PERIMETER_BASED:
-        assert _close(got[key], truth[key], rel), (key, got[key], truth[key])
+        assert _close(got[key], truth[key], 0.03), (key, got[key], truth[key])
     occupied = {r["label"]: r["occupied"] for r in m.osteocytes}
     assert occupied == {k: v for k, v in s.occupied.items() if k in occupied}
 

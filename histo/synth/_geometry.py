@@ -333,7 +333,7 @@ def build_field(
             cell |= le <= 1.0
         bone_local = bone_sdf[sl] > 0
         carved_sdf = bone_sdf[sl]
-        if pit_d >= 0.5:
+        if pit_d >= 1.0:  # shallower than a pixel: the class map cannot show it
             # carve the pit out of the bone field (a smooth min keeps a sub-pixel outline)
             carved_sdf = np.minimum(carved_sdf, (pit.level(sl) - 1.0) * pit.b * p)
         carved = bone_local & ~(carved_sdf > 0)
