@@ -21,6 +21,7 @@ Errors a user can cause (no pixel size, unreadable file, no tissue, any
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import queue
@@ -738,7 +739,7 @@ class HistoWidget(QWidget):
                 f"<b style='font-size:14pt;color:{colour}'>{call.phenotype}</b>"
                 f"&nbsp;&nbsp;confidence {call.confidence:.0%}"
             )
-            self.evidence_label.setText("<br>".join(f"• {e}" for e in call.evidence))
+            self.evidence_label.setText("<br>".join(f"• {html.escape(e)}" for e in call.evidence))
         else:
             self.phenotype_label.setText("no phenotype call")
             self.evidence_label.setText("")

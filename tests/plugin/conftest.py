@@ -99,7 +99,7 @@ class ScriptedPipeline:
             roi=roi,
         )
         call = SimpleNamespace(
-            phenotype="oc-rich", confidence=0.9, evidence=["N.Oc/B.Pm high", "BV/TV high"]
+            phenotype="oc-rich", confidence=0.9, evidence=["N.Oc/B.Pm high", "Ma.Ar/T.Ar 41% < 65%"]
         )
         return SimpleNamespace(
             name=name or "image",

@@ -77,6 +77,7 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
     assert {"area_um2", "bone_contact_um", "nuclei"} <= set(points.features.columns)
     assert "oc-rich" in widget.phenotype_label.text()
     assert "N.Oc/B.Pm high" in widget.evidence_label.text()
+    assert "Ma.Ar/T.Ar 41% &lt; 65%" in widget.evidence_label.text()  # shown, not a tag
     assert widget.progress.value() == widget.progress.maximum()
     # re-measuring the unedited map gives the run's numbers
     assert_same_indices(widget.remeasure().indices, expected)
