@@ -1,0 +1,147 @@
+"""``histo train``: train the segmentation network on synthetic sections."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+HELP = "train the segmentation network on synthetic sections (seeded, resumable)"
+DESCRIPTION = """Train the segmentation network on synthetic TRAP sections generated on the fly.
+
+Writes OUT/checkpoint.pt (resume with --resume), OUT/model.safetensors, OUT/history.json and
+OUT/train.log. With --register NAME (default: 'unet' when OUT's parent folder holds a
+registry.json, as models/ does) the weights are recorded in that registry with their sha256.
+
+Example:
+  histo train --out models/histo-unet --seed 0
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from histo.train import TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="random seed (default %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="crops per step (default %(default)s)"
+    )
+    parser.add_argument(
+        "--crop", type=int, default=d.crop_px, help="crop size in px (default %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=d.pool_size, help="sections held (default %(default)s)"
+    )
+    parser.add_argument(
+        "--refresh-every",
+        type=int,
+        default=d.refresh_every,
+        help="steps per replaced section (default %(default)s)",
+    )
+    parser.add_argument(
+        "--field",
+        type=int,
+        default=d.field_px,
+        help="section size in working px (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads (default %(default)s)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="stop after this many minutes"
+    )
+    parser.add_argument(
+        "--register", default=None, help="record the weights in the registry under NAME"
+    )
+    parser.add_argument(
+        "--export-checkpoint",
+        action="store_true",
+        help="only write OUT/model.safetensors from OUT/checkpoint.pt (e.g. while a run goes on)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from histo.train import TrainConfig, train
+
+    out = Path(args.out)
+    if args.export_checkpoint:
+        from histo.train import export_checkpoint
+
+        weights, sha = export_checkpoint(out)
+        _register(args, out, weights)
+        print(f"exported {weights} (sha256 {sha[:12]}...)")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("histo.train")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    config = TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop_px=args.crop,
+        lr=args.lr,
+        pool_size=args.pool_size,
+        refresh_every=args.refresh_every,
+        field_px=args.field,
+        threads=args.threads,
+    )
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1000, desc="train", file=sys.stderr, unit="‰")
+
+    def progress(fraction: float, message: str) -> None:
+        if bar is not None:
+            bar.n = int(fraction * 1000)
+            bar.set_postfix_str(message.split(" (")[0])
+            bar.refresh()
+
+    try:
+        result = train(
+            out,
+            config,
+            resume=args.resume,
+            progress=progress,
+            time_limit_s=None if args.time_limit is None else args.time_limit * 60,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.removeHandler(handler)
+        handler.close()
+    register = _register(args, out, result.weights)
+    print(
+        f"trained {result.steps} steps in {result.wall_time_s / 60:.1f} min; "
+        f"weights {result.weights} (sha256 {result.sha256[:12]}...)"
+        + (f", registered as '{register}'" if register else "")
+    )
+    return 0
+
+
+def _register(args: argparse.Namespace, out: Path, weights: Path) -> str | None:
+    """Record the weights in OUT's parent registry.json (or --register NAME's default registry)."""
+    from histo.segment.registry import register_weights
+
+    parent_registry = out.resolve().parent / "registry.json"
+    name = args.register
+    if name is None and parent_registry.exists():
+        name = "unet"
+    if name:
+        register_weights(name, weights, parent_registry if parent_registry.exists() else None)
+    return name

@@ -1,0 +1,93 @@
+import json
+
+import torch
+
+from histo.segment.network import NetworkConfig
+from histo.train import SectionPool, TrainConfig, sample_batch, segmentation_loss, train
+
+
+def _tiny(**kw) -> TrainConfig:
+    base = dict(
+        seed=3,
+        steps=12,
+        batch_size=2,
+        crop_px=64,
+        lr=1e-2,
+        pool_size=1,
+        refresh_every=1000,
+        field_px=128,
+        max_source_px=256,
+        checkpoint_every=2,
+        threads=1,
+        widths=[4, 8, 8, 16, 16],
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _loss_on(weights_state, config) -> float:
+    from histo.segment.network import HistoUNet
+
+    net = HistoUNet(NetworkConfig(widths=config.widths))
+    net.load_state_dict(weights_state)
+    net.eval()
+    pool = SectionPool(config)
+    x, y, z = sample_batch(pool, config, step=10_000)
+    with torch.no_grad():
+        return float(segmentation_loss(net(x), y, z, config)[0])
+
+
+def test_tiny_run_reduces_loss_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from histo.segment.network import HistoUNet
+
+    config = _tiny()
+    torch.manual_seed(config.seed)
+    init = HistoUNet(NetworkConfig(widths=config.widths)).state_dict()
+    full = train(tmp_path / "full", config)
+    assert full.steps == config.steps
+    trained = load_file(str(full.weights))
+    assert _loss_on(trained, config) < _loss_on(init, config)
+    # interrupted at step 6, resumed: the same weights as the uninterrupted run
+    part = train(tmp_path / "resumed", config, stop_at_step=6)
+    assert part.steps == 6
+    resumed = train(tmp_path / "resumed", None, resume=True)
+    assert resumed.steps == config.steps
+    again = load_file(str(resumed.weights))
+    for k in trained:
+        torch.testing.assert_close(again[k], trained[k])
+    meta = json.loads((tmp_path / "resumed" / "model.json").read_text())
+    assert meta["working_pixel_size_um"] == 1.0 and meta["sha256"] == resumed.sha256
+
+
+def test_cli_train_and_export(tmp_path):
+    from histo.cli import main
+    from histo.segment import load_model
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--crop",
+            "64",
+            "--pool-size",
+            "1",
+            "--field",
+            "128",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert (out / "train.log").read_text().count("step 2/2") == 1
+    assert main(["train", "--out", str(out), "--export-checkpoint"]) == 0
+    model = load_model(out / "model.safetensors")
+    assert model.working_pixel_size_um == 1.0
