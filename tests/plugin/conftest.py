@@ -19,6 +19,45 @@ def oc_rich_section():
     return make_section("oc-rich", size=SIZE_PX, pixel_size_um=1.0, seed=7)
 
 
+@pytest.fixture(scope="session")
+def slide_section():
+    """A section rendered at 0.5 µm/px (768 px, 384 µm a side)."""
+    from histo.synth import make_section
+
+    return make_section("oc-rich", size=768, pixel_size_um=0.5, seed=7)
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory, slide_section):
+    """A two-level pyramidal OME-TIFF at 0.5 µm/px (SubIFDs), and its class map beside it."""
+    import tifffile
+    from histo_napari._widget import write_class_map_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "rich.ome.tif"
+    image = slide_section.image
+    levels = [image, image[::2, ::2]]
+    meta = {
+        "axes": "YXS",
+        "PhysicalSizeX": 0.5,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": 0.5,
+        "PhysicalSizeYUnit": "µm",
+    }
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        for i, level in enumerate(levels):
+            tif.write(
+                level,
+                photometric="rgb",
+                tile=(128, 128),
+                compression="zlib",
+                subifds=1 if i == 0 else None,
+                subfiletype=1 if i else 0,
+                metadata=meta if i == 0 else None,
+            )
+    write_class_map_tiff(path.with_name("rich.classes.tif"), slide_section.class_map, 0.5)
+    return path
+
+
 @pytest.fixture
 def viewer_widget(make_napari_viewer, oc_rich_section):
     """(viewer, widget) with the oc-rich synthetic section as the image layer."""

@@ -10,37 +10,6 @@ from histo import classes
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(scope="module")
-def synthetic_slide(tmp_path_factory, oc_rich_section):
-    """A two-level pyramidal OME-TIFF at 0.5 µm/px (SubIFDs), and its class map beside it."""
-    import tifffile
-    from histo_napari._widget import write_class_map_tiff
-
-    path = tmp_path_factory.mktemp("slides") / "rich.ome.tif"
-    image = oc_rich_section.image
-    levels = [image, image[::2, ::2]]
-    meta = {
-        "axes": "YXS",
-        "PhysicalSizeX": 0.5,
-        "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": 0.5,
-        "PhysicalSizeYUnit": "µm",
-    }
-    with tifffile.TiffWriter(path, ome=True) as tif:
-        for i, level in enumerate(levels):
-            tif.write(
-                level,
-                photometric="rgb",
-                tile=(128, 128),
-                compression="zlib",
-                subifds=1 if i == 0 else None,
-                subfiletype=1 if i else 0,
-                metadata=meta if i == 0 else None,
-            )
-    write_class_map_tiff(path.with_name("rich.classes.tif"), oc_rich_section.class_map, 0.5)
-    return path
-
-
 def test_get_reader_declines_what_it_cannot_read(tmp_path):
     from histo_napari._reader import get_reader
 
@@ -53,7 +22,7 @@ def test_get_reader_declines_what_it_cannot_read(tmp_path):
     assert get_reader(str(tmp_path)) is None  # a folder holding no slide or histo output
 
 
-def test_reader_opens_ome_tiff_with_its_scale(make_napari_viewer, synthetic_slide, oc_rich_section):
+def test_reader_opens_ome_tiff_with_its_scale(make_napari_viewer, synthetic_slide, slide_section):
     viewer = make_napari_viewer()
     layers = viewer.open(str(synthetic_slide), plugin="histo")
     image = next(layer for layer in layers if layer.name == "rich")
@@ -62,10 +31,10 @@ def test_reader_opens_ome_tiff_with_its_scale(make_napari_viewer, synthetic_slid
     assert [str(u) for u in image.units] == ["micrometer", "micrometer"]
     assert image.metadata["pixel_size_um"] == 0.5
     assert image.multiscale and len(image.data) >= 2
-    assert image.data[0].shape == (512, 512, 3)
-    assert image.data[1].shape == (256, 256, 3)
+    assert image.data[0].shape == (768, 768, 3)
+    assert image.data[1].shape == (384, 384, 3)
     np.testing.assert_array_equal(
-        image.data[0][100:110, 200:220], oc_rich_section.image[100:110, 200:220]
+        image.data[0][100:110, 200:220], slide_section.image[100:110, 200:220]
     )
 
 

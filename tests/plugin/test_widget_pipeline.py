@@ -62,7 +62,7 @@ def test_cancel_real_run(qtbot, classical, errors):
 def test_image_without_tissue_is_a_notification(qtbot, classical, errors):
     viewer, widget = classical
     viewer.add_image(
-        np.full((256, 256, 3), 245, np.uint8),
+        np.full((384, 384, 3), 245, np.uint8),
         name="glass",
         rgb=True,
         metadata={"pixel_size_um": 1.0},
@@ -73,3 +73,30 @@ def test_image_without_tissue_is_a_notification(qtbot, classical, errors):
     wait_for_run(qtbot, widget)
     assert len(errors) == 1 and "tissue" in errors[0]
     assert len(viewer.layers) == n_layers
+
+
+def test_run_on_a_slide_file_places_results_over_it(
+    qtbot, make_napari_viewer, synthetic_slide, errors
+):
+    """A pyramidal slide at 0.5 µm/px is analysed from its file at the model's 1 µm/px."""
+    from histo_napari._widget import HistoWidget
+
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(synthetic_slide), plugin="histo")
+    widget = HistoWidget(viewer)
+    widget.model_combo.setCurrentText("classical")
+    assert widget.pixel_size.value() == pytest.approx(0.5)
+    job = widget.make_job()
+    assert job.source == str(synthetic_slide)  # read from the file, level by level
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert errors == [], errors
+    cmap = viewer.layers["rich classes"]
+    assert cmap.data.shape == (384, 384)
+    assert tuple(cmap.scale) == (1.0, 1.0)
+    # working pixel j spans [j, j+1) µm; image pixel i is centred on 0.5 i µm
+    assert tuple(cmap.translate) == pytest.approx((0.25, 0.25))
+    assert widget.output.image.shape == (384, 384, 3)
+    assert widget.remeasure().indices == pytest.approx(
+        widget.output.result.measurement.indices, nan_ok=True
+    )
