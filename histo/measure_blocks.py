@@ -181,13 +181,13 @@ def _shape2(array: Any) -> tuple[int, int]:
 def downsample_nearest(array: Any, shape: tuple[int, int], band_px: int = 1024) -> np.ndarray:
     """Nearest-neighbour resample of a 2-D array-like to ``shape``, read band by band.
 
-    Samples the pixel under the centre of each output pixel (the ``cv2.INTER_NEAREST`` grid);
+    Output pixel i samples input pixel ``floor(i * H / h)`` (the ``cv2.INTER_NEAREST`` grid);
     only rows that are sampled are read, at most ``band_px`` rows of the input at a time.
     """
     h, w = _shape2(array)
     oh, ow = int(shape[0]), int(shape[1])
-    rows = np.minimum(np.floor((np.arange(oh) + 0.5) * h / oh).astype(np.int64), h - 1)
-    cols = np.minimum(np.floor((np.arange(ow) + 0.5) * w / ow).astype(np.int64), w - 1)
+    rows = np.minimum(np.floor(np.arange(oh) * (h / oh)).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(ow) * (w / ow)).astype(np.int64), w - 1)
     out = None
     for start in range(0, oh, max(1, band_px // max(1, h // oh))):
         stop = min(oh, start + max(1, band_px // max(1, h // oh)))
@@ -392,10 +392,10 @@ class _Region:
             return np.array(
                 [bool(np.asarray(self.mask[y, x])) for y, x in zip(yy, xx, strict=True)], bool
             )
-        out = np.zeros(yy.size, bool)
-        for i, (y, x) in enumerate(zip(yy, xx, strict=True)):
-            out[i] = bool(self.window(slice(int(y), int(y) + 1), slice(int(x), int(x) + 1))[0, 0])
-        return out
+        from skimage.measure import points_in_poly
+
+        # the same point-in-polygon test as polygon2mask (skimage's geometry core)
+        return points_in_poly(np.stack([yy, xx], axis=1).astype(float), self.polygon)
 
 
 def _image_reader(image: Any, shape: tuple[int, int]) -> ImageReader | None:
@@ -501,8 +501,7 @@ def measure_by_blocks(
         margin_px = int(math.ceil(MARGIN_UM / px))
     tol = max(int(rules.oc_surface_tolerance_px), 0)
     ring_px = max(int(round(rules.lacuna_ring_um / px)), 1)
-    pit_r = int(round(rules.eroded_closing_um / px)) if rules.eroded_closing_um / px >= 1 else 0
-    pit_margin = 2 * pit_r + 2 + int(math.ceil(rules.eroded_min_depth_um / px)) if pit_r else 0
+    pit_margin = _pit_margin(rules, px)
     per_margin = PERIMETER_MARGIN_PX + tol + 2
     margin = max(int(margin_px), per_margin, ring_px + 1, pit_margin)
 
@@ -562,6 +561,7 @@ def _measure(
     px_area_um2 = px * px
     tol = max(int(rules.oc_surface_tolerance_px), 0)
     with_pits = rules.eroded_closing_um > 0
+    pit_margin = max(_pit_margin(rules, px), per_margin)
 
     t_ar_px = b_ar_px = 0
     b_pm_px = pit_px = 0.0
@@ -586,8 +586,18 @@ def _measure(
             )
         bone = (cm == classes.BONE) | (cm == classes.OSTEOCYTE)
         tissue = cm != classes.BACKGROUND
-        reg = None if region is None else region.window(ys, xs)
-        reg_core = None if reg is None else reg[cy, cx]
+        # the ROI is needed on the core and the perimeter margin only
+        sy, sx = b.grown(per_margin)
+        sub_shape = (sy.stop - sy.start, sx.stop - sx.start)
+        reg = reg_core = None
+        if region is not None:
+            reg = region.window(
+                slice(b.wy0 + sy.start, b.wy0 + sy.stop), slice(b.wx0 + sx.start, b.wx0 + sx.stop)
+            )
+            reg_core = reg[
+                b.y0 - b.wy0 - sy.start : b.y1 - b.wy0 - sy.start,
+                b.x0 - b.wx0 - sx.start : b.x1 - b.wx0 - sx.start,
+            ]
 
         # ---- areas over the core
         if reg_core is None:
@@ -603,8 +613,6 @@ def _measure(
         np.maximum(ot_w, 0, out=ot_w)
 
         # ---- perimeter: segments whose cell lies in the core, from core + small margin
-        sy, sx = b.grown(per_margin)
-        sub_shape = (sy.stop - sy.start, sx.stop - sx.start)
         allc = boundary_cells(bone[sy, sx], rules.perimeter_smoothing_passes)
         gy = np.clip(allc.y + sy.start + b.wy0, 0, H - 1)
         gx = np.clip(allc.x + sx.start + b.wx0, 0, W - 1)
@@ -612,7 +620,7 @@ def _measure(
         cells = BoundaryCells(allc.y[keep], allc.x[keep], allc.length_px[keep], sub_shape)
         length = cells.length_px
         if reg is not None:
-            length = length * cells.corners(reg[sy, sx]).mean(axis=0)
+            length = length * cells.corners(reg).mean(axis=0)
         b_pm_px += float(length.sum())
         nb = cells.corners(~bone[sy, sx], fill=True)
         lab_c = _corner_labels(cells, oc_w[sy, sx], tol) * nb
@@ -623,8 +631,13 @@ def _measure(
         np.divide(length, n_nb, out=share_roi, where=n_nb > 0)
         pit_c = None
         if with_pits:
-            pits = _eroded_pits(bone, tissue, rules, px)
-            pit_c = cells.corners(pits[sy, sx], fill=False) & nb
+            # pits from the core plus pit_margin (a pit wider than that is cut: see notes)
+            py, px_ = b.grown(pit_margin)
+            pits = _eroded_pits(bone[py, px_], tissue[py, px_], rules, px)
+            pits_sub = np.zeros(sub_shape, bool)
+            oy, ox = sy.start - py.start, sx.start - px_.start
+            pits_sub[:] = pits[oy : oy + sub_shape[0], ox : ox + sub_shape[1]]
+            pit_c = cells.corners(pits_sub, fill=False) & nb
             pit_px += float((share_roi * pit_c).sum())
         sel = lab_c > 0
         corner_labels = lab_c[sel]
@@ -841,6 +854,14 @@ def _measure(
     )
 
 
+def _pit_margin(rules: CountingRules, px: float) -> int:
+    """Margin (px) for the optional eroded-pit rule: twice the closing diameter plus depth."""
+    if rules.eroded_closing_um / px < 1:
+        return 0
+    r = int(round(rules.eroded_closing_um / px))
+    return 4 * r + 4 + int(math.ceil(rules.eroded_min_depth_um / px))
+
+
 def _ids(sums: _Sums) -> np.ndarray:
     if not sums.parts:
         return np.zeros(0, np.int64)
@@ -981,7 +1002,9 @@ def write_label_geojson_by_blocks(
     path = Path(path)
     shape = _shape2(label_image)
     H, W = shape
-    n_written = n_skipped = 0
+    n_written = 0
+    written: set[int] = set()
+    skipped: set[int] = set()  # claimed by a block that did not see them whole
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as fh:
         fh.write('{"type":"FeatureCollection","features":[')
@@ -1011,9 +1034,10 @@ def write_label_geojson_by_blocks(
                     or (sl[1].stop == lab.shape[1] and b.wx1 < W)
                 )
                 if edge:
-                    n_skipped += 1
+                    skipped.add(int(ids[k]))
                     continue
                 keep[k + 1] = ids[k]
+                written.add(int(ids[k]))
             # one call on the owned objects of the window, shifted back to map coordinates
             owned_lab = keep[compact]
             features = label_features(
@@ -1028,7 +1052,7 @@ def write_label_geojson_by_blocks(
                 n_written += 1
         fh.write("]}")
     os.replace(tmp, path)
-    return n_written, n_skipped
+    return n_written, len(skipped - written)
 
 
 def _shift(geometry: dict, dx: float, dy: float) -> None:
