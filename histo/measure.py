@@ -40,7 +40,8 @@ from histo._measure_perimeter import (
     boundary_cells,
     boundary_length_px,
 )
-from histo.errors import ClassMapError, PixelSizeError
+from histo.errors import ClassMapError
+from histo.units import check_pixel_size
 
 __all__ = [
     "INDEX_COLUMNS",
@@ -102,8 +103,6 @@ OSTEOCYTE_COLUMNS: tuple[str, ...] = (
     "centroid_x_um",
     "occupied",
 )
-
-_MAX_PIXEL_SIZE_UM = 100.0
 
 
 @dataclass(frozen=True)
@@ -230,15 +229,7 @@ def validate_class_map(class_map) -> np.ndarray:
 
 def validate_pixel_size(pixel_size_um) -> float:
     """Return the pixel size as float (µm), or raise PixelSizeError if ≤0, NaN or > 100 µm."""
-    try:
-        value = float(pixel_size_um)
-    except (TypeError, ValueError):
-        raise PixelSizeError(f"pixel size must be a number in µm, got {pixel_size_um!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > _MAX_PIXEL_SIZE_UM:
-        raise PixelSizeError(
-            f"pixel size {value} µm is not usable: expected 0 < size <= {_MAX_PIXEL_SIZE_UM:g} µm"
-        )
-    return value
+    return check_pixel_size(pixel_size_um, "pixel size of the class map")
 
 
 def _check_shape(name: str, arr: np.ndarray, shape: tuple[int, int]) -> None:

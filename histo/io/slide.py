@@ -25,17 +25,29 @@ import numpy as np
 from histo.errors import PixelSizeError, SlideReadError
 from histo.io._levels import Layout, LevelArray, layout_from_axes
 from histo.io._readers import Opened, open_raster, open_tiff, open_zarr, sniff
+from histo.units import MAX_PIXEL_SIZE_UM, check_pixel_size  # noqa: F401 (re-exported)
 
-#: pixel sizes above this (µm/px) are not a microscope slide
-MAX_PIXEL_SIZE_UM = 100.0
 #: largest source window read in one piece by read_region (pixels); larger regions are read in
 #: blocks so that memory stays bounded
 MAX_WINDOW_PX = 4096 * 4096
 #: relative tolerance when matching a pyramid level to a requested resolution
 LEVEL_RTOL = 1e-3
 
-_SUFFIXES = (".tif", ".tiff", ".ome", ".svs", ".ndpi", ".zarr", ".png", ".jpg", ".jpeg",
-             ".btf", ".tf8", ".tf2", ".zip")
+_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".ome",
+    ".svs",
+    ".ndpi",
+    ".zarr",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".btf",
+    ".tf8",
+    ".tf2",
+    ".zip",
+)
 
 
 @dataclass
@@ -103,20 +115,6 @@ def slide_name(path: str | Path) -> str:
             return name
 
 
-def check_pixel_size(value: Any, where: str) -> float:
-    """``value`` as a float µm/px, or PixelSizeError if it is not a plausible pixel size."""
-    try:
-        um = float(value)
-    except (TypeError, ValueError):
-        raise PixelSizeError(f"pixel size {value!r} ({where}) is not a number") from None
-    if not math.isfinite(um) or um <= 0 or um > MAX_PIXEL_SIZE_UM:
-        raise PixelSizeError(
-            f"pixel size {um:g} µm/px ({where}) is implausible: expected 0 < size <= "
-            f"{MAX_PIXEL_SIZE_UM:g} µm/px"
-        )
-    return um
-
-
 def open_slide(path: str | Path, pixel_size_um: float | None = None) -> Slide:
     """Open a whole-slide image or field lazily.
 
@@ -154,8 +152,9 @@ def open_slide(path: str | Path, pixel_size_um: float | None = None) -> Slide:
     return _make_slide(path, slide_name(path), opened, given)
 
 
-def slide_from_array(image: np.ndarray, pixel_size_um: float | None = None,
-                     name: str = "image") -> Slide:
+def slide_from_array(
+    image: np.ndarray, pixel_size_um: float | None = None, name: str = "image"
+) -> Slide:
     """Wrap an in-memory image (gray, RGB or RGBA, any integer or 0-1 float type) as a Slide.
 
     Parameters
@@ -206,9 +205,17 @@ def _make_slide(path: Path, name: str, opened: Opened, given: float | None) -> S
     if opened.level_pixel_sizes_um is not None and given is not None:
         base = opened.level_pixel_sizes_um[0]
         sizes = [ps * s / base for s in opened.level_pixel_sizes_um]
-    return Slide(path=path, name=name, levels=levels, pixel_size_um=ps,
-                 level_pixel_sizes=sizes, pixel_size_source=source, format=opened.fmt,
-                 pixel_size_problem=problem, _handle=opened.handle)
+    return Slide(
+        path=path,
+        name=name,
+        levels=levels,
+        pixel_size_um=ps,
+        level_pixel_sizes=sizes,
+        pixel_size_source=source,
+        format=opened.fmt,
+        pixel_size_problem=problem,
+        _handle=opened.handle,
+    )
 
 
 def require_pixel_size(slide: Slide) -> float:
@@ -251,8 +258,9 @@ def _read_window(level: LevelArray, y0: int, y1: int, x0: int, x1: int) -> np.nd
     return out
 
 
-def read_region(slide: Slide, y0_um: float, x0_um: float, h_px: int, w_px: int,
-                pixel_size_um: float) -> np.ndarray:
+def read_region(
+    slide: Slide, y0_um: float, x0_um: float, h_px: int, w_px: int, pixel_size_um: float
+) -> np.ndarray:
     """Read a region at a given resolution.
 
     Parameters
@@ -350,8 +358,10 @@ class Tile:
     def core_in_tile(self) -> tuple[slice, slice]:
         """``core`` relative to the tile's own top-left corner."""
         ys, xs = self.core
-        return (slice(ys.start - self.y, ys.stop - self.y),
-                slice(xs.start - self.x, xs.stop - self.x))
+        return (
+            slice(ys.start - self.y, ys.stop - self.y),
+            slice(xs.start - self.x, xs.stop - self.x),
+        )
 
 
 def _tile_starts(n: int, tile_px: int, overlap_px: int) -> list[int]:
@@ -370,8 +380,9 @@ def _cores(starts: list[int], tile_px: int, n: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def iter_tiles(slide: Slide, pixel_size_um: float, tile_px: int, overlap_px: int,
-               tissue: Any = None) -> Iterator[Tile]:
+def iter_tiles(
+    slide: Slide, pixel_size_um: float, tile_px: int, overlap_px: int, tissue: Any = None
+) -> Iterator[Tile]:
     """Lay out overlapping tiles over the slide at a working resolution.
 
     Parameters
@@ -395,8 +406,9 @@ def iter_tiles(slide: Slide, pixel_size_um: float, tile_px: int, overlap_px: int
     """
     tile_px, overlap_px = int(tile_px), int(overlap_px)
     if tile_px < 1 or not 0 <= overlap_px < tile_px:
-        raise ValueError(f"need tile_px >= 1 and 0 <= overlap_px < tile_px, got {tile_px}, "
-                         f"{overlap_px}")
+        raise ValueError(
+            f"need tile_px >= 1 and 0 <= overlap_px < tile_px, got {tile_px}, {overlap_px}"
+        )
     h, w = working_shape(slide, pixel_size_um)
     ys, xs = _tile_starts(h, tile_px, overlap_px), _tile_starts(w, tile_px, overlap_px)
     ycores, xcores = _cores(ys, tile_px, h), _cores(xs, tile_px, w)
