@@ -1063,3 +1063,61 @@ def _shift(geometry: dict, dx: float, dy: float) -> None:
         geometry["coordinates"] = [ring(r) for r in geometry["coordinates"]]
     else:
         geometry["coordinates"] = [[ring(r) for r in poly] for poly in geometry["coordinates"]]
+
+
+# --------------------------------------------------------------------------- streaming sink
+
+
+class LabelsSink:
+    """Array-like view of one label image of a :class:`histo.io.ome_zarr.LabelsWriter`.
+
+    ``sink[y0:y1] = rows`` (full-width row bands, as :func:`histo.segment.segment_slide`
+    writes them) or ``sink[y0:y1, x0:x1] = tile`` goes through ``writer.write_tile`` (so the
+    coarser levels are filled too); reading ``sink[ys, xs]`` reads the level-0 zarr array.
+
+    Parameters
+    ----------
+    writer : LabelsWriter
+        An open writer (its ``partial`` store holds the arrays until ``finalize``).
+    name : str
+        ``class_map``, ``osteoclasts`` or ``osteocytes``.
+    """
+
+    def __init__(self, writer: Any, name: str) -> None:
+        import zarr
+
+        self.writer = writer
+        self.name = name
+        self.array = zarr.open_array(str(writer.partial / "labels" / name / "0"), mode="r")
+        self.shape = tuple(int(n) for n in self.array.shape)
+        self.dtype = self.array.dtype
+        self.ndim = 2
+
+    @staticmethod
+    def _origin(key: Any) -> tuple[int, int]:
+        if not isinstance(key, tuple):
+            key = (key,)
+        starts = []
+        for k in key[:2]:
+            if not isinstance(k, slice) or k.step not in (None, 1):
+                raise TypeError("LabelsSink supports writes of contiguous slices only")
+            starts.append(int(k.start or 0))
+        return (starts + [0])[0], (starts + [0, 0])[1]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        y, x = self._origin(key)
+        self.writer.write_tile(self.name, y, x, np.asarray(value))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.array[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.array[...])
+        return out if dtype is None else out.astype(dtype)
+
+
+def copy_labels(writer: Any, name: str, array: Any, band_px: int = 1024) -> None:
+    """Copy a 2-D label array-like into ``writer`` (``write_tile``) band by band of rows."""
+    h, w = _shape2(array)
+    for y in range(0, h, band_px):
+        writer.write_tile(name, y, 0, _read(array, slice(y, min(y + band_px, h)), slice(0, w)))

@@ -139,7 +139,6 @@ def analyze_slide(
         input path, size, mtime and a settings hash there).
     """
     from histo.io import detect_tissue
-    from histo.measure import measure
     from histo.phenotype import call_phenotype
     from histo.segment import load_model, segment_slide
 
@@ -158,44 +157,55 @@ def analyze_slide(
         _check_resolution(slide, segmenter, name)
         step(0.05, "segmenting")
         tiling = {"tile_px": int(tile_px)} if tile_px else {}
-        seg = segment_slide(
-            slide,
-            segmenter,
-            tissue=tissue,
-            progress=step.sub(0.05, 0.85),
-            cancel=cancel,
-            **tiling,
-        )
-        step(0.86, "measuring")
-        image = _image_for_measure(slide, seg.class_map.shape, seg.pixel_size_um)
-        measurement = measure(
-            seg.class_map,
-            seg.pixel_size_um,
-            osteoclast_labels=seg.osteoclast_labels,
-            osteocyte_labels=seg.osteocyte_labels,
-            image=image,
-            roi=roi,
-        )
-        if measurement.indices.get("B.Ar", 0) == 0:
-            raise EmptyTissueError(f"{name}: tissue found but no bone: nothing to measure")
-        call = call_phenotype(measurement.indices, ranges)
-        result = SlideResult(
-            name=name,
-            pixel_size_um=seg.pixel_size_um,
-            source_pixel_size_um=float(slide.pixel_size_um),
-            class_map=seg.class_map,
-            osteoclast_labels=seg.osteoclast_labels,
-            osteocyte_labels=seg.osteocyte_labels,
-            measurement=measurement,
-            phenotype=call,
-            model=str(model),
-            seconds=0.0,
-            tissue_megapixels=tissue_mp / 1e6,
-            thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
-        )
-        if out_dir is not None:
-            step(0.9, "writing")
-            result.out_dir = write_slide_outputs(result, out_dir, record=record)
+        shape = _working_shape(slide, segmenter)
+        stream = None
+        if shape[0] * shape[1] > STREAMING_MIN_PX:
+            stream = _Stream(out_dir, name, shape, float(segmenter.working_pixel_size_um))
+        try:
+            seg = segment_slide(
+                slide,
+                segmenter,
+                tissue=tissue,
+                progress=step.sub(0.05, 0.85),
+                cancel=cancel,
+                sink=None if stream is None else stream.sink,
+                **tiling,
+            )
+            step(0.86, "measuring")
+            measurement = _measure_segmentation(
+                slide, seg, roi, stream is not None, step.sub(0.86, 0.9)
+            )
+            if measurement.indices.get("B.Ar", 0) == 0:
+                raise EmptyTissueError(f"{name}: tissue found but no bone: nothing to measure")
+            call = call_phenotype(measurement.indices, ranges)
+            result = SlideResult(
+                name=name,
+                pixel_size_um=seg.pixel_size_um,
+                source_pixel_size_um=float(slide.pixel_size_um),
+                class_map=seg.class_map,
+                osteoclast_labels=seg.osteoclast_labels,
+                osteocyte_labels=seg.osteocyte_labels,
+                measurement=measurement,
+                phenotype=call,
+                model=str(model),
+                seconds=0.0,
+                tissue_megapixels=tissue_mp / 1e6,
+                thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
+            )
+            if out_dir is not None:
+                step(0.9, "writing")
+                result.out_dir = write_slide_outputs(
+                    result,
+                    out_dir,
+                    record=record,
+                    labels_writer=None if stream is None else stream.writer,
+                )
+            if stream is not None:
+                stream.attach(result)
+        except BaseException:
+            if stream is not None:
+                stream.abort()
+            raise
         result.seconds = time.perf_counter() - t0
         step(1.0, f"{call.phenotype} in {result.seconds:.1f} s")
         return result
@@ -231,6 +241,113 @@ def _image_for_measure(slide, shape: tuple[int, int], pixel_size_um: float):
     return read_region(slide, 0.0, 0.0, shape[0], shape[1], pixel_size_um)
 
 
+#: working-resolution maps larger than this (pixels) are streamed: segmentation writes them to
+#: on-disk zarr (the slide's labels.ome.zarr, or a temporary store without ``out_dir``), they are
+#: measured block by block (:func:`histo.measure_blocks.measure_by_blocks`) and
+#: :class:`SlideResult` holds zarr arrays instead of numpy arrays. Smaller maps stay in memory.
+STREAMING_MIN_PX = 32_000_000
+#: block side (px) of the block-wise measurement of streamed slides
+STREAMING_BLOCK_PX = 2048
+
+
+def _working_shape(slide, segmenter) -> tuple[int, int]:
+    """(H, W) of the slide at the model's working resolution (as segment_slide computes it)."""
+    f = float(slide.pixel_size_um) / float(segmenter.working_pixel_size_um)
+    base = slide.levels[0]
+    return int(round(base.shape[0] * f)), int(round(base.shape[1] * f))
+
+
+def _measure_segmentation(slide, seg, roi, streamed: bool, progress: ProgressFn):
+    """Measure the maps: whole arrays in memory, or block by block for streamed slides."""
+    if not streamed:
+        from histo.measure import measure
+
+        image = _image_for_measure(slide, seg.class_map.shape, seg.pixel_size_um)
+        return measure(
+            seg.class_map,
+            seg.pixel_size_um,
+            osteoclast_labels=seg.osteoclast_labels,
+            osteocyte_labels=seg.osteocyte_labels,
+            image=image,
+            roi=roi,
+        )
+    from histo.io import read_region
+    from histo.measure_blocks import measure_by_blocks
+
+    px = seg.pixel_size_um
+
+    def read(y: int, x: int, h: int, w: int) -> np.ndarray:
+        return np.asarray(read_region(slide, y * px, x * px, h, w, px))
+
+    return measure_by_blocks(
+        seg.class_map,
+        px,
+        osteoclast_labels=seg.osteoclast_labels,
+        osteocyte_labels=seg.osteocyte_labels,
+        image=read,
+        roi=roi,
+        block_px=STREAMING_BLOCK_PX,
+        progress=progress,
+    )
+
+
+class _Stream:
+    """On-disk maps of a streamed slide: a LabelsWriter in the slide's partial output folder
+    (``out_dir`` given; :func:`write_slide_outputs` finalises it in place) or in a temporary
+    folder removed when the :class:`SlideResult` is garbage-collected."""
+
+    def __init__(self, out_dir, name: str, shape: tuple[int, int], pixel_size_um: float) -> None:
+        import tempfile
+
+        from histo.io.ome_zarr import LabelsWriter
+        from histo.measure_blocks import LabelsSink
+
+        self.temporary = out_dir is None
+        if self.temporary:
+            self.root = Path(tempfile.mkdtemp(prefix="histo-stream-"))
+        else:
+            self.root = _partial_dir(Path(out_dir), name)
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            self.root.mkdir(parents=True)
+        self.writer = LabelsWriter(self.root / "labels.ome.zarr", shape, pixel_size_um)
+        names = ("class_map", "osteoclasts", "osteocytes")
+        self.sink = {k: LabelsSink(self.writer, k) for k in names}
+
+    def attach(self, result: SlideResult) -> None:
+        """Point ``result``'s maps at the finished store (zarr arrays, read on indexing)."""
+        import weakref
+
+        from histo.io.ome_zarr import read_labels
+
+        if self.temporary:
+            _write_overview(self.writer, result)
+            store = self.writer.finalize()
+            weakref.finalize(result, shutil.rmtree, str(self.root), True)
+        else:
+            store = Path(result.out_dir) / "labels.ome.zarr"
+        maps = read_labels(store, lazy=True)
+        result.class_map = maps["class_map"][0]
+        result.osteoclast_labels = maps["osteoclasts"][0]
+        result.osteocyte_labels = maps["osteocytes"][0]
+
+    def abort(self) -> None:
+        self.writer.abort()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write_overview(writer, result: SlideResult) -> None:
+    """The thumbnail as the store's overview image (cheaper than colouring a coarse level)."""
+    if result.thumbnail is not None:
+        scale = result.class_map.shape[0] / result.thumbnail.shape[0]
+        writer.write_overview(np.ascontiguousarray(result.thumbnail), result.pixel_size_um * scale)
+
+
+def _partial_dir(out_dir: Path, name: str) -> Path:
+    """Where a slide's outputs are written before being renamed to ``out_dir/<name>``."""
+    return out_dir / f".{name}.partial-{os.getpid()}"
+
+
 def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarray:
     """The slide at the size of the overlay (longest side at most OVERLAY_MAX_PX)."""
     from histo.io import read_region
@@ -239,6 +356,20 @@ def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarra
     scale = min(1.0, OVERLAY_MAX_PX / max(shape))
     h, w = max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
     return read_region(slide, 0.0, 0.0, h, w, pixel_size_um / scale)
+
+
+def _overlay_source(result: SlideResult, class_map):
+    """What write_overlay needs of a streamed result: the class map at the overlay's size."""
+    from types import SimpleNamespace
+
+    from histo.measure_blocks import downsample_nearest
+    from histo.report import OVERLAY_MAX_PX
+
+    H, W = class_map.shape
+    scale = min(1.0, OVERLAY_MAX_PX / max(H, W))
+    shape = (max(1, round(H * scale)), max(1, round(W * scale)))
+    small = downsample_nearest(class_map, shape)
+    return SimpleNamespace(class_map=small, thumbnail=result.thumbnail)
 
 
 def _json_value(value):
@@ -253,7 +384,10 @@ def _json_value(value):
 
 
 def write_slide_outputs(
-    result: SlideResult, out_dir: str | os.PathLike, record: dict | None = None
+    result: SlideResult,
+    out_dir: str | os.PathLike,
+    record: dict | None = None,
+    labels_writer=None,
 ) -> Path:
     """Write one slide's outputs to ``out_dir/<name>/`` atomically; returns that folder.
 
@@ -261,45 +395,71 @@ def write_slide_outputs(
     existing ``<name>`` folder is first renamed aside (``.<name>.old-<pid>``) and removed only
     after the new one is in place, so ``<name>`` is at every instant absent, the old complete
     folder or the new complete folder. ``record`` is stored as ``input`` in indices.json.
+
+    Streamed slides (zarr maps, see :data:`STREAMING_MIN_PX`) are written without loading a
+    map whole: ``labels_writer`` is the LabelsWriter that segmentation filled inside the partial
+    folder (otherwise the maps are copied band by band); the overlay is drawn from a map
+    downsampled to the overlay's size; GeoJSON outlines are written block by block, skipping
+    objects larger than the block margin (256 px; none on real cells).
     """
     import json
 
     from histo.io.geojson import write_geojson
     from histo.io.ome_zarr import LabelsWriter
     from histo.io.tables import write_object_table
+    from histo.measure_blocks import copy_labels, write_label_geojson_by_blocks
     from histo.report import write_overlay
 
     out_dir = Path(out_dir)
     final = out_dir / result.name
-    partial = out_dir / f".{result.name}.partial-{os.getpid()}"
+    partial = _partial_dir(out_dir, result.name)
+    streamed = not isinstance(result.class_map, np.ndarray)
+    maps = (
+        ("class_map", result.class_map),
+        ("osteoclasts", result.osteoclast_labels),
+        ("osteocytes", result.osteocyte_labels),
+    )
     try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        writer = LabelsWriter(
-            partial / "labels.ome.zarr", result.class_map.shape, result.pixel_size_um
-        )
-        writer.write_tile("class_map", 0, 0, result.class_map)
-        writer.write_tile("osteoclasts", 0, 0, result.osteoclast_labels)
-        writer.write_tile("osteocytes", 0, 0, result.osteocyte_labels)
-        writer.finalize()
+        if labels_writer is None:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            writer = LabelsWriter(
+                partial / "labels.ome.zarr", tuple(result.class_map.shape), result.pixel_size_um
+            )
+            for key, array in maps:
+                if streamed:
+                    copy_labels(writer, key, array)
+                else:
+                    writer.write_tile(key, 0, 0, array)
+        else:
+            writer = labels_writer  # segmentation streamed the maps into partial/ already
+        if streamed:
+            _write_overview(writer, result)
+        store = writer.finalize()
+        if streamed:
+            # read the maps back from the finalized store (the writer's arrays were renamed)
+            from histo.io.ome_zarr import read_labels
+
+            stored = read_labels(store, lazy=True)
+            maps = tuple((key, stored[key][0]) for key, _ in maps)
         m = result.measurement
         write_object_table(partial / "osteoclasts.csv", m.osteoclasts)
         write_object_table(partial / "osteocytes.csv", m.osteocytes)
         # outlines in level-0 pixels of the slide (QuPath's convention)
         scale = result.pixel_size_um
-        for kind, labels in (
-            ("osteoclast", result.osteoclast_labels),
-            ("osteocyte", result.osteocyte_labels),
-        ):
-            write_geojson(
+        for kind, (_, labels) in zip(("osteoclast", "osteocyte"), maps[1:], strict=True):
+            write = write_label_geojson_by_blocks if streamed else write_geojson
+            write(
                 partial / f"{kind}s.geojson",
                 labels,
                 scale,
                 kind,
                 slide_pixel_size_um=result.source_pixel_size_um,
             )
-        write_overlay(partial / "overlay.png", result)
+        write_overlay(
+            partial / "overlay.png", _overlay_source(result, maps[0][1]) if streamed else result
+        )
         meta = {
             "row": result.row(),
             "model": result.model,

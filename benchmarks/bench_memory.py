@@ -1,0 +1,171 @@
+"""Peak memory and speed of ``histo analyze`` against slide size (bounded memory check).
+
+For each size N, a synthetic slide ``histo synth --phenotype normal --size N --pixel-size 1.0``
+is written once under ``OUT/slides/`` and reused (synthesis is slow: 1-2 s per 1000² field),
+then ``histo analyze SLIDE --out OUT/runs/... --model MODEL`` runs as a child process whose peak
+resident memory (``VmHWM`` of ``/proc/<pid>/status``, polled; ``ru_maxrss`` as a floor) and wall
+time are recorded. Throughput is megapixels of tissue (T.Ar at 1 µm/px) per second. Slides whose
+working-resolution map exceeds ``histo.pipeline.STREAMING_MIN_PX`` take the streaming path.
+
+Each finished run is appended to ``OUT/results.jsonl``; the table is printed at the end (and
+with ``--table`` alone, from the results recorded so far).
+
+    .venv/bin/python benchmarks/bench_memory.py --sizes 2048 8192 16384 [--models classical default]
+    nohup .venv/bin/python benchmarks/bench_memory.py --sizes 32768 > bench-out/memory/32k.log &
+    .venv/bin/python benchmarks/bench_memory.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HISTO = [sys.executable, "-m", "histo"]
+
+
+def _registry_models() -> set[str]:
+    try:
+        reg = json.loads((ROOT / "models" / "registry.json").read_text())
+    except (OSError, ValueError):
+        return {"classical"}
+    return set(reg.get("models", {})) | set(reg.get("aliases", {}))
+
+
+def ensure_slide(out: Path, size: int) -> Path:
+    """The cached synthetic slide of ``size`` px (written on first use)."""
+    slides = out / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    path = slides / f"normal-{size}.ome.tif"
+    done = slides / f"normal-{size}.truth.json"  # written last by histo synth
+    if not done.exists():
+        print(f"synthesising {path} ...", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                *HISTO,
+                "synth",
+                "--phenotype",
+                "normal",
+                "--size",
+                str(size),
+                "--pixel-size",
+                "1.0",
+                "--seed",
+                "0",
+                "--out",
+                str(path),
+            ],
+            check=True,
+        )
+        print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_analyze(slide: Path, out: Path, model: str, timeout_s: float) -> dict:
+    """Run ``histo analyze`` on one slide; peak RSS (MiB), seconds, tissue MP, exit status."""
+    run_dir = out / "runs" / f"{slide.name.split('.')[0]}-{model}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [*HISTO, "analyze", str(slide), "--out", str(run_dir), "--model", model]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_kib = 0
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+        if time.perf_counter() - t0 > timeout_s:
+            proc.kill()
+            break
+        time.sleep(0.2)
+    stderr = proc.communicate()[1] or ""
+    seconds = time.perf_counter() - t0
+    if peak_kib == 0:  # finished before the first poll
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    row: dict = {
+        "slide": slide.name,
+        "model": model,
+        "status": proc.returncode,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(peak_kib / 1024),
+    }
+    try:
+        with open(run_dir / "indices.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        t_ar_mm2 = float(rows[0]["T.Ar"])
+        row["tissue_mp"] = round(t_ar_mm2, 2)  # 1 mm² = 1 MP at 1 µm/px
+        row["tissue_mp_per_s"] = round(t_ar_mm2 / seconds, 3)
+        row["phenotype"] = rows[0]["phenotype"]
+        row["N.Oc"] = rows[0]["N.Oc"]
+    except (OSError, IndexError, KeyError, ValueError):
+        row["error"] = stderr.strip().splitlines()[-1:] or ["no output"]
+    return row
+
+
+def print_table(results: list[dict]) -> None:
+    cols = (
+        "slide",
+        "model",
+        "status",
+        "seconds",
+        "peak_rss_mib",
+        "tissue_mp",
+        "tissue_mp_per_s",
+        "phenotype",
+        "N.Oc",
+    )
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in results)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in results:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--models", nargs="*", default=["classical", "default"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "memory")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per run")
+    parser.add_argument("--table", action="store_true", help="print recorded results only")
+    args = parser.parse_args()
+    results_path = args.out / "results.jsonl"
+    if not args.table:
+        available = _registry_models()
+        models = [m for m in args.models if m in available]
+        args.out.mkdir(parents=True, exist_ok=True)
+        for size in args.sizes:
+            slide = ensure_slide(args.out, size)
+            for model in models:
+                print(f"analyze {slide.name} --model {model} ...", flush=True)
+                row = run_analyze(slide, args.out, model, args.timeout)
+                row["size"] = size
+                row["pid"] = os.getpid()
+                print("  ", row, flush=True)
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    results = []
+    if results_path.exists():
+        results = [json.loads(line) for line in results_path.read_text().splitlines() if line]
+    if results:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
