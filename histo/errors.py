@@ -4,9 +4,11 @@ Exit statuses of the command line:
 
 ======  =========================================================
 0       every slide succeeded
-1       at least one slide failed (see failures.csv)
+1       at least one slide failed (see failures.csv; analyze, batch and measure treat every
+        slide alike, one slide or many)
 2       the command line itself was wrong (argparse)
-3       bad input for a single-slide command (unreadable, no scale, ...)
+3       bad input to the command itself (missing folder, unreadable sample sheet or
+        ranges file, unreachable scheduler)
 4       output folder unusable (read-only, locked by another run)
 5       model weights missing, corrupt or tampered
 ======  =========================================================

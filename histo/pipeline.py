@@ -152,6 +152,7 @@ def analyze_slide(
         tissue = detect_tissue(slide)
         if not tissue.mask.any():
             raise EmptyTissueError(f"{name}: no tissue found on the slide")
+        _check_colour(slide, tissue, name)
         tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
         segmenter = load_model(model)
         _check_resolution(slide, segmenter, name)
@@ -346,6 +347,25 @@ def _write_overview(writer, result: SlideResult) -> None:
 def _partial_dir(out_dir: Path, name: str) -> Path:
     """Where a slide's outputs are written before being renamed to ``out_dir/<name>``."""
     return out_dir / f".{name}.partial-{os.getpid()}"
+
+
+#: tissue whose channels differ by less than this (0-255) everywhere is grayscale
+GRAYSCALE_SPREAD = 6
+
+
+def _check_colour(slide, tissue, name: str) -> None:
+    """Refuse grayscale slides: TRAP is told from its counterstain by colour alone."""
+    from histo.errors import SlideReadError
+    from histo.io import read_thumbnail
+
+    thumb = read_thumbnail(slide, tissue.pixel_size_um)
+    mask = tissue.mask[: thumb.shape[0], : thumb.shape[1]]
+    pixels = thumb[: mask.shape[0], : mask.shape[1]][mask].astype(np.int16)
+    if len(pixels) and np.percentile(np.ptp(pixels, axis=1), 99) < GRAYSCALE_SPREAD:
+        raise SlideReadError(
+            f"{name}: the slide is grayscale; TRAP staining is recognised by colour, "
+            "so scan or export it in RGB"
+        )
 
 
 def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarray:

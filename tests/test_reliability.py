@@ -103,7 +103,7 @@ BAD_INPUTS = {
     "zero-bytes.tif": ("zero bytes", "SlideReadError"),
     "truncated.ome.tif": ("truncated TIFF (first half of a slide)", "SlideReadError"),
     "unsupported-compression.tif": ("TIFF with an unknown compression code", "SlideReadError"),
-    "grayscale.ome.tif": ("grayscale (single channel)", "EmptyTissueError"),
+    "grayscale.ome.tif": ("grayscale (single channel)", "SlideReadError"),
     "rgba.png": ("RGBA PNG (alpha dropped)", None),
     "sixteen-bit.ome.tif": ("16-bit RGB (scaled to 8 bits)", None),
     "one-pixel.png": ("a 1x1 image", "EmptyTissueError"),
