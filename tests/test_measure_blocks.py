@@ -51,7 +51,7 @@ def assert_same(a, b, rtol: float = LENGTH_RTOL) -> None:
 
 @pytest.fixture(scope="module")
 def section(synthetic_section):
-    return synthetic_section("oc-rich", 1400, 1.0, 3)
+    return synthetic_section("oc-rich", 1200, 1.0, 3)
 
 
 def _zarr(array: np.ndarray, chunk: int = 256):
@@ -131,9 +131,9 @@ def test_zarr_inputs_and_image_reader(section):
 
 
 def test_roi_and_rules(section):
-    poly = np.array([[100, 50], [1300, 300], [1150, 1350], [200, 1250]], float)
+    poly = np.array([[100, 50], [1100, 300], [1000, 1150], [200, 1100]], float)
     mask = np.zeros(section.class_map.shape, bool)
-    mask[200:1200, 150:1000] = True
+    mask[200:1000, 150:900] = True
     rules = CountingRules(
         eroded_closing_um=6.0,
         oc_surface_tolerance_px=2,

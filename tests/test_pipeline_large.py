@@ -23,7 +23,7 @@ def slide(tmp_path_factory) -> Path:
     from histo.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("large") / "L1.ome.tif"
-    write_synthetic_slide(path, "oc-rich", size=1024, pixel_size_um=1.0, seed=11)
+    write_synthetic_slide(path, "oc-rich", size=768, pixel_size_um=1.0, seed=11)
     return path
 
 
@@ -34,8 +34,8 @@ def in_memory(slide, tmp_path_factory):
 
 
 def _stream(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "STREAMING_MIN_PX", 500_000)
-    monkeypatch.setattr(pipeline, "STREAMING_BLOCK_PX", 384)
+    monkeypatch.setattr(pipeline, "STREAMING_MIN_PX", 300_000)
+    monkeypatch.setattr(pipeline, "STREAMING_BLOCK_PX", 256)
 
 
 def _same_indices(a: dict, b: dict) -> None:
