@@ -11,14 +11,17 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from histo.classes import OSTEOCLAST, OSTEOCYTE
+from histo.classes import BONE, OSTEOCLAST, OSTEOCYTE
 
 #: smallest osteoclast kept, µm² (a 10 µm disc is ~80 µm²; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 80.0
 #: smallest osteocyte lacuna kept, µm² (lacunae are ~8-12 x 4-6 µm, i.e. 25-55 µm²)
 MIN_OSTEOCYTE_AREA_UM2 = 6.0
 #: centre-map level above which pixels seed an osteoclast (the map is 1 at a cell's centre)
-CENTRE_SEED_LEVEL = 0.5
+CENTRE_SEED_LEVEL = 0.25
+#: an osteoclast must lie within this distance of bone (µm): the counting rule (DOMAIN.md);
+#: TRAP+ cells in the marrow (mononuclear precursors) are not osteoclasts
+OSTEOCLAST_BONE_CONTACT_UM = 3.0
 
 
 def centre_target(osteoclast_labels: np.ndarray) -> np.ndarray:
@@ -109,8 +112,9 @@ def label_band(
 
     An object (a connected class-3 or class-4 region) belongs to the band that holds its top
     row, so every object is labelled exactly once however the slide is cut. Objects too small to
-    be a cell (see ``MIN_*_AREA_UM2``) are removed and their pixels take ``alt_class`` (the best
-    non-cell class).
+    be a cell (see ``MIN_*_AREA_UM2``), and osteoclasts farther than
+    ``OSTEOCLAST_BONE_CONTACT_UM`` from bone, are removed and their pixels take ``alt_class`` (the
+    best non-cell class).
 
     Parameters
     ----------
@@ -155,6 +159,13 @@ def label_band(
         n_local = int(local.max()) + 1
         areas = np.bincount(local.ravel(), minlength=n_local) * px_area
         keep = areas >= min_area
+        if code == OSTEOCLAST and OSTEOCLAST_BONE_CONTACT_UM is not None:
+            r = max(1, int(round(OSTEOCLAST_BONE_CONTACT_UM / pixel_size_um)))
+            bone = ((class_map == BONE) | (class_map == OSTEOCYTE)).astype(np.uint8)
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            near_bone = cv2.dilate(bone, disk) > 0
+            touching = np.bincount(local[near_bone].ravel(), minlength=n_local) > 0
+            keep &= touching
         keep[0] = False
         speck = in_owned & ~keep[local]
         class_map[speck] = alt_class[speck]

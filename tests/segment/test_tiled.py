@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import zarr
+
+from histo.errors import Cancelled
+from histo.segment import load_model, segment_slide
+from histo.segment.tiled import taper
+
+
+def test_taper_shape():
+    w = taper(100, 20)
+    assert w.shape == (100,)
+    assert w[50] == 1 and 0 < w[0] < 0.1 and 0 < w[-1] < 0.1
+    np.testing.assert_array_equal(taper(100, 20, at_start=False, at_end=False), 1)
+
+
+@pytest.mark.parametrize("tiling", [(256, 48), (384, 64), (512, 96)])
+def test_counts_do_not_depend_on_tiles_classical(drawn_shapes, tiling):
+    img, n_discs, _ = drawn_shapes
+    model = load_model("classical")
+    whole = segment_slide(img, model, tile_px=1024, overlap_px=0)
+    tiled = segment_slide(img, model, tile_px=tiling[0], overlap_px=tiling[1])
+    assert whole.n_osteoclasts == tiled.n_osteoclasts == n_discs
+    assert whole.n_osteocytes == tiled.n_osteocytes
+    assert (whole.class_map == tiled.class_map).mean() > 0.995
+    # labels are slide-wide and consecutive: each object once
+    assert sorted(np.unique(tiled.osteoclast_labels))[1:] == list(range(1, n_discs + 1))
+
+
+def test_counts_do_not_depend_on_tiles_network(synthetic_section):
+    sec = synthetic_section("oc-rich", size=640, seed=3, counterstain="hematoxylin")
+    model = load_model("default")
+    a = segment_slide(sec.image, model, tile_px=640, overlap_px=96)
+    b = segment_slide(sec.image, model, tile_px=352, overlap_px=96)
+    assert a.n_osteoclasts == b.n_osteoclasts
+    assert a.n_osteocytes == b.n_osteocytes
+    assert (a.class_map == b.class_map).mean() > 0.995
+
+
+def test_zarr_sink_function_source_progress(drawn_shapes):
+    img, n_discs, _ = drawn_shapes
+    h, w = img.shape[:2]
+    sink = {
+        "class_map": zarr.zeros((h, w), chunks=(128, 128), dtype="uint8"),
+        "osteoclasts": zarr.zeros((h, w), chunks=(128, 128), dtype="int32"),
+        "osteocytes": zarr.zeros((h, w), chunks=(128, 128), dtype="int32"),
+    }
+    reads, fractions = [], []
+
+    def read(y, x, hh, ww):
+        reads.append((hh, ww))
+        return img[y : y + hh, x : x + ww]
+
+    res = segment_slide(
+        read,
+        "classical",
+        tile_px=256,
+        overlap_px=32,
+        shape=(h, w),
+        sink=sink,
+        progress=lambda f, m: fractions.append(f),
+    )
+    assert res.class_map is sink["class_map"]
+    assert int(np.asarray(sink["osteoclasts"][:]).max()) == n_discs
+    assert max(r[0] for r in reads) <= 256 and max(r[1] for r in reads) <= 256
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+
+
+def test_cancel(drawn_shapes):
+    img, _, _ = drawn_shapes
+    with pytest.raises(Cancelled):
+        segment_slide(img, "classical", tile_px=256, overlap_px=32, cancel=lambda: True)
+
+
+def test_tissue_mask_skips_glass(drawn_shapes):
+    from types import SimpleNamespace
+
+    img, _, _ = drawn_shapes
+    calls = []
+
+    class Counting:
+        working_pixel_size_um = 1.0
+        n_outputs = 6
+
+        def predict_scores(self, rgb):
+            calls.append(rgb.shape)
+            return load_model("classical").predict_scores(rgb)
+
+    mask = np.zeros((44, 57), bool)  # 16 µm/px
+    mask[:10, :10] = True
+    tissue = SimpleNamespace(mask=mask, pixel_size_um=16.0)
+    res = segment_slide(img, Counting(), tile_px=256, overlap_px=32, tissue=tissue)
+    assert len(calls) == 1
+    assert (res.class_map[300:, 300:] == 0).all()
