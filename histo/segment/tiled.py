@@ -29,6 +29,8 @@ from histo.segment.instances import label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
 MARGIN_UM = 256.0
+#: columns blended at a time (bounds the float temporaries of a row of tiles)
+BLEND_COLS = 2048
 
 
 @dataclass
@@ -270,19 +272,30 @@ def segment_slide(
                 progress(done / n_tiles, f"segmenting tile {done}/{n_tiles}")
         last = iy == len(ys) - 1
         n_final = (H - acc_y0) if last else (ys[iy + 1] - acc_y0)
-        blended = acc[:, :n_final] / np.maximum(wsum[:n_final], 1e-6)
-        cls = np.argmax(blended[:n_cls], axis=0).astype(np.uint8)
-        alt = np.argmax(blended[: min(3, n_cls)], axis=0).astype(np.uint8)
+        # blend and decide column chunk by column chunk (no full-width float temporaries)
+        cls = np.empty((n_final, W), np.uint8)
+        alt = np.empty((n_final, W), np.uint8)
+        ce = np.empty((n_final, W), np.float32)
+        for c0 in range(0, W, BLEND_COLS):
+            c1 = min(W, c0 + BLEND_COLS)
+            blended = acc[:, :n_final, c0:c1] / np.maximum(wsum[:n_final, c0:c1], 1e-6)
+            cls[:, c0:c1] = np.argmax(blended[:n_cls], axis=0)
+            alt[:, c0:c1] = np.argmax(blended[: min(3, n_cls)], axis=0)
+            ce[:, c0:c1] = blended[n_cls]
+        del blended
         buf_cm = np.concatenate([buf_cm, cls])
         buf_alt = np.concatenate([buf_alt, alt])
-        buf_ce = np.concatenate([buf_ce, blended[n_cls]])
+        buf_ce = np.concatenate([buf_ce, ce])
         buf_oc = np.concatenate([buf_oc, np.zeros((n_final, W), np.int32)])
         buf_ot = np.concatenate([buf_ot, np.zeros((n_final, W), np.int32)])
         # shift the accumulator by the rows just finalised
-        acc = np.roll(acc, -n_final, axis=1)
-        acc[:, -n_final:] = 0
-        wsum = np.roll(wsum, -n_final, axis=0)
-        wsum[-n_final:] = 0
+        # (in place: only the rows kept, about overlap_px, are copied)
+        rest = acc.shape[1] - n_final
+        if rest > 0:
+            acc[:, :rest] = acc[:, n_final:].copy()
+            wsum[:rest] = wsum[n_final:].copy()
+        acc[:, max(rest, 0) :] = 0
+        wsum[max(rest, 0) :] = 0
         acc_y0 += n_final
         label_and_flush(acc_y0, at_end=last)
 
