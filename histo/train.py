@@ -69,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 2
     widths: list[int] = field(default_factory=lambda: NetworkConfig().widths)
+    init_weights: str | None = None  #: start from these weights (.safetensors): fine-tuning
 
 
 # --------------------------------------------------------------------------- data
@@ -361,6 +362,11 @@ def train(
     step = 0
     history: list[dict] = []
     elapsed0 = 0.0
+    if state is None and config.init_weights:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(config.init_weights))
+        log.info("initialised from %s", config.init_weights)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -91,3 +91,28 @@ def test_cli_train_and_export(tmp_path):
     assert main(["train", "--out", str(out), "--export-checkpoint"]) == 0
     model = load_model(out / "model.safetensors")
     assert model.working_pixel_size_um == 1.0
+    # fine-tuning starts from given weights
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "ft"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--crop",
+            "64",
+            "--pool-size",
+            "1",
+            "--field",
+            "128",
+            "--threads",
+            "1",
+            "--quiet",
+            "--init",
+            str(out / "model.safetensors"),
+        ]
+    )
+    assert rc == 0
+    assert "initialised from" in (tmp_path / "ft" / "train.log").read_text()

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=d.threads, help="torch threads (default %(default)s)"
     )
+    parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--time-limit", type=float, default=None, help="stop after this many minutes"
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         refresh_every=args.refresh_every,
         field_px=args.field,
         threads=args.threads,
+        init_weights=str(Path(args.init).resolve()) if args.init else None,
     )
     bar = None
     if not args.quiet:

@@ -13,10 +13,10 @@ from skimage.segmentation import watershed
 
 from histo.classes import BONE, OSTEOCLAST, OSTEOCYTE
 
-#: smallest osteoclast kept, µm² (a 10 µm disc is ~80 µm²; real osteoclasts are 20-100 µm)
-MIN_OSTEOCLAST_AREA_UM2 = 80.0
+#: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
+MIN_OSTEOCLAST_AREA_UM2 = 120.0
 #: smallest osteocyte lacuna kept, µm² (lacunae are ~8-12 x 4-6 µm, i.e. 25-55 µm²)
-MIN_OSTEOCYTE_AREA_UM2 = 6.0
+MIN_OSTEOCYTE_AREA_UM2 = 12.0
 #: centre-map level above which pixels seed an osteoclast (the map is 1 at a cell's centre)
 CENTRE_SEED_LEVEL = 0.25
 #: an osteoclast must lie within this distance of bone (µm): the counting rule (DOMAIN.md);
