@@ -87,7 +87,10 @@ def run_analyze(slide: Path, out: Path, model: str, timeout_s: float) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [*HISTO, "analyze", str(slide), "--out", str(run_dir), "--model", model]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir.mkdir(parents=True)
+    log_path = out / "runs" / f"{run_dir.name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below; never a pipe (a full pipe blocks)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     peak_kib = 0
     while proc.poll() is None:
         peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
@@ -95,7 +98,9 @@ def run_analyze(slide: Path, out: Path, model: str, timeout_s: float) -> dict:
             proc.kill()
             break
         time.sleep(0.2)
-    stderr = proc.communicate()[1] or ""
+    proc.wait()
+    log.close()
+    stderr = log_path.read_text(errors="replace").replace("\r", "\n")
     seconds = time.perf_counter() - t0
     if peak_kib == 0:  # finished before the first poll
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
