@@ -381,8 +381,6 @@ def measure(
     px = validate_pixel_size(pixel_size_um)
     rules = rules or CountingRules()
     shape = cmap.shape
-    px_mm = px / 1000.0
-    px_area_mm2 = px_mm * px_mm
     px_area_um2 = px * px
 
     region = None if roi is None else roi_mask(roi, shape)
@@ -403,8 +401,6 @@ def measure(
     else:
         t_ar_px = int(np.count_nonzero(tissue & region))
         b_ar_px = int(np.count_nonzero(bone & region))
-    t_ar = t_ar_px * px_area_mm2
-    b_ar = b_ar_px * px_area_mm2
 
     # ---- bone perimeter (sub-pixel), weighted by the ROI share of each cell
     cells = boundary_cells(bone, rules.perimeter_smoothing_passes)
@@ -412,7 +408,6 @@ def measure(
     if region is not None:
         length = length * cells.corners(region).mean(axis=0)
     b_pm_px = float(length.sum())
-    b_pm = b_pm_px * px_mm
     non_bone = ~bone
 
     # ---- osteoclasts
@@ -478,7 +473,6 @@ def measure(
                 else f"fewer than {rules.min_nuclei} nuclei"
             )
             rejected_rows.append(row)
-    n_oc = len(osteoclast_rows)
 
     # ---- osteoclast surface: bone boundary whose non-bone side is a counted osteoclast
     counted_lut = np.zeros(n_oc_obj + 1, bool)
@@ -514,20 +508,65 @@ def measure(
     ot_keep = _centroids_in(region, ot_cy, ot_cx) & (
         ot_area * px_area_um2 >= rules.min_osteocyte_area_um2
     )
+    return _finish(
+        px=px,
+        t_ar_px=t_ar_px,
+        b_ar_px=b_ar_px,
+        b_pm_px=b_pm_px,
+        oc_s_px=oc_s_px,
+        es_px=es_px,
+        ot=(ot_ids, ot_area, ot_cy, ot_cx, occupied, ot_keep),
+        with_image=od is not None,
+        osteoclast_rows=osteoclast_rows,
+        off_bone_rows=off_bone_rows,
+        rejected_rows=rejected_rows,
+        rules=rules,
+        nuclei_resolved=nuclei_resolved,
+    )
+
+
+def _finish(
+    *,
+    px: float,
+    t_ar_px: float,
+    b_ar_px: float,
+    b_pm_px: float,
+    oc_s_px: float,
+    es_px: float,
+    ot: tuple,
+    with_image: bool,
+    osteoclast_rows: list[dict],
+    off_bone_rows: list[dict],
+    rejected_rows: list[dict],
+    rules: CountingRules,
+    nuclei_resolved: bool,
+) -> Measurement:
+    """The indices and the osteocyte table from pixel totals (shared by :func:`measure` and
+    :func:`histo.measure_blocks.measure_by_blocks`, which add their totals up differently).
+
+    ``ot`` is (labels, areas px, centroid y px, centroid x px, occupied, kept) per lacuna.
+    """
+    ot_ids, ot_area, ot_cy, ot_cx, occupied, ot_keep = ot
+    px_mm = px / 1000.0
+    px_area_mm2 = px_mm * px_mm
+    px_area_um2 = px * px
+    t_ar = t_ar_px * px_area_mm2
+    b_ar = b_ar_px * px_area_mm2
+    b_pm = b_pm_px * px_mm
+    n_oc = len(osteoclast_rows)
     osteocyte_rows = [
         {
             "label": int(ot_ids[k]),
             "area_um2": float(ot_area[k] * px_area_um2),
             "centroid_y_um": float(ot_cy[k] * px),
             "centroid_x_um": float(ot_cx[k] * px),
-            "occupied": bool(occupied[k]) if od is not None else None,
+            "occupied": bool(occupied[k]) if with_image else None,
         }
         for k in np.flatnonzero(ot_keep)
     ]
     n_ot = int(np.count_nonzero(occupied & ot_keep))
-    n_empty = int(np.count_nonzero(~occupied & ot_keep)) if od is not None else math.nan
+    n_empty = int(np.count_nonzero(~occupied & ot_keep)) if with_image else math.nan
 
-    # ---- indices
     tb_th_mm = _divide(2.0 * b_ar, b_pm)
     tb_n = _divide(_divide(b_ar, t_ar), tb_th_mm)
     tb_sp_mm = (1.0 / tb_n - tb_th_mm) if tb_n and math.isfinite(tb_n) else math.nan

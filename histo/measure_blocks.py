@@ -60,8 +60,8 @@ from histo.measure import (
     CountingRules,
     Measurement,
     _corner_labels,
-    _divide,
     _eroded_pits,
+    _finish,
     validate_pixel_size,
 )
 
@@ -556,8 +556,6 @@ def _measure(
     progress: ProgressFn | None,
 ) -> Measurement:
     H, W = shape
-    px_mm = px / 1000.0
-    px_area_mm2 = px_mm * px_mm
     px_area_um2 = px * px
     tol = max(int(rules.oc_surface_tolerance_px), 0)
     with_pits = rules.eroded_closing_um > 0
@@ -780,7 +778,6 @@ def _measure(
                 else f"fewer than {rules.min_nuclei} nuclei"
             )
             rejected_rows.append(row)
-    n_oc = len(osteoclast_rows)
     oc_s_px = float(oc["contact_roi"][counted].sum())
     # ES: pit-facing corners (pit_px) plus corners of counted osteoclasts that face no pit
     es_px = pit_px + float(oc["nopit"][counted].sum()) if with_pits else oc_s_px
@@ -803,52 +800,18 @@ def _measure(
     ot_keep = _centroids_in(region, ot_cy, ot_cx, shape) & (
         ot_area * px_area_um2 >= rules.min_osteocyte_area_um2
     )
-    osteocyte_rows = [
-        {
-            "label": int(ot_ids[k]),
-            "area_um2": float(ot_area[k] * px_area_um2),
-            "centroid_y_um": float(ot_cy[k] * px),
-            "centroid_x_um": float(ot_cx[k] * px),
-            "occupied": bool(occupied[k]) if with_image else None,
-        }
-        for k in np.flatnonzero(ot_keep)
-    ]
-    n_ot = int(np.count_nonzero(occupied & ot_keep))
-    n_empty = int(np.count_nonzero(~occupied & ot_keep)) if with_image else math.nan
-
-    t_ar = t_ar_px * px_area_mm2
-    b_ar = b_ar_px * px_area_mm2
-    b_pm = b_pm_px * px_mm
-    tb_th_mm = _divide(2.0 * b_ar, b_pm)
-    tb_n = _divide(_divide(b_ar, t_ar), tb_th_mm)
-    tb_sp_mm = (1.0 / tb_n - tb_th_mm) if tb_n and math.isfinite(tb_n) else math.nan
-    indices = {
-        "T.Ar": t_ar,
-        "B.Ar": b_ar,
-        "Ma.Ar": t_ar - b_ar,
-        "BV/TV": _divide(b_ar, t_ar, 100.0),
-        "Ma.Ar/T.Ar": _divide(t_ar - b_ar, t_ar, 100.0),
-        "B.Pm": b_pm,
-        "N.Oc": n_oc,
-        "N.Oc/B.Pm": _divide(n_oc, b_pm),
-        "N.Oc/T.Ar": _divide(n_oc, t_ar),
-        "Oc.S/BS": _divide(oc_s_px, b_pm_px, 100.0),
-        "ES/BS": _divide(es_px, b_pm_px, 100.0),
-        "N.Ot": n_ot,
-        "N.Ot/B.Ar": _divide(n_ot, b_ar),
-        "Tb.Th": tb_th_mm * 1000.0,
-        "Tb.Sp": tb_sp_mm * 1000.0,
-        "Tb.N": tb_n,
-        "Empty lacunae (non-standard)": n_empty,
-        "N.TRAP+ off bone": len(off_bone_rows),
-    }
-    return Measurement(
-        indices=indices,
-        osteoclasts=osteoclast_rows,
-        osteocytes=osteocyte_rows,
-        trap_off_bone=off_bone_rows,
-        trap_rejected=rejected_rows,
-        pixel_size_um=px,
+    return _finish(
+        px=px,
+        t_ar_px=t_ar_px,
+        b_ar_px=b_ar_px,
+        b_pm_px=b_pm_px,
+        oc_s_px=oc_s_px,
+        es_px=es_px,
+        ot=(ot_ids, ot_area, ot_cy, ot_cx, occupied, ot_keep),
+        with_image=with_image,
+        osteoclast_rows=osteoclast_rows,
+        off_bone_rows=off_bone_rows,
+        rejected_rows=rejected_rows,
         rules=rules,
         nuclei_resolved=nuclei_resolved,
     )
