@@ -448,31 +448,15 @@ def measure(
     counted = on_bone & big_enough & enough_nuclei
     in_region = _centroids_in(region, oc_cy, oc_cx)
 
-    def oc_row(k: int) -> dict:
-        return {
-            "label": int(oc_ids[k]),
-            "area_um2": float(oc_area[k] * px_area_um2),
-            "bone_contact_um": float(contact_um[k]),
-            "nuclei": float(nuclei[k]),
-            "centroid_y_um": float(oc_cy[k] * px),
-            "centroid_x_um": float(oc_cx[k] * px),
-            "trap_signal": float(trap_signal[k]),
-        }
-
-    osteoclast_rows, off_bone_rows, rejected_rows = [], [], []
-    for k in np.flatnonzero(in_region):
-        row = oc_row(k)
-        if counted[k]:
-            osteoclast_rows.append(row)
-        elif not on_bone[k]:
-            off_bone_rows.append(row)
-        else:
-            row["reason"] = (
-                "smaller than min_osteoclast_area_um2"
-                if not big_enough[k]
-                else f"fewer than {rules.min_nuclei} nuclei"
-            )
-            rejected_rows.append(row)
+    osteoclast_rows, off_bone_rows, rejected_rows = osteoclast_tables(
+        (oc_ids, oc_area, contact_um, nuclei, oc_cy, oc_cx, trap_signal),
+        np.flatnonzero(in_region),
+        counted,
+        on_bone,
+        big_enough,
+        rules,
+        px,
+    )
 
     # ---- osteoclast surface: bone boundary whose non-bone side is a counted osteoclast
     counted_lut = np.zeros(n_oc_obj + 1, bool)
@@ -523,6 +507,46 @@ def measure(
         rules=rules,
         nuclei_resolved=nuclei_resolved,
     )
+
+
+def osteoclast_tables(
+    objects: tuple,
+    indices: np.ndarray,
+    counted: np.ndarray,
+    on_bone: np.ndarray,
+    big_enough: np.ndarray,
+    rules: CountingRules,
+    px: float,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Rows of counted osteoclasts, TRAP+ objects off bone, and objects rejected by a rule.
+
+    ``objects`` is (labels, areas px, bone contact µm, nuclei, centroid y px, centroid x px,
+    TRAP signal) per class-3 object; ``indices`` the objects to report (those in the ROI).
+    """
+    ids, area, contact_um, nuclei, cy, cx, trap_signal = objects
+    counted_rows, off_bone_rows, rejected_rows = [], [], []
+    for k in indices:
+        row = {
+            "label": int(ids[k]),
+            "area_um2": float(area[k] * px * px),
+            "bone_contact_um": float(contact_um[k]),
+            "nuclei": float(nuclei[k]),
+            "centroid_y_um": float(cy[k] * px),
+            "centroid_x_um": float(cx[k] * px),
+            "trap_signal": float(trap_signal[k]),
+        }
+        if counted[k]:
+            counted_rows.append(row)
+        elif not on_bone[k]:
+            off_bone_rows.append(row)
+        else:
+            row["reason"] = (
+                "smaller than min_osteoclast_area_um2"
+                if not big_enough[k]
+                else f"fewer than {rules.min_nuclei} nuclei"
+            )
+            rejected_rows.append(row)
+    return counted_rows, off_bone_rows, rejected_rows
 
 
 def _finish(

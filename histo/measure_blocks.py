@@ -62,6 +62,7 @@ from histo.measure import (
     _corner_labels,
     _eroded_pits,
     _finish,
+    osteoclast_tables,
     validate_pixel_size,
 )
 
@@ -756,28 +757,15 @@ def _measure(
     counted = on_bone & big_enough & enough_nuclei
     in_region = _centroids_in(region, oc_cy, oc_cx, shape)
 
-    osteoclast_rows, off_bone_rows, rejected_rows = [], [], []
-    for k in np.flatnonzero(in_region):
-        row = {
-            "label": int(oc_ids[k]),
-            "area_um2": float(oc_area[k] * px_area_um2),
-            "bone_contact_um": float(contact_um[k]),
-            "nuclei": float(nuclei[k]),
-            "centroid_y_um": float(oc_cy[k] * px),
-            "centroid_x_um": float(oc_cx[k] * px),
-            "trap_signal": float(trap_signal[k]),
-        }
-        if counted[k]:
-            osteoclast_rows.append(row)
-        elif not on_bone[k]:
-            off_bone_rows.append(row)
-        else:
-            row["reason"] = (
-                "smaller than min_osteoclast_area_um2"
-                if not big_enough[k]
-                else f"fewer than {rules.min_nuclei} nuclei"
-            )
-            rejected_rows.append(row)
+    osteoclast_rows, off_bone_rows, rejected_rows = osteoclast_tables(
+        (oc_ids, oc_area, contact_um, nuclei, oc_cy, oc_cx, trap_signal),
+        np.flatnonzero(in_region),
+        counted,
+        on_bone,
+        big_enough,
+        rules,
+        px,
+    )
     oc_s_px = float(oc["contact_roi"][counted].sum())
     # ES: pit-facing corners (pit_px) plus corners of counted osteoclasts that face no pit
     es_px = pit_px + float(oc["nopit"][counted].sum()) if with_pits else oc_s_px
