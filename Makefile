@@ -51,7 +51,7 @@ train: install
 	$(BIN)/histo train --out models/histo-unet --seed 0
 
 evaluate: install
-	$(BIN)/histo evaluate --out docs/evaluation
+	$(BIN)/histo evaluate --out models/evaluation --cache runs/eval-cache
 
 screenshot: install sysdeps
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot docs/napari.png
