@@ -11,8 +11,13 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below: every object belongs to the band that holds its
 top row, so it is labelled exactly once, whole, with a slide-wide label, whatever the tile size.
 
-Memory is bounded by one row of tiles (``O(tile_px * width)``), never by the slide's height;
-results are written into the sink (numpy or zarr arrays) band by band.
+Memory never depends on the slide's height, and per column of slide it is small: the
+accumulator is one tile wide (a window that slides along the row of tiles) plus the
+``overlap_px`` rows shared with the next row of tiles at full width; the final rows waiting
+to be labelled are kept as uint8 classes and a float32 centre map (about two margins, a stride
+and a tile high); labels of objects not yet written out are kept as sparse pieces; objects are
+labelled on their bounding boxes (:func:`histo.segment.instances.label_band`). Results are
+written into the sink (numpy or zarr arrays) band by band.
 """
 
 from __future__ import annotations
@@ -111,6 +116,33 @@ def _reader(
     return read_array, (int(arr.shape[0]), int(arr.shape[1]))
 
 
+def _shift_up(a: np.ndarray, k: int, n: int) -> None:
+    """Move rows ``[k, k + n)`` of ``a`` to ``[0, n)`` in place, without a temporary copy."""
+    step = max(1, min(k, 64))
+    for j in range(0, n, step):
+        e = min(n, j + step)
+        a[j:e] = a[k + j : k + e]
+
+
+def _paint(pieces: list, r0: int, r1: int, width: int) -> np.ndarray:
+    """Rows [r0, r1) of a label image from sparse pieces ``(row, col, w, flat_index, labels)``
+    (slide rows); pieces that end above ``r1`` are removed from ``pieces``."""
+    out = np.zeros((r1 - r0, width), np.int32)
+    left = []
+    for piece in pieces:
+        y0, x0, w, idx, vals = piece
+        if y0 >= r1:
+            left.append(piece)
+            continue
+        rows = y0 + idx // w
+        sel = (rows >= r0) & (rows < r1)
+        out[rows[sel] - r0, x0 + idx[sel] % w] = vals[sel]
+        if rows[-1] >= r1:
+            left.append(piece)
+    pieces[:] = left
+    return out
+
+
 def _starts(n: int, tile: int, stride: int) -> list[int]:
     if n <= tile:
         return [0]
@@ -203,17 +235,30 @@ def segment_slide(
         )
         return bool(m[y0:y1, x0:x1].any())
 
-    # blending accumulator: rows [acc_y0, acc_y0 + tile_px)
-    acc = np.zeros((n_out, min(tile_px, H), W), np.float32)
-    wsum = np.zeros((min(tile_px, H), W), np.float32)
+    # blending accumulator of one row of tiles, rows [acc_y0, acc_y0 + R): a window of one tile's
+    # columns [win_x0, win_x0 + tile_px) slides along the row; a column leaves it (is blended)
+    # once no later tile of the row covers it. The rows shared with the next row of tiles
+    # (R - stride, the overlap) are carried over at full width. Every pixel sums the same
+    # terms in the same order as a full-width accumulator would, so the result is identical.
+    R = min(tile_px, H)
+    win = np.zeros((n_out, R, min(tile_px, W)), np.float32)
+    win_w = np.zeros((R, min(tile_px, W)), np.float32)
+    n_carry = max(0, R - stride) if len(ys) > 1 else 0
+    carry = np.zeros((n_out, n_carry, W), np.float32)
+    carry_w = np.zeros((n_carry, W), np.float32)
     acc_y0 = 0
-    # final rows not yet written: rows [buf_y0, buf_y0 + len)
-    buf_cm = np.zeros((0, W), np.uint8)
-    buf_alt = np.zeros((0, W), np.uint8)
-    buf_ce = np.zeros((0, W), np.float32)
-    buf_oc = np.zeros((0, W), np.int32)
-    buf_ot = np.zeros((0, W), np.int32)
+    # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in buffers allocated once
+    # (at most 2 margins + a stride are kept between rows of tiles, plus one row of tiles)
+    cap = min(H, 2 * margin + stride + tile_px)
+    buf_cm = np.zeros((cap, W), np.uint8)
+    buf_alt = np.zeros((cap, W), np.uint8)
+    buf_ce = np.zeros((cap, W), np.float32)
+    bufs = (buf_cm, buf_alt, buf_ce)
+    # labels of objects not yet written out, as sparse pieces (see label_band) in slide rows
+    pend_oc: list = []
+    pend_ot: list = []
     buf_y0 = 0
+    buf_n = 0
     owned_to = 0  # rows [0, owned_to) have had their objects labelled
     flushed_to = 0  # rows [0, flushed_to) have been written to the sink
     n_oc = n_ot = 0
@@ -221,18 +266,27 @@ def segment_slide(
 
     def label_and_flush(final_to: int, at_end: bool) -> None:
         """Label objects of bands whose margin is available, then flush finished rows."""
-        nonlocal buf_cm, buf_alt, buf_ce, buf_oc, buf_ot, buf_y0, owned_to, flushed_to, n_oc, n_ot
+        nonlocal buf_y0, buf_n, owned_to, flushed_to, n_oc, n_ot
         while owned_to < final_to and (at_end or final_to - owned_to >= stride + margin):
             own_stop = final_to if at_end else owned_to + stride
             w0 = max(buf_y0, owned_to - margin)
             w1 = min(final_to, own_stop + margin)
             a, b = w0 - buf_y0, w1 - buf_y0
             cm = buf_cm[a:b]
-            oc, ot, owned, k_oc, k_ot = label_band(
-                cm, buf_ce[a:b], buf_alt[a:b], owned_to - w0, own_stop - w0, px
+            new_oc: list = []
+            new_ot: list = []
+            _, _, _, k_oc, k_ot = label_band(
+                cm,
+                buf_ce[a:b],
+                buf_alt[a:b],
+                owned_to - w0,
+                own_stop - w0,
+                px,
+                into=(new_oc, new_ot),
+                offsets=(n_oc, n_ot),
             )
-            buf_oc[a:b] = np.where(oc > 0, oc + n_oc, buf_oc[a:b])
-            buf_ot[a:b] = np.where(ot > 0, ot + n_ot, buf_ot[a:b])
+            pend_oc.extend((y0 + w0, *rest) for y0, *rest in new_oc)
+            pend_ot.extend((y0 + w0, *rest) for y0, *rest in new_ot)
             n_oc += k_oc
             n_ot += k_ot
             owned_to = own_stop
@@ -241,22 +295,66 @@ def segment_slide(
             if flush_to > flushed_to:
                 a, b = flushed_to - buf_y0, flush_to - buf_y0
                 out_cm[flushed_to:flush_to] = buf_cm[a:b]
-                out_oc[flushed_to:flush_to] = buf_oc[a:b]
-                out_ot[flushed_to:flush_to] = buf_ot[a:b]
+                out_oc[flushed_to:flush_to] = _paint(pend_oc, flushed_to, flush_to, W)
+                out_ot[flushed_to:flush_to] = _paint(pend_ot, flushed_to, flush_to, W)
                 flushed_to = flush_to
             keep_from = max(0, owned_to - margin - buf_y0)
             # keep the margin rows (context for the next band), drop the rest
-            buf_cm, buf_alt, buf_ce = buf_cm[keep_from:], buf_alt[keep_from:], buf_ce[keep_from:]
-            buf_oc, buf_ot = buf_oc[keep_from:], buf_ot[keep_from:]
-            buf_y0 += keep_from
+            if keep_from > 0:
+                n_keep = buf_n - keep_from
+                for buf in bufs:
+                    _shift_up(buf, keep_from, n_keep)
+                    buf[n_keep:buf_n] = 0
+                buf_n = n_keep
+                buf_y0 += keep_from
+
+    def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
+        """Blend window columns [c0, c1) (slide columns; final for this row of tiles) into
+        buffer rows [r0, r0 + n_final) and carry their lower ``rows_out`` rows over."""
+        r1 = r0 + n_final
+        for d0 in range(c0, c1, BLEND_COLS):
+            d1 = min(c1, d0 + BLEND_COLS)
+            a, b = d0 - win_x0, d1 - win_x0
+            blended = win[:, :n_final, a:b] / np.maximum(win_w[:n_final, a:b], 1e-6)
+            buf_cm[r0:r1, d0:d1] = np.argmax(blended[:n_cls], axis=0)
+            buf_alt[r0:r1, d0:d1] = np.argmax(blended[: min(3, n_cls)], axis=0)
+            buf_ce[r0:r1, d0:d1] = blended[n_cls]
+            del blended
+            if rows_out:
+                carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
+                carry_w[:rows_out, d0:d1] = win_w[n_final : n_final + rows_out, a:b]
 
     for iy, y in enumerate(ys):
         th = min(tile_px, H - y)
         wy = taper(th, overlap_px, at_start=iy > 0, at_end=iy < len(ys) - 1)
+        last = iy == len(ys) - 1
+        n_final = (H - acc_y0) if last else (ys[iy + 1] - acc_y0)
+        rows_in = n_carry if iy > 0 else 0  # rows carried into this row of tiles
+        rows_out = n_carry if not last else 0  # rows carried to the next one
+        r0, r1 = buf_n, buf_n + n_final  # buffer rows of this row's final pixels
+        win_x0 = win_x1 = 0  # window columns holding data: [win_x0, win_x1)
+
         for ix, x in enumerate(xs):
             if cancel is not None and cancel():
                 raise Cancelled("segmentation cancelled")
             tw = min(tile_px, W - x)
+            # columns left of x are final; slide the window to start at x
+            if x > win_x0:
+                finish(win_x0, min(x, win_x1), win_x0, n_final, rows_out, r0)
+                keep = max(0, win_x1 - x)
+                if keep:
+                    win[:, :, :keep] = win[:, :, x - win_x0 : win_x1 - win_x0].copy()
+                    win_w[:, :keep] = win_w[:, x - win_x0 : win_x1 - win_x0].copy()
+                win_x0, win_x1 = x, max(x, win_x1)
+            if x + tw > win_x1:
+                # columns entering the window start from the rows carried over
+                a, b = win_x1 - win_x0, x + tw - win_x0
+                win[:, :, a:b] = 0
+                win_w[:, a:b] = 0
+                if rows_in:
+                    win[:, :rows_in, a:b] = carry[:, :rows_in, win_x1 : x + tw]
+                    win_w[:rows_in, a:b] = carry_w[:rows_in, win_x1 : x + tw]
+                win_x1 = x + tw
             if has_tissue(y, x, th, tw):
                 scores = model.predict_scores(read(y, x, th, tw))  # (n_out, th, tw)
             else:
@@ -264,38 +362,14 @@ def segment_slide(
                 scores[0] = 1.0  # glass
             wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
             wt = wy[:, None] * wx[None, :]
-            r0 = y - acc_y0
-            acc[:, r0 : r0 + th, x : x + tw] += scores * wt
-            wsum[r0 : r0 + th, x : x + tw] += wt
+            a = x - win_x0
+            win[:, :th, a : a + tw] += scores * wt
+            win_w[:th, a : a + tw] += wt
             done += 1
             if progress is not None:
                 progress(done / n_tiles, f"segmenting tile {done}/{n_tiles}")
-        last = iy == len(ys) - 1
-        n_final = (H - acc_y0) if last else (ys[iy + 1] - acc_y0)
-        # blend and decide column chunk by column chunk (no full-width float temporaries)
-        cls = np.empty((n_final, W), np.uint8)
-        alt = np.empty((n_final, W), np.uint8)
-        ce = np.empty((n_final, W), np.float32)
-        for c0 in range(0, W, BLEND_COLS):
-            c1 = min(W, c0 + BLEND_COLS)
-            blended = acc[:, :n_final, c0:c1] / np.maximum(wsum[:n_final, c0:c1], 1e-6)
-            cls[:, c0:c1] = np.argmax(blended[:n_cls], axis=0)
-            alt[:, c0:c1] = np.argmax(blended[: min(3, n_cls)], axis=0)
-            ce[:, c0:c1] = blended[n_cls]
-        del blended
-        buf_cm = np.concatenate([buf_cm, cls])
-        buf_alt = np.concatenate([buf_alt, alt])
-        buf_ce = np.concatenate([buf_ce, ce])
-        buf_oc = np.concatenate([buf_oc, np.zeros((n_final, W), np.int32)])
-        buf_ot = np.concatenate([buf_ot, np.zeros((n_final, W), np.int32)])
-        # shift the accumulator by the rows just finalised
-        # (in place: only the rows kept, about overlap_px, are copied)
-        rest = acc.shape[1] - n_final
-        if rest > 0:
-            acc[:, :rest] = acc[:, n_final:].copy()
-            wsum[:rest] = wsum[n_final:].copy()
-        acc[:, max(rest, 0) :] = 0
-        wsum[max(rest, 0) :] = 0
+        finish(win_x0, win_x1, win_x0, n_final, rows_out, r0)
+        buf_n = r1
         acc_y0 += n_final
         label_and_flush(acc_y0, at_end=last)
 
