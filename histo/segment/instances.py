@@ -23,6 +23,10 @@ CENTRE_SEED_LEVEL = 0.25
 #: an osteoclast must lie within this distance of bone (µm): the counting rule (DOMAIN.md);
 #: TRAP+ cells in the marrow (mononuclear precursors) are not osteoclasts
 OSTEOCLAST_BONE_CONTACT_UM = 3.0
+#: run the osteoclast watershed on the class-3 boxes packed together (memory follows the
+#: class-3 area) rather than on the whole window (same result; used if skimage's internals
+#: differ)
+PACKED_WATERSHED = True
 
 
 def centre_target(osteoclast_labels: np.ndarray) -> np.ndarray:
@@ -154,11 +158,16 @@ def _watershed_components(
     inside the mask (kept: boxes are separated by a zero gutter). All components are flooded in
     one queue, as on the window, so ties between equal priorities resolve the same way.
     """
-    from skimage.segmentation import _watershed_cy
-    from skimage.segmentation._watershed import (
-        _offsets_to_raveled_neighbors,
-        _validate_connectivity,
-    )
+    if not PACKED_WATERSHED:
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
+    try:
+        from skimage.segmentation import _watershed_cy
+        from skimage.segmentation._watershed import (
+            _offsets_to_raveled_neighbors,
+            _validate_connectivity,
+        )
+    except ImportError:  # skimage internals moved: the whole-window watershed (same result)
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
 
     # shelf packing with a 1-px gutter around every box
     widths = [b[1].stop - b[1].start for b in boxes[1:]]
@@ -195,9 +204,12 @@ def _watershed_components(
     connectivity, offset = _validate_connectivity(2, 1, None)
     neighbours = _offsets_to_raveled_neighbors(image.shape, connectivity, center=offset)
     strides = np.array(image.strides, dtype=np.intp) // image.itemsize
-    _watershed_cy.watershed_raveled(
-        image.ravel(), loc_c[order], neighbours, mask.ravel(), strides, 0, output.ravel(), False
-    )
+    try:
+        _watershed_cy.watershed_raveled(
+            image.ravel(), loc_c[order], neighbours, mask.ravel(), strides, 0, output.ravel(), False
+        )
+    except TypeError:  # another signature of skimage's internals: whole-window watershed
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
     out = [np.zeros(0, np.int32)]
     for i in range(1, n_cc):
         rows, cols = boxes[i]
@@ -205,6 +217,28 @@ def _watershed_components(
         h, w = rows.stop - rows.start, cols.stop - cols.start
         out.append(output[py : py + h, px_ : px_ + w].copy())
     return out
+
+
+def _watershed_window(
+    centre: np.ndarray,
+    comps: list[np.ndarray],
+    n_cc: int,
+    boxes: list[tuple[slice, slice]],
+    markers: list[np.ndarray],
+    width: int,
+) -> list[np.ndarray]:
+    """``_watershed_components`` with skimage's public watershed on the whole window (the
+    reference result; costs several bytes per window pixel)."""
+    from skimage.segmentation import watershed
+
+    shape = (centre.shape[0], width)
+    mask = np.zeros(shape, bool)
+    mk = np.zeros(shape, np.int32)
+    for i in range(1, n_cc):
+        np.copyto(mask[boxes[i]], True, where=comps[i])
+        np.copyto(mk[boxes[i]], markers[i], where=comps[i])
+    labels = watershed(-centre.astype(np.float32), markers=mk, mask=mask).astype(np.int32)
+    return [np.zeros(0, np.int32)] + [labels[boxes[i]].copy() for i in range(1, n_cc)]
 
 
 def split_osteoclasts(

@@ -330,3 +330,14 @@ def test_segment_slide_memory_per_column():
     assert p2 < 1.15 * p1, (p1, p2)
     per_column = (p3 - p1) / 2048
     assert per_column < 30_000, per_column
+
+
+def test_whole_window_fallback_is_identical(monkeypatch):
+    """If skimage's internals change, the whole-window watershed gives the same labels."""
+    from histo.segment import instances
+
+    cm, ce, _ = _random_band(300, 400, 7, quant=8)
+    expected = _reference_split(cm, ce)
+    assert np.array_equal(split_osteoclasts(cm, ce), expected)
+    monkeypatch.setattr(instances, "PACKED_WATERSHED", False)
+    assert np.array_equal(split_osteoclasts(cm, ce), expected)
