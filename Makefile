@@ -47,8 +47,16 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.run
 
+# The shipped weights: three stages (models/README.md), about 80 min on 2 idle cores.
 train: install
-	$(BIN)/histo train --out models/histo-unet --seed 0
+	$(BIN)/histo train --out runs/histo-unet --seed 0 --time-limit 58
+	$(BIN)/histo train --out runs/histo-unet-ft --seed 1 \
+		--init runs/histo-unet/model.safetensors --lr 1e-3 --steps 500
+	$(BIN)/histo train --out runs/histo-unet-ft2 --seed 2 \
+		--init runs/histo-unet-ft/model.safetensors --lr 1e-3 --steps 1500
+	cp runs/histo-unet-ft2/model.safetensors models/histo-unet/model.safetensors
+	$(BIN)/python -c "from histo.segment.registry import register_weights; \
+		register_weights('unet', 'models/histo-unet/model.safetensors')"
 
 evaluate: install
 	$(BIN)/histo evaluate --out models/evaluation --cache runs/eval-cache
