@@ -43,18 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from histo.synth import write_synthetic_slide
 
-    if not 0.1 <= args.pixel_size <= 10:
-        raise SystemExit(f"histo synth: error: --pixel-size {args.pixel_size} is outside 0.1-10")
-    with progress_bar(f"synth {args.out}") as progress:
-        truth = write_synthetic_slide(
-            args.out,
-            args.phenotype,
-            size=args.size,
-            pixel_size_um=args.pixel_size,
-            seed=args.seed,
-            counterstain=args.counterstain,
-            progress=progress,
-        )
+    try:
+        with progress_bar(f"synth {args.out}") as progress:
+            truth = write_synthetic_slide(
+                args.out,
+                args.phenotype,
+                size=args.size,
+                pixel_size_um=args.pixel_size,
+                seed=args.seed,
+                counterstain=args.counterstain,
+                progress=progress,
+            )
+    except ValueError as exc:  # the generator's own argument checks (pixel size, size)
+        raise SystemExit(f"histo synth: error: {exc}") from None
     summary = {k: round(v, 4) for k, v in truth["indices"].items()}
     print(json.dumps({"slide": args.out, "phenotype": args.phenotype, "truth": summary}))
     return 0
