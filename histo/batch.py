@@ -191,9 +191,7 @@ def write_summary(
         _write_atomic(paths["indices"], lambda p: write_indices_csv(p, rows))
         _write_atomic(
             paths["failures"],
-            lambda p: write_object_table(
-                p, failures, columns=["slide", "path", "error", "reason"]
-            ),
+            lambda p: write_object_table(p, failures, columns=["slide", "path", "error", "reason"]),
         )
         _write_atomic(
             paths["report"],
@@ -359,8 +357,9 @@ def model_fingerprint(model: str) -> str:
         return h.hexdigest()
     try:
         reg_path = path if path.suffix == ".json" else DEFAULT_REGISTRY
-        _, entry = resolve("default" if path.suffix == ".json" else str(model),
-                           read_registry(reg_path))
+        _, entry = resolve(
+            "default" if path.suffix == ".json" else str(model), read_registry(reg_path)
+        )
     except (HistoError, OSError):
         return str(model)
     return entry.get("sha256") or json.dumps(entry, sort_keys=True)
@@ -532,8 +531,9 @@ def _worker_progress(name: str) -> ProgressFn | None:
             return
         last[0], last[1] = now, fraction
         with contextlib.suppress(Exception):
-            worker.log_event(PROGRESS_TOPIC, {"slide": name, "fraction": fraction,
-                                              "message": message})
+            worker.log_event(
+                PROGRESS_TOPIC, {"slide": name, "fraction": fraction, "message": message}
+            )
 
     return progress
 
@@ -598,8 +598,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                          "distributed.admin.tick.limit": "1h"}):
+    with dask.config.set(
+        {"distributed.scheduler.allowed-failures": 1, "distributed.admin.tick.limit": "1h"}
+    ):
         if scheduler:
             try:
                 if Path(scheduler).is_file():
@@ -781,8 +782,10 @@ def _outcome_of(fut, job: SlideJob) -> SlideOutcome:
     if isinstance(exc, (OutputError, ModelError)):
         raise exc
     if type(exc).__name__ == "KilledWorker":
-        reason = ("the worker analysing this slide died (out of memory or a crash in a "
-                  "library); try it alone with 'histo analyze'")
+        reason = (
+            "the worker analysing this slide died (out of memory or a crash in a "
+            "library); try it alone with 'histo analyze'"
+        )
     else:
         reason = f"unexpected {type(exc).__name__}: {_one_line(str(exc))}"
     return SlideOutcome(job.name, str(job.path), reason=reason, error=type(exc).__name__)

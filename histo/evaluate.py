@@ -41,6 +41,8 @@ import numpy as np
 from histo.classes import N_CLASSES, NAMES
 
 EVAL_SEED_BASE = 900_000
+#: model selection (stages, post-processing constants) uses this range, never the test range
+VALIDATION_SEED_BASE = 800_000
 PHENOTYPES = ("normal", "oc-rich", "oc-poor")
 COUNTERSTAINS = ("hematoxylin", "fast-green", "methyl-green")
 PIXEL_SIZES_UM = (0.25, 0.5, 1.0, 2.0)
@@ -79,9 +81,15 @@ class SlideSpec:
 
 
 def slide_specs(
-    n: int | None = None, field_um: float = 1200.0, max_px: int = 3000
+    n: int | None = None,
+    field_um: float = 1200.0,
+    max_px: int = 3000,
+    seed_base: int = EVAL_SEED_BASE,
 ) -> list[SlideSpec]:
-    """The evaluation slides (the first ``n`` of the 36-slide factorial, cycled when larger)."""
+    """The evaluation slides (the first ``n`` of the 36-slide factorial, cycled when larger).
+
+    ``seed_base``: ``EVAL_SEED_BASE`` for the test set, ``VALIDATION_SEED_BASE`` for the
+    validation set on which models and constants are chosen."""
     specs = []
     total = len(PHENOTYPES) * len(COUNTERSTAINS) * len(PIXEL_SIZES_UM)
     n = total if n is None else n
@@ -91,7 +99,7 @@ def slide_specs(
         cs = COUNTERSTAINS[(j // 3) % 3]
         px = PIXEL_SIZES_UM[(j // 9) % 4]
         size = int(min(max_px, round(field_um / px)))
-        specs.append(SlideSpec(i, ph, cs, px, EVAL_SEED_BASE + i, size))
+        specs.append(SlideSpec(i, ph, cs, px, seed_base + i, size))
     return specs
 
 
@@ -247,6 +255,8 @@ def evaluate(
     overlap_px: int = 64,
     progress: Callable[[float, str], None] | None = None,
     cache_dir: str | Path | None = None,
+    seed_base: int = EVAL_SEED_BASE,
+    precision: str | None = None,
 ) -> dict:
     """Evaluate segmenters on the held-out synthetic slides; returns a JSON-able report.
 
@@ -264,14 +274,19 @@ def evaluate(
         ``progress(fraction, message)`` after each slide.
     cache_dir
         Keep the generated slides here (``.npz`` per seed) to skip regenerating them next time.
+    seed_base
+        First generator seed: ``EVAL_SEED_BASE`` (test) or ``VALIDATION_SEED_BASE``.
+    precision
+        Network arithmetic for :func:`histo.segment.load_model` ("auto", "float32",
+        "bfloat16"; ``None``: ``HISTO_PRECISION`` or auto).
     """
     from histo.measure import measure
     from histo.segment import load_model, segment_slide
 
-    segmenters = {m: load_model(m) for m in models}
+    segmenters = {m: load_model(m, precision=precision) for m in models}
     scores = {m: ModelScores(m) for m in models}
     truth_rows = []
-    specs = slide_specs(n_slides, field_um, max_px)
+    specs = slide_specs(n_slides, field_um, max_px, seed_base)
     for k, spec in enumerate(specs):
         sec = _section(spec, cache_dir)
         per_px = {}
@@ -350,7 +365,8 @@ def evaluate(
     summary["truth map"] = summarise(truth_rows, None)
     return {
         "slides": [vars(s) for s in specs],
-        "seed_range": [EVAL_SEED_BASE, EVAL_SEED_BASE + len(specs) - 1],
+        "seed_range": [seed_base, seed_base + len(specs) - 1],
+        "precision": {m: getattr(seg, "precision", "n/a") for m, seg in segmenters.items()},
         "field_um": field_um,
         "models": list(models),
         "summary": summary,
@@ -473,11 +489,14 @@ def markdown_table(report: dict) -> str:
     n = len(report["slides"])
     lo, hi = report["seed_range"]
     lines.append("")
+    which = "validation" if lo < EVAL_SEED_BASE else "held-out"
+    prec = ", ".join(f"{m}: {p}" for m, p in report.get("precision", {}).items())
     lines.append(
-        f"{n} held-out synthetic slides (seeds {lo}-{hi}; phenotypes x counterstains x source "
+        f"{n} {which} synthetic slides (seeds {lo}-{hi}; phenotypes x counterstains x source "
         f"pixel sizes 0.25/0.5/1/2 µm/px; fields of {report['field_um']:.0f} µm, at most 3000 "
         "source px). Objects matched one-to-one at IoU ≥ 0.5. 'truth map' = the true class map "
         "measured by the same engine (the floor of the index errors)."
+        + (f" Network precision: {prec}." if prec else "")
     )
     return "\n".join(lines)
 

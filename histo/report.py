@@ -115,8 +115,15 @@ def _scatter(rows: list[dict]) -> str:
         ]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, c=color, s=36, label=f"{phenotype} ({len(pts)})",
-                       edgecolors="k", linewidths=0.4)
+            ax.scatter(
+                xs,
+                ys,
+                c=color,
+                s=36,
+                label=f"{phenotype} ({len(pts)})",
+                edgecolors="k",
+                linewidths=0.4,
+            )
     ax.set_xlabel("BV/TV (%)")
     ax.set_ylabel("N.Oc/B.Pm (/mm)")
     ax.set_title("Osteoclasts per bone perimeter against bone fraction")
@@ -309,9 +316,7 @@ def write_report_html(
         f"<p class='note'>histo {esc(__version__)}, "
         f"{datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
         f"<p id='summary' class='counts'><b>{len(rows)}</b> slides analysed, "
-        f"<b>{len(failures)}</b> failed."
-        + (f" Calls: {call_text}." if rows else "")
-        + "</p>",
+        f"<b>{len(failures)}</b> failed." + (f" Calls: {call_text}." if rows else "") + "</p>",
     ]
     if rows:
         parts.append(
@@ -324,9 +329,7 @@ def write_report_html(
         )
         if groups:
             parts.append("<th class='l'>group</th>")
-        parts.extend(
-            f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS
-        )
+        parts.extend(f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS)
         parts.append("<th>confidence</th></tr></thead><tbody>")
         for r in rows:
             slide = str(r["slide"])
@@ -369,8 +372,11 @@ def write_report_html(
         parts.append(
             "<p class='note'>Two-sided Mann-Whitney U tests, not corrected for multiple "
             "comparisons; pairs with fewer than 2 slides per group are not tested."
-            + (f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}." if ungrouped
-               else "")
+            + (
+                f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}."
+                if ungrouped
+                else ""
+            )
             + "</p>"
         )
     if failures:

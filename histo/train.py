@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from histo.classes import N_CLASSES, OSTEOCLAST
+from histo.classes import BONE, MARROW, N_CLASSES, OSTEOCLAST
+from histo.errors import HistoError
 from histo.segment.instances import centre_target
 from histo.segment.network import HistoUNet, NetworkConfig, count_parameters
 
@@ -70,6 +71,9 @@ class TrainConfig:
     threads: int = 2
     widths: list[int] = field(default_factory=lambda: NetworkConfig().widths)
     init_weights: str | None = None  #: start from these weights (.safetensors): fine-tuning
+    #: share of crops centred on the bone surface (marrow touching bone), where osteoclasts sit
+    #: and where clusters of marrow cells are mistaken for them (hard negatives on oc-poor bone)
+    surface_crop_fraction: float = 0.0
 
 
 # --------------------------------------------------------------------------- data
@@ -208,6 +212,18 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(y, 0, 1).astype(np.float32)
 
 
+def bone_surface_points(class_map: np.ndarray, step: int = 4) -> np.ndarray:
+    """(n, 2) row/column points on a ``step``-px grid where marrow meets bone."""
+    g = class_map[::step, ::step]
+    marrow, bone = g == MARROW, g == BONE
+    hit = np.zeros(g.shape, bool)
+    hit[:, :-1] |= marrow[:, :-1] & bone[:, 1:]
+    hit[:, 1:] |= marrow[:, 1:] & bone[:, :-1]
+    hit[:-1] |= marrow[:-1] & bone[1:]
+    hit[1:] |= marrow[1:] & bone[:-1]
+    return np.argwhere(hit) * step
+
+
 def sample_batch(
     pool: SectionPool, config: TrainConfig, step: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,15 +242,23 @@ def sample_batch(
             h, w = cm.shape
         else:
             img, cm, ce = sec.image, sec.class_map, sec.centre
-        # favour crops that contain osteoclasts or osteocytes half of the time
+        # favour crops that contain osteoclasts or osteocytes half of the time, and (when
+        # surface_crop_fraction > 0) crops centred on the bone surface
         y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        if rng.random() < 0.5:
+        u = rng.random()
+        centre = None
+        if u < 0.5:
             rare = np.flatnonzero(cm.ravel()[::97] >= OSTEOCLAST)
             if rare.size:
-                idx = int(rare[int(rng.integers(rare.size))]) * 97
-                cy, cx = divmod(idx, w)
-                y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
-                x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
+                centre = divmod(int(rare[int(rng.integers(rare.size))]) * 97, w)
+        elif u < 0.5 + config.surface_crop_fraction:
+            surface = bone_surface_points(cm)
+            if len(surface):
+                centre = tuple(surface[int(rng.integers(len(surface)))])
+        if centre is not None:
+            cy, cx = centre
+            y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
+            x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
         crop = img[y0 : y0 + c, x0 : x0 + c]
         cmc = cm[y0 : y0 + c, x0 : x0 + c]
         cec = ce[y0 : y0 + c, x0 : x0 + c].astype(np.float32)
@@ -350,6 +374,11 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig()
+    if not 0.0 <= config.surface_crop_fraction <= 0.5:
+        raise HistoError(
+            f"surface crop fraction {config.surface_crop_fraction:g} is outside 0-0.5 "
+            "(half of the crops are already centred on osteoclasts and lacunae)"
+        )
     ckpt_path = out / "checkpoint.pt"
     state = None
     if resume and ckpt_path.exists():

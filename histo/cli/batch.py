@@ -100,8 +100,15 @@ class _Bars(BatchReporter):
 
         if resumed:
             print(f"resuming: {resumed} of {total} slides already done", file=sys.stderr)
-        self.overall = tqdm(total=total, initial=resumed, desc="slides", unit="slide",
-                            file=sys.stderr, position=0, dynamic_ncols=True)
+        self.overall = tqdm(
+            total=total,
+            initial=resumed,
+            desc="slides",
+            unit="slide",
+            file=sys.stderr,
+            position=0,
+            dynamic_ncols=True,
+        )
 
     def slide_progress(self, slide: str, fraction: float, message: str) -> None:
         if not self.per_slide:
@@ -110,9 +117,15 @@ class _Bars(BatchReporter):
 
         bar = self.slides.get(slide)
         if bar is None:
-            bar = tqdm(total=100, desc=slide[:30], file=sys.stderr, leave=False,
-                       position=len(self.slides) + 1, dynamic_ncols=True,
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+            bar = tqdm(
+                total=100,
+                desc=slide[:30],
+                file=sys.stderr,
+                leave=False,
+                position=len(self.slides) + 1,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+            )
             self.slides[slide] = bar
         target = round(max(0.0, min(1.0, fraction)) * 100, 1)
         if target > bar.n:

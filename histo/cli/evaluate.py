@@ -35,11 +35,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile", type=int, default=768, help="tile size in working px (default %(default)s)"
     )
     parser.add_argument("--cache", default=None, help="keep generated slides in this folder")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="use the validation seeds (800000+) instead of the test seeds (900000+): "
+        "choose models and constants there, report on the test seeds",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="network arithmetic (default: $HISTO_PRECISION or auto = bfloat16 where the CPU "
+        "has it natively)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from histo.evaluate import evaluate, markdown_table, write_report
+    from histo.evaluate import (
+        EVAL_SEED_BASE,
+        VALIDATION_SEED_BASE,
+        evaluate,
+        markdown_table,
+        write_report,
+    )
 
     bar = None
     if not args.quiet:
@@ -61,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             tile_px=args.tile,
             cache_dir=args.cache,
             progress=progress,
+            seed_base=VALIDATION_SEED_BASE if args.validation else EVAL_SEED_BASE,
+            precision=args.precision,
         )
     finally:
         if bar is not None:

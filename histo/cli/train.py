@@ -57,6 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=d.threads, help="torch threads (default %(default)s)"
     )
+    parser.add_argument(
+        "--surface-crops",
+        type=float,
+        default=d.surface_crop_fraction,
+        help="share of crops centred on the bone surface, where marrow cells next to bone are "
+        "the hard negatives of osteoclasts (default %(default)s; at most 0.5)",
+    )
+    parser.add_argument(
+        "--class-weights",
+        type=float,
+        nargs=5,
+        default=d.class_weights,
+        metavar="W",
+        help="cross-entropy weights of background, marrow, bone, osteoclast, osteocyte "
+        "(default %(default)s)",
+    )
     parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
@@ -101,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         field_px=args.field,
         threads=args.threads,
         init_weights=str(Path(args.init).resolve()) if args.init else None,
+        surface_crop_fraction=args.surface_crops,
+        class_weights=list(args.class_weights),
     )
     bar = None
     if not args.quiet:

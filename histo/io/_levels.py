@@ -57,8 +57,9 @@ class Layout:
     max_value: float = 255.0
 
 
-def layout_from_axes(axes: str, shape: tuple[int, ...], dtype: np.dtype, bits: int | None,
-                     where: str) -> Layout:
+def layout_from_axes(
+    axes: str, shape: tuple[int, ...], dtype: np.dtype, bits: int | None, where: str
+) -> Layout:
     """Work out a :class:`Layout` from tifffile/NGFF axis letters (e.g. 'YXS', 'CYX', 'TCZYX').
 
     Y and X must be present; 'S' (samples) or 'C' (channels) is the channel axis; any other
@@ -212,8 +213,9 @@ class LevelArray:
             if block is not None:
                 self._cache.move_to_end(key)
                 return block
-        block = self._read_direct(cy * ch, min((cy + 1) * ch, self._h),
-                                  cx * cw, min((cx + 1) * cw, self._w))
+        block = self._read_direct(
+            cy * ch, min((cy + 1) * ch, self._h), cx * cw, min((cx + 1) * cw, self._w)
+        )
         with self._lock:
             self._cache[key] = block
             self._cache_bytes += block.nbytes
@@ -243,8 +245,9 @@ class LevelArray:
                 by0, bx0 = cy * ch, cx * cw
                 iy0, iy1 = max(y0, by0), min(y1, by0 + block.shape[0])
                 ix0, ix1 = max(x0, bx0), min(x1, bx0 + block.shape[1])
-                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = \
-                    block[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = block[
+                    iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0
+                ]
         return out
 
     def _read_direct(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -258,8 +261,11 @@ class LevelArray:
             raise SlideReadError(
                 f"{self.where}: cannot decode image data ({one_line(exc, 120)})"
             ) from exc
-        if self.layout.channel_axis == "last" and block.ndim == 3 and \
-                block.shape[-1] != self.layout.n_channels:
+        if (
+            self.layout.channel_axis == "last"
+            and block.ndim == 3
+            and block.shape[-1] != self.layout.n_channels
+        ):
             block = block[..., : self.layout.n_channels]
         return to_rgb8(block, self.layout)
 

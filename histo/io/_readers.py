@@ -29,14 +29,25 @@ MAX_FIELD_PIXELS = 1 << 29
 
 #: length units to micrometres (OME-XML symbols and NGFF names)
 UNIT_TO_UM = {
-    "µm": 1.0, "μm": 1.0, "um": 1.0, "micrometer": 1.0, "micron": 1.0,
-    "nm": 1e-3, "nanometer": 1e-3,
-    "pm": 1e-6, "picometer": 1e-6,
-    "Å": 1e-4, "angstrom": 1e-4,
-    "mm": 1e3, "millimeter": 1e3,
-    "cm": 1e4, "centimeter": 1e4,
-    "m": 1e6, "meter": 1e6,
-    "in": 25400.0, "inch": 25400.0,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "pm": 1e-6,
+    "picometer": 1e-6,
+    "Å": 1e-4,
+    "angstrom": 1e-4,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+    "in": 25400.0,
+    "inch": 25400.0,
 }
 
 
@@ -235,8 +246,7 @@ def open_tiff(path: Path) -> Opened:
             ps = _tiff_resolution(page0)
             if ps is not None:
                 source = "NDPI resolution" if is_ndpi else "TIFF resolution"
-        return Opened(levels=levels, pixel_size_um=ps, pixel_size_source=source, handle=tf,
-                      fmt=fmt)
+        return Opened(levels=levels, pixel_size_um=ps, pixel_size_source=source, handle=tf, fmt=fmt)
     except BaseException:
         tf.close()
         raise
@@ -322,8 +332,14 @@ def open_zarr(path: Path) -> Opened:
                 sizes.append(value * factor)
                 unit_scale = True
     ps = sizes[0] if unit_scale and len(sizes) == len(levels) else None
-    return Opened(levels=levels, pixel_size_um=ps, pixel_size_source=source if ps else None,
-                  level_pixel_sizes_um=sizes if ps else None, handle=node, fmt="OME-Zarr")
+    return Opened(
+        levels=levels,
+        pixel_size_um=ps,
+        pixel_size_source=source if ps else None,
+        level_pixel_sizes_um=sizes if ps else None,
+        handle=node,
+        fmt="OME-Zarr",
+    )
 
 
 # --------------------------------------------------------------------------- PNG / JPEG
@@ -370,8 +386,10 @@ def _jpeg_header(data: bytes, name: str) -> tuple[int, int, float | None]:
                 um = 25400.0 / xd
             elif units == 2 and xd not in (0, 1, 28, 38):
                 um = 10000.0 / xd
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
-                      0xCF) and len(body) >= 5:
+        if (
+            marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+            and len(body) >= 5
+        ):
             height, width = struct.unpack(">HH", body[1:5])
             return width, height, um
         pos += 2 + length
@@ -417,5 +435,9 @@ def open_raster(path: Path, fmt: str) -> Opened:
     layout = layout_from_axes(axes, image.shape, image.dtype, None, name)
     rgb = to_rgb8(image, layout)
     level = LevelArray(rgb, Layout(), name)
-    return Opened(levels=[level], pixel_size_um=um,
-                  pixel_size_source=f"{fmt.upper()} density" if um else None, fmt=fmt.upper())
+    return Opened(
+        levels=[level],
+        pixel_size_um=um,
+        pixel_size_source=f"{fmt.upper()} density" if um else None,
+        fmt=fmt.upper(),
+    )

@@ -53,8 +53,9 @@ def _ring(points: np.ndarray, scale: float, offset: tuple[float, float]) -> list
     return ring
 
 
-def mask_polygons(mask: np.ndarray, scale: float = 1.0,
-                  offset: tuple[float, float] = (0.0, 0.0)) -> list[list[list[list[float]]]]:
+def mask_polygons(
+    mask: np.ndarray, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> list[list[list[list[float]]]]:
     """Polygons (outer ring then holes) of a binary mask, in level-0 pixel coordinates.
 
     Parameters
@@ -85,14 +86,20 @@ def mask_polygons(mask: np.ndarray, scale: float = 1.0,
     return polygons
 
 
-def label_features(label_image: np.ndarray, pixel_size_um: float, classification: str | None,
-                   *, slide_pixel_size_um: float | None = None,
-                   object_type: str = "detection") -> list[dict[str, Any]]:
+def label_features(
+    label_image: np.ndarray,
+    pixel_size_um: float,
+    classification: str | None,
+    *,
+    slide_pixel_size_um: float | None = None,
+    object_type: str = "detection",
+) -> list[dict[str, Any]]:
     """GeoJSON Features for the objects of a label image (see :func:`write_geojson`)."""
     labels = np.asarray(label_image)
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise ValueError(f"label image must be a 2-D integer array, got {labels.shape} "
-                         f"{labels.dtype}")
+        raise ValueError(
+            f"label image must be a 2-D integer array, got {labels.shape} {labels.dtype}"
+        )
     scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
     if classification is None:
         # a class map: each connected region of a class is one object of that class
@@ -123,25 +130,33 @@ def label_features(label_image: np.ndarray, pixel_size_um: float, classification
                 geometry = {"type": "Polygon", "coordinates": polygons[0]}
             else:
                 geometry = {"type": "MultiPolygon", "coordinates": polygons}
-            features.append({
-                "type": "Feature",
-                "geometry": geometry,
-                "properties": {
-                    "objectType": object_type,
-                    "name": f"{name} {value}",
-                    "classification": {"name": name, "color": color},
-                    "measurements": {
-                        "label": value,
-                        "area_um2": float(crop.sum()) * float(pixel_size_um) ** 2,
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": geometry,
+                    "properties": {
+                        "objectType": object_type,
+                        "name": f"{name} {value}",
+                        "classification": {"name": name, "color": color},
+                        "measurements": {
+                            "label": value,
+                            "area_um2": float(crop.sum()) * float(pixel_size_um) ** 2,
+                        },
                     },
-                },
-            })
+                }
+            )
     return features
 
 
-def write_geojson(path: str | os.PathLike, label_image: np.ndarray, pixel_size_um: float,
-                  classification: str | None, *, slide_pixel_size_um: float | None = None,
-                  object_type: str = "detection") -> int:
+def write_geojson(
+    path: str | os.PathLike,
+    label_image: np.ndarray,
+    pixel_size_um: float,
+    classification: str | None,
+    *,
+    slide_pixel_size_um: float | None = None,
+    object_type: str = "detection",
+) -> int:
     """Write the outlines of labelled objects as a QuPath-readable GeoJSON FeatureCollection.
 
     Parameters
@@ -169,8 +184,13 @@ def write_geojson(path: str | os.PathLike, label_image: np.ndarray, pixel_size_u
     """
     if object_type not in ("detection", "annotation"):
         raise ValueError(f"object_type must be 'detection' or 'annotation', not {object_type!r}")
-    features = label_features(label_image, pixel_size_um, classification,
-                              slide_pixel_size_um=slide_pixel_size_um, object_type=object_type)
+    features = label_features(
+        label_image,
+        pixel_size_um,
+        classification,
+        slide_pixel_size_um=slide_pixel_size_um,
+        object_type=object_type,
+    )
     collection = {"type": "FeatureCollection", "features": features}
     path = Path(path)
     try:

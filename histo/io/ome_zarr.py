@@ -94,9 +94,17 @@ class LabelsWriter:
     ...     writer.write_tile("class_map", y, x, class_tile)
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], pixel_size_um: float,
-                 *, labels: dict[str, str] | None = None, n_levels: int = 3,
-                 chunk_px: int = 512, ngff_version: str = "0.5") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, int],
+        pixel_size_um: float,
+        *,
+        labels: dict[str, str] | None = None,
+        n_levels: int = 3,
+        chunk_px: int = 512,
+        ngff_version: str = "0.5",
+    ) -> None:
         import zarr
 
         if ngff_version not in ("0.4", "0.5"):
@@ -129,10 +137,16 @@ class LabelsWriter:
                     kwargs: dict[str, Any] = {}
                     if zarr_format == 3:
                         kwargs["dimension_names"] = ["y", "x"]
-                    arrays.append(sub.create_array(
-                        str(k), shape=shape_k, chunks=(min(chunk_px, shape_k[0]),
-                                                       min(chunk_px, shape_k[1])),
-                        dtype=dtype, fill_value=0, **kwargs))
+                    arrays.append(
+                        sub.create_array(
+                            str(k),
+                            shape=shape_k,
+                            chunks=(min(chunk_px, shape_k[0]), min(chunk_px, shape_k[1])),
+                            dtype=dtype,
+                            fill_value=0,
+                            **kwargs,
+                        )
+                    )
                 self._arrays[name] = arrays
                 meta: dict[str, Any] = {
                     "multiscales": _multiscales(
@@ -251,15 +265,25 @@ class LabelsWriter:
         if self.version == "0.5":
             kwargs["dimension_names"] = ["c", "y", "x"]
         self._root.create_array(
-            "0", data=np.ascontiguousarray(planes),
-            chunks=(3, min(1024, planes.shape[1]), min(1024, planes.shape[2])), **kwargs,
+            "0",
+            data=np.ascontiguousarray(planes),
+            chunks=(3, min(1024, planes.shape[1]), min(1024, planes.shape[2])),
+            **kwargs,
         )
         meta = {"multiscales": _multiscales("overview", [size], True, self.version)}
         if self.version == "0.4":
-            meta["omero"] = {"rdefs": {"model": "color"}, "channels": [
-                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0,
-                                                      "max": 255}, "active": True}
-                for c, col in zip("RGB", ("FF0000", "00FF00", "0000FF"), strict=True)]}
+            meta["omero"] = {
+                "rdefs": {"model": "color"},
+                "channels": [
+                    {
+                        "label": c,
+                        "color": col,
+                        "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+                        "active": True,
+                    }
+                    for c, col in zip("RGB", ("FF0000", "00FF00", "0000FF"), strict=True)
+                ],
+            }
         self._set_attrs(self._root, meta)
 
     def finalize(self) -> Path:
@@ -316,8 +340,9 @@ def _scale_x(dataset: dict[str, Any], axes: list[Any]) -> float | None:
     return None
 
 
-def read_labels(path: str | os.PathLike, level: int = 0,
-                lazy: bool = False) -> dict[str, tuple[Any, float | None]]:
+def read_labels(
+    path: str | os.PathLike, level: int = 0, lazy: bool = False
+) -> dict[str, tuple[Any, float | None]]:
     """Read the label images of an OME-Zarr store written by :class:`LabelsWriter`.
 
     Parameters

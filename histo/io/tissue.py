@@ -67,10 +67,15 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return od.max(axis=-1)
 
 
-def tissue_mask_from_rgb(rgb: np.ndarray, pixel_size_um: float, *,
-                         min_tissue_um2: float = 20_000.0, max_hole_um2: float = 20_000.0,
-                         od_floor: float = OD_FLOOR, od_ceiling: float = OD_CEILING,
-                         ) -> TissueMask:
+def tissue_mask_from_rgb(
+    rgb: np.ndarray,
+    pixel_size_um: float,
+    *,
+    min_tissue_um2: float = 20_000.0,
+    max_hole_um2: float = 20_000.0,
+    od_floor: float = OD_FLOOR,
+    od_ceiling: float = OD_CEILING,
+) -> TissueMask:
     """Tissue mask of an RGB thumbnail (see :func:`detect_tissue` for the parameters)."""
     od = optical_density(rgb)
     if float(od.max()) - float(od.min()) < 1e-6:
@@ -107,9 +112,14 @@ def _remove_small(mask: np.ndarray, min_px: float, keep_border: bool = False) ->
     return keep[labels]
 
 
-def detect_tissue(slide: Slide | np.ndarray, pixel_size_um: float = 16.0, *,
-                  image_pixel_size_um: float | None = None, min_tissue_um2: float = 20_000.0,
-                  max_hole_um2: float = 20_000.0) -> TissueMask:
+def detect_tissue(
+    slide: Slide | np.ndarray,
+    pixel_size_um: float = 16.0,
+    *,
+    image_pixel_size_um: float | None = None,
+    min_tissue_um2: float = 20_000.0,
+    max_hole_um2: float = 20_000.0,
+) -> TissueMask:
     """Find the tissue on a slide at low resolution.
 
     Parameters
@@ -135,5 +145,6 @@ def detect_tissue(slide: Slide | np.ndarray, pixel_size_um: float = 16.0, *,
         slide = slide_from_array(slide, image_pixel_size_um)
     require_pixel_size(slide)
     thumb = read_thumbnail(slide, pixel_size_um)
-    return tissue_mask_from_rgb(thumb, pixel_size_um, min_tissue_um2=min_tissue_um2,
-                                max_hole_um2=max_hole_um2)
+    return tissue_mask_from_rgb(
+        thumb, pixel_size_um, min_tissue_um2=min_tissue_um2, max_hole_um2=max_hole_um2
+    )

@@ -29,7 +29,9 @@ __all__ = [
     "Prediction",
     "SegmentationResult",
     "Segmenter",
+    "bfloat16_supported",
     "load_model",
+    "resolve_precision",
     "segment_slide",
 ]
 
@@ -81,11 +83,43 @@ class Segmenter:
         return f"{type(self).__name__}(name={self.name!r}, working_pixel_size_um={px})"
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def bfloat16_supported() -> bool:
+    """True when this CPU runs bfloat16 convolutions natively (oneDNN: AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch builds without oneDNN
+        return False
+
+
+def resolve_precision(precision: str | None = None) -> str:
+    """The network's arithmetic: "float32" or "bfloat16" (see :class:`NetworkSegmenter`)."""
+    import os
+
+    value = (precision or os.environ.get("HISTO_PRECISION") or "auto").strip().lower()
+    if value not in PRECISIONS:
+        raise ModelError(f"precision {value!r}: choose one of {', '.join(PRECISIONS)}")
+    if value == "auto":
+        return "bfloat16" if bfloat16_supported() else "float32"
+    return value
+
+
 class NetworkSegmenter(Segmenter):
     """The compact U-Net (:class:`histo.segment.network.HistoUNet`) on CPU.
 
     Inference uses BatchNorm folded into the convolutions, channels-last memory and
     ``torch.inference_mode``; tiles are reflect-padded to a multiple of 16 px.
+
+    ``precision``: "float32", "bfloat16" (convolutions in bfloat16 under autocast, about 3x
+    faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
+    (bfloat16 when the CPU supports it, else float32). ``None`` reads the ``HISTO_PRECISION``
+    environment variable (default "auto"). Scores are float32 either way.
     """
 
     def __init__(
@@ -94,11 +128,13 @@ class NetworkSegmenter(Segmenter):
         working_pixel_size_um: float = 1.0,
         name: str = "unet",
         threads: int | None = None,
+        precision: str | None = None,
     ):
         import torch
 
         from histo.segment.network import fuse_for_inference
 
+        self.precision = resolve_precision(precision)
         self.name = name
         self.working_pixel_size_um = float(working_pixel_size_um)
         self.n_outputs = int(net.config.n_outputs)
@@ -119,8 +155,11 @@ class NetworkSegmenter(Segmenter):
             rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode=mode)
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            out = self.net(x)[0]
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
+        ):
+            out = self.net(x)[0].float()
             n_cls = self.n_outputs - 1
             probs = torch.softmax(out[:n_cls], dim=0)
             centre = torch.sigmoid(out[n_cls:])
@@ -128,7 +167,9 @@ class NetworkSegmenter(Segmenter):
         return np.ascontiguousarray(scores.numpy(), dtype=np.float32)
 
 
-def _load_safetensors(path: Path, entry: dict | None, name: str) -> NetworkSegmenter:
+def _load_safetensors(
+    path: Path, entry: dict | None, name: str, precision: str | None = None
+) -> NetworkSegmenter:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -152,11 +193,13 @@ def _load_safetensors(path: Path, entry: dict | None, name: str) -> NetworkSegme
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"weights {path} do not fit the {name!r} architecture: {first}") from None
-    return NetworkSegmenter(net, px, name=name)
+    return NetworkSegmenter(net, px, name=name, precision=precision)
 
 
 def load_model(
-    name_or_path: str | Path = "default", registry: str | Path | None = None
+    name_or_path: str | Path = "default",
+    registry: str | Path | None = None,
+    precision: str | None = None,
 ) -> Segmenter:
     """Load a segmenter by registry name ("default", "unet", "classical") or weights path.
 
@@ -169,6 +212,9 @@ def load_model(
         checksum to compare against unless the file is listed in the shipped registry).
     registry
         Registry file to use instead of the shipped ``models/registry.json``.
+    precision
+        Network arithmetic: "auto", "float32" or "bfloat16" (:class:`NetworkSegmenter`);
+        ``None`` reads ``HISTO_PRECISION``. Ignored by the classical baseline.
 
     Raises
     ------
@@ -197,10 +243,12 @@ def load_model(
             root = DEFAULT_REGISTRY.parent
             for reg_name, entry in reg["models"].items():
                 if "file" in entry and (root / entry["file"]).resolve() == path.resolve():
-                    return _load_safetensors(verified_path(entry, root, reg_name), entry, reg_name)
+                    return _load_safetensors(
+                        verified_path(entry, root, reg_name), entry, reg_name, precision
+                    )
         except ModelError:
             pass
-        return _load_safetensors(path, None, path.stem)
+        return _load_safetensors(path, None, path.stem, precision)
     reg_path = Path(registry) if registry is not None else DEFAULT_REGISTRY
     reg = read_registry(reg_path)
     real, entry = resolve(key, reg)
@@ -210,4 +258,4 @@ def load_model(
     if arch != "HistoUNet":
         raise ModelError(f"model {real!r} has an unknown architecture {arch!r}")
     weights = verified_path(entry, reg_path.resolve().parent, real)
-    return _load_safetensors(weights, entry, real)
+    return _load_safetensors(weights, entry, real, precision)
