@@ -300,8 +300,8 @@ class _Stream:
     def __init__(self, out_dir, name: str, shape: tuple[int, int], pixel_size_um: float) -> None:
         import tempfile
 
+        from histo.block_outputs import LabelsSink
         from histo.io.ome_zarr import LabelsWriter
-        from histo.measure_blocks import LabelsSink
 
         self.temporary = out_dir is None
         if self.temporary:
@@ -424,10 +424,10 @@ def write_slide_outputs(
     """
     import json
 
+    from histo.block_outputs import copy_labels, write_label_geojson_by_blocks
     from histo.io.geojson import write_geojson
     from histo.io.ome_zarr import LabelsWriter
     from histo.io.tables import write_object_table
-    from histo.measure_blocks import copy_labels, write_label_geojson_by_blocks
     from histo.report import write_overlay
 
     out_dir = Path(out_dir)

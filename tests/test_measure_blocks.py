@@ -10,14 +10,10 @@ import pytest
 import zarr
 
 from histo import classes
+from histo.block_outputs import write_label_geojson_by_blocks
 from histo.errors import ClassMapError
 from histo.measure import CountingRules, measure
-from histo.measure_blocks import (
-    downsample_nearest,
-    iter_blocks,
-    measure_by_blocks,
-    write_label_geojson_by_blocks,
-)
+from histo.measure_blocks import downsample_nearest, iter_blocks, measure_by_blocks
 
 #: relative tolerance on lengths (B.Pm, Oc.S, ES, bone contact); the brief allows 0.5 %, the
 #: decomposition is exact up to floating-point rounding
