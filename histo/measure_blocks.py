@@ -53,7 +53,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from histo import classes
-from histo._measure_objects import EIGHT, count_nuclei, optical_density
+from histo._measure_objects import EIGHT, count_nuclei_one, optical_density
 from histo._measure_perimeter import BoundaryCells, boundary_cells
 from histo.errors import ClassMapError
 from histo.measure import (
@@ -226,12 +226,91 @@ class _Sums:
         return out
 
 
-def _per_label(labels: np.ndarray, weights: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-    """Sum ``weights`` per distinct value of ``labels`` (1-D): (unique labels, sums)."""
+def _per_label(
+    labels: np.ndarray,
+    weights: dict[str, np.ndarray],
+    count: str | None = None,
+    ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Sum ``weights`` per distinct value of ``labels`` (1-D): (unique labels, sums).
+
+    ``count`` names an extra sum: the number of pixels of each label. With ``ids``, ``labels``
+    are indices 1..n into ``ids`` (compact labels) and the labels returned are ``ids`` values.
+    Each sum adds the values in the order of ``labels`` (``np.bincount``), whatever the path.
+    """
     if labels.size == 0:
-        return labels.astype(np.int64), {k: np.zeros(0) for k in weights}
+        names = [*weights, *([count] if count else [])]
+        return np.zeros(0, np.int64), {k: np.zeros(0) for k in names}
+    labels = labels.astype(np.int64, copy=False)
+    top = int(labels.max())
+    if ids is not None or top <= 4 * labels.size + 65536:
+        # labels small enough to index a bincount directly
+        n = np.bincount(labels, minlength=top + 1)
+        present = np.flatnonzero(n)
+        out = {
+            k: np.bincount(labels, weights=v, minlength=top + 1)[present]
+            for k, v in weights.items()
+        }
+        if count:
+            out[count] = n[present].astype(float)
+        u = present.astype(np.int64) if ids is None else ids[present - 1]
+        return u, out
     u, inv = np.unique(labels, return_inverse=True)
-    return u, {k: np.bincount(inv, weights=v, minlength=u.size) for k, v in weights.items()}
+    out = {k: np.bincount(inv, weights=v, minlength=u.size) for k, v in weights.items()}
+    if count:
+        out[count] = np.bincount(inv, minlength=u.size).astype(float)
+    return u, out
+
+
+def _boxes(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, (n, 4) boxes y0 x0 y1 x1) of the pixels (rows, cols) of each label of ``vals``."""
+    order = np.argsort(vals, kind="stable")
+    v = vals[order]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    r, c = rows[order], cols[order]
+    box = np.stack(
+        [
+            np.minimum.reduceat(r, starts),
+            np.minimum.reduceat(c, starts),
+            np.maximum.reduceat(r, starts) + 1,
+            np.maximum.reduceat(c, starts) + 1,
+        ],
+        axis=1,
+    )
+    return v[starts].astype(np.int64), box
+
+
+def _class_labels(cm: np.ndarray, code: int, labels: np.ndarray) -> np.ndarray:
+    """Instance labels on the pixels of class ``code``, 0 elsewhere (negative labels -> 0)."""
+    out = np.where(cm == code, labels, 0)
+    if out.dtype.kind == "i":
+        np.maximum(out, 0, out=out)
+    return out
+
+
+def _grown_labels(labels: np.ndarray, ring_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum filter of size ``2 * ring_px + 1`` of a label window, as compact labels.
+
+    Returns (ids, grown): ``grown`` holds 0 or k (1..n) for label ``ids[k - 1]``; the same
+    as ``ndi.maximum_filter(labels, size=2 * ring_px + 1)`` (compact numbering keeps the order
+    of labels, and the filter's mirrored border adds no new value to a maximum).
+    """
+    rows, cols = np.nonzero(labels)
+    if rows.size == 0:
+        return np.zeros(0, np.int64), np.zeros(labels.shape, np.uint16)
+    ids, inv = np.unique(labels[rows, cols], return_inverse=True)
+    size = 2 * int(ring_px) + 1
+    if ids.size < 2**16 - 1:
+        import cv2
+
+        compact = np.zeros(labels.shape, np.uint16)
+        compact[rows, cols] = inv + 1
+        grown = cv2.dilate(compact, np.ones((size, size), np.uint8))
+    else:
+        compact = np.zeros(labels.shape, np.int32)
+        compact[rows, cols] = inv + 1
+        grown = ndi.maximum_filter(compact, size=size)
+    return ids.astype(np.int64), grown
 
 
 # --------------------------------------------------------------------------- labels
@@ -249,7 +328,8 @@ class _GivenLabels:
         self.array = array
 
     def window(self, ys: slice, xs: slice) -> np.ndarray:
-        return _read(self.array, ys, xs).astype(np.int64)
+        # the array's own integer dtype: callers clip negative labels to 0
+        return _read(self.array, ys, xs)
 
 
 class _ComponentLabels:
@@ -429,9 +509,16 @@ _OD_LUT = optical_density(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repe
 ]
 
 
-def _od_sum(rgb_pixels: np.ndarray) -> np.ndarray:
-    """Summed optical density (float32) of (n, 3) uint8 pixels, as ``od.sum(axis=2)``."""
-    return _OD_LUT[rgb_pixels].sum(axis=-1)
+def _od_sum(rgb: np.ndarray) -> np.ndarray:
+    """Summed optical density (float32) of (..., 3) uint8 pixels, as ``od.sum(axis=-1)``.
+
+    Three look-ups added in float32, in channel order: bit for bit the sum of
+    :func:`optical_density` over its last axis, without the (..., 3) float array.
+    """
+    out = _OD_LUT[rgb[..., 0]]
+    out += _OD_LUT[rgb[..., 1]]
+    out += _OD_LUT[rgb[..., 2]]
+    return out
 
 
 # --------------------------------------------------------------------------- measure
@@ -605,10 +692,8 @@ def _measure(
             t_ar_px += int(np.count_nonzero(tissue[cy, cx] & reg_core))
             b_ar_px += int(np.count_nonzero(bone[cy, cx] & reg_core))
 
-        oc_w = np.where(cm == classes.OSTEOCLAST, oc_src.window(ys, xs), 0)
-        ot_w = np.where(cm == classes.OSTEOCYTE, ot_src.window(ys, xs), 0)
-        np.maximum(oc_w, 0, out=oc_w)
-        np.maximum(ot_w, 0, out=ot_w)
+        oc_w = _class_labels(cm, classes.OSTEOCLAST, oc_src.window(ys, xs))
+        ot_w = _class_labels(cm, classes.OSTEOCYTE, ot_src.window(ys, xs))
 
         # ---- perimeter: segments whose cell lies in the core, from core + small margin
         allc = boundary_cells(bone[sy, sx], rules.perimeter_smoothing_passes)
@@ -620,7 +705,7 @@ def _measure(
         if reg is not None:
             length = length * cells.corners(reg).mean(axis=0)
         b_pm_px += float(length.sum())
-        nb = cells.corners(~bone[sy, sx], fill=True)
+        nb = ~cells.corners(bone[sy, sx], fill=False)
         lab_c = _corner_labels(cells, oc_w[sy, sx], tol) * nb
         n_nb = nb.sum(axis=0)
         share = np.zeros(n_nb.shape)
@@ -648,67 +733,51 @@ def _measure(
         oc_sums.add(u, **s)
 
         # ---- objects: partial sums over the core
-        rgb = None
+        rgb = od_core = None
         if read_rgb is not None:
             rgb = read_rgb(b.wy0, b.wx0, b.wy1 - b.wy0, b.wx1 - b.wx0)
+            od_core = _od_sum(rgb[cy, cx])
         for lab_w, sums, kind in ((oc_w, oc_sums, "oc"), (ot_w, ot_sums, "ot")):
             core_lab = lab_w[cy, cx]
-            flat = np.flatnonzero(core_lab)
-            if flat.size == 0:
+            rows, cols = np.nonzero(core_lab)
+            if rows.size == 0:
                 continue
-            vals = core_lab.ravel()[flat]
-            rows, cols = np.divmod(flat, core_lab.shape[1])
-            rows = rows + b.y0
-            cols = cols + b.x0
+            vals = core_lab[rows, cols]
             weights: dict[str, np.ndarray] = {
-                "area": np.ones(flat.size),
-                "sy": rows.astype(float),
-                "sx": cols.astype(float),
+                "sy": (rows + b.y0).astype(float),
+                "sx": (cols + b.x0).astype(float),
             }
             if rgb is not None:
-                pix = rgb[cy, cx].reshape(-1, 3)[flat]
-                od = _OD_LUT[pix]
                 if kind == "oc":
-                    weights["trap"] = (od[:, 1] - od[:, 0]).astype(float)
+                    od_r = _OD_LUT[rgb[rows + cy.start, cols + cx.start, 0]]
+                    od_g = _OD_LUT[rgb[rows + cy.start, cols + cx.start, 1]]
+                    weights["trap"] = (od_g - od_r).astype(float)
                 else:
-                    weights["od"] = od.sum(axis=-1).astype(float)
-            u, s = _per_label(vals, weights)
+                    weights["od"] = od_core[rows, cols].astype(float)
+            u, s = _per_label(vals, weights, count="area")
             sums.add(u, **s)
             if kind == "oc":
-                order = np.argsort(vals, kind="stable")
-                starts = np.flatnonzero(np.r_[True, np.diff(vals[order]) != 0])
-                box = np.stack(
-                    [
-                        np.minimum.reduceat(rows[order], starts),
-                        np.minimum.reduceat(cols[order], starts),
-                        np.maximum.reduceat(rows[order], starts) + 1,
-                        np.maximum.reduceat(cols[order], starts) + 1,
-                    ],
-                    axis=1,
-                )
-                oc_bbox.append((vals[order][starts], box))
+                oc_bbox.append(_boxes(vals, rows + b.y0, cols + b.x0))
 
         if rgb is not None:
             matrix = cm[cy, cx] == classes.BONE
-            core_rgb = rgb[cy, cx]
-            od_matrix = _od_sum(core_rgb[matrix])
+            od_matrix = od_core[matrix]
             matrix_od_sum += float(od_matrix.astype(np.float64).sum())
             matrix_n += int(od_matrix.size)
             # ring of bone matrix around lacunae (compared with the lacuna: occupancy)
-            if ot_w.any():
-                gyy, gxx = b.grown(ring_px)
-                grown = ndi.maximum_filter(ot_w[gyy, gxx], size=2 * ring_px + 1)
-                iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
-                ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
-                ring = np.where(matrix & (ot_w[cy, cx] == 0), grown[iy, ix], 0)
-                sel_r = ring > 0
+            gyy, gxx = b.grown(ring_px)
+            iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
+            ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
+            ring_ids, grown = _grown_labels(ot_w[gyy, gxx], ring_px)
+            if ring_ids.size:
+                grown = grown[iy, ix]
+                sel_r = matrix & (ot_w[cy, cx] == 0) & (grown > 0)
                 if sel_r.any():
                     u, s = _per_label(
-                        ring[sel_r],
-                        {
-                            "ring_od": _od_sum(core_rgb[sel_r]).astype(float),
-                            "ring_n": np.ones(int(sel_r.sum())),
-                        },
+                        grown[sel_r],
+                        {"ring_od": od_core[sel_r].astype(float)},
+                        count="ring_n",
+                        ids=ring_ids,
                     )
                     ot_sums.add(u, **s)
             nuclei_done.update(_nuclei_in_block(b, oc_w, rgb, (H, W), px, rules))
@@ -832,15 +901,8 @@ def _centroids_in(
 
 
 def _count_one(od: np.ndarray, mask: np.ndarray, px: float, rules: CountingRules) -> float:
-    return float(
-        count_nuclei(
-            od,
-            mask.astype(np.int32),
-            1,
-            px,
-            rules.min_nucleus_area_um2,
-            rules.typical_nucleus_area_um2,
-        )[0]
+    return count_nuclei_one(
+        od, mask, px, rules.min_nucleus_area_um2, rules.typical_nucleus_area_um2
     )
 
 
@@ -853,31 +915,41 @@ def _nuclei_in_block(
     rules: CountingRules,
 ) -> dict[int, float]:
     """Nuclei of the osteoclasts this block owns (first pixel in its core) and sees whole."""
-    flat = np.flatnonzero(oc_w)
-    if flat.size == 0:
+    rows, cols = np.nonzero(oc_w)
+    if rows.size == 0:
         return {}
-    vals = oc_w.ravel()[flat]
-    ids, first, inverse = np.unique(vals, return_index=True, return_inverse=True)
-    fr, fc = np.divmod(flat[first], oc_w.shape[1])
+    vals = oc_w[rows, cols]
+    order = np.argsort(vals, kind="stable")
+    v = vals[order]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    ids = v[starts]
+    # first pixel (raster order) of each label: the first of its run in the stable order
+    fr, fc = rows[order][starts], cols[order][starts]
     cy, cx = b.core
     owned = (fr >= cy.start) & (fr < cy.stop) & (fc >= cx.start) & (fc < cx.stop)
     if not owned.any():
         return {}
-    compact = np.zeros(oc_w.shape, np.int32)
-    compact.ravel()[flat] = inverse + 1
+    r, c = rows[order], cols[order]
+    y0 = np.minimum.reduceat(r, starts)
+    x0 = np.minimum.reduceat(c, starts)
+    y1 = np.maximum.reduceat(r, starts) + 1
+    x1 = np.maximum.reduceat(c, starts) + 1
+    # whole only if it does not touch a window edge that is not the map's edge
     H, W = shape
+    h, w = oc_w.shape
+    whole = owned.copy()
+    if b.wy0 > 0:
+        whole &= y0 > 0
+    if b.wx0 > 0:
+        whole &= x0 > 0
+    if b.wy1 < H:
+        whole &= y1 < h
+    if b.wx1 < W:
+        whole &= x1 < w
     out: dict[int, float] = {}
-    for k, sl in enumerate(ndi.find_objects(compact, max_label=ids.size)):
-        if sl is None or not owned[k]:
-            continue
-        # whole only if it does not touch a window edge that is not the map's edge
-        if (sl[0].start == 0 and b.wy0 > 0) or (sl[1].start == 0 and b.wx0 > 0):
-            continue
-        if (sl[0].stop == oc_w.shape[0] and b.wy1 < H) or (
-            sl[1].stop == oc_w.shape[1] and b.wx1 < W
-        ):
-            continue
-        mask = compact[sl] == k + 1
+    for k in np.flatnonzero(whole):
+        sl = (slice(int(y0[k]), int(y1[k])), slice(int(x0[k]), int(x1[k])))
+        mask = oc_w[sl] == ids[k]
         out[int(ids[k])] = _count_one(optical_density(rgb[sl]), mask, px, rules)
     return out
 
