@@ -22,6 +22,24 @@ def optical_density(image: np.ndarray) -> np.ndarray:
     return lut[rgb[..., :3]]
 
 
+def nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D boolean mask (rows, columns in raster order), several times
+    faster (``cv2.findNonZero``)."""
+    import cv2
+
+    m = np.asarray(mask, bool).view(np.uint8)
+    if m.ndim != 2 or m.size == 0 or max(m.shape) >= 2**31:
+        return np.nonzero(m)
+    if m.strides[1] != 1:
+        m = np.ascontiguousarray(m)
+    points = cv2.findNonZero(m)
+    if points is None:
+        empty = np.zeros(0, np.intp)
+        return empty, empty.copy()
+    points = points.reshape(-1, 2)
+    return points[:, 1].astype(np.intp), points[:, 0].astype(np.intp)
+
+
 def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Relabel to 1..n (0 stays background). Returns (compact labels, original id of 1..n).
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.measure import find_contours
+
+from histo._measure_objects import nonzero_2d
 
 #: offsets (dy, dx) of the four corners of a cell, in the order used by ``corners``
 CORNER_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -70,6 +71,72 @@ class BoundaryCells:
         return np.stack(out)
 
 
+#: marching-squares segments (from edge, to edge) of each case of a 2x2 cell, as
+#: ``skimage.measure.find_contours`` draws them at the default ``fully_connected="low"`` (the
+#: region on the right, moving from tail to head); case bits 1 ul, 2 ur, 4 ll, 8 lr; edges
+#: 0 top, 1 bottom, 2 left, 3 right; cases 6 and 9 (saddles) have two segments
+_CASE_SEGMENTS = {
+    1: ((0, 2),),
+    2: ((3, 0),),
+    3: ((3, 2),),
+    4: ((2, 1),),
+    5: ((0, 1),),
+    6: ((3, 0), (2, 1)),
+    7: ((3, 1),),
+    8: ((1, 3),),
+    9: ((0, 2), (1, 3)),
+    10: ((1, 0),),
+    11: ((1, 2),),
+    12: ((2, 3),),
+    13: ((0, 3),),
+    14: ((2, 0),),
+}
+#: (2 * row, 2 * column) offset of the midpoint of each edge from the cell's top-left pixel
+_EDGE_OFFSETS = np.array([[0, 1], [2, 1], [1, 0], [1, 2]], np.int64)
+
+
+def _case_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    first = np.full((16, 2), -1, np.int64)
+    second = np.full((16, 2), -1, np.int64)
+    for case, segments in _CASE_SEGMENTS.items():
+        first[case] = segments[0]
+        if len(segments) > 1:
+            second[case] = segments[1]
+    return first[:, 0], first[:, 1], second[:, 0], second[:, 1]
+
+
+_FROM1, _TO1, _FROM2, _TO2 = _case_tables()
+
+
+def _contour_segments(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Directed marching-squares segments of ``mask`` padded with background.
+
+    The segments of ``find_contours(padded, 0.5)`` (every contour closed): returns the cell of
+    each segment (row, column of its top-left pixel in the padded image) and the ids of its
+    tail and head vertices (edge midpoints; id = 2 * row * (2 * (W + 2)) + 2 * column).
+    """
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    case = padded[:-1, :-1] + 2 * padded[:-1, 1:]
+    case += 4 * padded[1:, :-1]
+    case += 8 * padded[1:, 1:]
+    r, c = nonzero_2d((case != 0) & (case != 15))
+    k = case[r, c]
+    saddle = (k == 6) | (k == 9)
+    r = np.concatenate([r, r[saddle]]).astype(np.int64)
+    c = np.concatenate([c, c[saddle]]).astype(np.int64)
+    tail = np.concatenate([_FROM1[k], _FROM2[k[saddle]]])
+    head = np.concatenate([_TO1[k], _TO2[k[saddle]]])
+    stride = 2 * (w + 2)
+
+    def vertex(edge: np.ndarray) -> np.ndarray:
+        off = _EDGE_OFFSETS[edge]
+        return (2 * r + off[:, 0]) * stride + (2 * c + off[:, 1])
+
+    return r, c, vertex(tail), vertex(head)
+
+
 def boundary_cells(mask: np.ndarray, smoothing_passes: int = SMOOTHING_PASSES) -> BoundaryCells:
     """Boundary segments of a binary region with their sub-pixel length.
 
@@ -84,33 +151,31 @@ def boundary_cells(mask: np.ndarray, smoothing_passes: int = SMOOTHING_PASSES) -
     Returns
     -------
     BoundaryCells
+        One entry per segment, in raster order of the cells (the segments and lengths of
+        ``find_contours`` on the padded mask, assembled into contours by vertex ids rather
+        than by walking them: each vertex is the tail of one segment and the head of one).
     """
     h, w = mask.shape
-    padded = np.zeros((h + 2, w + 2), np.float32)
-    padded[1:-1, 1:-1] = mask
-    contours = find_contours(padded, 0.5)
-    # closed contours (first vertex repeated last): drop the repeat and concatenate
-    rings = [c[:-1] for c in contours if len(c) > 2]
-    if not rings:
+    r, c, tail, head = _contour_segments(np.asarray(mask, bool))
+    if r.size == 0:
         empty = np.zeros(0, int)
         return BoundaryCells(empty, empty, np.zeros(0), (h, w))
-    vertices = np.concatenate(rings)
-    sizes = np.array([len(r) for r in rings])
-    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
-    ends = starts + np.repeat(sizes, sizes)
-    index = np.arange(len(vertices))
-    following = np.where(index + 1 == ends, starts, index + 1)
-    preceding = np.where(index == starts, ends - 1, index - 1)
+    # segment i runs from vertex tail[i] to head[i]; the next segment starts at head[i]
+    order = np.argsort(tail, kind="stable")
+    following = order[np.searchsorted(tail, head, sorter=order)]
+    preceding = np.empty_like(following)
+    preceding[following] = np.arange(following.size)
+    stride = 2 * (w + 2)
+    yy, xx = np.divmod(tail, stride)
+    vertices = np.stack([yy * 0.5, xx * 0.5], axis=1)
 
     smooth = vertices
     for _ in range(smoothing_passes):
         smooth = 0.25 * smooth[preceding] + 0.5 * smooth + 0.25 * smooth[following]
     delta = smooth[following] - smooth
     length = np.hypot(delta[:, 0], delta[:, 1])
-    # the cell of each unsmoothed segment: floor of its midpoint (padded -> image coordinates)
-    mid = 0.5 * (vertices + vertices[following])
-    cell = np.floor(mid).astype(int) - 1
-    return BoundaryCells(y=cell[:, 0], x=cell[:, 1], length_px=length, shape=(h, w))
+    # the cell of each segment in image coordinates (the padding shifts by one pixel)
+    return BoundaryCells(y=r - 1, x=c - 1, length_px=length, shape=(h, w))
 
 
 def boundary_length_px(mask: np.ndarray, smoothing_passes: int = SMOOTHING_PASSES) -> float:

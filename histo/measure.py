@@ -630,23 +630,35 @@ def _corner_labels(cells: BoundaryCells, labels: np.ndarray, tolerance_px: int) 
     """Object label on the corners of the boundary cells, shape (4, n).
 
     A corner's own label, else the largest label within ``tolerance_px`` pixels (square
-    neighbourhood); evaluated only at the corners, never over the whole image.
+    neighbourhood); evaluated only at the corners, never over the whole image. Labels must be
+    non-negative (pixels outside the image count as 0).
     """
     own = cells.corners(labels, fill=0)
     t = int(tolerance_px)
     if t <= 0 or cells.y.size == 0:
         return own
     h, w = cells.shape
+    # the four corners' neighbourhoods cover offsets -t..t+1 of the cell's top-left pixel:
+    # read each of those (2t + 2)² pixels once, take maxima along rows, then along columns
+    offsets = range(-t, t + 2)
+    ys = [cells.y + o for o in offsets]
+    xs = [cells.x + o for o in offsets]
+    y_in = [(y >= 0) & (y < h) for y in ys]
+    x_in = [(x >= 0) & (x < w) for x in xs]
+    ys = [np.clip(y, 0, h - 1) for y in ys]
+    xs = [np.clip(x, 0, w - 1) for x in xs]
+    zero = np.zeros((), labels.dtype)
+    # row maxima over columns -t..t (left corners) and -t+1..t+1 (right corners)
+    left, right = [], []
+    for yi, yv in zip(ys, y_in, strict=True):
+        vals = [np.where(yv & xv, labels[yi, xi], zero) for xi, xv in zip(xs, x_in, strict=True)]
+        middle = np.maximum.reduce(vals[1:-1]) if len(vals) > 2 else np.zeros_like(vals[0])
+        left.append(np.maximum(middle, vals[0]))
+        right.append(np.maximum(middle, vals[-1]))
     near = np.zeros_like(own)
     for k, (dy, dx) in enumerate(CORNER_OFFSETS):
-        yy = cells.y + dy
-        xx = cells.x + dx
-        for oy in range(-t, t + 1):
-            for ox in range(-t, t + 1):
-                y2, x2 = yy + oy, xx + ox
-                inside = (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
-                values = labels[np.clip(y2, 0, h - 1), np.clip(x2, 0, w - 1)]
-                np.maximum(near[k], np.where(inside, values, 0), out=near[k])
+        rows = right if dx else left
+        near[k] = np.maximum.reduce(rows[dy : dy + 2 * t + 1])
     return np.where(own > 0, own, near)
 
 

@@ -53,7 +53,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from histo import classes
-from histo._measure_objects import EIGHT, count_nuclei_one, optical_density
+from histo._measure_objects import EIGHT, count_nuclei_one, nonzero_2d, optical_density
 from histo._measure_perimeter import BoundaryCells, boundary_cells
 from histo.errors import ClassMapError
 from histo.measure import (
@@ -280,34 +280,54 @@ def _boxes(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.nda
     return v[starts].astype(np.int64), box
 
 
-def _class_labels(cm: np.ndarray, code: int, labels: np.ndarray) -> np.ndarray:
-    """Instance labels on the pixels of class ``code``, 0 elsewhere (negative labels -> 0)."""
-    out = np.where(cm == code, labels, 0)
-    if out.dtype.kind == "i":
-        np.maximum(out, 0, out=out)
-    return out
+def _class_labels(
+    cm: np.ndarray, code: int, labels: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Instance labels on the pixels of class ``code``, 0 elsewhere (negative labels -> 0).
+
+    Returns the label image and its labelled pixels (rows, columns, labels) in raster order.
+    """
+    mask = (cm == code) & (labels > 0)
+    rows, cols = nonzero_2d(mask)
+    out = np.zeros(mask.shape, labels.dtype)
+    vals = labels[rows, cols]
+    out[rows, cols] = vals
+    return out, (rows, cols, vals)
 
 
-def _grown_labels(labels: np.ndarray, ring_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Maximum filter of size ``2 * ring_px + 1`` of a label window, as compact labels.
+def _in_core(
+    rcv: tuple[np.ndarray, np.ndarray, np.ndarray], ys: slice, xs: slice
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels (rows, columns, labels) inside rows ``ys`` and columns ``xs``, shifted to
+    them (raster order kept)."""
+    rows, cols, vals = rcv
+    sel = (rows >= ys.start) & (rows < ys.stop) & (cols >= xs.start) & (cols < xs.stop)
+    return rows[sel] - ys.start, cols[sel] - xs.start, vals[sel]
 
+
+def _grown_labels(
+    rcv: tuple[np.ndarray, np.ndarray, np.ndarray], shape: tuple[int, int], ring_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum filter of size ``2 * ring_px + 1`` of a label image, as compact labels.
+
+    ``rcv`` holds the labelled pixels (rows, columns, labels) of an image of ``shape``.
     Returns (ids, grown): ``grown`` holds 0 or k (1..n) for label ``ids[k - 1]``; the same
     as ``ndi.maximum_filter(labels, size=2 * ring_px + 1)`` (compact numbering keeps the order
     of labels, and the filter's mirrored border adds no new value to a maximum).
     """
-    rows, cols = np.nonzero(labels)
+    rows, cols, vals = rcv
     if rows.size == 0:
-        return np.zeros(0, np.int64), np.zeros(labels.shape, np.uint16)
-    ids, inv = np.unique(labels[rows, cols], return_inverse=True)
+        return np.zeros(0, np.int64), np.zeros(shape, np.uint16)
+    ids, inv = np.unique(vals, return_inverse=True)
     size = 2 * int(ring_px) + 1
     if ids.size < 2**16 - 1:
         import cv2
 
-        compact = np.zeros(labels.shape, np.uint16)
+        compact = np.zeros(shape, np.uint16)
         compact[rows, cols] = inv + 1
         grown = cv2.dilate(compact, np.ones((size, size), np.uint8))
     else:
-        compact = np.zeros(labels.shape, np.int32)
+        compact = np.zeros(shape, np.int32)
         compact[rows, cols] = inv + 1
         grown = ndi.maximum_filter(compact, size=size)
     return ids.astype(np.int64), grown
@@ -512,12 +532,14 @@ _OD_LUT = optical_density(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repe
 def _od_sum(rgb: np.ndarray) -> np.ndarray:
     """Summed optical density (float32) of (..., 3) uint8 pixels, as ``od.sum(axis=-1)``.
 
-    Three look-ups added in float32, in channel order: bit for bit the sum of
+    One look-up per channel, added in float32 in channel order: bit for bit the sum of
     :func:`optical_density` over its last axis, without the (..., 3) float array.
     """
-    out = _OD_LUT[rgb[..., 0]]
-    out += _OD_LUT[rgb[..., 1]]
-    out += _OD_LUT[rgb[..., 2]]
+    import cv2
+
+    od = cv2.LUT(np.ascontiguousarray(rgb[..., :3]), _OD_LUT)
+    out = od[..., 0] + od[..., 1]
+    out += od[..., 2]
     return out
 
 
@@ -692,8 +714,21 @@ def _measure(
             t_ar_px += int(np.count_nonzero(tissue[cy, cx] & reg_core))
             b_ar_px += int(np.count_nonzero(bone[cy, cx] & reg_core))
 
-        oc_w = _class_labels(cm, classes.OSTEOCLAST, oc_src.window(ys, xs))
-        ot_w = _class_labels(cm, classes.OSTEOCYTE, ot_src.window(ys, xs))
+        # osteoclasts over the window (whole cells for nuclei); lacunae over the core and the
+        # ring around it only
+        oc_w, oc_rc = _class_labels(cm, classes.OSTEOCLAST, oc_src.window(ys, xs))
+        gyy, gxx = b.grown(ring_px)
+        ot_g, ot_rc = _class_labels(
+            cm[gyy, gxx],
+            classes.OSTEOCYTE,
+            ot_src.window(
+                slice(b.wy0 + gyy.start, b.wy0 + gyy.stop),
+                slice(b.wx0 + gxx.start, b.wx0 + gxx.stop),
+            ),
+        )
+        # the core in ot_g
+        iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
+        ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
 
         # ---- perimeter: segments whose cell lies in the core, from core + small margin
         allc = boundary_cells(bone[sy, sx], rules.perimeter_smoothing_passes)
@@ -736,13 +771,17 @@ def _measure(
         rgb = od_core = None
         if read_rgb is not None:
             rgb = read_rgb(b.wy0, b.wx0, b.wy1 - b.wy0, b.wx1 - b.wx0)
+            if rgb.dtype != np.uint8:
+                # as optical_density reads it (the whole-map measure)
+                rgb = np.clip(rgb, 0, 255).astype(np.uint8)
             od_core = _od_sum(rgb[cy, cx])
-        for lab_w, sums, kind in ((oc_w, oc_sums, "oc"), (ot_w, ot_sums, "ot")):
-            core_lab = lab_w[cy, cx]
-            rows, cols = np.nonzero(core_lab)
+        for (rows, cols, vals), sums, kind in (
+            (_in_core(oc_rc, cy, cx), oc_sums, "oc"),
+            (_in_core(ot_rc, iy, ix), ot_sums, "ot"),
+        ):
+            # rows, cols: pixels of the core
             if rows.size == 0:
                 continue
-            vals = core_lab[rows, cols]
             weights: dict[str, np.ndarray] = {
                 "sy": (rows + b.y0).astype(float),
                 "sx": (cols + b.x0).astype(float),
@@ -765,13 +804,10 @@ def _measure(
             matrix_od_sum += float(od_matrix.astype(np.float64).sum())
             matrix_n += int(od_matrix.size)
             # ring of bone matrix around lacunae (compared with the lacuna: occupancy)
-            gyy, gxx = b.grown(ring_px)
-            iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
-            ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
-            ring_ids, grown = _grown_labels(ot_w[gyy, gxx], ring_px)
+            ring_ids, grown = _grown_labels(ot_rc, ot_g.shape, ring_px)
             if ring_ids.size:
                 grown = grown[iy, ix]
-                sel_r = matrix & (ot_w[cy, cx] == 0) & (grown > 0)
+                sel_r = matrix & (ot_g[iy, ix] == 0) & (grown > 0)
                 if sel_r.any():
                     u, s = _per_label(
                         grown[sel_r],
@@ -780,7 +816,7 @@ def _measure(
                         ids=ring_ids,
                     )
                     ot_sums.add(u, **s)
-            nuclei_done.update(_nuclei_in_block(b, oc_w, rgb, (H, W), px, rules))
+            nuclei_done.update(_nuclei_in_block(b, oc_w, oc_rc, rgb, (H, W), px, rules))
         if progress is not None:
             progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
 
@@ -909,16 +945,16 @@ def _count_one(od: np.ndarray, mask: np.ndarray, px: float, rules: CountingRules
 def _nuclei_in_block(
     b: Block,
     oc_w: np.ndarray,
+    oc_rc: tuple[np.ndarray, np.ndarray, np.ndarray],
     rgb: np.ndarray,
     shape: tuple[int, int],
     px: float,
     rules: CountingRules,
 ) -> dict[int, float]:
     """Nuclei of the osteoclasts this block owns (first pixel in its core) and sees whole."""
-    rows, cols = np.nonzero(oc_w)
+    rows, cols, vals = oc_rc
     if rows.size == 0:
         return {}
-    vals = oc_w[rows, cols]
     order = np.argsort(vals, kind="stable")
     v = vals[order]
     starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
