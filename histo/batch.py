@@ -679,7 +679,9 @@ def run_batch(
     Raises
     ------
     OutputError
-        ``out_dir`` cannot be written or another histo run holds it (exit status 4).
+        ``out_dir`` cannot be written or another histo run holds it (exit status 4). When a
+        slide's outputs cannot be written, the batch stops; the slides finished before it
+        are in indices.csv (written when the folder still allows it).
     ModelError
         The model cannot be loaded (exit status 5).
     """
@@ -710,6 +712,12 @@ def run_batch(
                 _run_here(todo, out_dir, settings, outcomes, reporter)
             elif todo:
                 _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler)
+        except (OutputError, ModelError):
+            # the batch stops (the error concerns every slide), but the slides finished so far
+            # keep their rows: write the summary tables of those, if the folder still allows it
+            with contextlib.suppress(OutputError):
+                write_summary(out_dir, [outcomes[p] for p in slides if p in outcomes], groups)
+            raise
         finally:
             reporter.close()
         ordered = [outcomes[p] for p in slides if p in outcomes]

@@ -296,3 +296,27 @@ def test_local_workers_and_the_output_lock(tmp_path, slides, reference):
     assert first.returncode == 0, err
     assert "3 analysed, 0 failed" in err
     assert read_csv(out / "indices.csv") == reference
+
+
+def test_output_error_stops_the_batch_but_keeps_the_finished_rows(tmp_path, slides, reference):
+    """A slide whose outputs cannot be written stops the batch (exit 4): it concerns the output
+    folder, not the slide. The slides finished before it keep their rows in indices.csv."""
+    from histo.errors import OutputError
+
+    out = tmp_path / "out"
+
+    class Obstacle(Recorder):
+        def slide_done(self, outcome):
+            super().slide_done(outcome)
+            # after the 1st slide, a file where the 2nd (path order) writes before renaming
+            (out / f".oc-poor-2.partial-{os.getpid()}").write_text("in the way")
+
+    rec = Obstacle()
+    with pytest.raises(OutputError) as info:
+        run_batch(slides, out, workers=0, model="classical", reporter=rec)
+    assert info.value.exit_status == 4
+    assert rec.done == ["normal-0"]  # the batch stopped at the 2nd slide
+    rows = read_csv(out / "indices.csv")
+    assert [r["slide"] for r in rows] == ["normal-0"]
+    assert rows[0] == reference[0]
+    assert not (out / "oc-rich-1").exists() and not (out / "oc-poor-2").exists()
