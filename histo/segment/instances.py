@@ -6,6 +6,7 @@ training code to build the centre-map target from ground-truth instance labels.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import cv2
@@ -104,19 +105,14 @@ def _emit(target: Any, box: tuple[slice, slice], values: np.ndarray) -> None:
         np.copyto(target[rows, cols], values, where=values > 0)
 
 
-def _osteoclast_markers(
-    class_map: np.ndarray,
-    centre: np.ndarray,
-    comps: list[np.ndarray],
-    n_cc: int,
-    boxes: list[tuple[slice, slice]],
-    min_seed_px: int,
-) -> list[np.ndarray]:
-    """Watershed markers of every class-3 component, cropped to its bounding box.
+def _seed_components(
+    class_map: np.ndarray, centre: np.ndarray, min_seed_px: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.int32]:
+    """Osteoclast seeds of a window: ``(labels, stats, small, offset)``.
 
-    The values are those of the whole-window marker image: seeds (``centre >
-    CENTRE_SEED_LEVEL``, at least ``min_seed_px``) are numbered as 8-connected components of
-    the window, a component without a seed takes ``cc + max(seed number)``.
+    Seeds (``centre > CENTRE_SEED_LEVEL`` inside class 3) are numbered as 8-connected
+    components of the window; ``small[k]`` is True for seeds of fewer than ``min_seed_px``
+    pixels (and for the background); ``offset`` is the largest number of a kept seed.
     """
     seeds = np.empty(class_map.shape, bool)
     for blk in _blocks(class_map.shape):
@@ -129,8 +125,31 @@ def _osteoclast_markers(
     small[0] = True  # background and small seeds -> 0
     kept_ids = np.flatnonzero(~small)
     offset = np.int32(kept_ids.max() if kept_ids.size else 0)
+    return seed_labels, seed_stats, small, offset
+
+
+def _osteoclast_markers(
+    class_map: np.ndarray,
+    centre: np.ndarray,
+    comps: list[np.ndarray],
+    n_cc: int,
+    boxes: list[tuple[slice, slice]],
+    min_seed_px: int,
+    ids: Any = None,
+    seeds: tuple | None = None,
+) -> list[np.ndarray]:
+    """Watershed markers of the class-3 components ``ids`` (default: all), cropped to their
+    bounding boxes.
+
+    The values are those of the whole-window marker image: seeds (``centre >
+    CENTRE_SEED_LEVEL``, at least ``min_seed_px``) are numbered as 8-connected components of
+    the window, a component without a seed takes ``cc + max(seed number)``.
+    """
+    seed_labels, _, small, offset = (
+        seeds if seeds is not None else _seed_components(class_map, centre, min_seed_px)
+    )
     markers = [np.zeros(0, np.int32)] * n_cc
-    for i in range(1, n_cc):
+    for i in range(1, n_cc) if ids is None else ids:
         rows, cols = boxes[i]
         comp = comps[i]
         mk = np.where(comp, seed_labels[rows, cols], 0)
@@ -148,6 +167,7 @@ def _watershed_components(
     boxes: list[tuple[slice, slice]],
     markers: list[np.ndarray],
     width: int,
+    ids: Any = None,
 ) -> list[np.ndarray]:
     """skimage's watershed of ``-centre`` from ``markers`` inside the class-3 components, run
     on the components' boxes packed side by side instead of on the whole window.
@@ -156,10 +176,17 @@ def _watershed_components(
     flooding order depends only on the values, on the order in which the marker pixels enter
     the priority queue (raster order of the window, kept here) and on the 4-neighbourhoods
     inside the mask (kept: boxes are separated by a zero gutter). All components are flooded in
-    one queue, as on the window, so ties between equal priorities resolve the same way.
+    one queue, as on the window, so ties between equal priorities resolve the same way (and
+    the flooding of one component does not depend on the others: only components ``ids``
+    (default: all) are flooded; the others' entries are empty).
     """
-    if not PACKED_WATERSHED:
-        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
+    ids = list(range(1, n_cc)) if ids is None else [int(i) for i in ids]
+
+    def centre_of(i: int) -> np.ndarray:  # the component's box of the centre map
+        return centre[i] if isinstance(centre, list) else centre[boxes[i]]
+
+    if not PACKED_WATERSHED or not ids:
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width, ids)
     try:
         from skimage.segmentation import _watershed_cy
         from skimage.segmentation._watershed import (
@@ -167,19 +194,19 @@ def _watershed_components(
             _validate_connectivity,
         )
     except ImportError:  # skimage internals moved: the whole-window watershed (same result)
-        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width, ids)
 
     # shelf packing with a 1-px gutter around every box
-    widths = [b[1].stop - b[1].start for b in boxes[1:]]
+    widths = [boxes[i][1].stop - boxes[i][1].start for i in ids]
     canvas_w = max(max(widths, default=1) + 1, 1024) + 1
-    places: list[tuple[int, int]] = [(0, 0)]
+    places: dict[int, tuple[int, int]] = {}
     y, x, shelf_h = 1, 1, 0
-    for i in range(1, n_cc):
+    for i in ids:
         rows, cols = boxes[i]
         h, w = rows.stop - rows.start, cols.stop - cols.start
         if x + w + 1 > canvas_w:
             y, x, shelf_h = y + shelf_h + 1, 1, 0
-        places.append((y, x))
+        places[i] = (y, x)
         x += w + 1
         shelf_h = max(shelf_h, h)
     canvas_h = y + shelf_h + 1
@@ -187,14 +214,14 @@ def _watershed_components(
     mask = np.zeros((canvas_h, canvas_w), np.int8)
     output = np.zeros((canvas_h, canvas_w), np.int32)
     loc_canvas, loc_window = [], []
-    for i in range(1, n_cc):
+    for i in ids:
         rows, cols = boxes[i]
         py, px_ = places[i]
         h, w = rows.stop - rows.start, cols.stop - cols.start
         dst = (slice(py, py + h), slice(px_, px_ + w))
         comp = comps[i]
         mask[dst] = comp
-        image[dst] = np.where(comp, -centre[rows, cols].astype(np.float32), 0)
+        image[dst] = np.where(comp, -np.asarray(centre_of(i), np.float32), 0)
         output[dst] = markers[i]
         my, mx = np.nonzero(markers[i])
         loc_canvas.append((my + py) * canvas_w + (mx + px_))
@@ -209,13 +236,13 @@ def _watershed_components(
             image.ravel(), loc_c[order], neighbours, mask.ravel(), strides, 0, output.ravel(), False
         )
     except TypeError:  # another signature of skimage's internals: whole-window watershed
-        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
-    out = [np.zeros(0, np.int32)]
-    for i in range(1, n_cc):
+        return _watershed_window(centre, comps, n_cc, boxes, markers, width, ids)
+    out = [np.zeros(0, np.int32)] * n_cc
+    for i in ids:
         rows, cols = boxes[i]
         py, px_ = places[i]
         h, w = rows.stop - rows.start, cols.stop - cols.start
-        out.append(output[py : py + h, px_ : px_ + w].copy())
+        out[i] = output[py : py + h, px_ : px_ + w].copy()
     return out
 
 
@@ -226,19 +253,28 @@ def _watershed_window(
     boxes: list[tuple[slice, slice]],
     markers: list[np.ndarray],
     width: int,
+    ids: Any = None,
 ) -> list[np.ndarray]:
     """``_watershed_components`` with skimage's public watershed on the whole window (the
     reference result; costs several bytes per window pixel)."""
     from skimage.segmentation import watershed
 
-    shape = (centre.shape[0], width)
+    ids = range(1, n_cc) if ids is None else ids
+    height = max((boxes[i][0].stop for i in ids), default=0)
+    shape = (height, width)
     mask = np.zeros(shape, bool)
     mk = np.zeros(shape, np.int32)
-    for i in range(1, n_cc):
+    image = np.zeros(shape, np.float32)
+    for i in ids:
         np.copyto(mask[boxes[i]], True, where=comps[i])
         np.copyto(mk[boxes[i]], markers[i], where=comps[i])
-    labels = watershed(-centre.astype(np.float32), markers=mk, mask=mask).astype(np.int32)
-    return [np.zeros(0, np.int32)] + [labels[boxes[i]].copy() for i in range(1, n_cc)]
+        cen = centre[i] if isinstance(centre, list) else centre[boxes[i]]
+        np.copyto(image[boxes[i]], -np.asarray(cen, np.float32), where=comps[i])
+    labels = watershed(image, markers=mk, mask=mask).astype(np.int32)
+    out = [np.zeros(0, np.int32)] * n_cc
+    for i in ids:
+        out[i] = labels[boxes[i]].copy()
+    return out
 
 
 def split_osteoclasts(
@@ -276,6 +312,185 @@ def split_osteoclasts(
     return out
 
 
+#: columns of a band labelled at a time (each with ``CONTEXT_UM`` of context either side)
+LABEL_COLS = 2048
+#: context around a column block (µm); an object reaching the block window's side is labelled
+#: again from a wider window, so this only bounds the usual cost
+CONTEXT_UM = 256.0
+#: key of an object seen by no seed: after every seeded one (see ``_first_block_keys``)
+_UNSEEDED = np.int64(1) << 50
+
+
+def _first_block_keys(
+    labels: np.ndarray, stats: np.ndarray, ids: np.ndarray, x0: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Order keys of components ``ids`` of a window whose column 0 is slide column ``x0``.
+
+    OpenCV numbers the components of an image in the raster order of their first 2 x 2 block
+    (rows paired from the window's top, columns from column 0): the key is ``strip * 2**25 +
+    column // 2`` with ``strip = top // 2`` and ``column`` the leftmost slide column of the
+    component in that strip. Keys of a column block of a window therefore sort its components
+    exactly as OpenCV numbers them on the whole-width window. Returns ``(keys, column)``.
+    """
+    ids = np.asarray(ids, np.intp)
+    if ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    h, w = labels.shape
+    top = stats[ids, cv2.CC_STAT_TOP].astype(np.int64)
+    left = stats[ids, cv2.CC_STAT_LEFT].astype(np.int64)
+    width = stats[ids, cv2.CC_STAT_WIDTH].astype(np.int64)
+    strip = top // 2
+    n = ids.size
+    seg = np.repeat(np.arange(n), width)
+    col = np.arange(seg.size, dtype=np.int64) - np.repeat(np.cumsum(width) - width - left, width)
+    starts = np.concatenate(([0], np.cumsum(width)[:-1]))
+    big = np.int64(1) << 40
+    first = np.full(n, big, np.int64)
+    flat_labels = labels.reshape(-1)
+    want = ids[seg]
+    for dr in (0, 1):
+        rows = 2 * strip + dr
+        valid = rows < h
+        rr = np.where(valid, rows, 0)[seg]
+        hit = (flat_labels[rr * w + col] == want) & valid[seg]
+        first = np.minimum(first, np.minimum.reduceat(np.where(hit, col, big), starts))
+    column = first + x0
+    return strip * (np.int64(1) << 25) + column // 2, column
+
+
+def _label_block(
+    class_map: np.ndarray,
+    centre: np.ndarray,
+    own_start: int,
+    own_stop: int,
+    pixel_size_um: float,
+    x0: int,
+    x1: int,
+    c0: int,
+    c1: int,
+    width: int,
+    next_id: int,
+) -> dict | None:
+    """Objects of a band window held by columns ``[c0, c1)``, from window columns [x0, x1).
+
+    A component is held by the block holding the column of its key (``_first_block_keys``).
+    Returns None if a held component (or ``r`` px around it) reaches a side of the window that
+    is not the slide's: the window must be widened. Otherwise a dict with ``oc``: every held
+    class-3 component (all are flooded together, see ``_watershed_components``) as ``(box,
+    comp, marker, centre, key)`` with markers numbered from ``next_id`` and ``keys`` (the
+    OpenCV order of the whole-window marker numbers), ``oc_owned`` (whether the band owns it),
+    and the owned osteocytes: ``ot_keys``, ``ot_pieces`` (sparse pieces numbered 1..n in the
+    order of ``ot_keys``), ``specks`` and ``owned`` (box, mask).
+    """
+    cmw = class_map[:, x0:x1]
+    cew = centre[:, x0:x1]
+    h, w = cmw.shape
+    px_area = pixel_size_um**2
+    r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
+    open_left, open_right = x0 > 0, x1 < width
+
+    def held_ids(cc, stats, rows_owned: bool):
+        top = stats[:, cv2.CC_STAT_TOP]
+        if rows_owned:
+            cand = np.flatnonzero((top >= own_start) & (top < own_stop))
+        else:
+            cand = np.arange(stats.shape[0])
+        cand = cand[cand > 0]
+        keys, column = _first_block_keys(cc, stats, cand, x0)
+        sel = (column >= c0) & (column < c1)
+        ids, keys = cand[sel], keys[sel]
+        left = stats[ids, cv2.CC_STAT_LEFT]
+        right = left + stats[ids, cv2.CC_STAT_WIDTH]
+        if (open_left and (left < r).any()) or (open_right and (right > w - r).any()):
+            return None
+        return ids, keys
+
+    res: dict = {"oc": [], "ot_keys": np.zeros(0, np.int64), "ot_pieces": [], "specks": []}
+    res["owned"] = []
+    res["next_id"] = next_id
+
+    # osteoclasts: every held component (owned or not) with its markers
+    mask = cmw == OSTEOCLAST
+    n_cc, cc, stats = _components(mask)
+    del mask
+    got = held_ids(cc, stats, rows_owned=False)
+    if got is None:
+        return None
+    ids, comp_keys = got
+    if ids.size:
+        boxes = _boxes(stats)
+        tops = stats[:, cv2.CC_STAT_TOP]
+        seed_labels, seed_stats, small, _ = _seed_components(cmw, cew, 12)
+        items = []
+        seeded_ids = []
+        for i, ckey in zip(ids, comp_keys, strict=True):
+            rows, cols = boxes[i]
+            comp = cc[rows, cols] == i
+            mk = np.where(comp, seed_labels[rows, cols], 0)
+            mk[small[mk]] = 0
+            gbox = (rows, slice(cols.start + x0, cols.stop + x0))
+            own = own_start <= tops[i] < own_stop
+            if mk.any():
+                items.append([gbox, comp, mk, cew[rows, cols], None, own])
+                seeded_ids.append(np.unique(mk[mk > 0]))
+            else:
+                items.append([gbox, comp, None, cew[rows, cols], _UNSEEDED + ckey, own])
+        del cc
+        seeded = np.concatenate(seeded_ids) if seeded_ids else np.zeros(0, np.int32)
+        skeys, _ = _first_block_keys(seed_labels, seed_stats, seeded, x0)
+        del seed_labels
+        # seed numbers -> ids from next_id on, in the order of ``seeded``
+        lut = np.zeros(int(seeded.max(initial=0)) + 1, np.int32)
+        lut[seeded] = np.arange(next_id, next_id + seeded.size, dtype=np.int32)
+        keys_of = list(skeys)
+        nid = next_id + seeded.size
+        for it in items:
+            if it[2] is None:
+                it[2] = np.where(it[1], np.int32(nid), 0).astype(np.int32)
+                keys_of.append(it[4])
+                nid += 1
+            else:
+                it[2] = lut[it[2]]
+        res["oc"] = items
+        res["oc_keys"] = np.asarray(keys_of, np.int64)
+        res["next_id"] = nid
+    else:
+        del cc
+
+    # osteocyte lacunae: one per component
+    mask = cmw == OSTEOCYTE
+    n_cc, cc, stats = _components(mask)
+    del mask
+    got = held_ids(cc, stats, rows_owned=True)
+    if got is None:
+        return None
+    ids, keys = got
+    owned = np.zeros(n_cc, bool)
+    owned[ids] = True
+    keep = np.zeros(n_cc, bool)
+    keep[ids] = stats[ids, cv2.CC_STAT_AREA] * px_area >= MIN_OSTEOCYTE_AREA_UM2
+    res["ot_keys"] = keys[keep[ids]]
+    lut = np.zeros(n_cc, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    speck_lut = owned & ~keep
+    if ids.size:
+        # only the rows holding owned objects
+        tops = stats[ids, cv2.CC_STAT_TOP]
+        r0 = int(tops.min())
+        r1 = int((tops + stats[ids, cv2.CC_STAT_HEIGHT]).max())
+        for blk_r, blk_c in _blocks((r1 - r0, w)):
+            rows = slice(blk_r.start + r0, min(blk_r.stop + r0, r1))
+            c = cc[rows, blk_c]
+            gbox = (rows, slice(blk_c.start + x0, blk_c.start + x0 + c.shape[1]))
+            _emit(res["ot_pieces"], gbox, lut[c])
+            if speck_lut.any():
+                s = speck_lut[c]
+                if s.any():
+                    res["specks"].append((gbox, s))
+            res["owned"].append((gbox, owned[c]))
+    return res
+
+
 def label_band(
     class_map: np.ndarray,
     centre: np.ndarray,
@@ -286,6 +501,7 @@ def label_band(
     *,
     into: tuple[Any, Any] | None = None,
     offsets: tuple[int, int] = (0, 0),
+    block_cols: int = LABEL_COLS,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int, int]:
     """Label the objects a row band owns, inside a window of rows around it.
 
@@ -295,9 +511,11 @@ def label_band(
     ``OSTEOCLAST_BONE_CONTACT_UM`` from bone, are removed and their pixels take ``alt_class`` (the
     best non-cell class).
 
-    Work is done per object on its bounding box; besides its inputs the window costs one int32
-    label image and a few bool masks at a time, so memory grows with the window's area by a
-    small factor only (no float64/int64 window temporaries).
+    The window is worked on in column blocks of ``block_cols`` with ``CONTEXT_UM`` of context
+    either side (an object is owned by the block of its first 2 x 2 pixel block; one that
+    reaches a block window's side is done again from a wider window), and objects are numbered
+    in the order OpenCV numbers them on the whole window, so the result is that of the whole
+    window, in memory that does not depend on its width (besides the sparse outputs).
 
     Parameters
     ----------
@@ -317,6 +535,8 @@ def label_band(
         ascending) in it.
     offsets
         Added to the labels written ``into``.
+    block_cols
+        Columns labelled at a time (even).
 
     Returns
     -------
@@ -326,97 +546,128 @@ def label_band(
         (h, W) bool, pixels of owned objects or removed specks (to be written back).
     n_osteoclasts, n_osteocytes : int
     """
-    px_area = pixel_size_um**2
+    h, width = class_map.shape
     ret = into is None
     if into is None:
         into = (np.zeros(class_map.shape, np.int32), np.zeros(class_map.shape, np.int32))
     owned_mask = np.zeros(class_map.shape, bool) if ret else None
-    counts = []
-    specks: list[tuple[tuple[slice, slice], np.ndarray]] = []
+    block_cols = max(2, int(block_cols) // 2 * 2)
+    context = 2 * int(math.ceil(CONTEXT_UM / pixel_size_um / 2))
+    oc_items: list = []  # (box, comp, markers, centre, key, owned) of class-3 components
+    oc_keys: list[np.ndarray] = [np.zeros(1, np.int64)]  # marker id -> order key (id 0: none)
+    next_id = 1
+    ot_keys: list[np.ndarray] = []
+    ot_pieces: list = []
+    specks: list = []
+    for c0 in range(0, width, block_cols):
+        c1 = min(width, c0 + block_cols)
+        grow = context
+        while True:
+            x0, x1 = max(0, c0 - grow), min(width, c1 + grow)
+            res = _label_block(
+                class_map,
+                centre,
+                own_start,
+                own_stop,
+                pixel_size_um,
+                x0,
+                x1,
+                c0,
+                c1,
+                width,
+                next_id,
+            )
+            if res is not None:
+                break
+            grow *= 2  # an object reaches the window's side: widen it
+        oc_items.extend(res["oc"])
+        if res["oc"]:
+            oc_keys.append(res["oc_keys"])
+        next_id = res["next_id"]
+        n_before = sum(k.size for k in ot_keys)
+        for piece in res["ot_pieces"]:
+            if n_before:
+                piece[4][...] += np.int32(n_before)
+            ot_pieces.append(piece)
+        ot_keys.append(res["ot_keys"])
+        specks.extend(res["specks"])
+        if owned_mask is not None:
+            for (rows, cols), m in res["owned"]:
+                owned_mask[rows, cols] |= m
 
-    # osteoclasts: watershed per component, decisions per marker label
-    mask = class_map == OSTEOCLAST
-    n_cc, cc, stats = _components(mask)
-    del mask
-    boxes = _boxes(stats)
-    top = stats[:, cv2.CC_STAT_TOP]
-    # a region taller than the window margin is cut at the window's bottom (once): such
-    # regions are far larger than any cell (the margin is >= 256 µm)
-    owned = (top >= own_start) & (top < own_stop)
-    owned[0] = False
-    kept: list[tuple[int, int]] = []  # (marker label, component) of kept osteoclasts
-    parts: dict[int, np.ndarray] = {}
-    comps = _crops(cc, n_cc, boxes)
-    del cc
-    if owned.any():
-        markers = _osteoclast_markers(class_map, centre, comps, n_cc, boxes, 12)
-        local = _watershed_components(centre, comps, n_cc, boxes, markers, class_map.shape[1])
-        del markers
-        r = max(1, int(round(OSTEOCLAST_BONE_CONTACT_UM / pixel_size_um)))
+    # osteoclasts: one watershed over every class-3 component of the window (as on the whole
+    # window), then decisions per marker of the owned ones, numbered in key order
+    n = len(oc_items)
+    keys = np.concatenate(oc_keys)
+    kept_ids: list[np.ndarray] = []
+    kept_items = []
+    if any(it[5] for it in oc_items):
+        boxes = [(slice(0, 0), slice(0, 0))] + [it[0] for it in oc_items]
+        comps = [np.zeros((0, 0), bool)] + [it[1] for it in oc_items]
+        markers = [np.zeros(0, np.int32)] + [it[2] for it in oc_items]
+        crops = [np.zeros(0, np.float32)] + [it[3] for it in oc_items]
+        local = _watershed_components(crops, comps, n + 1, boxes, markers, width)
+        del markers, crops
+        px_area = pixel_size_um**2
+        r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        h_win, w_win = class_map.shape
-        for i in np.flatnonzero(owned):
-            rows, cols = boxes[i]
-            comp = comps[i]
-            lab = np.where(comp, local[i], 0)
+        for j, it in enumerate(oc_items, start=1):
+            if not it[5]:
+                continue
+            (rows, cols), comp = it[0], it[1]
+            lab = np.where(comp, local[j], 0)
             ids, areas = np.unique(lab[comp], return_counts=True)
             keep = areas * px_area >= MIN_OSTEOCLAST_AREA_UM2
             if OSTEOCLAST_BONE_CONTACT_UM is not None:
                 # bone within r px: dilate the box grown by r (same as dilating the window)
-                y0, y1 = max(0, rows.start - r), min(h_win, rows.stop + r)
-                x0, x1 = max(0, cols.start - r), min(w_win, cols.stop + r)
+                y0, y1 = max(0, rows.start - r), min(h, rows.stop + r)
+                x0, x1 = max(0, cols.start - r), min(width, cols.stop + r)
                 cmc = class_map[y0:y1, x0:x1]
                 bone = ((cmc == BONE) | (cmc == OSTEOCYTE)).astype(np.uint8)
                 near = cv2.dilate(bone, disk) > 0
                 near = near[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0]
-                touching = np.isin(ids, lab[near & comp])
-                keep &= touching
+                keep &= np.isin(ids, lab[near & comp])
             keep &= ids > 0
-            kept.extend((int(v), int(i)) for v in ids[keep])
-            speck = comp & ~np.isin(lab, ids[keep])
-            if speck.any():
-                specks.append(((rows, cols), speck))
-            parts[int(i)] = lab
+            if not keep.all():
+                speck = comp & ~np.isin(lab, ids[keep])
+                if speck.any():
+                    specks.append((it[0], speck))
             if owned_mask is not None:
                 owned_mask[rows, cols] |= comp
-    kept.sort()
-    by_comp: dict[int, list[tuple[int, int]]] = {}
-    for rank, (v, i) in enumerate(kept, start=1):
-        by_comp.setdefault(i, []).append((v, rank + offsets[0]))
-    for i, pairs in by_comp.items():
-        lab = parts[i]
-        vals = np.zeros(lab.shape, np.int32)
-        for v, new in pairs:
-            vals[lab == v] = new
-        _emit(into[0], boxes[i], vals)
-    counts.append(len(kept))
-    del comps, parts
+            if keep.any():
+                kept_ids.append(ids[keep])
+                kept_items.append((it[0], lab, ids[keep]))
+    all_ids = np.concatenate(kept_ids) if kept_ids else np.zeros(0, np.int32)
+    order = np.argsort(keys[all_ids], kind="stable")
+    rank = np.empty(all_ids.size, np.int32)
+    rank[order] = np.arange(1, all_ids.size + 1, dtype=np.int32)
+    k = 0
+    for gbox, lab, ids in kept_items:
+        lut_v = np.zeros(int(lab.max()) + 1, np.int32)
+        lut_v[ids] = rank[k : k + ids.size] + np.int32(offsets[0])
+        k += ids.size
+        _emit(into[0], gbox, lut_v[lab])
+    n_oc = int(all_ids.size)
+    del oc_items
 
-    # osteocyte lacunae: one per component
-    mask = class_map == OSTEOCYTE
-    n_cc, cc, stats = _components(mask)
-    del mask
-    top = stats[:, cv2.CC_STAT_TOP]
-    owned = (top >= own_start) & (top < own_stop)
-    owned[0] = False
-    keep = owned & (stats[:, cv2.CC_STAT_AREA] * px_area >= MIN_OSTEOCYTE_AREA_UM2)
-    lut = np.zeros(n_cc, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32) + np.int32(offsets[1])
-    speck_lut = owned & ~keep
-    for blk in _blocks(cc.shape):
-        c = cc[blk]
-        _emit(into[1], blk, lut[c])
-        s = speck_lut[c]
-        if s.any():
-            np.copyto(class_map[blk], alt_class[blk], where=s)
-        if owned_mask is not None:
-            owned_mask[blk] |= owned[c]
-    counts.append(int(keep.sum()))
-    del cc
+    # osteocytes: numbered in key order
+    keys = np.concatenate(ot_keys) if ot_keys else np.zeros(0, np.int64)
+    final = np.zeros(keys.size + 1, np.int32)
+    final[1:][np.argsort(keys, kind="stable")] = np.arange(1, keys.size + 1, dtype=np.int32)
+    final[1:] += np.int32(offsets[1])
+    target = into[1]
+    for y0, x0, w, idx, vals in ot_pieces:
+        vals = final[vals]
+        if isinstance(target, list):
+            target.append((y0, x0, w, idx, vals))
+        else:
+            rows, cols = np.divmod(idx, w)
+            target[rows + y0, cols + x0] = vals
+    n_ot = int(keys.size)
 
-    # osteoclast specks last: bone contact was judged on the unmodified class map
+    # specks last: every decision was made on the unmodified class map
     for (rows, cols), speck in specks:
         np.copyto(class_map[rows, cols], alt_class[rows, cols], where=speck)
     if ret:
-        return into[0], into[1], owned_mask, counts[0], counts[1]
-    return None, None, None, counts[0], counts[1]
+        return into[0], into[1], owned_mask, n_oc, n_ot
+    return None, None, None, n_oc, n_ot

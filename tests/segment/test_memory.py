@@ -242,6 +242,14 @@ def test_label_band_matches_reference(quant):
         assert np.array_equal(cm_into, cm_ref)
         assert np.array_equal(into[0], np.where(ref[0] > 0, ref[0] + 10, 5))
         assert np.array_equal(into[1], np.where(ref[1] > 0, ref[1] + 20, 6))
+        # column blocks (narrow ones make objects reach the blocks' sides): same result
+        for block_cols in (64, 130, 512):
+            cm_blk = cm.copy()
+            blk = label_band(cm_blk, ce, alt, *own, 1.0, block_cols=block_cols)
+            assert np.array_equal(cm_blk, cm_ref)
+            for a, b in zip(ref[:3], blk[:3], strict=True):
+                assert np.array_equal(a, b)
+            assert ref[3:] == blk[3:]
 
 
 @pytest.mark.parametrize("model_name", ["default", "classical"])
