@@ -36,6 +36,8 @@ from histo.segment.instances import label_band
 MARGIN_UM = 256.0
 #: columns blended at a time (bounds the float temporaries of a row of tiles)
 BLEND_COLS = 2048
+#: columns written to the sink at a time (a multiple of the usual 512-px chunks)
+FLUSH_COLS = 2048
 
 
 @dataclass
@@ -124,23 +126,33 @@ def _shift_up(a: np.ndarray, k: int, n: int) -> None:
         a[j:e] = a[k + j : k + e]
 
 
-def _paint(pieces: list, r0: int, r1: int, width: int) -> np.ndarray:
-    """Rows [r0, r1) of a label image from sparse pieces ``(row, col, w, flat_index, labels)``
-    (slide rows); pieces that end above ``r1`` are removed from ``pieces``."""
-    out = np.zeros((r1 - r0, width), np.int32)
-    left = []
-    for piece in pieces:
-        y0, x0, w, idx, vals = piece
-        if y0 >= r1:
-            left.append(piece)
+def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows [r0, r1) and columns [c0, c1) of a label image from sparse pieces ``(row, col, w,
+    flat_index, labels)`` (slide rows and columns)."""
+    out = np.zeros((r1 - r0, c1 - c0), np.int32)
+    for y0, x0, w, idx, vals in pieces:
+        if y0 >= r1 or x0 >= c1 or x0 + w <= c0 or y0 + int(idx[-1]) // w < r0:
             continue
-        rows = y0 + idx // w
-        sel = (rows >= r0) & (rows < r1)
-        out[rows[sel] - r0, x0 + idx[sel] % w] = vals[sel]
-        if rows[-1] >= r1:
-            left.append(piece)
-    pieces[:] = left
+        rows, cols = np.divmod(idx, w)
+        rows += y0 - r0
+        cols += x0 - c0
+        sel = (rows >= 0) & (rows < r1 - r0) & (cols >= 0) & (cols < c1 - c0)
+        out[rows[sel], cols[sel]] = vals[sel]
     return out
+
+
+def _prune(pieces: list, r1: int) -> None:
+    """Remove the pieces that end above row ``r1``."""
+    pieces[:] = [p for p in pieces if p[0] + int(p[3][-1]) // p[2] >= r1]
+
+
+def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
+    """``labels`` (int32, >= 0) as the sink's unsigned 32-bit type if it has one (a view: the
+    sink need not check and convert the values)."""
+    dtype = getattr(out, "dtype", None)
+    if dtype is not None and np.dtype(dtype) == np.uint32:
+        return labels.view(np.uint32)
+    return labels
 
 
 def _starts(n: int, tile: int, stride: int) -> list[int]:
@@ -294,9 +306,16 @@ def segment_slide(
             flush_to = owned_to if not at_end else final_to
             if flush_to > flushed_to:
                 a, b = flushed_to - buf_y0, flush_to - buf_y0
-                out_cm[flushed_to:flush_to] = buf_cm[a:b]
-                out_oc[flushed_to:flush_to] = _paint(pend_oc, flushed_to, flush_to, W)
-                out_ot[flushed_to:flush_to] = _paint(pend_ot, flushed_to, flush_to, W)
+                # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
+                for c0 in range(0, W, FLUSH_COLS):
+                    c1 = min(W, c0 + FLUSH_COLS)
+                    out_cm[flushed_to:flush_to, c0:c1] = buf_cm[a:b, c0:c1]
+                    for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
+                        labels = _paint(pend, flushed_to, flush_to, c0, c1)
+                        out[flushed_to:flush_to, c0:c1] = _as_sink_dtype(out, labels)
+                        del labels
+                _prune(pend_oc, flush_to)
+                _prune(pend_ot, flush_to)
                 flushed_to = flush_to
             keep_from = max(0, owned_to - margin - buf_y0)
             # keep the margin rows (context for the next band), drop the rest
@@ -315,11 +334,25 @@ def segment_slide(
         for d0 in range(c0, c1, BLEND_COLS):
             d1 = min(c1, d0 + BLEND_COLS)
             a, b = d0 - win_x0, d1 - win_x0
-            blended = win[:, :n_final, a:b] / np.maximum(win_w[:n_final, a:b], 1e-6)
-            buf_cm[r0:r1, d0:d1] = np.argmax(blended[:n_cls], axis=0)
-            buf_alt[r0:r1, d0:d1] = np.argmax(blended[: min(3, n_cls)], axis=0)
-            buf_ce[r0:r1, d0:d1] = blended[n_cls]
-            del blended
+            wsum = np.maximum(win_w[:n_final, a:b], 1e-6)
+            # argmax over the blended classes (the first of equal maxima, as np.argmax), one
+            # class at a time: the best of classes 0-2 first (alt), then of all (class map)
+            best = np.divide(win[0, :n_final, a:b], wsum)
+            score = np.empty_like(best)
+            gt = np.empty(best.shape, bool)
+            cm = buf_cm[r0:r1, d0:d1]
+            cm[...] = 0
+            for k in range(1, n_cls):
+                if k == min(3, n_cls):
+                    buf_alt[r0:r1, d0:d1] = cm
+                np.divide(win[k, :n_final, a:b], wsum, out=score)
+                np.greater(score, best, out=gt)
+                np.copyto(cm, np.uint8(k), where=gt)
+                np.maximum(best, score, out=best)
+            if n_cls <= 3:
+                buf_alt[r0:r1, d0:d1] = cm
+            np.divide(win[n_cls, :n_final, a:b], wsum, out=buf_ce[r0:r1, d0:d1])
+            del best, score, gt, wsum
             if rows_out:
                 carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
                 carry_w[:rows_out, d0:d1] = win_w[n_final : n_final + rows_out, a:b]
