@@ -770,11 +770,20 @@ def _measure(
         # ---- objects: partial sums over the core
         rgb = od_core = None
         if read_rgb is not None:
-            rgb = read_rgb(b.wy0, b.wx0, b.wy1 - b.wy0, b.wx1 - b.wx0)
+            # the image over the core and the osteoclasts counted here (no further)
+            targets = _whole_owned(b, oc_rc, cm.shape, (H, W))
+            _, ty0, tx0, ty1, tx1 = targets
+            ry0 = min(cy.start, int(ty0.min(initial=cy.start)))
+            rx0 = min(cx.start, int(tx0.min(initial=cx.start)))
+            ry1 = max(cy.stop, int(ty1.max(initial=cy.stop)))
+            rx1 = max(cx.stop, int(tx1.max(initial=cx.stop)))
+            rgb = read_rgb(b.wy0 + ry0, b.wx0 + rx0, ry1 - ry0, rx1 - rx0)
             if rgb.dtype != np.uint8:
                 # as optical_density reads it (the whole-map measure)
                 rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-            od_core = _od_sum(rgb[cy, cx])
+            # rgb in window coordinates: shift by (ry0, rx0)
+            rgb_core = rgb[cy.start - ry0 : cy.stop - ry0, cx.start - rx0 : cx.stop - rx0]
+            od_core = _od_sum(rgb_core)
         for (rows, cols, vals), sums, kind in (
             (_in_core(oc_rc, cy, cx), oc_sums, "oc"),
             (_in_core(ot_rc, iy, ix), ot_sums, "ot"),
@@ -788,8 +797,8 @@ def _measure(
             }
             if rgb is not None:
                 if kind == "oc":
-                    od_r = _OD_LUT[rgb[rows + cy.start, cols + cx.start, 0]]
-                    od_g = _OD_LUT[rgb[rows + cy.start, cols + cx.start, 1]]
+                    od_r = _OD_LUT[rgb_core[rows, cols, 0]]
+                    od_g = _OD_LUT[rgb_core[rows, cols, 1]]
                     weights["trap"] = (od_g - od_r).astype(float)
                 else:
                     weights["od"] = od_core[rows, cols].astype(float)
@@ -816,7 +825,7 @@ def _measure(
                         ids=ring_ids,
                     )
                     ot_sums.add(u, **s)
-            nuclei_done.update(_nuclei_in_block(b, oc_w, oc_rc, rgb, (H, W), px, rules))
+            nuclei_done.update(_count_targets(targets, oc_w, rgb, (ry0, rx0), px, rules))
         if progress is not None:
             progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
 
@@ -942,38 +951,38 @@ def _count_one(od: np.ndarray, mask: np.ndarray, px: float, rules: CountingRules
     )
 
 
-def _nuclei_in_block(
+def _whole_owned(
     b: Block,
-    oc_w: np.ndarray,
     oc_rc: tuple[np.ndarray, np.ndarray, np.ndarray],
-    rgb: np.ndarray,
+    window_shape: tuple[int, int],
     shape: tuple[int, int],
-    px: float,
-    rules: CountingRules,
-) -> dict[int, float]:
-    """Nuclei of the osteoclasts this block owns (first pixel in its core) and sees whole."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The osteoclasts this block owns (first pixel in its core) and sees whole.
+
+    ``oc_rc`` holds the labelled pixels (rows, columns, labels) of the window. Returns
+    (labels, y0, x0, y1, x1): each one's bounding box in window coordinates.
+    """
     rows, cols, vals = oc_rc
+    empty = np.zeros(0, np.int64)
     if rows.size == 0:
-        return {}
+        return empty, empty, empty, empty, empty
     order = np.argsort(vals, kind="stable")
     v = vals[order]
     starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
     ids = v[starts]
     # first pixel (raster order) of each label: the first of its run in the stable order
-    fr, fc = rows[order][starts], cols[order][starts]
+    r, c = rows[order], cols[order]
+    fr, fc = r[starts], c[starts]
     cy, cx = b.core
     owned = (fr >= cy.start) & (fr < cy.stop) & (fc >= cx.start) & (fc < cx.stop)
-    if not owned.any():
-        return {}
-    r, c = rows[order], cols[order]
     y0 = np.minimum.reduceat(r, starts)
     x0 = np.minimum.reduceat(c, starts)
     y1 = np.maximum.reduceat(r, starts) + 1
     x1 = np.maximum.reduceat(c, starts) + 1
     # whole only if it does not touch a window edge that is not the map's edge
     H, W = shape
-    h, w = oc_w.shape
-    whole = owned.copy()
+    h, w = window_shape
+    whole = owned
     if b.wy0 > 0:
         whole &= y0 > 0
     if b.wx0 > 0:
@@ -982,11 +991,25 @@ def _nuclei_in_block(
         whole &= y1 < h
     if b.wx1 < W:
         whole &= x1 < w
+    return ids[whole], y0[whole], x0[whole], y1[whole], x1[whole]
+
+
+def _count_targets(
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    oc_w: np.ndarray,
+    rgb: np.ndarray,
+    origin: tuple[int, int],
+    px: float,
+    rules: CountingRules,
+) -> dict[int, float]:
+    """Nuclei of the osteoclasts of :func:`_whole_owned` (``rgb`` starts at ``origin`` of the
+    window)."""
     out: dict[int, float] = {}
-    for k in np.flatnonzero(whole):
-        sl = (slice(int(y0[k]), int(y1[k])), slice(int(x0[k]), int(x1[k])))
-        mask = oc_w[sl] == ids[k]
-        out[int(ids[k])] = _count_one(optical_density(rgb[sl]), mask, px, rules)
+    oy, ox = origin
+    for lab, y0, x0, y1, x1 in zip(*(t.tolist() for t in targets), strict=True):
+        mask = oc_w[y0:y1, x0:x1] == lab
+        od = _OD_LUT[rgb[y0 - oy : y1 - oy, x0 - ox : x1 - ox]]
+        out[int(lab)] = _count_one(od, mask, px, rules)
     return out
 
 
