@@ -12,6 +12,11 @@ Every segment of the unsmoothed polygon lies in one 2x2 cell of pixel centres; t
 its smoothed counterpart is attributed to that cell, so callers can share it out to what lies on
 the non-region side of the cell (osteoclasts, eroded pits) or to a region of interest.
 
+The segments are computed cell by cell with numpy (the case table of ``find_contours``) and
+linked into contours by their shared vertices, without walking the contours in Python: the
+same segments, cells and lengths as ``find_contours`` (``tests/test_measure.py``), about ten
+times faster; only the order in which the lengths are summed differs.
+
 Accuracy with 3 passes (``tests/test_measure.py``): digital disks of radius 10-100 px and rings
 within 0.5 % of 2πr; axis-aligned rectangles -1.5 % and rotated squares -1 to -2 % (corners are
 rounded over about two pixels); a one-pixel line within 1 % of twice its length.

@@ -86,6 +86,97 @@ def test_region_at_image_edge_is_closed():
     assert boundary_length_px(mask) == pytest.approx(2 * (50 + 20), rel=0.03)
 
 
+def _reference_cells(mask, passes=3):
+    """(cell y, x, length) of each segment by skimage's find_contours, sorted: the estimator
+    as first written (contours walked by skimage, then smoothed along each)."""
+    from skimage.measure import find_contours
+
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2))
+    padded[1:-1, 1:-1] = mask
+    out = []
+    for contour in find_contours(padded, 0.5):
+        v = contour[:-1]
+        following = np.roll(np.arange(len(v)), -1)
+        preceding = np.roll(np.arange(len(v)), 1)
+        smooth = v
+        for _ in range(passes):
+            smooth = 0.25 * smooth[preceding] + 0.5 * smooth + 0.25 * smooth[following]
+        delta = smooth[following] - smooth
+        cell = np.floor(0.5 * (v + v[following])).astype(int) - 1
+        out.append(np.column_stack([cell, np.hypot(delta[:, 0], delta[:, 1])]))
+    if not out:
+        return np.zeros((0, 3))
+    rows = np.concatenate(out)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.mark.parametrize("passes", [0, 1, 3])
+def test_boundary_cells_are_find_contours_segments(passes):
+    """The vectorised marching squares gives skimage's segments, cells and lengths exactly
+    (saddles, one-pixel lines, image edges, holes)."""
+    from scipy import ndimage as ndi
+
+    from histo._measure_perimeter import boundary_cells
+
+    rng = np.random.default_rng(7)
+    masks = [np.ones((1, 1), bool), np.ones((6, 9), bool), np.eye(7, dtype=bool)]
+    for k in range(40):
+        h, w = rng.integers(1, 50, 2)
+        m = rng.random((h, w)) < rng.random()
+        masks.append(ndi.binary_opening(m) if k % 2 and min(h, w) > 2 else m)
+    for mask in masks:
+        cells = boundary_cells(mask, passes)
+        got = np.column_stack([cells.y, cells.x, cells.length_px])
+        got = got[np.lexsort(got.T[::-1])] if len(got) else np.zeros((0, 3))
+        np.testing.assert_array_equal(got, _reference_cells(mask, passes))
+
+
+def test_corner_labels_equal_the_plain_neighbourhood_maximum():
+    from histo._measure_perimeter import CORNER_OFFSETS, boundary_cells
+    from histo.measure import _corner_labels
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        h, w = rng.integers(1, 30, 2)
+        cells = boundary_cells(rng.random((h, w)) < 0.5)
+        labels = np.where(rng.random((h, w)) < 0.3, rng.integers(1, 9, (h, w)), 0)
+        for t in (0, 1, 2):
+            got = _corner_labels(cells, labels, t)
+            padded = np.pad(labels, t + 2)
+            for k, (dy, dx) in enumerate(CORNER_OFFSETS):
+                yy, xx = cells.y + dy + t + 2, cells.x + dx + t + 2
+                own = padded[yy, xx]
+                near = np.max(
+                    [padded[yy + a, xx + c] for a in range(-t, t + 1) for c in range(-t, t + 1)],
+                    axis=0,
+                )
+                np.testing.assert_array_equal(got[k], np.where(own > 0, own, near))
+
+
+def test_count_nuclei_median_is_numpy_median():
+    from histo._measure_objects import _median
+
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 4, 7, 8, 100, 101]:
+        a = rng.random((n, 3)).astype(np.float32)
+        np.testing.assert_array_equal(_median(a), np.median(a, axis=0))
+        assert _median(a[:, 0]) == np.median(a[:, 0])
+        assert np.asarray(_median(a[:, 0])).dtype == np.float32
+
+
+def test_nonzero_2d_is_numpy_nonzero():
+    from histo._measure_objects import nonzero_2d
+
+    rng = np.random.default_rng(1)
+    for shape in [(0, 4), (1, 1), (37, 53), (300, 2)]:
+        mask = rng.random(shape) < 0.2
+        for m in (mask, mask[::1, 1:], np.zeros(shape, bool)):
+            rows, cols = nonzero_2d(m)
+            ref = np.nonzero(m)
+            np.testing.assert_array_equal(rows, ref[0])
+            np.testing.assert_array_equal(cols, ref[1])
+
+
 def test_lacunae_add_no_perimeter_but_marrow_holes_do():
     shape = (161, 161)
     bone = disk(shape, 80.2, 80.4, 60)
