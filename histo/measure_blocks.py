@@ -281,17 +281,21 @@ def _boxes(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.nda
 
 
 def _class_labels(
-    cm: np.ndarray, code: int, labels: np.ndarray
+    cm: np.ndarray, code: int, labels: np.ndarray, image: bool = True
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Instance labels on the pixels of class ``code``, 0 elsewhere (negative labels -> 0).
 
-    Returns the label image and its labelled pixels (rows, columns, labels) in raster order.
+    Returns the label image (or with ``image=False`` the mask of labelled pixels) and the
+    labelled pixels (rows, columns, labels) in raster order.
     """
-    mask = (cm == code) & (labels > 0)
+    mask = cm == code
+    mask &= labels > 0
     rows, cols = nonzero_2d(mask)
-    out = np.zeros(mask.shape, labels.dtype)
     vals = labels[rows, cols]
-    out[rows, cols] = vals
+    if not image:
+        return mask, (rows, cols, vals)
+    out = np.zeros(mask.shape, labels.dtype)
+    out.ravel()[rows * mask.shape[1] + cols] = vals
     return out, (rows, cols, vals)
 
 
@@ -718,15 +722,16 @@ def _measure(
         # ring around it only
         oc_w, oc_rc = _class_labels(cm, classes.OSTEOCLAST, oc_src.window(ys, xs))
         gyy, gxx = b.grown(ring_px)
-        ot_g, ot_rc = _class_labels(
+        ot_mask, ot_rc = _class_labels(
             cm[gyy, gxx],
             classes.OSTEOCYTE,
             ot_src.window(
                 slice(b.wy0 + gyy.start, b.wy0 + gyy.stop),
                 slice(b.wx0 + gxx.start, b.wx0 + gxx.stop),
             ),
+            image=False,
         )
-        # the core in ot_g
+        # the core in ot_mask
         iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
         ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
 
@@ -813,10 +818,10 @@ def _measure(
             matrix_od_sum += float(od_matrix.astype(np.float64).sum())
             matrix_n += int(od_matrix.size)
             # ring of bone matrix around lacunae (compared with the lacuna: occupancy)
-            ring_ids, grown = _grown_labels(ot_rc, ot_g.shape, ring_px)
+            ring_ids, grown = _grown_labels(ot_rc, ot_mask.shape, ring_px)
             if ring_ids.size:
                 grown = grown[iy, ix]
-                sel_r = matrix & (ot_g[iy, ix] == 0) & (grown > 0)
+                sel_r = matrix & ~ot_mask[iy, ix] & (grown > 0)
                 if sel_r.any():
                     u, s = _per_label(
                         grown[sel_r],
