@@ -53,15 +53,17 @@ def write_label_geojson_by_blocks(
     (int, int)
         Features written and objects skipped.
     """
-    import json
     import os
     from pathlib import Path
 
-    from histo.io.geojson import label_features
+    from histo.io.geojson import _color, _feature_json, mask_polygons
 
     path = Path(path)
     shape = _shape2(label_image)
     H, W = shape
+    scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
+    pixel_area_um2 = float(pixel_size_um) ** 2
+    color = _color(classification)
     n_written = 0
     written: set[int] = set()
     skipped: set[int] = set()  # claimed by a block that did not see them whole
@@ -69,60 +71,72 @@ def write_label_geojson_by_blocks(
     with open(tmp, "w") as fh:
         fh.write('{"type":"FeatureCollection","features":[')
         for b in iter_blocks(shape, block_px, margin_px):
-            lab = _read(label_image, *b.window).astype(np.int64)
-            flat = np.flatnonzero(lab > 0)
-            if flat.size == 0:
+            lab, ids, slices = _window_objects(_read(label_image, *b.window))
+            if not slices:
                 continue
-            vals = lab.ravel()[flat]
-            ids, first, inverse = np.unique(vals, return_index=True, return_inverse=True)
-            fr, fc = np.divmod(flat[first], lab.shape[1])
-            cy, cx = b.core
-            owned = (fr >= cy.start) & (fr < cy.stop) & (fc >= cx.start) & (fc < cx.stop)
-            if not owned.any():
-                continue
-            compact = np.zeros(lab.shape, np.int32)
-            compact.ravel()[flat] = inverse + 1
-            slices = ndi.find_objects(compact, max_label=ids.size)
-            keep = np.zeros(ids.size + 1, np.int64)
+            (cy, cx), (h, w) = b.core, lab.shape
+            chunk = []
             for k, sl in enumerate(slices):
-                if sl is None or not owned[k]:
+                if sl is None:
                     continue
-                edge = (
-                    (sl[0].start == 0 and b.wy0 > 0)
-                    or (sl[1].start == 0 and b.wx0 > 0)
-                    or (sl[0].stop == lab.shape[0] and b.wy1 < H)
-                    or (sl[1].stop == lab.shape[1] and b.wx1 < W)
+                rows, cols = sl
+                if not cy.start <= rows.start < cy.stop:
+                    continue  # the first pixel (raster order) is in the top row of the box
+                code = k + 1  # its value in lab
+                value = int(ids[k]) if ids is not None else code  # its label
+                if not (cx.start <= cols.start and cols.stop <= cx.stop):
+                    first = cols.start + int(np.argmax(lab[rows.start, cols] == code))
+                    if not cx.start <= first < cx.stop:
+                        continue  # owned by the block on the left or on the right
+                if (
+                    (rows.start == 0 and b.wy0 > 0)
+                    or (cols.start == 0 and b.wx0 > 0)
+                    or (rows.stop == h and b.wy1 < H)
+                    or (cols.stop == w and b.wx1 < W)
+                ):
+                    skipped.add(value)  # touches the window's edge: maybe not seen whole
+                    continue
+                written.add(value)
+                crop = lab[sl] == code
+                polygons = mask_polygons(crop, scale, (b.wy0 + rows.start, b.wx0 + cols.start))
+                if not polygons:
+                    continue
+                area = float(np.count_nonzero(crop)) * pixel_area_um2
+                chunk.append(
+                    _feature_json(polygons, classification, value, area, color, "detection")
                 )
-                if edge:
-                    skipped.add(int(ids[k]))
-                    continue
-                keep[k + 1] = ids[k]
-                written.add(int(ids[k]))
-            # one call on the owned objects of the window, shifted back to map coordinates
-            owned_lab = keep[compact]
-            features = label_features(
-                owned_lab, pixel_size_um, classification, slide_pixel_size_um=slide_pixel_size_um
-            )
-            scale = (
-                1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
-            )
-            for feat in features:
-                _shift(feat["geometry"], b.wx0 * scale, b.wy0 * scale)
-                fh.write(("," if n_written else "") + json.dumps(feat, separators=(",", ":")))
-                n_written += 1
+            if chunk:
+                fh.write(("," if n_written else "") + ",".join(chunk))
+                n_written += len(chunk)
         fh.write("]}")
     os.replace(tmp, path)
     return n_written, len(skipped - written)
 
 
-def _shift(geometry: dict, dx: float, dy: float) -> None:
-    def ring(points: list) -> list:
-        return [[round(x + dx, 3), round(y + dy, 3)] for x, y in points]
+def _window_objects(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
+    """A window of labels, and the bounding boxes of its objects (``ndimage.find_objects``).
 
-    if geometry["type"] == "Polygon":
-        geometry["coordinates"] = [ring(r) for r in geometry["coordinates"]]
-    else:
-        geometry["coordinates"] = [[ring(r) for r in poly] for poly in geometry["coordinates"]]
+    Returns ``(labels, ids, slices)``: ``slices[k]`` is the box of label ``ids[k]`` in
+    ``labels``, or of label ``k + 1`` when ``ids`` is None (labels used as they are, when their
+    values are small enough for a list indexed by value; otherwise they are renumbered
+    1..n and ``ids`` holds the original values in increasing order). Values <= 0 are none.
+    """
+    if lab.dtype.kind not in "iu":
+        lab = lab.astype(np.int64)
+    if lab.size == 0:
+        return lab, None, []
+    if lab.dtype.kind == "i" and int(lab.min()) < 0:
+        lab = np.where(lab > 0, lab, 0)
+    top = int(lab.max())
+    if top <= 0:
+        return lab, None, []
+    if top <= max(lab.size, 1 << 20):
+        return lab, None, ndi.find_objects(lab, max_label=top)
+    flat = np.flatnonzero(lab)
+    ids, inverse = np.unique(lab.ravel()[flat], return_inverse=True)
+    compact = np.zeros(lab.shape, np.int32 if ids.size < 2**31 else np.int64)
+    compact.ravel()[flat] = inverse + 1
+    return compact, ids, ndi.find_objects(compact, max_label=ids.size)
 
 
 # --------------------------------------------------------------------------- streaming sink
@@ -169,9 +183,11 @@ class LabelsSink:
         self.writer.write_tile(self.name, y, x, np.asarray(value))
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        self.writer.flush()  # rows the writer holds back until they fill a row of chunks
         return self.array[key]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        self.writer.flush()
         out = np.asarray(self.array[...])
         return out if dtype is None else out.astype(dtype)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,24 @@ def _color(name: str) -> list[int]:
     return list(_GREY)
 
 
-def _ring(points: np.ndarray, scale: float, offset: tuple[float, float]) -> list[list[float]]:
-    """A closed ring of [x, y] in level-0 pixels from cv2 contour points (x, y) in the crop."""
-    pts = points.reshape(-1, 2).astype(np.float64)
-    if len(np.unique(pts, axis=0)) < 3:
-        # a line or a single pixel: the outline of its pixel squares
-        x0, y0 = pts.min(axis=0)
-        x1, y1 = pts.max(axis=0) + 1.0
-        pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) - 0.5
-    pts[:, 0] = (pts[:, 0] + offset[1] + 0.5) * scale
-    pts[:, 1] = (pts[:, 1] + offset[0] + 0.5) * scale
-    ring = [[round(float(x), 3), round(float(y), 3)] for x, y in pts]
-    ring.append(ring[0])
-    return ring
+def _closed_ring_points(contour: np.ndarray) -> np.ndarray:
+    """Points (x, y) of a cv2 contour, or the outline of its pixel squares when degenerate.
+
+    A contour of fewer than three distinct points (a single pixel or a straight line one pixel
+    wide) is replaced by the corners of the pixel squares it covers, shifted by -0.5 so that the
+    centre convention of the other rings applies to it too.
+    """
+    pts = contour.reshape(-1, 2)
+    if len(pts) >= 3:
+        a, b, c = pts[:3].tolist()
+        if a != b and b != c and a != c:
+            return pts  # three distinct points: not degenerate (the common case)
+    if len(np.unique(pts, axis=0)) >= 3:
+        return pts
+    # a line or a single pixel: the outline of its pixel squares
+    x0, y0 = pts.min(axis=0).tolist()
+    x1, y1 = (pts.max(axis=0) + 1).tolist()
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64) - 0.5
 
 
 def mask_polygons(
@@ -66,24 +72,118 @@ def mask_polygons(
         Level-0 pixels per mask pixel.
     offset : (float, float)
         (row, col) of the mask's top-left pixel in the label image.
+
+    Returns
+    -------
+    list
+        One entry per outer contour: its rings (outer first, then its holes), each a closed
+        list of [x, y] rounded to 3 decimals, with mask pixel (r, c) at
+        ``((c + offset[1] + 0.5) * scale, (r + offset[0] + 0.5) * scale)``.
     """
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    m = np.asarray(mask)
+    m = m.view(np.uint8) if m.dtype == np.bool_ else (m != 0).view(np.uint8)
+    contours, hierarchy = cv2.findContours(
+        np.ascontiguousarray(m), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    )
     if hierarchy is None:
         return []
-    hierarchy = hierarchy[0]
-    polygons = []
-    for i, contour in enumerate(contours):
-        if hierarchy[i][3] != -1:
+    links = hierarchy[0].tolist()
+    # all rings of the mask, each followed by its first point (closing it), scaled at once
+    parts: list[np.ndarray] = []
+    structure: list[int] = []  # rings per polygon
+    for i, (_, _, child, parent) in enumerate(links):
+        if parent != -1:
             continue  # a hole: added to its parent below
-        rings = [_ring(contour, scale, offset)]
-        child = hierarchy[i][2]
+        n_rings = 1
+        ring = _closed_ring_points(contours[i])
+        parts += (ring, ring[:1])
         while child != -1:
             if len(contours[child]) >= 3:
-                rings.append(_ring(contours[child], scale, offset))
-            child = hierarchy[child][0]
+                ring = _closed_ring_points(contours[child])
+                parts += (ring, ring[:1])
+                n_rings += 1
+            child = links[child][0]
+        structure.append(n_rings)
+    pts = np.concatenate(parts).astype(np.float64)
+    pts += (float(offset[1]) + 0.5, float(offset[0]) + 0.5)
+    if scale != 1.0:
+        pts *= float(scale)
+    flat = np.round(pts, 3).tolist()
+    polygons = []
+    k = at = 0
+    for n_rings in structure:
+        rings = []
+        for _ in range(n_rings):
+            n = len(parts[k]) + 1
+            rings.append(flat[at : at + n])
+            at += n
+            k += 2
         polygons.append(rings)
     return polygons
+
+
+def _feature_json(
+    polygons: list,
+    name: str,
+    value: int,
+    area_um2: float,
+    color: list[int],
+    object_type: str,
+) -> str:
+    """The compact JSON text of one Feature, as ``json.dumps(feature, separators=(",", ":"))``
+    writes the dicts of :func:`label_features` (same keys, same order, same numbers)."""
+    if len(polygons) == 1:
+        kind, coordinates = "Polygon", polygons[0]
+    else:
+        kind, coordinates = "MultiPolygon", polygons
+    return (
+        f'{{"type":"Feature","geometry":{{"type":"{kind}","coordinates":{_dumps(coordinates)}}},'
+        f'"properties":{{"objectType":{_dumps(object_type)},"name":{_dumps(f"{name} {value}")},'
+        f'"classification":{{"name":{_dumps(name)},"color":{_dumps(color)}}},'
+        f'"measurements":{{"label":{int(value)},"area_um2":{_dumps(area_um2)}}}}}}}'
+    )
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _check_labels(label_image: np.ndarray) -> None:
+    labels = np.asarray(label_image)
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise ValueError(
+            f"label image must be a 2-D integer array, got {labels.shape} {labels.dtype}"
+        )
+
+
+def _label_objects(
+    label_image: np.ndarray, pixel_size_um: float, classification: str | None, scale: float
+) -> Iterator[tuple[str, list[int], int, list, float]]:
+    """(class name, colour, label, polygons, area in µm²) of each object, in label order."""
+    labels = np.asarray(label_image)
+    if classification is None:
+        # a class map: each connected region of a class is one object of that class
+        objects = []
+        for code in np.unique(labels):
+            if code == BACKGROUND:
+                continue
+            comp, n = ndi.label(labels == code)
+            objects.append((NAMES.get(int(code), f"class {code}"), comp, n))
+    else:
+        comp = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
+        objects = [(classification, comp, int(comp.max()) if comp.size else 0)]
+    pixel_area_um2 = float(pixel_size_um) ** 2
+    for name, comp, n in objects:
+        if n <= 0:
+            continue
+        color = _color(name)
+        for value, sl in enumerate(ndi.find_objects(comp, max_label=n), start=1):
+            if sl is None:
+                continue
+            crop = comp[sl] == value
+            polygons = mask_polygons(crop, scale, (sl[0].start, sl[1].start))
+            if polygons:
+                area = float(np.count_nonzero(crop)) * pixel_area_um2
+                yield name, color, value, polygons, area
 
 
 def label_features(
@@ -95,56 +195,29 @@ def label_features(
     object_type: str = "detection",
 ) -> list[dict[str, Any]]:
     """GeoJSON Features for the objects of a label image (see :func:`write_geojson`)."""
-    labels = np.asarray(label_image)
-    if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise ValueError(
-            f"label image must be a 2-D integer array, got {labels.shape} {labels.dtype}"
-        )
     scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
-    if classification is None:
-        # a class map: each connected region of a class is one object of that class
-        objects = []
-        for code in np.unique(labels):
-            if code == BACKGROUND:
-                continue
-            comp, n = ndi.label(labels == code)
-            objects.append((NAMES.get(int(code), f"class {code}"), comp, n))
-    else:
-        comp = labels.astype(np.int64, copy=False)
-        objects = [(classification, comp, int(comp.max()) if comp.size else 0)]
+    _check_labels(label_image)
     features = []
-    for name, comp, n in objects:
-        if n == 0:
-            continue
-        color = _color(name)
-        slices = ndi.find_objects(comp)
-        for value, sl in enumerate(slices, start=1):
-            if sl is None:
-                continue
-            crop = comp[sl] == value
-            polygons = mask_polygons(crop, scale, (sl[0].start, sl[1].start))
-            if not polygons:
-                continue
-            geometry: dict[str, Any]
-            if len(polygons) == 1:
-                geometry = {"type": "Polygon", "coordinates": polygons[0]}
-            else:
-                geometry = {"type": "MultiPolygon", "coordinates": polygons}
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": geometry,
-                    "properties": {
-                        "objectType": object_type,
-                        "name": f"{name} {value}",
-                        "classification": {"name": name, "color": color},
-                        "measurements": {
-                            "label": value,
-                            "area_um2": float(crop.sum()) * float(pixel_size_um) ** 2,
-                        },
-                    },
-                }
-            )
+    for name, color, value, polygons, area in _label_objects(
+        label_image, pixel_size_um, classification, scale
+    ):
+        geometry: dict[str, Any]
+        if len(polygons) == 1:
+            geometry = {"type": "Polygon", "coordinates": polygons[0]}
+        else:
+            geometry = {"type": "MultiPolygon", "coordinates": polygons}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "objectType": object_type,
+                    "name": f"{name} {value}",
+                    "classification": {"name": name, "color": color},
+                    "measurements": {"label": value, "area_um2": area},
+                },
+            }
+        )
     return features
 
 
@@ -184,21 +257,28 @@ def write_geojson(
     """
     if object_type not in ("detection", "annotation"):
         raise ValueError(f"object_type must be 'detection' or 'annotation', not {object_type!r}")
-    features = label_features(
-        label_image,
-        pixel_size_um,
-        classification,
-        slide_pixel_size_um=slide_pixel_size_um,
-        object_type=object_type,
-    )
-    collection = {"type": "FeatureCollection", "features": features}
+    scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
+    _check_labels(label_image)
+    objects = _label_objects(label_image, pixel_size_um, classification, scale)
     path = Path(path)
+    n_written = 0
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
-            json.dump(collection, fh, separators=(",", ":"))
+            fh.write('{"type":"FeatureCollection","features":[')
+            for name, color, value, polygons, area in objects:
+                fh.write(
+                    ("," if n_written else "")
+                    + _feature_json(polygons, name, value, area, color, object_type)
+                )
+                n_written += 1
+            fh.write("]}")
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return len(features)
+    finally:
+        if tmp is not None and os.path.exists(tmp):  # not renamed: a failure while writing
+            os.unlink(tmp)
+    return n_written

@@ -102,7 +102,7 @@ class LabelsWriter:
         *,
         labels: dict[str, str] | None = None,
         n_levels: int = 3,
-        chunk_px: int = 512,
+        chunk_px: int = 1024,
         ngff_version: str = "0.5",
     ) -> None:
         import zarr
@@ -120,6 +120,11 @@ class LabelsWriter:
         self.factors = [2**k for k in range(max(1, int(n_levels)))]
         self._overview: tuple[np.ndarray, float] | None = None
         self._finalized = False
+        # full-width bands written in row order are held back per level until they fill whole
+        # rows of chunks (at most one chunk row per level and label image), so that each chunk
+        # is compressed once instead of being read back, merged and compressed again
+        self._next_row: dict[str, int | None] = {}
+        self._pending: dict[str, list[tuple[int, list[np.ndarray]]]] = {}
         zarr_format = 3 if ngff_version == "0.5" else 2
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,8 @@ class LabelsWriter:
                             chunks=(min(chunk_px, shape_k[0]), min(chunk_px, shape_k[1])),
                             dtype=dtype,
                             fill_value=0,
+                            # no all-zero test per chunk (slower than compressing the chunk)
+                            config={"write_empty_chunks": True},
                             **kwargs,
                         )
                     )
@@ -222,16 +229,68 @@ class LabelsWriter:
             return
         array = array[y0 - y : y1 - y, x0 - x : x1 - x]
         try:
-            for f, target in zip(self.factors, arrays, strict=True):
-                # level rows i hold level-0 rows f*i + f//2
-                i0, i1 = math.ceil((y0 - f // 2) / f), math.ceil((y1 - f // 2) / f)
-                j0, j1 = math.ceil((x0 - f // 2) / f), math.ceil((x1 - f // 2) / f)
-                i0, j0 = max(i0, 0), max(j0, 0)
-                i1, j1 = min(i1, target.shape[0]), min(j1, target.shape[1])
-                if i1 <= i0 or j1 <= j0:
-                    continue
-                oy, ox = f * i0 + f // 2 - y0, f * j0 + f // 2 - x0
-                target[i0:i1, j0:j1] = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
+            if x0 == 0 and x1 == w and y0 == self._next_row.get(name, 0):
+                # the next full-width band: through the per-level row buffers
+                for k, (f, target) in enumerate(zip(self.factors, arrays, strict=True)):
+                    i0, i1 = self._level_rows(f, y0, y1, target.shape[0])
+                    if i1 > i0:
+                        oy, ox = f * i0 + f // 2 - y0, f // 2
+                        self._push(name, k, i0, array[oy::f, ox::f][: i1 - i0, : target.shape[1]])
+            else:
+                self._flush(name)
+                for f, target in zip(self.factors, arrays, strict=True):
+                    # level rows i hold level-0 rows f*i + f//2
+                    i0, i1 = self._level_rows(f, y0, y1, target.shape[0])
+                    j0, j1 = self._level_rows(f, x0, x1, target.shape[1])
+                    if i1 <= i0 or j1 <= j0:
+                        continue
+                    oy, ox = f * i0 + f // 2 - y0, f * j0 + f // 2 - x0
+                    target[i0:i1, j0:j1] = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
+            self._next_row[name] = y1 if x0 == 0 and x1 == w else None
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _level_rows(f: int, start: int, stop: int, size: int) -> tuple[int, int]:
+        """Rows [i0, i1) of a level of factor ``f`` sampled from level-0 rows [start, stop)."""
+        i0, i1 = math.ceil((start - f // 2) / f), math.ceil((stop - f // 2) / f)
+        return max(i0, 0), min(i1, size)
+
+    def _push(self, name: str, k: int, start: int, rows: np.ndarray) -> None:
+        """Add ``rows`` (level ``k`` rows from ``start`` on, following those held back) and
+        write the rows that complete rows of chunks."""
+        target = self._arrays[name][k]
+        pending = self._pending.setdefault(name, [(start, [])] * len(self.factors))
+        p0, parts = pending[k]  # level rows p0... are held in parts
+        if not parts:
+            p0 = start
+        assert start == p0 + sum(len(part) for part in parts), "bands out of order"
+        end = start + len(rows)
+        chunk = int(target.chunks[0])
+        cut = end if end >= target.shape[0] else end // chunk * chunk
+        if cut <= p0:
+            pending[k] = (p0, [*parts, rows.copy()])
+            return
+        head = rows[: cut - start]
+        target[p0:cut, :] = np.concatenate([*parts, head]) if parts else head
+        rest = rows[cut - start :]
+        pending[k] = (cut, [rest.copy()] if len(rest) else [])
+
+    def _flush(self, name: str | None = None) -> None:
+        """Write the rows held back for ``name`` (or for every label image)."""
+        for key in list(self._pending) if name is None else [name]:
+            for k, (p0, parts) in enumerate(self._pending.pop(key, [])):
+                if parts:
+                    data = np.concatenate(parts)
+                    self._arrays[key][k][p0 : p0 + len(data), :] = data
+
+    def flush(self) -> None:
+        """Write every tile held back (done by :meth:`finalize`; call before reading the
+        partial store directly)."""
+        if self._finalized:
+            return
+        try:
+            self._flush()
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -296,6 +355,7 @@ class LabelsWriter:
         """
         if self._finalized:
             return self.path
+        self.flush()
         try:
             self._write_root()
             old = self.path.with_name(self.path.name + ".old")
@@ -314,6 +374,7 @@ class LabelsWriter:
     def abort(self) -> None:
         """Remove the partial store (after a failure or cancel)."""
         self._finalized = True
+        self._pending.clear()
         if self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
 
