@@ -313,7 +313,7 @@ def split_osteoclasts(
 
 
 #: columns of a band labelled at a time (each with ``CONTEXT_UM`` of context either side)
-LABEL_COLS = 2048
+LABEL_COLS = 4096
 #: context around a column block (µm); an object reaching the block window's side is labelled
 #: again from a wider window, so this only bounds the usual cost
 CONTEXT_UM = 256.0
