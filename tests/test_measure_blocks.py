@@ -227,3 +227,22 @@ def test_geojson_by_blocks_matches_whole(section, tmp_path):
         tmp_path / "oc2.geojson", labels, 1.0, "osteoclast", block_px=300, margin_px=4
     )
     assert skipped2 > 0 and n2 + skipped2 == len(whole)
+
+
+def test_geojson_by_blocks_large_label_values(section, tmp_path):
+    """Label values far above the number of pixels (renumbered per window): same outlines."""
+    from histo.io.geojson import label_features
+
+    labels = np.where(section.class_map == classes.OSTEOCLAST, section.osteoclast_labels, 0)
+    whole = label_features(labels.astype(np.uint32), 1.0, "osteoclast")
+    big = np.where(labels > 0, labels.astype(np.int64) + 3_000_000_000, 0).astype(np.uint32)
+    n, skipped = write_label_geojson_by_blocks(
+        tmp_path / "big.geojson", _zarr(big), 1.0, "osteoclast", block_px=300, margin_px=128
+    )
+    assert (n, skipped) == (len(whole), 0)
+    got = json.loads((tmp_path / "big.geojson").read_text())["features"]
+    key = {f["properties"]["measurements"]["label"] + 3_000_000_000: f for f in whole}
+    for f in got:
+        label = f["properties"]["measurements"]["label"]
+        assert f["properties"]["name"] == f"osteoclast {label}"
+        assert f["geometry"] == key[label]["geometry"]

@@ -20,8 +20,11 @@ def _maps(h: int = 300, w: int = 420) -> dict[str, np.ndarray]:
     osteoclasts[100:120, 200:230] = 7
     osteoclasts[250:260, 10:15] = 70000  # beyond uint16
     class_map[osteoclasts > 0] = OSTEOCLAST
-    return {"class_map": class_map, "osteoclasts": osteoclasts,
-            "osteocytes": np.zeros((h, w), np.uint32)}
+    return {
+        "class_map": class_map,
+        "osteoclasts": osteoclasts,
+        "osteocytes": np.zeros((h, w), np.uint32),
+    }
 
 
 @pytest.mark.parametrize("version", ["0.5", "0.4"])
@@ -100,11 +103,11 @@ def test_geojson_instances_in_level0_pixels(tmp_path):
     labels[60:90, 60:90] = 2
     labels[70:80, 70:80] = 0  # with a hole
     labels[5, 5] = 3  # one pixel
-    n = write_geojson(tmp_path / "oc.geojson", labels, 2.0, "osteoclast",
-                      slide_pixel_size_um=0.5)
+    n = write_geojson(tmp_path / "oc.geojson", labels, 2.0, "osteoclast", slide_pixel_size_um=0.5)
     assert n == 3
-    feats = {f["properties"]["measurements"]["label"]: f
-             for f in _features(tmp_path / "oc.geojson")}
+    feats = {
+        f["properties"]["measurements"]["label"]: f for f in _features(tmp_path / "oc.geojson")
+    }
     props = feats[1]["properties"]
     assert props["objectType"] == "detection"
     assert props["classification"] == {"name": "osteoclast", "color": list(COLORS[OSTEOCLAST])}
@@ -123,8 +126,7 @@ def test_geojson_class_map_regions_and_multipolygon(tmp_path):
     class_map[5:15, 5:15] = BONE
     class_map[30:40, 30:45] = BONE
     class_map[20:25, 0:50] = MARROW
-    n = write_geojson(tmp_path / "regions.geojson", class_map, 1.0, None,
-                      object_type="annotation")
+    n = write_geojson(tmp_path / "regions.geojson", class_map, 1.0, None, object_type="annotation")
     feats = _features(tmp_path / "regions.geojson")
     assert n == len(feats) == 3
     names = sorted(f["properties"]["classification"]["name"] for f in feats)
@@ -138,3 +140,86 @@ def test_geojson_class_map_regions_and_multipolygon(tmp_path):
     (feat,) = _features(tmp_path / "split.geojson")
     assert feat["geometry"]["type"] == "MultiPolygon"
     assert len(feat["geometry"]["coordinates"]) == 2
+
+
+def _shoelace(ring) -> float:
+    a = np.asarray(ring, float)
+    return 0.5 * abs(np.dot(a[:-1, 0], a[1:, 1]) - np.dot(a[1:, 0], a[:-1, 1]))
+
+
+def test_geojson_known_outlines(tmp_path):
+    from histo.io.geojson import mask_polygons
+
+    rect = np.zeros((30, 60), bool)
+    rect[10:20, 30:50] = True  # a 10 x 20 rectangle: its boundary pixel centres
+    (rings,) = mask_polygons(rect)
+    assert rings == [[[30.5, 10.5], [30.5, 19.5], [49.5, 19.5], [49.5, 10.5], [30.5, 10.5]]]
+    assert _shoelace(rings[0]) == 19 * 9
+    # a line one pixel wide and a single pixel: the outline of their pixel squares
+    line = np.zeros((8, 8), bool)
+    line[2, 1:5] = True
+    assert mask_polygons(line) == [[[[1.0, 2.0], [5.0, 2.0], [5.0, 3.0], [1.0, 3.0], [1.0, 2.0]]]]
+    dot = np.zeros((8, 8), bool)
+    dot[3, 3] = True
+    # offset (row 100, col 200) and 0.4 level-0 pixels per pixel, rounded to 3 decimals
+    ((square,),) = mask_polygons(dot, 0.4, (100, 200))
+    assert square == [[81.2, 41.2], [81.6, 41.2], [81.6, 41.6], [81.2, 41.6], [81.2, 41.2]]
+    assert _shoelace(square) == pytest.approx(0.16)
+    # a ring with a hole: outer ring then the hole
+    ring = np.zeros((20, 20), bool)
+    ring[2:12, 3:13] = True
+    ring[5:9, 6:10] = False
+    ((outer, hole),) = mask_polygons(ring)
+    assert _shoelace(outer) == 9 * 9
+    # the hole's ring joins the centres of the pixels around the 4 x 4 hole, cutting the
+    # corners (8-connected): a 5 x 5 square less four half-pixel triangles
+    assert _shoelace(hole) == 25 - 4 * 0.5
+
+
+def test_geojson_text_is_json_of_label_features(tmp_path):
+    from scipy import ndimage as ndi
+
+    from histo.io.geojson import label_features
+
+    rng = np.random.default_rng(3)
+    labels, _ = ndi.label(ndi.gaussian_filter(rng.random((160, 200)), 3) > 0.52)
+    labels[labels == 3] = 0  # a gap in the numbering
+    kw = dict(slide_pixel_size_um=0.37)  # a scale with rounding: 0.5 / 0.37
+    n = write_geojson(tmp_path / "o.geojson", labels, 0.5, "osteocyte", **kw)
+    features = label_features(labels, 0.5, "osteocyte", **kw)
+    assert n == len(features) > 5
+    expected = json.dumps(
+        {"type": "FeatureCollection", "features": features}, separators=(",", ":")
+    )
+    assert (tmp_path / "o.geojson").read_text() == expected
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_labels_writer_bands_held_back_until_chunks_fill(tmp_path, version):
+    from histo.block_outputs import LabelsSink
+
+    maps = _maps()
+    h, w = maps["class_map"].shape
+    expected = {k: a.copy() for k, a in maps.items()}
+    expected["osteocytes"][40:70, 90:150] = 5
+    writer = LabelsWriter(tmp_path / "l.ome.zarr", (h, w), 1.0, chunk_px=64, ngff_version=version)
+    sink = LabelsSink(writer, "class_map")
+    band = 37  # full-width bands of a height that is no multiple of the chunks
+    for y in range(0, 111, band):
+        for name, array in maps.items():
+            writer.write_tile(name, y, 0, array[y : y + band])
+    # rows held back are written before the sink reads
+    assert np.array_equal(sink[0:111, :], maps["class_map"][:111])
+    for y in range(111, h, band):
+        for name, array in maps.items():
+            writer.write_tile(name, y, 0, array[y : y + band])
+            if y == 185 and name == "osteocytes":  # a tile among the bands
+                writer.write_tile(name, 40, 90, expected[name][40:70, 90:150])
+    writer.finalize()
+    for level, f in enumerate((1, 2, 4)):
+        back = read_labels(tmp_path / "l.ome.zarr", level=level)
+        for name, array in expected.items():
+            got = back[name][0]
+            assert got.dtype == array.dtype
+            assert np.array_equal(got, array[f // 2 :: f, f // 2 :: f]), (name, level)
