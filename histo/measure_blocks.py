@@ -683,156 +683,167 @@ def _measure(
     nuclei_done: dict[int, float] = {}
 
     blocks = list(iter_blocks(shape, block_px, margin))
-    for i, b in enumerate(blocks):
+
+    def fetch(b: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The arrays of one block: class map and osteoclasts over the window, lacunae over
+        the core and lacuna ring, the ROI over the core and perimeter margin."""
         ys, xs = b.window
-        cy, cx = b.core
-        cm = _read(class_map, ys, xs)
-        core_cm = cm[cy, cx]
-        if core_cm.size and (int(core_cm.min()) < 0 or int(core_cm.max()) >= classes.N_CLASSES):
-            lo, hi = int(core_cm.min()), int(core_cm.max())
-            raise ClassMapError(
-                f"class map holds codes {lo}..{hi} (block at row {b.y0}, column {b.x0}); expected "
-                f"0-{classes.N_CLASSES - 1} (0 background, 1 marrow, 2 bone, 3 osteoclast, "
-                "4 osteocyte)"
-            )
-        bone = (cm == classes.BONE) | (cm == classes.OSTEOCYTE)
-        tissue = cm != classes.BACKGROUND
-        # the ROI is needed on the core and the perimeter margin only
+        gyy, gxx = b.grown(ring_px)
         sy, sx = b.grown(per_margin)
-        sub_shape = (sy.stop - sy.start, sx.stop - sx.start)
-        reg = reg_core = None
+        reg = None
         if region is not None:
             reg = region.window(
                 slice(b.wy0 + sy.start, b.wy0 + sy.stop), slice(b.wx0 + sx.start, b.wx0 + sx.stop)
             )
-            reg_core = reg[
-                b.y0 - b.wy0 - sy.start : b.y1 - b.wy0 - sy.start,
-                b.x0 - b.wx0 - sx.start : b.x1 - b.wx0 - sx.start,
-            ]
-
-        # ---- areas over the core
-        if reg_core is None:
-            t_ar_px += int(np.count_nonzero(tissue[cy, cx]))
-            b_ar_px += int(np.count_nonzero(bone[cy, cx]))
-        else:
-            t_ar_px += int(np.count_nonzero(tissue[cy, cx] & reg_core))
-            b_ar_px += int(np.count_nonzero(bone[cy, cx] & reg_core))
-
-        # osteoclasts over the window (whole cells for nuclei); lacunae over the core and the
-        # ring around it only
-        oc_w, oc_rc = _class_labels(cm, classes.OSTEOCLAST, oc_src.window(ys, xs))
-        gyy, gxx = b.grown(ring_px)
-        ot_mask, ot_rc = _class_labels(
-            cm[gyy, gxx],
-            classes.OSTEOCYTE,
+        return (
+            _read(class_map, ys, xs),
+            oc_src.window(ys, xs),
             ot_src.window(
                 slice(b.wy0 + gyy.start, b.wy0 + gyy.stop),
                 slice(b.wx0 + gxx.start, b.wx0 + gxx.stop),
             ),
-            image=False,
+            reg,
         )
-        # the core in ot_mask
-        iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
-        ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
 
-        # ---- perimeter: segments whose cell lies in the core, from core + small margin
-        allc = boundary_cells(bone[sy, sx], rules.perimeter_smoothing_passes)
-        gy = np.clip(allc.y + sy.start + b.wy0, 0, H - 1)
-        gx = np.clip(allc.x + sx.start + b.wx0, 0, W - 1)
-        keep = (gy >= b.y0) & (gy < b.y1) & (gx >= b.x0) & (gx < b.x1)
-        cells = BoundaryCells(allc.y[keep], allc.x[keep], allc.length_px[keep], sub_shape)
-        length = cells.length_px
-        if reg is not None:
-            length = length * cells.corners(reg).mean(axis=0)
-        b_pm_px += float(length.sum())
-        nb = ~cells.corners(bone[sy, sx], fill=False)
-        lab_c = _corner_labels(cells, oc_w[sy, sx], tol) * nb
-        n_nb = nb.sum(axis=0)
-        share = np.zeros(n_nb.shape)
-        np.divide(cells.length_px, n_nb, out=share, where=n_nb > 0)
-        share_roi = np.zeros(n_nb.shape)
-        np.divide(length, n_nb, out=share_roi, where=n_nb > 0)
-        pit_c = None
-        if with_pits:
-            # pits from the core plus pit_margin (a pit wider than that is cut: see notes)
-            py, px_ = b.grown(pit_margin)
-            pits = _eroded_pits(bone[py, px_], tissue[py, px_], rules, px)
-            pits_sub = np.zeros(sub_shape, bool)
-            oy, ox = sy.start - py.start, sx.start - px_.start
-            pits_sub[:] = pits[oy : oy + sub_shape[0], ox : ox + sub_shape[1]]
-            pit_c = cells.corners(pits_sub, fill=False) & nb
-            pit_px += float((share_roi * pit_c).sum())
-        sel = lab_c > 0
-        corner_labels = lab_c[sel]
-        k_share = np.broadcast_to(share, lab_c.shape)[sel]
-        k_roi = np.broadcast_to(share_roi, lab_c.shape)[sel]
-        k_nopit = k_roi if pit_c is None else k_roi * ~pit_c[sel]
-        u, s = _per_label(
-            corner_labels, {"contact": k_share, "contact_roi": k_roi, "nopit": k_nopit}
-        )
-        oc_sums.add(u, **s)
+    with _Prefetch(blocks, fetch) as fetched:
+        for i, (b, (cm, oc_raw, ot_raw, reg)) in enumerate(fetched):
+            ys, xs = b.window
+            cy, cx = b.core
+            core_cm = cm[cy, cx]
+            if core_cm.size and (int(core_cm.min()) < 0 or int(core_cm.max()) >= classes.N_CLASSES):
+                lo, hi = int(core_cm.min()), int(core_cm.max())
+                raise ClassMapError(
+                    f"class map holds codes {lo}..{hi} (block at row {b.y0}, column {b.x0}); "
+                    f"expected 0-{classes.N_CLASSES - 1} (0 background, 1 marrow, 2 bone, "
+                    "3 osteoclast, 4 osteocyte)"
+                )
+            bone = (cm == classes.BONE) | (cm == classes.OSTEOCYTE)
+            tissue = cm != classes.BACKGROUND
+            # the ROI is needed on the core and the perimeter margin only
+            sy, sx = b.grown(per_margin)
+            sub_shape = (sy.stop - sy.start, sx.stop - sx.start)
+            reg_core = None
+            if reg is not None:
+                reg_core = reg[
+                    b.y0 - b.wy0 - sy.start : b.y1 - b.wy0 - sy.start,
+                    b.x0 - b.wx0 - sx.start : b.x1 - b.wx0 - sx.start,
+                ]
 
-        # ---- objects: partial sums over the core
-        rgb = od_core = None
-        if read_rgb is not None:
-            # the image over the core and the osteoclasts counted here (no further)
-            targets = _whole_owned(b, oc_rc, cm.shape, (H, W))
-            _, ty0, tx0, ty1, tx1 = targets
-            ry0 = min(cy.start, int(ty0.min(initial=cy.start)))
-            rx0 = min(cx.start, int(tx0.min(initial=cx.start)))
-            ry1 = max(cy.stop, int(ty1.max(initial=cy.stop)))
-            rx1 = max(cx.stop, int(tx1.max(initial=cx.stop)))
-            rgb = read_rgb(b.wy0 + ry0, b.wx0 + rx0, ry1 - ry0, rx1 - rx0)
-            if rgb.dtype != np.uint8:
-                # as optical_density reads it (the whole-map measure)
-                rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-            # rgb in window coordinates: shift by (ry0, rx0)
-            rgb_core = rgb[cy.start - ry0 : cy.stop - ry0, cx.start - rx0 : cx.stop - rx0]
-            od_core = _od_sum(rgb_core)
-        for (rows, cols, vals), sums, kind in (
-            (_in_core(oc_rc, cy, cx), oc_sums, "oc"),
-            (_in_core(ot_rc, iy, ix), ot_sums, "ot"),
-        ):
-            # rows, cols: pixels of the core
-            if rows.size == 0:
-                continue
-            weights: dict[str, np.ndarray] = {
-                "sy": (rows + b.y0).astype(float),
-                "sx": (cols + b.x0).astype(float),
-            }
-            if rgb is not None:
+            # ---- areas over the core
+            if reg_core is None:
+                t_ar_px += int(np.count_nonzero(tissue[cy, cx]))
+                b_ar_px += int(np.count_nonzero(bone[cy, cx]))
+            else:
+                t_ar_px += int(np.count_nonzero(tissue[cy, cx] & reg_core))
+                b_ar_px += int(np.count_nonzero(bone[cy, cx] & reg_core))
+
+            # osteoclasts over the window (whole cells for nuclei); lacunae over the core and the
+            # ring around it only
+            oc_w, oc_rc = _class_labels(cm, classes.OSTEOCLAST, oc_raw)
+            gyy, gxx = b.grown(ring_px)
+            ot_mask, ot_rc = _class_labels(cm[gyy, gxx], classes.OSTEOCYTE, ot_raw, image=False)
+            # the core in ot_mask
+            iy = slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start)
+            ix = slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start)
+
+            # ---- perimeter: segments whose cell lies in the core, from core + small margin
+            allc = boundary_cells(bone[sy, sx], rules.perimeter_smoothing_passes)
+            gy = np.clip(allc.y + sy.start + b.wy0, 0, H - 1)
+            gx = np.clip(allc.x + sx.start + b.wx0, 0, W - 1)
+            keep = (gy >= b.y0) & (gy < b.y1) & (gx >= b.x0) & (gx < b.x1)
+            cells = BoundaryCells(allc.y[keep], allc.x[keep], allc.length_px[keep], sub_shape)
+            length = cells.length_px
+            if reg is not None:
+                length = length * cells.corners(reg).mean(axis=0)
+            b_pm_px += float(length.sum())
+            nb = ~cells.corners(bone[sy, sx], fill=False)
+            lab_c = _corner_labels(cells, oc_w[sy, sx], tol) * nb
+            n_nb = nb.sum(axis=0)
+            share = np.zeros(n_nb.shape)
+            np.divide(cells.length_px, n_nb, out=share, where=n_nb > 0)
+            share_roi = np.zeros(n_nb.shape)
+            np.divide(length, n_nb, out=share_roi, where=n_nb > 0)
+            pit_c = None
+            if with_pits:
+                # pits from the core plus pit_margin (a pit wider than that is cut: see notes)
+                py, px_ = b.grown(pit_margin)
+                pits = _eroded_pits(bone[py, px_], tissue[py, px_], rules, px)
+                pits_sub = np.zeros(sub_shape, bool)
+                oy, ox = sy.start - py.start, sx.start - px_.start
+                pits_sub[:] = pits[oy : oy + sub_shape[0], ox : ox + sub_shape[1]]
+                pit_c = cells.corners(pits_sub, fill=False) & nb
+                pit_px += float((share_roi * pit_c).sum())
+            sel = lab_c > 0
+            corner_labels = lab_c[sel]
+            k_share = np.broadcast_to(share, lab_c.shape)[sel]
+            k_roi = np.broadcast_to(share_roi, lab_c.shape)[sel]
+            k_nopit = k_roi if pit_c is None else k_roi * ~pit_c[sel]
+            u, s = _per_label(
+                corner_labels, {"contact": k_share, "contact_roi": k_roi, "nopit": k_nopit}
+            )
+            oc_sums.add(u, **s)
+
+            # ---- objects: partial sums over the core
+            rgb = od_core = None
+            if read_rgb is not None:
+                # the image over the core and the osteoclasts counted here (no further)
+                targets = _whole_owned(b, oc_rc, cm.shape, (H, W))
+                _, ty0, tx0, ty1, tx1 = targets
+                ry0 = min(cy.start, int(ty0.min(initial=cy.start)))
+                rx0 = min(cx.start, int(tx0.min(initial=cx.start)))
+                ry1 = max(cy.stop, int(ty1.max(initial=cy.stop)))
+                rx1 = max(cx.stop, int(tx1.max(initial=cx.stop)))
+                rgb = read_rgb(b.wy0 + ry0, b.wx0 + rx0, ry1 - ry0, rx1 - rx0)
+                if rgb.dtype != np.uint8:
+                    # as optical_density reads it (the whole-map measure)
+                    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+                # rgb in window coordinates: shift by (ry0, rx0)
+                rgb_core = rgb[cy.start - ry0 : cy.stop - ry0, cx.start - rx0 : cx.stop - rx0]
+                od_core = _od_sum(rgb_core)
+            for (rows, cols, vals), sums, kind in (
+                (_in_core(oc_rc, cy, cx), oc_sums, "oc"),
+                (_in_core(ot_rc, iy, ix), ot_sums, "ot"),
+            ):
+                # rows, cols: pixels of the core
+                if rows.size == 0:
+                    continue
+                weights: dict[str, np.ndarray] = {
+                    "sy": (rows + b.y0).astype(float),
+                    "sx": (cols + b.x0).astype(float),
+                }
+                if rgb is not None:
+                    if kind == "oc":
+                        od_r = _OD_LUT[rgb_core[rows, cols, 0]]
+                        od_g = _OD_LUT[rgb_core[rows, cols, 1]]
+                        weights["trap"] = (od_g - od_r).astype(float)
+                    else:
+                        weights["od"] = od_core[rows, cols].astype(float)
+                u, s = _per_label(vals, weights, count="area")
+                sums.add(u, **s)
                 if kind == "oc":
-                    od_r = _OD_LUT[rgb_core[rows, cols, 0]]
-                    od_g = _OD_LUT[rgb_core[rows, cols, 1]]
-                    weights["trap"] = (od_g - od_r).astype(float)
-                else:
-                    weights["od"] = od_core[rows, cols].astype(float)
-            u, s = _per_label(vals, weights, count="area")
-            sums.add(u, **s)
-            if kind == "oc":
-                oc_bbox.append(_boxes(vals, rows + b.y0, cols + b.x0))
+                    oc_bbox.append(_boxes(vals, rows + b.y0, cols + b.x0))
 
-        if rgb is not None:
-            matrix = cm[cy, cx] == classes.BONE
-            od_matrix = od_core[matrix]
-            matrix_od_sum += float(od_matrix.astype(np.float64).sum())
-            matrix_n += int(od_matrix.size)
-            # ring of bone matrix around lacunae (compared with the lacuna: occupancy)
-            ring_ids, grown = _grown_labels(ot_rc, ot_mask.shape, ring_px)
-            if ring_ids.size:
-                grown = grown[iy, ix]
-                sel_r = matrix & ~ot_mask[iy, ix] & (grown > 0)
-                if sel_r.any():
-                    u, s = _per_label(
-                        grown[sel_r],
-                        {"ring_od": od_core[sel_r].astype(float)},
-                        count="ring_n",
-                        ids=ring_ids,
-                    )
-                    ot_sums.add(u, **s)
-            nuclei_done.update(_count_targets(targets, oc_w, rgb, (ry0, rx0), px, rules))
-        if progress is not None:
-            progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
+            if rgb is not None:
+                matrix = cm[cy, cx] == classes.BONE
+                od_matrix = od_core[matrix]
+                matrix_od_sum += float(od_matrix.astype(np.float64).sum())
+                matrix_n += int(od_matrix.size)
+                # ring of bone matrix around lacunae (compared with the lacuna: occupancy)
+                ring_ids, grown = _grown_labels(ot_rc, ot_mask.shape, ring_px)
+                if ring_ids.size:
+                    grown = grown[iy, ix]
+                    sel_r = matrix & ~ot_mask[iy, ix] & (grown > 0)
+                    if sel_r.any():
+                        u, s = _per_label(
+                            grown[sel_r],
+                            {"ring_od": od_core[sel_r].astype(float)},
+                            count="ring_n",
+                            ids=ring_ids,
+                        )
+                        ot_sums.add(u, **s)
+                nuclei_done.update(_count_targets(targets, oc_w, rgb, (ry0, rx0), px, rules))
+            if progress is not None:
+                progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
 
     # ---- combine per-object sums
     oc_ids = _ids(oc_sums)
@@ -921,6 +932,38 @@ def _measure(
         rules=rules,
         nuclei_resolved=nuclei_resolved,
     )
+
+
+class _Prefetch:
+    """``(block, fetch(block))`` for each block, fetching the next block in a thread while the
+    caller works on this one (reads overlap computation; two blocks in memory at most).
+
+    A context manager: leaving it (also on an error) waits for the read in flight, so no
+    read outlives the arrays. One reading thread: no array is read by two threads at once.
+    """
+
+    def __init__(self, blocks: list[Block], fetch: Callable[[Block], Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.blocks = blocks
+        self.fetch = fetch
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histo-measure-read")
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[tuple[Block, Any]]:
+        if not self.blocks:
+            return
+        pending = self.pool.submit(self.fetch, self.blocks[0])
+        for k, b in enumerate(self.blocks):
+            data = pending.result()
+            if k + 1 < len(self.blocks):
+                pending = self.pool.submit(self.fetch, self.blocks[k + 1])
+            yield b, data
 
 
 def _pit_margin(rules: CountingRules, px: float) -> int:
