@@ -54,7 +54,10 @@ train: install
 		--init runs/histo-unet/model.safetensors --lr 1e-3 --steps 500
 	$(BIN)/histo train --out runs/histo-unet-ft2 --seed 2 \
 		--init runs/histo-unet-ft/model.safetensors --lr 1e-3 --steps 1500
-	cp runs/histo-unet-ft2/model.safetensors models/histo-unet/model.safetensors
+	$(BIN)/histo train --out runs/histo-unet-ft3 --seed 3 \
+		--init runs/histo-unet-ft2/model.safetensors --lr 1e-3 --steps 1500 \
+		--surface-crops 0.3 --class-weights 1 1 1 2 4
+	cp runs/histo-unet-ft3/model.safetensors models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
 		register_weights('unet', 'models/histo-unet/model.safetensors')"
 
