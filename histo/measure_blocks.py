@@ -2,8 +2,9 @@
 
 :func:`measure_by_blocks` returns the same :class:`histo.measure.Measurement` as
 :func:`histo.measure.measure` on the whole arrays, reading the arrays (numpy, zarr or any
-array-like that supports 2-D slicing) one block at a time. Memory is bounded by one block with
-its margin (``(block_px + 2 * margin_px)²`` pixels), never by the slide.
+array-like that supports 2-D slicing) one block at a time (the next block is read in a thread
+while one is measured). Memory is bounded by a block with its margin
+(``(block_px + 2 * margin_px)²`` pixels) and the arrays of the next one, never by the slide.
 
 Decomposition (each quantity is a sum over blocks, each term counted once):
 
@@ -584,8 +585,8 @@ def measure_by_blocks(
         Boolean mask array-like of shape (H, W) or an (N, 2) polygon (row, column) in pixels.
     rules : CountingRules, optional
     block_px : int
-        Core side of a block in pixels. Peak memory is about 60 bytes per pixel of a block with
-        its margin (more with an image).
+        Core side of a block in pixels. Peak memory is about 70 bytes per pixel of a block with
+        its margin, the next block's arrays included (more with an image).
     margin_px : int, optional
         Margin read around each core (px): objects up to this size are measured in one block;
         larger ones are re-read from their bounding box. Default ``MARGIN_UM`` in pixels.
