@@ -585,8 +585,8 @@ def measure_by_blocks(
         Boolean mask array-like of shape (H, W) or an (N, 2) polygon (row, column) in pixels.
     rules : CountingRules, optional
     block_px : int
-        Core side of a block in pixels. Peak memory is about 70 bytes per pixel of a block with
-        its margin, the next block's arrays included (more with an image).
+        Core side of a block in pixels. Peak memory is about 45 bytes per pixel of a block with
+        its margin, with an image and the next block's arrays.
     margin_px : int, optional
         Margin read around each core (px): objects up to this size are measured in one block;
         larger ones are re-read from their bounding box. Default ``MARGIN_UM`` in pixels.
