@@ -7,6 +7,7 @@ training code to build the centre-map target from ground-truth instance labels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -319,6 +320,15 @@ LABEL_COLS = 4096
 CONTEXT_UM = 256.0
 #: key of an object seen by no seed: after every seeded one (see ``_first_block_keys``)
 _UNSEEDED = np.int64(1) << 50
+#: a packed class map (``alt_class=None`` in :func:`label_band`) holds the class in its low
+#: bits and the best class among 0-2 from bit ``ALT_SHIFT`` on
+ALT_SHIFT = 3
+_CLASS_BITS = np.uint8((1 << ALT_SHIFT) - 1)
+
+
+def _classes(class_map: np.ndarray, packed: bool) -> np.ndarray:
+    """The class codes of (a window of) a class map, packed or not (a copy if packed)."""
+    return class_map & _CLASS_BITS if packed else class_map
 
 
 def _first_block_keys(
@@ -370,6 +380,7 @@ def _label_block(
     c1: int,
     width: int,
     next_id: int,
+    packed: bool = False,
 ) -> dict | None:
     """Objects of a band window held by columns ``[c0, c1)``, from window columns [x0, x1).
 
@@ -382,8 +393,8 @@ def _label_block(
     and the owned osteocytes: ``ot_keys``, ``ot_pieces`` (sparse pieces numbered 1..n in the
     order of ``ot_keys``), ``specks`` and ``owned`` (box, mask).
     """
-    cmw = class_map[:, x0:x1]
-    cew = centre[:, x0:x1]
+    cmw = _classes(class_map[:, x0:x1], packed)
+    cew = centre(x0, x1) if callable(centre) else centre[:, x0:x1]
     h, w = cmw.shape
     px_area = pixel_size_um**2
     r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
@@ -493,8 +504,8 @@ def _label_block(
 
 def label_band(
     class_map: np.ndarray,
-    centre: np.ndarray,
-    alt_class: np.ndarray,
+    centre: np.ndarray | Callable[[int, int], np.ndarray],
+    alt_class: np.ndarray | None,
     own_start: int,
     own_stop: int,
     pixel_size_um: float,
@@ -521,7 +532,12 @@ def label_band(
     ----------
     class_map, centre, alt_class
         (h, W) window arrays: class codes, centre map in [0, 1], best class among 0-2.
-        ``class_map`` is modified in place for removed specks.
+        ``class_map`` is modified in place for removed specks. The centre map is read only at
+        class-3 pixels: it may be a function ``centre(x0, x1)`` giving its columns [x0, x1) as
+        an (h, x1 - x0) float32 array (e.g. from a sparse store; other pixels may be 0).
+        ``alt_class`` is read only at class-3 and class-4 pixels; if None, ``class_map`` is
+        packed: the class in its low ``ALT_SHIFT`` bits, the best class among 0-2 above (a
+        removed speck keeps its packing: the low bits take the upper ones).
     own_start, own_stop
         Rows of the window (window coordinates) that this band owns.
     pixel_size_um
@@ -547,6 +563,7 @@ def label_band(
     n_osteoclasts, n_osteocytes : int
     """
     h, width = class_map.shape
+    packed = alt_class is None
     ret = into is None
     if into is None:
         into = (np.zeros(class_map.shape, np.int32), np.zeros(class_map.shape, np.int32))
@@ -576,6 +593,7 @@ def label_band(
                 c1,
                 width,
                 next_id,
+                packed,
             )
             if res is not None:
                 break
@@ -622,7 +640,7 @@ def label_band(
                 # bone within r px: dilate the box grown by r (same as dilating the window)
                 y0, y1 = max(0, rows.start - r), min(h, rows.stop + r)
                 x0, x1 = max(0, cols.start - r), min(width, cols.stop + r)
-                cmc = class_map[y0:y1, x0:x1]
+                cmc = _classes(class_map[y0:y1, x0:x1], packed)
                 bone = ((cmc == BONE) | (cmc == OSTEOCYTE)).astype(np.uint8)
                 near = cv2.dilate(bone, disk) > 0
                 near = near[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0]
@@ -667,7 +685,12 @@ def label_band(
 
     # specks last: every decision was made on the unmodified class map
     for (rows, cols), speck in specks:
-        np.copyto(class_map[rows, cols], alt_class[rows, cols], where=speck)
+        box = class_map[rows, cols]
+        if packed:
+            alt = (box & ~_CLASS_BITS) | (box >> ALT_SHIFT)
+        else:
+            alt = alt_class[rows, cols]
+        np.copyto(box, alt, where=speck)
     if ret:
         return into[0], into[1], owned_mask, n_oc, n_ot
     return None, None, None, n_oc, n_ot

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
-from histo.segment.instances import label_band
+from histo.segment.instances import ALT_SHIFT, label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
 MARGIN_UM = 256.0
@@ -38,6 +39,7 @@ MARGIN_UM = 256.0
 BLEND_COLS = 2048
 #: columns written to the sink at a time (a multiple of the usual 512-px chunks)
 FLUSH_COLS = 2048
+_CLASS_BITS = np.uint8((1 << ALT_SHIFT) - 1)
 
 
 @dataclass
@@ -126,10 +128,12 @@ def _shift_up(a: np.ndarray, k: int, n: int) -> None:
         a[j:e] = a[k + j : k + e]
 
 
-def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """Rows [r0, r1) and columns [c0, c1) of a label image from sparse pieces ``(row, col, w,
-    flat_index, labels)`` (slide rows and columns)."""
-    out = np.zeros((r1 - r0, c1 - c0), np.int32)
+def _paint(
+    pieces: list, r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int32
+) -> np.ndarray:
+    """Rows [r0, r1) and columns [c0, c1) of a label image (or any image, 0 elsewhere) from
+    sparse pieces ``(row, col, w, flat_index, values)`` (slide rows and columns)."""
+    out = np.zeros((r1 - r0, c1 - c0), dtype)
     for y0, x0, w, idx, vals in pieces:
         if y0 >= r1 or x0 >= c1 or x0 + w <= c0 or y0 + int(idx[-1]) // w < r0:
             continue
@@ -144,6 +148,19 @@ def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
 def _prune(pieces: list, r1: int) -> None:
     """Remove the pieces that end above row ``r1``."""
     pieces[:] = [p for p in pieces if p[0] + int(p[3][-1]) // p[2] >= r1]
+
+
+def _trim(pieces: list, r1: int) -> None:
+    """Remove the rows above ``r1`` from sparse pieces (and the pieces left empty)."""
+    out = []
+    for y0, x0, w, idx, vals in pieces:
+        if y0 >= r1:
+            out.append((y0, x0, w, idx, vals))
+            continue
+        k = int(np.searchsorted(idx, (r1 - y0) * w))
+        if k < idx.size:
+            out.append((r1, x0, w, idx[k:] - np.int32((r1 - y0) * w), vals[k:].copy()))
+    pieces[:] = out
 
 
 def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
@@ -259,13 +276,14 @@ def segment_slide(
     carry = np.zeros((n_out, n_carry, W), np.float32)
     carry_w = np.zeros((n_carry, W), np.float32)
     acc_y0 = 0
-    # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in buffers allocated once
-    # (at most 2 margins + a stride are kept between rows of tiles, plus one row of tiles)
+    # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated once
+    # (at most 2 margins + a stride are kept between rows of tiles, plus one row of tiles).
+    # One byte per pixel: the class in the low bits, the best class among 0-2 (what a removed
+    # speck becomes) from bit ALT_SHIFT (see label_band). The centre map is read only at
+    # class-3 pixels: it is kept as sparse pieces (slide rows) of those pixels' values.
     cap = min(H, 2 * margin + stride + tile_px)
     buf_cm = np.zeros((cap, W), np.uint8)
-    buf_alt = np.zeros((cap, W), np.uint8)
-    buf_ce = np.zeros((cap, W), np.float32)
-    bufs = (buf_cm, buf_alt, buf_ce)
+    centre_pieces: list = []
     # labels of objects not yet written out, as sparse pieces (see label_band) in slide rows
     pend_oc: list = []
     pend_ot: list = []
@@ -287,10 +305,14 @@ def segment_slide(
             cm = buf_cm[a:b]
             new_oc: list = []
             new_ot: list = []
+
+            def centre(x0: int, x1: int, w0: int = w0, w1: int = w1) -> np.ndarray:
+                return _paint(centre_pieces, w0, w1, x0, x1, np.float32)
+
             _, _, _, k_oc, k_ot = label_band(
                 cm,
-                buf_ce[a:b],
-                buf_alt[a:b],
+                centre,
+                None,
                 owned_to - w0,
                 own_stop - w0,
                 px,
@@ -309,7 +331,7 @@ def segment_slide(
                 # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
                 for c0 in range(0, W, FLUSH_COLS):
                     c1 = min(W, c0 + FLUSH_COLS)
-                    out_cm[flushed_to:flush_to, c0:c1] = buf_cm[a:b, c0:c1]
+                    out_cm[flushed_to:flush_to, c0:c1] = buf_cm[a:b, c0:c1] & _CLASS_BITS
                     for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
                         labels = _paint(pend, flushed_to, flush_to, c0, c1)
                         out[flushed_to:flush_to, c0:c1] = _as_sink_dtype(out, labels)
@@ -321,11 +343,11 @@ def segment_slide(
             # keep the margin rows (context for the next band), drop the rest
             if keep_from > 0:
                 n_keep = buf_n - keep_from
-                for buf in bufs:
-                    _shift_up(buf, keep_from, n_keep)
-                    buf[n_keep:buf_n] = 0
+                _shift_up(buf_cm, keep_from, n_keep)
+                buf_cm[n_keep:buf_n] = 0
                 buf_n = n_keep
                 buf_y0 += keep_from
+                _trim(centre_pieces, buf_y0)
 
     def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
         """Blend window columns [c0, c1) (slide columns; final for this row of tiles) into
@@ -342,17 +364,24 @@ def segment_slide(
             gt = np.empty(best.shape, bool)
             cm = buf_cm[r0:r1, d0:d1]
             cm[...] = 0
+            alt = None
             for k in range(1, n_cls):
                 if k == min(3, n_cls):
-                    buf_alt[r0:r1, d0:d1] = cm
+                    alt = cm << np.uint8(ALT_SHIFT)
                 np.divide(win[k, :n_final, a:b], wsum, out=score)
                 np.greater(score, best, out=gt)
                 np.copyto(cm, np.uint8(k), where=gt)
                 np.maximum(best, score, out=best)
-            if n_cls <= 3:
-                buf_alt[r0:r1, d0:d1] = cm
-            np.divide(win[n_cls, :n_final, a:b], wsum, out=buf_ce[r0:r1, d0:d1])
-            del best, score, gt, wsum
+            if alt is None:
+                alt = cm << np.uint8(ALT_SHIFT)
+            # the centre map at the class-3 pixels only (the only ones label_band reads)
+            ce = np.divide(win[n_cls, :n_final, a:b], wsum, out=score)
+            np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
+            idx = np.flatnonzero(gt)
+            if idx.size:
+                centre_pieces.append((acc_y0, d0, d1 - d0, idx.astype(np.int32), ce.ravel()[idx]))
+            cm |= alt
+            del best, score, gt, wsum, alt, idx
             if rows_out:
                 carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
                 carry_w[:rows_out, d0:d1] = win_w[n_final : n_final + rows_out, a:b]
