@@ -87,6 +87,9 @@ class LabelsWriter:
         Chunk side in pixels.
     ngff_version : {'0.5', '0.4'}
         NGFF version: 0.5 is written as zarr v3, 0.4 as zarr v2.
+    buffer_mb : float
+        Memory (MiB) for tiles held back until they complete rows of chunks (each chunk is
+        then compressed once); tiles that do not fit are written at once (0: all of them).
 
     Examples
     --------
@@ -104,6 +107,7 @@ class LabelsWriter:
         n_levels: int = 3,
         chunk_px: int = 1024,
         ngff_version: str = "0.5",
+        buffer_mb: float = 128.0,
     ) -> None:
         import zarr
 
@@ -120,11 +124,11 @@ class LabelsWriter:
         self.factors = [2**k for k in range(max(1, int(n_levels)))]
         self._overview: tuple[np.ndarray, float] | None = None
         self._finalized = False
-        # full-width bands written in row order are held back per level until they fill whole
-        # rows of chunks (at most one chunk row per level and label image), so that each chunk
-        # is compressed once instead of being read back, merged and compressed again
-        self._next_row: dict[str, int | None] = {}
-        self._pending: dict[str, list[tuple[int, list[np.ndarray]]]] = {}
+        # tiles written in raster order (row bands, left to right) are held back per level
+        # until they fill whole rows of chunks, so that each chunk is compressed once instead
+        # of being read back, merged and compressed again; at most buffer_mb are held
+        self._held: dict[tuple[str, int], _HeldRows] = {}
+        self._held_budget = int(buffer_mb * 2**20)
         zarr_format = 3 if ngff_version == "0.5" else 2
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,24 +233,21 @@ class LabelsWriter:
             return
         array = array[y0 - y : y1 - y, x0 - x : x1 - x]
         try:
-            if x0 == 0 and x1 == w and y0 == self._next_row.get(name, 0):
-                # the next full-width band: through the per-level row buffers
-                for k, (f, target) in enumerate(zip(self.factors, arrays, strict=True)):
-                    i0, i1 = self._level_rows(f, y0, y1, target.shape[0])
-                    if i1 > i0:
-                        oy, ox = f * i0 + f // 2 - y0, f // 2
-                        self._push(name, k, i0, array[oy::f, ox::f][: i1 - i0, : target.shape[1]])
-            else:
-                self._flush(name)
-                for f, target in zip(self.factors, arrays, strict=True):
-                    # level rows i hold level-0 rows f*i + f//2
-                    i0, i1 = self._level_rows(f, y0, y1, target.shape[0])
-                    j0, j1 = self._level_rows(f, x0, x1, target.shape[1])
-                    if i1 <= i0 or j1 <= j0:
-                        continue
-                    oy, ox = f * i0 + f // 2 - y0, f * j0 + f // 2 - x0
-                    target[i0:i1, j0:j1] = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
-            self._next_row[name] = y1 if x0 == 0 and x1 == w else None
+            for k, (f, target) in enumerate(zip(self.factors, arrays, strict=True)):
+                # level rows i hold level-0 rows f*i + f//2
+                i0, i1 = self._level_rows(f, y0, y1, target.shape[0])
+                j0, j1 = self._level_rows(f, x0, x1, target.shape[1])
+                if i1 <= i0 or j1 <= j0:
+                    continue
+                oy, ox = f * i0 + f // 2 - y0, f * j0 + f // 2 - x0
+                tile = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
+                held = self._held.get((name, k))
+                if held is None:
+                    held = self._held[name, k] = _HeldRows(target)
+                if not held.add(i0, j0, tile, self._held_budget - self._held_bytes()):
+                    held.flush()
+                    target[i0:i1, j0:j1] = tile
+                    held.next_row = i1 if j1 == target.shape[1] else None
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -256,33 +257,8 @@ class LabelsWriter:
         i0, i1 = math.ceil((start - f // 2) / f), math.ceil((stop - f // 2) / f)
         return max(i0, 0), min(i1, size)
 
-    def _push(self, name: str, k: int, start: int, rows: np.ndarray) -> None:
-        """Add ``rows`` (level ``k`` rows from ``start`` on, following those held back) and
-        write the rows that complete rows of chunks."""
-        target = self._arrays[name][k]
-        pending = self._pending.setdefault(name, [(start, [])] * len(self.factors))
-        p0, parts = pending[k]  # level rows p0... are held in parts
-        if not parts:
-            p0 = start
-        assert start == p0 + sum(len(part) for part in parts), "bands out of order"
-        end = start + len(rows)
-        chunk = int(target.chunks[0])
-        cut = end if end >= target.shape[0] else end // chunk * chunk
-        if cut <= p0:
-            pending[k] = (p0, [*parts, rows.copy()])
-            return
-        head = rows[: cut - start]
-        target[p0:cut, :] = np.concatenate([*parts, head]) if parts else head
-        rest = rows[cut - start :]
-        pending[k] = (cut, [rest.copy()] if len(rest) else [])
-
-    def _flush(self, name: str | None = None) -> None:
-        """Write the rows held back for ``name`` (or for every label image)."""
-        for key in list(self._pending) if name is None else [name]:
-            for k, (p0, parts) in enumerate(self._pending.pop(key, [])):
-                if parts:
-                    data = np.concatenate(parts)
-                    self._arrays[key][k][p0 : p0 + len(data), :] = data
+    def _held_bytes(self) -> int:
+        return sum(held.nbytes for held in self._held.values())
 
     def flush(self) -> None:
         """Write every tile held back (done by :meth:`finalize`; call before reading the
@@ -290,7 +266,8 @@ class LabelsWriter:
         if self._finalized:
             return
         try:
-            self._flush()
+            for held in self._held.values():
+                held.flush()
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -374,7 +351,7 @@ class LabelsWriter:
     def abort(self) -> None:
         """Remove the partial store (after a failure or cancel)."""
         self._finalized = True
-        self._pending.clear()
+        self._held.clear()
         if self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
 
@@ -386,6 +363,72 @@ class LabelsWriter:
             self.finalize()
         else:
             self.abort()
+
+
+class _HeldRows:
+    """Tiles of one zarr array held back until they complete rows of chunks.
+
+    Complete rows (``rows``, from row ``start``) are written as soon as they fill rows of
+    chunks; the band in progress (tiles of the same rows arriving left to right from column 0)
+    joins them when its last tile arrives. Only tiles that follow on are taken (see
+    :meth:`add`); :meth:`flush` writes whatever is held.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.height, self.width = (int(n) for n in target.shape)
+        self.chunk = int(target.chunks[0])
+        self.next_row: int | None = 0  # the band that may start next (None: none)
+        self.start = 0
+        self.rows: list[np.ndarray] = []  # complete rows start, start + 1, ...
+        self.band: tuple[int, int, int] | None = None  # (i0, i1, next column)
+        self.pieces: list[np.ndarray] = []  # tiles of the band in progress
+        self.nbytes = 0
+
+    def add(self, i0: int, j0: int, tile: np.ndarray, room: int) -> bool:
+        """Hold ``tile`` (rows from i0, columns from j0) if it follows on and fits in ``room``
+        bytes; False if it was not taken (write it, after :meth:`flush`)."""
+        i1, j1 = i0 + tile.shape[0], j0 + tile.shape[1]
+        if self.band is not None:
+            if self.band[:2] != (i0, i1) or self.band[2] != j0:
+                return False
+        elif j0 != 0 or i0 != self.next_row:
+            return False
+        if tile.nbytes > room:
+            return False
+        self.pieces.append(tile.copy())  # the caller may reuse its buffer
+        self.nbytes += tile.nbytes
+        self.band = (i0, i1, j1)
+        if j1 == self.width:  # the band is complete
+            rows = np.concatenate(self.pieces, axis=1) if len(self.pieces) > 1 else self.pieces[0]
+            self.pieces, self.band, self.next_row = [], None, i1
+            if not self.rows:
+                self.start = i0
+            self.rows.append(rows)
+            end = i1 if i1 >= self.height else i1 // self.chunk * self.chunk
+            if end > self.start:
+                self._write(end)
+        return True
+
+    def _write(self, end: int) -> None:
+        """Write the complete rows before ``end`` and keep the rest."""
+        data = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
+        self.target[self.start : end, :] = data[: end - self.start]
+        rest = data[end - self.start :]
+        self.rows = [rest.copy()] if len(rest) else []
+        self.start = end
+        self.nbytes = sum(a.nbytes for a in self.rows) + sum(a.nbytes for a in self.pieces)
+
+    def flush(self) -> None:
+        """Write everything held (rows of chunks left partial)."""
+        if self.rows:
+            self._write(self.start + sum(len(a) for a in self.rows))
+        if self.pieces:
+            i0, i1, j1 = self.band  # type: ignore[misc]
+            self.target[i0:i1, :j1] = np.concatenate(self.pieces, axis=1)
+            # the rest of the band is written as it comes; the next band may be held again
+            self.pieces, self.band, self.next_row = [], None, None
+        self.nbytes = 0
 
 
 def _unwrap(attrs: dict[str, Any]) -> dict[str, Any]:
