@@ -195,27 +195,36 @@ def test_geojson_text_is_json_of_label_features(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-@pytest.mark.parametrize("version", ["0.5", "0.4"])
-def test_labels_writer_bands_held_back_until_chunks_fill(tmp_path, version):
+@pytest.mark.parametrize(
+    "version, cols, buffer_mb",
+    [("0.5", 420, 128), ("0.4", 420, 128), ("0.5", 100, 128), ("0.5", 100, 0.1)],
+)
+def test_labels_writer_bands_held_back_until_chunks_fill(tmp_path, version, cols, buffer_mb):
     from histo.block_outputs import LabelsSink
 
     maps = _maps()
     h, w = maps["class_map"].shape
     expected = {k: a.copy() for k, a in maps.items()}
     expected["osteocytes"][40:70, 90:150] = 5
-    writer = LabelsWriter(tmp_path / "l.ome.zarr", (h, w), 1.0, chunk_px=64, ngff_version=version)
+    writer = LabelsWriter(
+        tmp_path / "l.ome.zarr", (h, w), 1.0, chunk_px=64, ngff_version=version, buffer_mb=buffer_mb
+    )
     sink = LabelsSink(writer, "class_map")
-    band = 37  # full-width bands of a height that is no multiple of the chunks
+    band = 37  # bands of a height that is no multiple of the chunks, in tiles of `cols`
+
+    def write_band(y):
+        for x in range(0, w, cols):
+            for name, array in maps.items():
+                writer.write_tile(name, y, x, array[y : y + band, x : x + cols])
+
     for y in range(0, 111, band):
-        for name, array in maps.items():
-            writer.write_tile(name, y, 0, array[y : y + band])
+        write_band(y)
     # rows held back are written before the sink reads
     assert np.array_equal(sink[0:111, :], maps["class_map"][:111])
     for y in range(111, h, band):
-        for name, array in maps.items():
-            writer.write_tile(name, y, 0, array[y : y + band])
-            if y == 185 and name == "osteocytes":  # a tile among the bands
-                writer.write_tile(name, 40, 90, expected[name][40:70, 90:150])
+        write_band(y)
+        if y == 185:  # a tile among the bands
+            writer.write_tile("osteocytes", 40, 90, expected["osteocytes"][40:70, 90:150])
     writer.finalize()
     for level, f in enumerate((1, 2, 4)):
         back = read_labels(tmp_path / "l.ome.zarr", level=level)
