@@ -292,9 +292,12 @@ def _eroded_pits(
         depth = cv2.distanceTransform((~bone).astype(np.uint8), cv2.DIST_L2, 5)
         lab, n = ndi.label(pits, structure=EIGHT)
         if n:
-            deepest = ndi.maximum(depth, lab, index=np.arange(1, n + 1))
+            # deepest pixel of each pit (the pits' pixels only; ndi.maximum sorts the image)
+            at = np.nonzero(lab)
+            deepest = np.full(n, -np.inf, depth.dtype)
+            np.maximum.at(deepest, lab[at] - 1, depth[at])
             keep = np.zeros(n + 1, bool)
-            keep[1:] = np.asarray(deepest) >= min_depth_px
+            keep[1:] = deepest >= min_depth_px
             pits = keep[lab]
     return pits
 
