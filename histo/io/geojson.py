@@ -15,6 +15,7 @@ MultiPolygons.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -136,12 +137,23 @@ def _feature_json(
         kind, coordinates = "Polygon", polygons[0]
     else:
         kind, coordinates = "MultiPolygon", polygons
+    head, tail = _property_texts(name, tuple(color), object_type)
     return (
         f'{{"type":"Feature","geometry":{{"type":"{kind}","coordinates":{_dumps(coordinates)}}},'
-        f'"properties":{{"objectType":{_dumps(object_type)},"name":{_dumps(f"{name} {value}")},'
-        f'"classification":{{"name":{_dumps(name)},"color":{_dumps(color)}}},'
-        f'"measurements":{{"label":{int(value)},"area_um2":{_dumps(area_um2)}}}}}}}'
+        f'{head} {int(value)}{tail}{int(value)},"area_um2":{_dumps(float(area_um2))}}}}}}}'
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _property_texts(name: str, color: tuple[int, ...], object_type: str) -> tuple[str, str]:
+    """The JSON text of a Feature's properties around its label (the parts common to a class)."""
+    quoted = _dumps(name)  # the name as a JSON string; "name label" is that with " label"
+    head = f'"properties":{{"objectType":{_dumps(object_type)},"name":{quoted[:-1]}'
+    tail = (
+        f'","classification":{{"name":{quoted},"color":{_dumps(list(color))}}},'
+        f'"measurements":{{"label":'
+    )
+    return head, tail
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
