@@ -381,6 +381,7 @@ def _label_block(
     width: int,
     next_id: int,
     packed: bool = False,
+    want_owned: bool = True,
 ) -> dict | None:
     """Objects of a band window held by columns ``[c0, c1)``, from window columns [x0, x1).
 
@@ -391,7 +392,8 @@ def _label_block(
     comp, marker, centre, key)`` with markers numbered from ``next_id`` and ``keys`` (the
     OpenCV order of the whole-window marker numbers), ``oc_owned`` (whether the band owns it),
     and the owned osteocytes: ``ot_keys``, ``ot_pieces`` (sparse pieces numbered 1..n in the
-    order of ``ot_keys``), ``specks`` and ``owned`` (box, mask).
+    order of ``ot_keys``), ``specks`` (box, flat indices of the removed pixels in it) and, if
+    ``want_owned``, ``owned`` (box, mask).
     """
     cmw = _classes(class_map[:, x0:x1], packed)
     cew = centre(x0, x1) if callable(centre) else centre[:, x0:x1]
@@ -442,10 +444,10 @@ def _label_block(
             gbox = (rows, slice(cols.start + x0, cols.stop + x0))
             own = own_start <= tops[i] < own_stop
             if mk.any():
-                items.append([gbox, comp, mk, cew[rows, cols], None, own])
+                items.append([gbox, comp, mk, cew[rows, cols].copy(), None, own])
                 seeded_ids.append(np.unique(mk[mk > 0]))
             else:
-                items.append([gbox, comp, None, cew[rows, cols], _UNSEEDED + ckey, own])
+                items.append([gbox, comp, None, cew[rows, cols].copy(), _UNSEEDED + ckey, own])
         del cc
         seeded = np.concatenate(seeded_ids) if seeded_ids else np.zeros(0, np.int32)
         skeys, _ = _first_block_keys(seed_labels, seed_stats, seeded, x0)
@@ -495,10 +497,12 @@ def _label_block(
             gbox = (rows, slice(blk_c.start + x0, blk_c.start + x0 + c.shape[1]))
             _emit(res["ot_pieces"], gbox, lut[c])
             if speck_lut.any():
-                s = speck_lut[c]
-                if s.any():
-                    res["specks"].append((gbox, s))
-            res["owned"].append((gbox, owned[c]))
+                # sparse: a block's mask would cost a byte per pixel until the band is done
+                idx = np.flatnonzero(speck_lut[c])
+                if idx.size:
+                    res["specks"].append((gbox, idx.astype(np.int32)))
+            if want_owned:
+                res["owned"].append((gbox, owned[c]))
     return res
 
 
@@ -594,6 +598,7 @@ def label_band(
                 width,
                 next_id,
                 packed,
+                owned_mask is not None,
             )
             if res is not None:
                 break
@@ -686,6 +691,14 @@ def label_band(
     # specks last: every decision was made on the unmodified class map
     for (rows, cols), speck in specks:
         box = class_map[rows, cols]
+        if speck.dtype != bool:  # flat indices of the speck's pixels in the box
+            where = np.divmod(speck, box.shape[1])
+            val = box[where]
+            if packed:
+                box[where] = (val & ~_CLASS_BITS) | (val >> ALT_SHIFT)
+            else:
+                box[where] = alt_class[rows, cols][where]
+            continue
         if packed:
             alt = (box & ~_CLASS_BITS) | (box >> ALT_SHIFT)
         else:

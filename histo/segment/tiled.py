@@ -274,7 +274,8 @@ def segment_slide(
     win_w = np.zeros((R, min(tile_px, W)), np.float32)
     n_carry = max(0, R - stride) if len(ys) > 1 else 0
     carry = np.zeros((n_out, n_carry, W), np.float32)
-    carry_w = np.zeros((n_carry, W), np.float32)
+    # (their blending weights are not carried: they depend only on the tiling, and are summed
+    # again in the same order, see carried_weight)
     acc_y0 = 0
     # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated once
     # (at most 2 margins + a stride are kept between rows of tiles, plus one row of tiles).
@@ -349,6 +350,19 @@ def segment_slide(
                 buf_y0 += keep_from
                 _trim(centre_pieces, buf_y0)
 
+    def carried_weight(wy_prev: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """Blending weights of the carried rows at columns [c0, c1): the sums the previous row
+        of tiles made (``wy_prev``: its row taper), redone in the same order (identical)."""
+        out = np.zeros((n_carry, c1 - c0), np.float32)
+        rows = wy_prev[wy_prev.size - n_carry :]
+        for ix, x in enumerate(xs):
+            tw = min(tile_px, W - x)
+            lo, hi = max(c0, x), min(c1, x + tw)
+            if lo < hi:
+                wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
+                out[:, lo - c0 : hi - c0] += rows[:, None] * wx[None, lo - x : hi - x]
+        return out
+
     def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
         """Blend window columns [c0, c1) (slide columns; final for this row of tiles) into
         buffer rows [r0, r0 + n_final) and carry their lower ``rows_out`` rows over."""
@@ -384,8 +398,8 @@ def segment_slide(
             del best, score, gt, wsum, alt, idx
             if rows_out:
                 carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
-                carry_w[:rows_out, d0:d1] = win_w[n_final : n_final + rows_out, a:b]
 
+    wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
     for iy, y in enumerate(ys):
         th = min(tile_px, H - y)
         wy = taper(th, overlap_px, at_start=iy > 0, at_end=iy < len(ys) - 1)
@@ -415,7 +429,7 @@ def segment_slide(
                 win_w[:, a:b] = 0
                 if rows_in:
                     win[:, :rows_in, a:b] = carry[:, :rows_in, win_x1 : x + tw]
-                    win_w[:rows_in, a:b] = carry_w[:rows_in, win_x1 : x + tw]
+                    win_w[:rows_in, a:b] = carried_weight(wy_prev, win_x1, x + tw)
                 win_x1 = x + tw
             if has_tissue(y, x, th, tw):
                 scores = model.predict_scores(read(y, x, th, tw))  # (n_out, th, tw)
@@ -431,6 +445,7 @@ def segment_slide(
             if progress is not None:
                 progress(done / n_tiles, f"segmenting tile {done}/{n_tiles}")
         finish(win_x0, win_x1, win_x0, n_final, rows_out, r0)
+        wy_prev = wy
         buf_n = r1
         acc_y0 += n_final
         label_and_flush(acc_y0, at_end=last)
