@@ -128,9 +128,7 @@ def _shift_up(a: np.ndarray, k: int, n: int) -> None:
         a[j:e] = a[k + j : k + e]
 
 
-def _paint(
-    pieces: list, r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int32
-) -> np.ndarray:
+def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int32) -> np.ndarray:
     """Rows [r0, r1) and columns [c0, c1) of a label image (or any image, 0 elsewhere) from
     sparse pieces ``(row, col, w, flat_index, values)`` (slide rows and columns)."""
     out = np.zeros((r1 - r0, c1 - c0), dtype)

@@ -19,6 +19,7 @@ from skimage.segmentation import watershed
 from histo.classes import BONE, OSTEOCLAST, OSTEOCYTE
 from histo.segment import load_model, segment_slide
 from histo.segment.instances import (
+    ALT_SHIFT,
     CENTRE_SEED_LEVEL,
     MIN_OSTEOCLAST_AREA_UM2,
     MIN_OSTEOCYTE_AREA_UM2,
@@ -250,6 +251,30 @@ def test_label_band_matches_reference(quant):
             for a, b in zip(ref[:3], blk[:3], strict=True):
                 assert np.array_equal(a, b)
             assert ref[3:] == blk[3:]
+        # as segment_slide calls it: the class map packed with the best non-cell class, the
+        # centre map from a function that knows it at class-3 pixels only
+        cm_pk = cm | (alt << np.uint8(ALT_SHIFT))
+        ce3 = np.where(cm == OSTEOCLAST, ce, np.float32(0))
+        calls = []
+
+        def centre(x0, x1):
+            calls.append((x0, x1))
+            return ce3[:, x0:x1].copy()
+
+        for block_cols in (130, 4096):
+            pk = cm_pk.copy()
+            into = ([], [])
+            res = label_band(pk, centre, None, *own, 1.0, into=into, block_cols=block_cols)
+            assert res[3:] == ref[3:]
+            assert np.array_equal(pk & np.uint8((1 << ALT_SHIFT) - 1), cm_ref)
+            assert np.array_equal(pk >> ALT_SHIFT, alt)
+            for pieces, expected in zip(into, ref[:2], strict=True):
+                labels = np.zeros((h, w), np.int32)
+                for y0, x0, pw, idx, vals in pieces:
+                    rows, cols = np.divmod(idx, pw)
+                    labels[rows + y0, cols + x0] = vals
+                assert np.array_equal(labels, expected)
+        assert calls
 
 
 @pytest.mark.parametrize("model_name", ["default", "classical"])
@@ -321,8 +346,10 @@ class _Flat:
 
 def test_segment_slide_memory_per_column():
     """Peak allocations of segment_slide (besides its outputs) do not depend on the height,
-    and each extra column of slide costs < 30 kB (the full-width accumulator, concatenated
-    buffers and whole-band labelling cost ~100 kB)."""
+    and each extra column of slide costs < 5 kB once the slide is wider than a labelling
+    block (~3.5 kB: the class-map rows awaiting labelling, one byte a pixel, and the blended
+    sums of the overlap rows; the full-width accumulator, concatenated buffers and whole-band
+    labelling cost ~100 kB, a float32 centre map and a second byte map ~14 kB)."""
 
     def run(h, w):
         img = np.zeros((h, w, 3), np.uint8)
@@ -334,10 +361,12 @@ def test_segment_slide_memory_per_column():
         }
         return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink))
 
-    p1, p2, p3 = run(2048, 2048), run(4096, 2048), run(2048, 4096)
+    p1, p2 = run(2048, 2048), run(4096, 2048)
     assert p2 < 1.15 * p1, (p1, p2)
-    per_column = (p3 - p1) / 2048
-    assert per_column < 30_000, per_column
+    # wider than a labelling block (LABEL_COLS + context), whose working memory is constant
+    p3, p4 = run(2048, 8192), run(2048, 16384)
+    per_column = (p4 - p3) / 8192
+    assert per_column < 5_000, per_column
 
 
 def test_whole_window_fallback_is_identical(monkeypatch):
