@@ -257,7 +257,7 @@ def test_label_band_matches_reference(quant):
         ce3 = np.where(cm == OSTEOCLAST, ce, np.float32(0))
         calls = []
 
-        def centre(x0, x1):
+        def centre(x0, x1, ce3=ce3, calls=calls):
             calls.append((x0, x1))
             return ce3[:, x0:x1].copy()
 
