@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 \
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
-	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+	libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1 chromium
 
 .PHONY: install sysdeps demo test lint bench train evaluate screenshot clean
 
@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[napari,dev]"
 	touch $(STAMP)
 
-# Xvfb and GL libraries for the napari tests (Debian); installed only when missing.
+# Xvfb and GL libraries for the napari tests, Chromium for the report test (Debian);
+# installed only when missing.
 sysdeps:
 	@if ! command -v xvfb-run >/dev/null 2>&1 || ! ldconfig -p | grep -q libEGL.so.1 \
-		|| ! ldconfig -p | grep -q libxkbcommon-x11; then \
-		echo "installing Xvfb and GL libraries"; \
+		|| ! ldconfig -p | grep -q libxkbcommon-x11 || ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Xvfb, GL libraries and Chromium (report.html test)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
 	fi
