@@ -402,8 +402,8 @@ def _label_block(
     r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
     open_left, open_right = x0 > 0, x1 < width
 
-    def held_ids(cc, stats, rows_owned: bool):
-        top = stats[:, cv2.CC_STAT_TOP]
+    def held_ids(cc, stats, rows_owned: bool, row0: int = 0):
+        top = stats[:, cv2.CC_STAT_TOP] + row0
         if rows_owned:
             cand = np.flatnonzero((top >= own_start) & (top < own_stop))
         else:
@@ -470,11 +470,14 @@ def _label_block(
     else:
         del cc
 
-    # osteocyte lacunae: one per component
-    mask = cmw == OSTEOCYTE
+    # osteocyte lacunae: one per component, labelled from the row above the owned rows down
+    # (a component whose top is above the owned rows reaches that row; rows are taken from an
+    # even row so that the 2-row strips of the keys, hence their order, are the window's)
+    s0 = max(0, (own_start - 1) // 2 * 2)
+    mask = cmw[s0:] == OSTEOCYTE
     n_cc, cc, stats = _components(mask)
     del mask
-    got = held_ids(cc, stats, rows_owned=True)
+    got = held_ids(cc, stats, rows_owned=True, row0=s0)
     if got is None:
         return None
     ids, keys = got
@@ -494,7 +497,10 @@ def _label_block(
         for blk_r, blk_c in _blocks((r1 - r0, w)):
             rows = slice(blk_r.start + r0, min(blk_r.stop + r0, r1))
             c = cc[rows, blk_c]
-            gbox = (rows, slice(blk_c.start + x0, blk_c.start + x0 + c.shape[1]))
+            gbox = (
+                slice(rows.start + s0, rows.stop + s0),
+                slice(blk_c.start + x0, blk_c.start + x0 + c.shape[1]),
+            )
             _emit(res["ot_pieces"], gbox, lut[c])
             if speck_lut.any():
                 # sparse: a block's mask would cost a byte per pixel until the band is done
