@@ -11,13 +11,16 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below: every object belongs to the band that holds its
 top row, so it is labelled exactly once, whole, with a slide-wide label, whatever the tile size.
 
-Memory never depends on the slide's height, and per column of slide it is small: the
-accumulator is one tile wide (a window that slides along the row of tiles) plus the
-``overlap_px`` rows shared with the next row of tiles at full width; the final rows waiting
-to be labelled are kept as uint8 classes and a float32 centre map (about two margins, a stride
-and a tile high); labels of objects not yet written out are kept as sparse pieces; objects are
-labelled on their bounding boxes (:func:`histo.segment.instances.label_band`). Results are
-written into the sink (numpy or zarr arrays) band by band.
+Memory never depends on the slide's height, and per column of slide it is small (~3.5 kB at
+the default tiling): the accumulator is one tile wide (a window that slides along the row of
+tiles) plus the blended sums of the ``overlap_px`` rows shared with the next row of tiles at
+full width (float32, ``n_outputs`` of them; their weights are recomputed, not kept); the final
+rows waiting to be labelled (about two margins and two strides high) are kept as one byte per
+pixel (the class and, in the upper bits, the best class among 0-2 that a removed speck
+becomes); the centre map, read only at osteoclast pixels, is kept as sparse pieces of those
+pixels' values; labels of objects not yet written out are kept as sparse pieces; objects are
+labelled in column blocks, on their bounding boxes (:func:`histo.segment.instances.label_band`).
+Results are written into the sink (numpy or zarr arrays) band by band.
 """
 
 from __future__ import annotations
