@@ -58,7 +58,10 @@ train: install
 	$(BIN)/histo train --out runs/histo-unet-ft3 --seed 3 \
 		--init runs/histo-unet-ft2/model.safetensors --lr 1e-3 --steps 1500 \
 		--surface-crops 0.3 --class-weights 1 1 1 2 4
-	cp runs/histo-unet-ft3/model.safetensors models/histo-unet/model.safetensors
+	$(BIN)/histo train --out runs/histo-unet-ft4 --seed 4 \
+		--init runs/histo-unet-ft3/model.safetensors --lr 7e-4 --steps 1500 \
+		--surface-crops 0.4 --class-weights 1 1 1 2 4
+	cp runs/histo-unet-ft4/model.safetensors models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
 		register_weights('unet', 'models/histo-unet/model.safetensors')"
 
