@@ -598,8 +598,15 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     import dask
     from distributed import Client, LocalCluster
 
+    # worker-saturation 1.0: a worker holds only the slides it is running (one per thread), so
+    # a worker that dies takes no queued slide down with it (each task on a dead worker counts
+    # one failure; with the default 1.1 a second slide waits on every 1-thread worker)
     with dask.config.set(
-        {"distributed.scheduler.allowed-failures": 1, "distributed.admin.tick.limit": "1h"}
+        {
+            "distributed.scheduler.allowed-failures": 1,
+            "distributed.scheduler.worker-saturation": 1.0,
+            "distributed.admin.tick.limit": "1h",
+        }
     ):
         if scheduler:
             try:

@@ -320,3 +320,48 @@ def test_output_error_stops_the_batch_but_keeps_the_finished_rows(tmp_path, slid
     assert [r["slide"] for r in rows] == ["normal-0"]
     assert rows[0] == reference[0]
     assert not (out / "oc-rich-1").exists() and not (out / "oc-poor-2").exists()
+
+
+def test_a_worker_that_dies_becomes_a_failure_row(tmp_path):
+    """A slide whose worker process dies (killed here with SIGKILL while it writes the slide's
+    outputs, as the kernel's out-of-memory killer would) becomes a failure row; the nanny
+    restarts the worker and the other slides are analysed."""
+    import signal
+    import threading
+
+    import psutil
+
+    from histo.synth import write_synthetic_slide
+
+    folder = tmp_path / "slides"
+    write_slides(folder, specs=(("normal", 0), ("oc-rich", 1)))
+    write_synthetic_slide(folder / "big-3.ome.tif", "oc-poor", size=2048, pixel_size_um=1.0,
+                          seed=3)
+    out = tmp_path / "out"
+    before = {c.pid for c in psutil.Process().children()}  # never a worker of this batch
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        # the worker analysing big-3 writes into out/.big-3.partial-<its pid>: kill that pid
+        while not stop.is_set():
+            for p in out.glob(".big-3.partial-*") if out.exists() else []:
+                pid = int(p.name.rsplit("-", 1)[1])
+                if pid not in killed and pid not in before and psutil.pid_exists(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        result = run_batch(folder, out, workers=1, model="classical")
+    finally:
+        stop.set()
+        thread.join()
+    assert len(killed) == 2  # its first try and its one retry (allowed-failures 1)
+    assert result.failed == 1 and result.succeeded == 2
+    failures = read_csv(out / "failures.csv")
+    assert [f["slide"] for f in failures] == ["big-3"]
+    assert "the worker analysing this slide died" in failures[0]["reason"]
+    assert sorted(r["slide"] for r in read_csv(out / "indices.csv")) == ["normal-0", "oc-rich-1"]
