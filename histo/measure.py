@@ -432,7 +432,6 @@ def measure(
         for corner in lab_c:
             contact_px += np.bincount(corner, weights=share * (corner > 0), minlength=n_oc_obj + 1)
     contact_um = contact_px[1:] * px
-    min_contact_um = px if rules.min_bone_contact_um is None else rules.min_bone_contact_um
 
     nuclei_resolved = rgb is not None and rules.min_nuclei > 0
     od = optical_density(rgb) if rgb is not None else None
@@ -445,20 +444,12 @@ def measure(
         nuclei = np.full(n_oc_obj, np.nan)
         trap_signal = np.full(n_oc_obj, np.nan)
 
-    on_bone = contact_um >= min_contact_um - 1e-9
-    big_enough = oc_area * px_area_um2 >= rules.min_osteoclast_area_um2
-    enough_nuclei = nuclei >= rules.min_nuclei if nuclei_resolved else np.ones(n_oc_obj, bool)
-    counted = on_bone & big_enough & enough_nuclei
-    in_region = _centroids_in(region, oc_cy, oc_cx)
-
-    osteoclast_rows, off_bone_rows, rejected_rows = osteoclast_tables(
+    counted, (osteoclast_rows, off_bone_rows, rejected_rows) = count_osteoclasts(
         (oc_ids, oc_area, contact_um, nuclei, oc_cy, oc_cx, trap_signal),
-        np.flatnonzero(in_region),
-        counted,
-        on_bone,
-        big_enough,
+        _centroids_in(region, oc_cy, oc_cx),
         rules,
         px,
+        nuclei_resolved,
     )
 
     # ---- osteoclast surface: bone boundary whose non-bone side is a counted osteoclast
@@ -510,6 +501,29 @@ def measure(
         rules=rules,
         nuclei_resolved=nuclei_resolved,
     )
+
+
+def count_osteoclasts(
+    objects: tuple,
+    in_region: np.ndarray,
+    rules: CountingRules,
+    px: float,
+    nuclei_resolved: bool,
+) -> tuple[np.ndarray, tuple[list[dict], list[dict], list[dict]]]:
+    """The counting rules on the class-3 objects (``objects`` as for
+    :func:`osteoclast_tables`): which are osteoclasts, and the tables of the objects in the
+    region (``in_region``, a mask over the objects). Shared by :func:`measure` and
+    :func:`histo.measure_blocks.measure_by_blocks`."""
+    ids, area, contact_um, nuclei = objects[:4]
+    min_contact_um = px if rules.min_bone_contact_um is None else rules.min_bone_contact_um
+    on_bone = contact_um >= min_contact_um - 1e-9
+    big_enough = area * (px * px) >= rules.min_osteoclast_area_um2
+    enough_nuclei = nuclei >= rules.min_nuclei if nuclei_resolved else np.ones(len(ids), bool)
+    counted = on_bone & big_enough & enough_nuclei
+    tables = osteoclast_tables(
+        objects, np.flatnonzero(in_region), counted, on_bone, big_enough, rules, px
+    )
+    return counted, tables
 
 
 def osteoclast_tables(

@@ -63,7 +63,7 @@ from histo.measure import (
     _corner_labels,
     _eroded_pits,
     _finish,
-    osteoclast_tables,
+    count_osteoclasts,
     validate_pixel_size,
 )
 
@@ -864,7 +864,6 @@ def _measure(
     oc_cy = oc["sy"] / np.where(oc_area > 0, oc_area, 1)
     oc_cx = oc["sx"] / np.where(oc_area > 0, oc_area, 1)
     contact_um = oc["contact"] * px
-    min_contact_um = px if rules.min_bone_contact_um is None else rules.min_bone_contact_um
 
     with_image = read_rgb is not None
     nuclei_resolved = with_image and rules.min_nuclei > 0
@@ -881,20 +880,12 @@ def _measure(
         nuclei = np.full(n_oc_obj, np.nan)
         trap_signal = np.full(n_oc_obj, np.nan)
 
-    on_bone = contact_um >= min_contact_um - 1e-9
-    big_enough = oc_area * px_area_um2 >= rules.min_osteoclast_area_um2
-    enough_nuclei = nuclei >= rules.min_nuclei if nuclei_resolved else np.ones(n_oc_obj, bool)
-    counted = on_bone & big_enough & enough_nuclei
-    in_region = _centroids_in(region, oc_cy, oc_cx, shape)
-
-    osteoclast_rows, off_bone_rows, rejected_rows = osteoclast_tables(
+    counted, (osteoclast_rows, off_bone_rows, rejected_rows) = count_osteoclasts(
         (oc_ids, oc_area, contact_um, nuclei, oc_cy, oc_cx, trap_signal),
-        np.flatnonzero(in_region),
-        counted,
-        on_bone,
-        big_enough,
+        _centroids_in(region, oc_cy, oc_cx, shape),
         rules,
         px,
+        nuclei_resolved,
     )
     oc_s_px = float(oc["contact_roi"][counted].sum())
     # ES: pit-facing corners (pit_px) plus corners of counted osteoclasts that face no pit
