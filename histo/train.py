@@ -371,14 +371,14 @@ def train(
     stop_at_step
         Stop (with a checkpoint) when this step is reached, as an interrupted run would.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig()
     if not 0.0 <= config.surface_crop_fraction <= 0.5:
         raise HistoError(
             f"surface crop fraction {config.surface_crop_fraction:g} is outside 0-0.5 "
             "(half of the crops are already centred on osteoclasts and lacunae)"
         )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     state = None
     if resume and ckpt_path.exists():

@@ -116,3 +116,24 @@ def test_cli_train_and_export(tmp_path):
     )
     assert rc == 0
     assert "initialised from" in (tmp_path / "ft" / "train.log").read_text()
+
+
+def test_bone_surface_points_and_the_fraction_check(tmp_path):
+    """Points where marrow meets bone, on a map whose only surface is the column x = 40; a
+    surface fraction outside 0-0.5 is refused before any work."""
+    import numpy as np
+    import pytest
+
+    from histo.classes import BONE, MARROW
+    from histo.errors import HistoError
+    from histo.train import bone_surface_points
+
+    cm = np.full((64, 80), MARROW, np.uint8)
+    cm[:, 40:] = BONE
+    pts = bone_surface_points(cm, step=4)
+    assert len(pts) == 16  # one per grid row (64 / 4)
+    assert set(pts[:, 1]) == {36}  # the marrow grid column next to the bone
+    assert bone_surface_points(np.full((32, 32), BONE, np.uint8)).shape == (0, 2)
+    with pytest.raises(HistoError, match="surface crop fraction 0.6"):
+        train(tmp_path / "bad", TrainConfig(surface_crop_fraction=0.6))
+    assert not (tmp_path / "bad").exists()
