@@ -217,8 +217,6 @@ class _Lookahead:
     def close(self) -> None:
         """Drop the jobs not started and wait for the running one (after an error or cancel)."""
         if self.pool is not None:
-            for fut in self.pending:
-                fut.cancel()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
