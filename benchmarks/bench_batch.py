@@ -43,8 +43,9 @@ def run_child(args: list[str]) -> Run:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     with open(OUT / "stderr.log", "w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "histo", *args], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "histo", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
@@ -58,8 +59,21 @@ def synth(size: int, seed: int = 1, folder: Path = OUT, phenotype: str = "oc-ric
     path = folder / f"{phenotype}-{size}-{seed}.ome.tif"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        r = run_child(["synth", "--phenotype", phenotype, "--size", str(size), "--seed",
-                       str(seed), "--pixel-size", "1.0", "--out", str(path)])
+        r = run_child(
+            [
+                "synth",
+                "--phenotype",
+                phenotype,
+                "--size",
+                str(size),
+                "--seed",
+                str(seed),
+                "--pixel-size",
+                "1.0",
+                "--out",
+                str(path),
+            ]
+        )
         if r.returncode:
             raise RuntimeError(f"histo synth --size {size} failed: {r.stderr[-500:]}")
         for suffix in (".classes.tif", ".osteoclasts.tif", ".osteocytes.tif"):
@@ -75,31 +89,46 @@ def bench_sizes(sizes: list[int], model: str) -> list[dict]:
         shutil.rmtree(out, ignore_errors=True)
         r = run_child(["analyze", str(slide), "--out", str(out), "--model", model])
         mp = size * size / 1e6
-        rows.append({"size": size, "MP": mp, "s": r.seconds, "MP/s": mp / r.seconds,
-                     "peak MiB": r.peak_rss_mib,
-                     "status": "ok" if r.returncode == 0 else f"exit {r.returncode}"})
-        print(f"  {size:>6} px: {r.seconds:7.1f} s, {mp / r.seconds:6.2f} MP/s, "
-              f"peak {r.peak_rss_mib:7.0f} MiB ({rows[-1]['status']})", flush=True)
+        rows.append(
+            {
+                "size": size,
+                "MP": mp,
+                "s": r.seconds,
+                "MP/s": mp / r.seconds,
+                "peak MiB": r.peak_rss_mib,
+                "status": "ok" if r.returncode == 0 else f"exit {r.returncode}",
+            }
+        )
+        print(
+            f"  {size:>6} px: {r.seconds:7.1f} s, {mp / r.seconds:6.2f} MP/s, "
+            f"peak {r.peak_rss_mib:7.0f} MiB ({rows[-1]['status']})",
+            flush=True,
+        )
     return rows
 
 
 def bench_speedup(n_slides: int, size: int, model: str) -> dict:
     folder = OUT / f"batch-{n_slides}x{size}"
     for i in range(n_slides):
-        synth(size, seed=100 + i, folder=folder,
-              phenotype=("normal", "oc-rich", "oc-poor")[i % 3])
+        synth(size, seed=100 + i, folder=folder, phenotype=("normal", "oc-rich", "oc-poor")[i % 3])
     times = {}
     for workers in (1, 2):
         out = OUT / f"batch-out-{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        r = run_child(["batch", str(folder), "--out", str(out), "--workers", str(workers),
-                       "--model", model])
+        r = run_child(
+            ["batch", str(folder), "--out", str(out), "--workers", str(workers), "--model", model]
+        )
         if r.returncode:
             raise RuntimeError(f"histo batch --workers {workers} failed: {r.stderr[-500:]}")
         times[workers] = r.seconds
         print(f"  {workers} worker(s): {r.seconds:.1f} s", flush=True)
-    return {"slides": n_slides, "size": size, "1 worker s": times[1], "2 workers s": times[2],
-            "speed-up": times[1] / times[2]}
+    return {
+        "slides": n_slides,
+        "size": size,
+        "1 worker s": times[1],
+        "2 workers s": times[2],
+        "speed-up": times[1] / times[2],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     speed = bench_speedup(args.batch_slides, args.batch_size, args.model)
     print(f"\n{'size px':>8} {'MP':>8} {'s':>8} {'MP/s':>7} {'peak RSS MiB':>13}  status")
     for r in rows:
-        print(f"{r['size']:>8} {r['MP']:>8.1f} {r['s']:>8.1f} {r['MP/s']:>7.2f} "
-              f"{r['peak MiB']:>13.0f}  {r['status']}")
-    print(f"\nbatch of {speed['slides']} x {speed['size']} px slides: 1 worker "
-          f"{speed['1 worker s']:.1f} s, 2 workers {speed['2 workers s']:.1f} s, "
-          f"speed-up {speed['speed-up']:.2f}x")
+        print(
+            f"{r['size']:>8} {r['MP']:>8.1f} {r['s']:>8.1f} {r['MP/s']:>7.2f} "
+            f"{r['peak MiB']:>13.0f}  {r['status']}"
+        )
+    print(
+        f"\nbatch of {speed['slides']} x {speed['size']} px slides: 1 worker "
+        f"{speed['1 worker s']:.1f} s, 2 workers {speed['2 workers s']:.1f} s, "
+        f"speed-up {speed['speed-up']:.2f}x"
+    )
     return 0
 
 

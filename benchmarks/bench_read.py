@@ -55,12 +55,25 @@ def write_slide(path: Path, size: int) -> None:
             for j in range(per_row):
                 yield bank[(i * 7 + j * 3) % len(bank)]
 
-    opts = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg",
-                compressionargs={"level": 85}, dtype=np.uint8)
+    opts = dict(
+        tile=(TILE, TILE),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 85},
+        dtype=np.uint8,
+    )
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(tiles(size), shape=(size, size, 3), subifds=n_levels - 1,
-                  metadata={"axes": "YXS", "PhysicalSizeX": PIXEL_SIZE_UM,
-                            "PhysicalSizeY": PIXEL_SIZE_UM}, **opts)
+        tif.write(
+            tiles(size),
+            shape=(size, size, 3),
+            subifds=n_levels - 1,
+            metadata={
+                "axes": "YXS",
+                "PhysicalSizeX": PIXEL_SIZE_UM,
+                "PhysicalSizeY": PIXEL_SIZE_UM,
+            },
+            **opts,
+        )
         for k in range(1, n_levels):
             s = size >> k
             tif.write(tiles(s), shape=(s, s, 3), subfiletype=1, **opts)
@@ -81,8 +94,16 @@ def bench(path: Path, resolutions: list[float]) -> list[dict]:
             n_tiles += 1
         dt = time.perf_counter() - t0
         mp = n_tiles * TILE * TILE / 1e6
-        rows.append({"um_per_px": ps, "level": choose_level(slide, ps), "tiles": n_tiles,
-                     "MP": mp, "s": dt, "MP/s": mp / dt})
+        rows.append(
+            {
+                "um_per_px": ps,
+                "level": choose_level(slide, ps),
+                "tiles": n_tiles,
+                "MP": mp,
+                "s": dt,
+                "MP/s": mp / dt,
+            }
+        )
     slide.close()
     return rows
 
@@ -91,8 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16384, help="slide side in pixels")
     parser.add_argument("--keep", type=Path, help="write the slide here and keep it")
-    parser.add_argument("--resolutions", type=float, nargs="+", default=[1.0, 0.5, 0.7, 2.0],
-                        help="working resolutions to read at (µm/px)")
+    parser.add_argument(
+        "--resolutions",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5, 0.7, 2.0],
+        help="working resolutions to read at (µm/px)",
+    )
     parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_only:
@@ -106,10 +132,14 @@ def main() -> None:
         if not path.exists():
             t0 = time.perf_counter()
             # written by a child process so that its memory is not counted below
-            subprocess.run([sys.executable, __file__, "--size", str(args.size),
-                            "--write-only", str(path)], check=True)
-            print(f"wrote {path.name}: {args.size}x{args.size} RGB, "
-                  f"{path.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s")
+            subprocess.run(
+                [sys.executable, __file__, "--size", str(args.size), "--write-only", str(path)],
+                check=True,
+            )
+            print(
+                f"wrote {path.name}: {args.size}x{args.size} RGB, "
+                f"{path.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s"
+            )
         import histo.io  # noqa: F401  (imports count in the baseline, not in reading)
 
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -119,11 +149,15 @@ def main() -> None:
     print(f"\nread_tile over the whole slide, {TILE}-px tiles, level 0 = {PIXEL_SIZE_UM} µm/px")
     print(f"{'µm/px':>6} {'level':>5} {'tiles':>6} {'MP':>8} {'s':>7} {'MP/s':>7}")
     for r in rows:
-        print(f"{r['um_per_px']:>6.2f} {r['level']:>5d} {r['tiles']:>6d} {r['MP']:>8.1f} "
-              f"{r['s']:>7.2f} {r['MP/s']:>7.1f}")
-    print(f"\npeak RSS of the reading process: {peak:.0f} MiB "
-          f"(after imports, before reading: {rss_before:.0f} MiB; tile cache "
-          f"{CHUNK_CACHE_BYTES / 2**20:.0f} MiB per level)")
+        print(
+            f"{r['um_per_px']:>6.2f} {r['level']:>5d} {r['tiles']:>6d} {r['MP']:>8.1f} "
+            f"{r['s']:>7.2f} {r['MP/s']:>7.1f}"
+        )
+    print(
+        f"\npeak RSS of the reading process: {peak:.0f} MiB "
+        f"(after imports, before reading: {rss_before:.0f} MiB; tile cache "
+        f"{CHUNK_CACHE_BYTES / 2**20:.0f} MiB per level)"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def main(out: str = "docs/synthetic.png") -> None:
             cv2.putText(tile, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 3)
             cv2.putText(tile, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 1)
             cv2.line(tile, (CROP - 120, CROP - 20), (CROP - 20, CROP - 20), (0, 0, 0), 4)
-            cv2.putText(tile, "100 um", (CROP - 120, CROP - 30), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                        (0, 0, 0), 1)
+            cv2.putText(
+                tile, "100 um", (CROP - 120, CROP - 30), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1
+            )
             tiles.append(tile)
         rows.append(np.hstack(tiles))
     img = np.vstack(rows)

@@ -95,8 +95,15 @@ def test_find_slides_by_extension_recursively(tmp_path):
         _touch(root / "sub dir" / "deeper" / "i.ome.tif"),
     ]
     # not slides
-    for name in ("x.classes.tif", "x.osteoclasts.tif", "x.osteocytes.tif", "notes.txt",
-                 "x.truth.json", ".hidden.tif", "x.tif.partial"):
+    for name in (
+        "x.classes.tif",
+        "x.osteoclasts.tif",
+        "x.osteocytes.tif",
+        "notes.txt",
+        "x.truth.json",
+        ".hidden.tif",
+        "x.tif.partial",
+    ):
         _touch(root / name)
     _touch(root / ".cache" / "y.tif")
     _ngff(root / "labels-only.zarr", label=True)
@@ -129,8 +136,11 @@ def test_clean_stale_partials(tmp_path):
     _touch(stale[0] / "labels.ome.zarr" / "zarr.json")
     stale[1].mkdir()
     _touch(stale[2])
-    keep = [_touch(tmp_path / "S1" / "indices.json"), _touch(tmp_path / ".histo.lock"),
-            _touch(tmp_path / "indices.csv")]
+    keep = [
+        _touch(tmp_path / "S1" / "indices.json"),
+        _touch(tmp_path / ".histo.lock"),
+        _touch(tmp_path / "indices.csv"),
+    ]
     removed = clean_stale_partials(tmp_path)
     assert sorted(removed) == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
@@ -204,16 +214,28 @@ def test_batch_in_process_and_resume(tmp_path, slides, reference):
 
 
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env(), **kw)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), **kw
+    )
 
 
 def test_batch_on_a_distributed_cluster(tmp_path, slides, reference):
     """A real scheduler and worker on loopback, started as processes; the batch runs there."""
     bin_dir = Path(sys.executable).parent
     sched_file = tmp_path / "scheduler.json"
-    scheduler = _start([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--scheduler-file", str(sched_file)])
+    scheduler = _start(
+        [
+            str(bin_dir / "dask"),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+        ]
+    )
     worker = None
     try:
         deadline = time.monotonic() + 60
@@ -224,13 +246,37 @@ def test_batch_on_a_distributed_cluster(tmp_path, slides, reference):
         time.sleep(0.2)
         address = json.loads(sched_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
-        worker = _start([str(bin_dir / "dask"), "worker", address, "--nworkers", "1",
-                         "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"])
+        worker = _start(
+            [
+                str(bin_dir / "dask"),
+                "worker",
+                address,
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            ]
+        )
         out = tmp_path / "out"
         proc = subprocess.run(
-            [*HISTO, "batch", str(slides), "--out", str(out), "--scheduler", address,
-             "--model", "classical"],
-            capture_output=True, text=True, timeout=300, env=_env(),
+            [
+                *HISTO,
+                "batch",
+                str(slides),
+                "--out",
+                str(out),
+                "--scheduler",
+                address,
+                "--model",
+                "classical",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
         )
         assert proc.returncode == 0, proc.stderr
         rows = read_csv(out / "indices.csv")
@@ -238,9 +284,22 @@ def test_batch_on_a_distributed_cluster(tmp_path, slides, reference):
         assert all((out / r["slide"] / "overlay.png").exists() for r in rows)
         # the scheduler file works as the address too, and --resume reuses everything
         proc = subprocess.run(
-            [*HISTO, "batch", str(slides), "--out", str(out), "--scheduler", str(sched_file),
-             "--model", "classical", "--resume"],
-            capture_output=True, text=True, timeout=300, env=_env(),
+            [
+                *HISTO,
+                "batch",
+                str(slides),
+                "--out",
+                str(out),
+                "--scheduler",
+                str(sched_file),
+                "--model",
+                "classical",
+                "--resume",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
         )
         assert proc.returncode == 0, proc.stderr
         assert "3 analysed (3 reused), 0 failed" in proc.stderr
@@ -272,8 +331,9 @@ def test_local_workers_and_the_output_lock(tmp_path, slides, reference):
     table; a second run on the same output folder is refused with exit status 4 while the first
     holds it, and the first run's outputs are intact."""
     out = tmp_path / "out"
-    first = _start([*HISTO, "batch", str(slides), "--out", str(out), "--workers", "2",
-                    "--model", "classical"])
+    first = _start(
+        [*HISTO, "batch", str(slides), "--out", str(out), "--workers", "2", "--model", "classical"]
+    )
     lock = out / ".histo.lock"
     deadline = time.monotonic() + 60
     while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
@@ -281,9 +341,11 @@ def test_local_workers_and_the_output_lock(tmp_path, slides, reference):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     second = subprocess.run(
-        [*HISTO, "batch", str(slides), "--out", str(out), "--workers", "1", "--model",
-         "classical"],
-        capture_output=True, text=True, timeout=120, env=_env(),
+        [*HISTO, "batch", str(slides), "--out", str(out), "--workers", "1", "--model", "classical"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert first.poll() is None, "the first run ended before the second was refused"
     assert second.returncode == 4
@@ -335,8 +397,7 @@ def test_a_worker_that_dies_becomes_a_failure_row(tmp_path):
 
     folder = tmp_path / "slides"
     write_slides(folder, specs=(("normal", 0), ("oc-rich", 1)))
-    write_synthetic_slide(folder / "big-3.ome.tif", "oc-poor", size=2048, pixel_size_um=1.0,
-                          seed=3)
+    write_synthetic_slide(folder / "big-3.ome.tif", "oc-poor", size=2048, pixel_size_um=1.0, seed=3)
     out = tmp_path / "out"
     before = {c.pid for c in psutil.Process().children()}  # never a worker of this batch
     killed: list[int] = []

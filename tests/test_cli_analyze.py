@@ -41,17 +41,28 @@ def test_analyze_writes_outputs_and_lists_failures(tmp_path, slide, capsys):
     assert status == 1
     rows = read_csv(out / "indices.csv")
     assert [r["slide"] for r in rows] == ["S1"]
-    for name in ("labels.ome.zarr", "osteoclasts.csv", "osteocytes.csv", "overlay.png",
-                 "osteoclasts.geojson", "osteocytes.geojson", "indices.json"):
+    for name in (
+        "labels.ome.zarr",
+        "osteoclasts.csv",
+        "osteocytes.csv",
+        "overlay.png",
+        "osteoclasts.geojson",
+        "osteocytes.geojson",
+        "indices.json",
+    ):
         assert (out / "S1" / name).exists(), name
     meta = json.loads((out / "S1" / "indices.json").read_text())
     assert meta["row"]["slide"] == "S1" and meta["row"]["phenotype"] == rows[0]["phenotype"]
     failures = read_csv(out / "failures.csv")
-    assert failures == [{
-        "slide": "notes", "path": str(bad), "error": "SlideReadError",
-        "reason": "notes.tif: not a supported image (TIFF, SVS, NDPI, OME-TIFF, OME-Zarr, PNG, "
-                  "JPEG)",
-    }]
+    assert failures == [
+        {
+            "slide": "notes",
+            "path": str(bad),
+            "error": "SlideReadError",
+            "reason": "notes.tif: not a supported image (TIFF, SVS, NDPI, OME-TIFF, OME-Zarr, PNG, "
+            "JPEG)",
+        }
+    ]
     assert f"notes: failed: {failures[0]['reason']}" in err
     assert "1 analysed, 1 failed" in err
     assert not [p for p in out.iterdir() if ".partial" in p.name]
@@ -66,16 +77,22 @@ def test_analyze_writes_outputs_and_lists_failures(tmp_path, slide, capsys):
 def test_analyze_refuses_a_locked_output_folder(tmp_path, slide):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\nfrom histo.io.locking import output_lock\n"
-         f"with output_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom histo.io.locking import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = subprocess.run(
             [*HISTO, "analyze", str(slide), "--out", str(out), "--model", "classical"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
     finally:
@@ -107,8 +124,11 @@ def registry(tmp_path) -> Path:
     weights = tmp_path / "models" / "tiny" / "model.safetensors"
     weights.parent.mkdir(parents=True)
     meta = {"architecture": "HistoUNet", "config": config.to_dict(), "working_pixel_size_um": 1.0}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()},
+        str(weights),
+        metadata={k: json.dumps(v) for k, v in meta.items()},
+    )
     reg = tmp_path / "models" / "registry.json"
     reg.write_text(json.dumps({"aliases": {"default": "tiny"}, "models": {}}))
     register_weights("tiny", weights, reg)
@@ -138,9 +158,10 @@ def test_registered_weights_load_and_tampered_weights_are_refused(registry):
 def test_analyze_with_tampered_weights_exits_5(tmp_path, registry, slide):
     _tamper(registry.parent / "tiny" / "model.safetensors")
     proc = subprocess.run(
-        [*HISTO, "analyze", str(slide), "--out", str(tmp_path / "out"), "--model",
-         str(registry)],
-        capture_output=True, text=True, timeout=120,
+        [*HISTO, "analyze", str(slide), "--out", str(tmp_path / "out"), "--model", str(registry)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 5

@@ -52,10 +52,19 @@ def write_slide(path: Path, phenotype: str = "normal", seed: int = 0, size: int 
 def _ome(path: Path, image: np.ndarray, pixel_size: float | None) -> Path:
     meta = {"axes": "YXS" if image.ndim == 3 else "YX"}
     if pixel_size is not None:
-        meta.update(PhysicalSizeX=pixel_size, PhysicalSizeY=pixel_size,
-                    PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
-    tifffile.imwrite(path, image, photometric="rgb" if image.ndim == 3 else "minisblack",
-                     metadata=meta, tile=(64, 64) if min(image.shape[:2]) >= 64 else None)
+        meta.update(
+            PhysicalSizeX=pixel_size,
+            PhysicalSizeY=pixel_size,
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeYUnit="µm",
+        )
+    tifffile.imwrite(
+        path,
+        image,
+        photometric="rgb" if image.ndim == 3 else "minisblack",
+        metadata=meta,
+        tile=(64, 64) if min(image.shape[:2]) >= 64 else None,
+    )
     return path
 
 
@@ -130,15 +139,26 @@ def write_bad_corpus(folder: Path) -> dict[str, Path]:
     full = _ome(folder / "full.tmp", good, 1.0).read_bytes()
     (folder / "full.tmp").unlink()
     p["truncated.ome.tif"].write_bytes(full[: len(full) // 2])
-    tifffile.imwrite(p["unsupported-compression.tif"], good, photometric="rgb",
-                     compression="zlib", resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        p["unsupported-compression.tif"],
+        good,
+        photometric="rgb",
+        compression="zlib",
+        resolution=(1e4, 1e4),
+        resolutionunit="CENTIMETER",
+    )
     _patch_first_ifd(p["unsupported-compression.tif"], {259: 34999})
     _ome(p["grayscale.ome.tif"], cv2.cvtColor(good, cv2.COLOR_RGB2GRAY), 1.0)
     _png(p["rgba.png"], np.dstack([good, np.full(good.shape[:2], 255, np.uint8)]))
     _ome(p["sixteen-bit.ome.tif"], good.astype(np.uint16) * 257, 1.0)
     _png(p["one-pixel.png"], good[:1, :1])
-    tifffile.imwrite(p["huge-dimensions.tif"], good[:16, :16], photometric="rgb",
-                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        p["huge-dimensions.tif"],
+        good[:16, :16],
+        photometric="rgb",
+        resolution=(1e4, 1e4),
+        resolutionunit="CENTIMETER",
+    )
     _patch_first_ifd(p["huge-dimensions.tif"], {256: 1_000_000, 257: 1_000_000})
     _png(p["no-pixel-size.png"], good, None)
     _ome(p["pixel-size-zero.ome.tif"], good, 0.0)
@@ -154,8 +174,9 @@ def write_bad_corpus(folder: Path) -> dict[str, Path]:
 
 
 def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*HISTO, *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+    return subprocess.run(
+        [*HISTO, *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
 
 
 def test_bad_inputs_never_stop_a_batch(tmp_path):
@@ -165,8 +186,7 @@ def test_bad_inputs_never_stop_a_batch(tmp_path):
     paths = write_bad_corpus(folder)
     write_slide(folder / "good.ome.tif", "oc-rich", seed=3)
     out = tmp_path / "out"
-    proc = _run(["batch", str(folder), "--out", str(out), "--workers", "2", "--model",
-                 "classical"])
+    proc = _run(["batch", str(folder), "--out", str(out), "--workers", "2", "--model", "classical"])
     assert proc.returncode == 1, proc.stderr
     failures = {r["slide"]: r for r in read_csv(out / "failures.csv")}
     rows = {r["slide"]: r for r in read_csv(out / "indices.csv")}
@@ -202,8 +222,9 @@ def test_file_deleted_mid_batch(tmp_path):
         def start(self, total, resumed):
             gone.unlink()
 
-    result = run_batch(folder, tmp_path / "out", workers=0, model="classical",
-                       reporter=DeleteAtStart())
+    result = run_batch(
+        folder, tmp_path / "out", workers=0, model="classical", reporter=DeleteAtStart()
+    )
     assert [o.slide for o in result.outcomes] == ["a", "b"]
     assert result.outcomes[0].ok and not result.outcomes[1].ok
     assert result.outcomes[1].reason == "b.ome.tif: cannot read (No such file or directory)"
@@ -231,16 +252,18 @@ def test_read_only_output_folder(tmp_path):
     folder = tmp_path / "in"
     write_slide(folder / "a.ome.tif", "normal", seed=1)
     out = tmp_path / "ro"
-    cmd = _read_only_command(out, [*HISTO, "batch", str(folder), "--out", str(out),
-                                   "--workers", "1", "--model", "classical"])
+    cmd = _read_only_command(
+        out,
+        [*HISTO, "batch", str(folder), "--out", str(out), "--workers", "1", "--model", "classical"],
+    )
     if cmd is None:
         pytest.skip("cannot make a read-only folder here")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"histo batch: error: cannot write to output folder {out}: Read-only file system"
-        if os.geteuid() == 0 else f"histo batch: error: cannot write to output folder {out}: "
-        "Permission denied"
+        if os.geteuid() == 0
+        else f"histo batch: error: cannot write to output folder {out}: Permission denied"
     )
 
 
@@ -275,8 +298,7 @@ def _alive(pid: int) -> bool:
 def _kill_when(cmd: list[str], ready, timeout: float = 240) -> bool:
     """Start ``cmd``; SIGKILL it as soon as ``ready()``; True if killed (False: it finished).
     Checks that its worker processes die with it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and not ready():
@@ -309,24 +331,49 @@ def test_killed_batch_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "ref"
     run_batch(folder, ref, workers=0, model="classical")
     out = tmp_path / "out"
-    cmd = [*HISTO, "batch", str(folder), "--out", str(out), "--workers", "1", "--model",
-           "classical", "--resume"]
+    cmd = [
+        *HISTO,
+        "batch",
+        str(folder),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--model",
+        "classical",
+        "--resume",
+    ]
 
     def partial_exists() -> bool:
         return out.exists() and any(".partial-" in p.name for p in out.iterdir())
 
     def finished(n: int):
-        return lambda: out.exists() and sum(
-            (p / "indices.json").exists() for p in out.iterdir() if not p.name.startswith(".")
-        ) >= n
+        return lambda: (
+            out.exists()
+            and sum(
+                (p / "indices.json").exists() for p in out.iterdir() if not p.name.startswith(".")
+            )
+            >= n
+        )
 
     assert _kill_when(cmd, partial_exists), "the batch finished before the first kill point"
     left = [p.name for p in out.iterdir() if ".partial-" in p.name]
     assert _kill_when(cmd, finished(2)), "the batch finished before the second kill point"
     assert left, "the first kill left no partial folder to clean up"
     assert not (out / "indices.csv").exists()
-    proc = _run(["batch", str(folder), "--out", str(out), "--workers", "1", "--model",
-                 "classical", "--resume"])
+    proc = _run(
+        [
+            "batch",
+            str(folder),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--model",
+            "classical",
+            "--resume",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "reused" in proc.stderr
     assert read_csv(out / "indices.csv") == read_csv(ref / "indices.csv")
@@ -343,11 +390,16 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-PROPERTY = settings(max_examples=30, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_HEADERS = [b"", b"II*\x00", b"MM\x00*", b"II+\x00\x08\x00\x00\x00", b"\x89PNG\r\n\x1a\n",
-            b"\xff\xd8\xff\xe0"]
+_HEADERS = [
+    b"",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00\x08\x00\x00\x00",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+]
 
 
 def _exercise(path: Path, pixel_size_um: float | None = None) -> None:
@@ -372,8 +424,11 @@ def _exercise(path: Path, pixel_size_um: float | None = None) -> None:
 
 
 @PROPERTY
-@given(header=st.sampled_from(_HEADERS), body=st.binary(max_size=600),
-       suffix=st.sampled_from([".tif", ".png", ".jpg", ".svs"]))
+@given(
+    header=st.sampled_from(_HEADERS),
+    body=st.binary(max_size=600),
+    suffix=st.sampled_from([".tif", ".png", ".jpg", ".svs"]),
+)
 def test_open_slide_on_arbitrary_bytes(tmp_path_factory, header, body, suffix):
     path = tmp_path_factory.mktemp("bytes") / f"x{suffix}"
     path.write_bytes(header + body)
@@ -381,10 +436,12 @@ def test_open_slide_on_arbitrary_bytes(tmp_path_factory, header, body, suffix):
 
 
 _small_images = st.one_of(
-    hnp.arrays(st.sampled_from([np.uint8, np.uint16]),
-               st.tuples(st.integers(1, 24), st.integers(1, 24),
-                         st.sampled_from([None, 1, 3, 4])).map(
-                   lambda t: t[:2] if t[2] is None else t)),
+    hnp.arrays(
+        st.sampled_from([np.uint8, np.uint16]),
+        st.tuples(st.integers(1, 24), st.integers(1, 24), st.sampled_from([None, 1, 3, 4])).map(
+            lambda t: t[:2] if t[2] is None else t
+        ),
+    ),
 )
 
 
@@ -399,11 +456,15 @@ def test_open_slide_on_arbitrary_png(tmp_path_factory, image):
 
 
 @PROPERTY
-@given(image=hnp.arrays(
-    st.sampled_from([np.uint8, np.uint16, np.int16, np.float32, np.float64, np.bool_]),
-    st.tuples(st.integers(1, 24), st.integers(1, 24), st.sampled_from([None, 1, 2, 3, 4, 5])
-              ).map(lambda t: t[:2] if t[2] is None else t)),
-    tiled=st.booleans())
+@given(
+    image=hnp.arrays(
+        st.sampled_from([np.uint8, np.uint16, np.int16, np.float32, np.float64, np.bool_]),
+        st.tuples(
+            st.integers(1, 24), st.integers(1, 24), st.sampled_from([None, 1, 2, 3, 4, 5])
+        ).map(lambda t: t[:2] if t[2] is None else t),
+    ),
+    tiled=st.booleans(),
+)
 def test_open_slide_on_arbitrary_tiff(tmp_path_factory, image, tiled):
     path = tmp_path_factory.mktemp("tif") / "x.tif"
     kw = {"tile": (16, 16)} if tiled else {}
@@ -419,9 +480,11 @@ _DTYPES = [np.uint8, np.int8, np.int32, np.int64, np.uint16, np.float32, np.floa
 @given(
     codes=hnp.arrays(
         np.int64,
-        st.one_of(st.tuples(st.integers(1, 32), st.integers(1, 32)),
-                  st.tuples(st.integers(0, 4)),
-                  st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3))),
+        st.one_of(
+            st.tuples(st.integers(1, 32), st.integers(1, 32)),
+            st.tuples(st.integers(0, 4)),
+            st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)),
+        ),
         elements=st.integers(-1, 6),
     ),
     dtype=st.sampled_from(_DTYPES),
@@ -463,21 +526,34 @@ def bad_input_table() -> str:
         tmp = Path(tmp)
         paths = write_bad_corpus(tmp / "in")
         write_slide(tmp / "in" / "good.ome.tif", "oc-rich", seed=3)
-        batch = _run(["batch", str(tmp / "in"), "--out", str(tmp / "batch"), "--workers", "2",
-                      "--model", "classical"])
+        batch = _run(
+            [
+                "batch",
+                str(tmp / "in"),
+                "--out",
+                str(tmp / "batch"),
+                "--workers",
+                "2",
+                "--model",
+                "classical",
+            ]
+        )
         failures = {r["slide"]: r for r in read_csv(tmp / "batch" / "failures.csv")}
         lines = [
             "| input | `histo analyze` exit | message (stderr and failures.csv) |",
             "|---|---|---|",
         ]
         for name, (what, _) in BAD_INPUTS.items():
-            proc = _run(["analyze", str(paths[name]), "--out", str(tmp / "one"), "--model",
-                         "classical"])
+            proc = _run(
+                ["analyze", str(paths[name]), "--out", str(tmp / "one"), "--model", "classical"]
+            )
             f = failures.get(slide_name(paths[name]))
             msg = f"`{f['error']}`: {f['reason']}" if f else "analysed (a row in indices.csv)"
             lines.append(f"| {what} (`{name}`) | {proc.returncode} | {msg} |")
-        lines.append(f"\n`histo batch` on all of them plus a good slide: exit status "
-                     f"{batch.returncode}; last line: `{batch.stderr.strip().splitlines()[-1]}`")
+        lines.append(
+            f"\n`histo batch` on all of them plus a good slide: exit status "
+            f"{batch.returncode}; last line: `{batch.stderr.strip().splitlines()[-1]}`"
+        )
     return "\n".join(lines).replace(str(tmp), "…")
 
 

@@ -28,13 +28,27 @@ def _rows(n_per_group: int = 4) -> tuple[list[dict], dict[str, str]]:
     }.items():
         for i in range(n_per_group):
             name = f"{g.replace('/', '')}-{i}"
-            rows.append({
-                "slide": name, "phenotype": call, "T.Ar": 1.2, "B.Ar": 0.3, "Ma.Ar": 0.9,
-                "BV/TV": bvtv + rng.normal(0, 2), "Ma.Ar/T.Ar": 100 - bvtv, "B.Pm": 12.0,
-                "N.Oc": int(noc * 12), "N.Oc/B.Pm": max(0.0, noc + rng.normal(0, 0.3)),
-                "N.Oc/T.Ar": 20.0, "Oc.S/BS": 3.0, "N.Ot": 300, "N.Ot/B.Ar": 900.0,
-                "Tb.Th": 45.0, "Tb.N": 4.0, "confidence": 0.9,
-            })
+            rows.append(
+                {
+                    "slide": name,
+                    "phenotype": call,
+                    "T.Ar": 1.2,
+                    "B.Ar": 0.3,
+                    "Ma.Ar": 0.9,
+                    "BV/TV": bvtv + rng.normal(0, 2),
+                    "Ma.Ar/T.Ar": 100 - bvtv,
+                    "B.Pm": 12.0,
+                    "N.Oc": int(noc * 12),
+                    "N.Oc/B.Pm": max(0.0, noc + rng.normal(0, 0.3)),
+                    "N.Oc/T.Ar": 20.0,
+                    "Oc.S/BS": 3.0,
+                    "N.Ot": 300,
+                    "N.Ot/B.Ar": 900.0,
+                    "Tb.Th": 45.0,
+                    "Tb.N": 4.0,
+                    "confidence": 0.9,
+                }
+            )
             groups[name] = g
     return rows, groups
 
@@ -137,11 +151,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={shot}",
-             "--window-size=1200,1600", path.as_uri()],
-            check=True, capture_output=True, timeout=90, env={**os.environ, "HOME": profile},
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--screenshot={shot}",
+                "--window-size=1200,1600",
+                path.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+            env={**os.environ, "HOME": profile},
         )
     img = cv2.imread(str(shot))[..., ::-1].astype(int)
     assert img.shape[:2] == (1600, 1200)

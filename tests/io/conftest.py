@@ -17,11 +17,14 @@ def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth-plus-noise RGB test image (uint8) whose downsamples are not trivial."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([
-        128 + 100 * np.sin(yy / 17.0),
-        128 + 100 * np.cos(xx / 23.0),
-        128 + 60 * np.sin((xx + yy) / 31.0),
-    ], axis=-1)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(yy / 17.0),
+            128 + 100 * np.cos(xx / 23.0),
+            128 + 60 * np.sin((xx + yy) / 31.0),
+        ],
+        axis=-1,
+    )
     noise = rng.normal(0, 12, (h, w, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
@@ -31,21 +34,37 @@ def area_pyramid(image: np.ndarray, n: int) -> list[np.ndarray]:
     levels = [image]
     for _ in range(n - 1):
         prev = levels[-1]
-        levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
-                                 interpolation=cv2.INTER_AREA))
+        levels.append(
+            cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        )
     return levels
 
 
-def write_ome_pyramid(path: Path, image: np.ndarray, pixel_size: float, unit: str = "µm",
-                      n_levels: int = 3, compression: str = "zlib", tile: int = 128) -> Path:
+def write_ome_pyramid(
+    path: Path,
+    image: np.ndarray,
+    pixel_size: float,
+    unit: str = "µm",
+    n_levels: int = 3,
+    compression: str = "zlib",
+    tile: int = 128,
+) -> Path:
     """Pyramidal OME-TIFF with the reduced levels in SubIFDs."""
     levels = area_pyramid(image, n_levels)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         opts = dict(tile=(tile, tile), photometric="rgb", compression=compression)
-        tif.write(levels[0], subifds=n_levels - 1,
-                  metadata={"axes": "YXS", "PhysicalSizeX": pixel_size,
-                            "PhysicalSizeXUnit": unit, "PhysicalSizeY": pixel_size,
-                            "PhysicalSizeYUnit": unit}, **opts)
+        tif.write(
+            levels[0],
+            subifds=n_levels - 1,
+            metadata={
+                "axes": "YXS",
+                "PhysicalSizeX": pixel_size,
+                "PhysicalSizeXUnit": unit,
+                "PhysicalSizeY": pixel_size,
+                "PhysicalSizeYUnit": unit,
+            },
+            **opts,
+        )
         for level in levels[1:]:
             tif.write(level, subfiletype=1, **opts)
     return path
@@ -58,13 +77,30 @@ def write_svs(path: Path, image: np.ndarray, mpp: float = 0.499) -> Path:
     desc = f"{head}{w}x{h} [0,0 {w}x{h}] (128x128) RAW/RGB|AppMag = 20|MPP = {mpp:.4f}|Left = 1"
     low = area_pyramid(image, 3)[2]
     with tifffile.TiffWriter(path) as tif:
-        tif.write(image, tile=(128, 128), photometric="rgb", compression="zlib",
-                  description=desc, metadata=None)
+        tif.write(
+            image,
+            tile=(128, 128),
+            photometric="rgb",
+            compression="zlib",
+            description=desc,
+            metadata=None,
+        )
         tif.write(image[::8, ::8], photometric="rgb", description=f"{head}thumb", metadata=None)
-        tif.write(low, tile=(128, 128), photometric="rgb", compression="zlib",
-                  description=f"{head}{low.shape[1]}x{low.shape[0]}", metadata=None)
-        tif.write(image[:40, :60], photometric="rgb", subfiletype=1,
-                  description=f"{head}label 60x40", metadata=None)
+        tif.write(
+            low,
+            tile=(128, 128),
+            photometric="rgb",
+            compression="zlib",
+            description=f"{head}{low.shape[1]}x{low.shape[0]}",
+            metadata=None,
+        )
+        tif.write(
+            image[:40, :60],
+            photometric="rgb",
+            subfiletype=1,
+            description=f"{head}label 60x40",
+            metadata=None,
+        )
     return path
 
 
@@ -72,20 +108,37 @@ def write_ndpi_like(path: Path, image: np.ndarray, um: float = 0.4567) -> Path:
     """Classic TIFF with Hamamatsu tags (FileFormat 65420, Magnification 65421, Make) and
     resolution in pixels per cm, levels as successive pages (as NDPI stores them)."""
     tmp = path.with_suffix(".tmp.tif")
-    extratags = [(65420, "I", 1, 1, True), (65421, "f", 1, 20.0, True),
-                 (271, "s", 0, "Hamamatsu", True)]
+    extratags = [
+        (65420, "I", 1, 1, True),
+        (65421, "f", 1, 20.0, True),
+        (271, "s", 0, "Hamamatsu", True),
+    ]
     with tifffile.TiffWriter(tmp) as tif:
         for k, level in enumerate(area_pyramid(image, 3)):
             ppcm = 1e4 / (um * 2**k)
-            tif.write(level, photometric="rgb", compression="zlib", rowsperstrip=16,
-                      resolution=(ppcm, ppcm), resolutionunit="CENTIMETER", extratags=extratags,
-                      metadata=None, software="NDP.scan")
+            tif.write(
+                level,
+                photometric="rgb",
+                compression="zlib",
+                rowsperstrip=16,
+                resolution=(ppcm, ppcm),
+                resolutionunit="CENTIMETER",
+                extratags=extratags,
+                metadata=None,
+                software="NDP.scan",
+            )
     os.replace(tmp, path)
     return path
 
 
-def write_ngff(path: Path, image: np.ndarray, pixel_size: float, unit: str = "micrometer",
-               version: str = "0.5", n_levels: int = 2) -> Path:
+def write_ngff(
+    path: Path,
+    image: np.ndarray,
+    pixel_size: float,
+    unit: str = "micrometer",
+    version: str = "0.5",
+    n_levels: int = 2,
+) -> Path:
     """OME-Zarr image (c, y, x) written directly with zarr-python (NGFF 0.5 on zarr v3 or
     NGFF 0.4 on zarr v2)."""
     zarr_format = 3 if version == "0.5" else 2
@@ -95,12 +148,18 @@ def write_ngff(path: Path, image: np.ndarray, pixel_size: float, unit: str = "mi
         planes = np.ascontiguousarray(np.moveaxis(level, -1, 0))
         root.create_array(str(k), data=planes, chunks=(3, 64, 64))
         s = pixel_size * 2**k
-        datasets.append({"path": str(k),
-                         "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]})
-    ms = {"name": "img", "datasets": datasets,
-          "axes": [{"name": "c", "type": "channel"},
-                   {"name": "y", "type": "space", "unit": unit},
-                   {"name": "x", "type": "space", "unit": unit}]}
+        datasets.append(
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]}
+        )
+    ms = {
+        "name": "img",
+        "datasets": datasets,
+        "axes": [
+            {"name": "c", "type": "channel"},
+            {"name": "y", "type": "space", "unit": unit},
+            {"name": "x", "type": "space", "unit": unit},
+        ],
+    }
     if version == "0.5":
         root.attrs.update({"ome": {"version": "0.5", "multiscales": [ms]}})
     else:
@@ -146,20 +205,33 @@ def files(tmp_path_factory: pytest.TempPathFactory, rgb: np.ndarray) -> dict[str
         "zarr3": write_ngff(d / "img.ome.zarr", rgb, 0.8, version="0.5"),
         "zarr2": write_ngff(d / "img2.zarr", rgb, 800.0, unit="nanometer", version="0.4"),
     }
-    tifffile.imwrite(d / "tiled.tif", rgb, tile=(128, 128), photometric="rgb",
-                     compression="zlib", resolution=(1e4 / 0.25, 1e4 / 0.25),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        d / "tiled.tif",
+        rgb,
+        tile=(128, 128),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
     out["tiled"] = d / "tiled.tif"
-    tifffile.imwrite(d / "strip.tif", rgb, photometric="rgb", resolution=(25400 / 2.0,) * 2,
-                     resolutionunit="INCH")
+    tifffile.imwrite(
+        d / "strip.tif",
+        rgb,
+        photometric="rgb",
+        resolution=(25400 / 2.0,) * 2,
+        resolutionunit="INCH",
+    )
     out["strip"] = d / "strip.tif"
-    tifffile.imwrite(d / "dpi72.tif", rgb, photometric="rgb", resolution=(72, 72),
-                     resolutionunit="INCH")
+    tifffile.imwrite(
+        d / "dpi72.tif", rgb, photometric="rgb", resolution=(72, 72), resolutionunit="INCH"
+    )
     out["dpi72"] = d / "dpi72.tif"
     cv2.imwrite(str(d / "field.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     out["png"] = d / "field.png"
-    cv2.imwrite(str(d / "field.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 95])
+    cv2.imwrite(
+        str(d / "field.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
     out["jpeg"] = d / "field.jpg"
     return out
 
@@ -179,7 +251,17 @@ def big_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 block[:] = (i % 256, j % 256, (i * per_row + j) % 251)
                 yield block
 
-    tifffile.imwrite(path, tiles(), shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile),
-                     photometric="rgb", compression="zlib", compressionargs={"level": 1},
-                     bigtiff=True, resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(n, n, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="zlib",
+        compressionargs={"level": 1},
+        bigtiff=True,
+        resolution=(1e4, 1e4),
+        resolutionunit="CENTIMETER",
+    )
     return path

@@ -136,8 +136,9 @@ def test_too_many_channels(tmp_path):
     # six planes read as a stack of gray images: the first is used
     slide = open_slide(tmp_path / "multi.tif")
     assert slide.shape == (16, 16, 3)
-    tifffile.imwrite(tmp_path / "fluo.ome.tif", np.zeros((6, 16, 16), np.uint8),
-                     metadata={"axes": "CYX"})
+    tifffile.imwrite(
+        tmp_path / "fluo.ome.tif", np.zeros((6, 16, 16), np.uint8), metadata={"axes": "CYX"}
+    )
     with pytest.raises(SlideReadError, match="6 channels") as err:
         open_slide(tmp_path / "fluo.ome.tif")
     _one_line(err.value)

@@ -31,8 +31,7 @@ def test_ome_tiff_pyramid_levels_sizes_and_values(files, rgb, rgb_levels):
         assert slide.pixel_size_um == pytest.approx(0.5)
         assert slide.pixel_size_source == "OME PhysicalSizeX"
         assert slide.level_pixel_sizes == pytest.approx([0.5, 1.0, 2.0])
-        assert [lvl.shape for lvl in slide.levels] == [(512, 768, 3), (256, 384, 3),
-                                                       (128, 192, 3)]
+        assert [lvl.shape for lvl in slide.levels] == [(512, 768, 3), (256, 384, 3), (128, 192, 3)]
         expected = rgb_levels
         np.testing.assert_array_equal(slide.levels[0][100:300, 50:400], rgb[100:300, 50:400])
         np.testing.assert_array_equal(np.asarray(slide.levels[2]), expected[2])
@@ -137,8 +136,9 @@ def test_png_phys_chunk_gives_pixel_size(tmp_path, rgb):
     assert slide.pixel_size_source == "PNG density"
 
 
-@pytest.mark.parametrize("key, size, source", [("zarr3", 0.8, "NGFF scale"),
-                                               ("zarr2", 0.8, "NGFF scale")])
+@pytest.mark.parametrize(
+    "key, size, source", [("zarr3", 0.8, "NGFF scale"), ("zarr2", 0.8, "NGFF scale")]
+)
 def test_ome_zarr_images(files, rgb, key, size, source):
     slide = open_slide(files[key])
     assert slide.format == "OME-Zarr"
@@ -152,8 +152,10 @@ def test_ome_zarr_images(files, rgb, key, size, source):
 def test_normalisation_gray_rgba_16bit_planar(tmp_path, rgb):
     gray = rgb[..., 1]
     tifffile.imwrite(tmp_path / "gray.tif", gray)
-    np.testing.assert_array_equal(open_slide(tmp_path / "gray.tif").levels[0][:4, :4],
-                                  np.repeat(gray[:4, :4, None], 3, axis=2))
+    np.testing.assert_array_equal(
+        open_slide(tmp_path / "gray.tif").levels[0][:4, :4],
+        np.repeat(gray[:4, :4, None], 3, axis=2),
+    )
 
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:10, :10, 3] = 0  # transparent: white
@@ -176,8 +178,7 @@ def test_normalisation_gray_rgba_16bit_planar(tmp_path, rgb):
 
 
 def test_one_pixel_image(tmp_path):
-    tifffile.imwrite(tmp_path / "one.tif", np.array([[[10, 20, 30]]], np.uint8),
-                     photometric="rgb")
+    tifffile.imwrite(tmp_path / "one.tif", np.array([[[10, 20, 30]]], np.uint8), photometric="rgb")
     slide = open_slide(tmp_path / "one.tif", pixel_size_um=1.0)
     assert slide.shape == (1, 1, 3)
     assert slide.levels[0][0, 0].tolist() == [10, 20, 30]
@@ -196,8 +197,7 @@ def test_slide_name():
 def test_read_region_coarser_matches_cv2_downsample(files, rgb):
     slide = open_slide(files["tiled"])  # single level, 0.25 µm/px
     full = read_region(slide, 0, 0, 256, 384, 0.5)
-    np.testing.assert_array_equal(
-        full, cv2.resize(rgb, (384, 256), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(full, cv2.resize(rgb, (384, 256), interpolation=cv2.INTER_AREA))
     # an aligned sub-region equals the same part of the full downsample
     part = read_region(slide, 40 * 0.5, 60 * 0.5, 32, 48, 0.5)
     np.testing.assert_array_equal(part, full[40:72, 60:108])
@@ -210,7 +210,8 @@ def test_read_region_uses_pyramid_level_and_pads_white(files, rgb, rgb_levels):
     # 1.5 µm/px comes from the 1 µm/px level, not the 2 µm/px one
     r = read_region(slide, 0, 0, 100, 100, 1.5)
     np.testing.assert_array_equal(
-        r, cv2.resize(expected[1][:150, :150], (100, 100), interpolation=cv2.INTER_AREA))
+        r, cv2.resize(expected[1][:150, :150], (100, 100), interpolation=cv2.INTER_AREA)
+    )
     # outside the slide: white
     edge = read_region(slide, -10.0, 380.0, 20, 20, 1.0)
     assert (edge[:10] == 255).all()
@@ -219,7 +220,8 @@ def test_read_region_uses_pyramid_level_and_pads_white(files, rgb, rgb_levels):
     # finer than level 0: upsampled
     up = read_region(slide, 0, 0, 20, 20, 0.25)
     np.testing.assert_array_equal(
-        up, cv2.resize(rgb[:10, :10], (20, 20), interpolation=cv2.INTER_LINEAR))
+        up, cv2.resize(rgb[:10, :10], (20, 20), interpolation=cv2.INTER_LINEAR)
+    )
 
 
 def test_read_region_without_pixel_size_fails(files):
@@ -243,7 +245,8 @@ def test_iter_tiles_cores_partition_the_slide(files):
     assert (owner == 1).all()
     tile = tiles[-1]
     np.testing.assert_array_equal(
-        read_tile(slide, tile), read_region(slide, tile.y, tile.x, 128, 128, 1.0))
+        read_tile(slide, tile), read_region(slide, tile.y, tile.x, 128, 128, 1.0)
+    )
 
 
 def test_slide_from_array():

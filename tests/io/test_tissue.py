@@ -28,8 +28,13 @@ def _section_on_glass(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     tissue = np.clip(rng.normal((205, 150, 185), 18, (h, w, 3)), 0, 255).astype(np.uint8)
     bone = np.zeros((h, w), np.uint8)
     for _ in range(25):
-        cv2.circle(bone, (int(rng.integers(350, 1050)), int(rng.integers(250, 700))),
-                   int(rng.integers(10, 40)), 1, -1)
+        cv2.circle(
+            bone,
+            (int(rng.integers(350, 1050)), int(rng.integers(250, 700))),
+            int(rng.integers(10, 40)),
+            1,
+            -1,
+        )
     tissue[bone.astype(bool)] = (170, 190, 225)
     image[blob] = tissue[blob]
     for _ in range(200):  # adipocyte ghosts, 20-50 µm: white holes inside the section
