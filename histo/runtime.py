@@ -1,0 +1,89 @@
+"""Process settings that make histo fast on Linux: the C allocator (glibc malloc).
+
+A slide's analysis allocates and frees arrays of a few to tens of MB many times a second in
+several threads (the network's tiles, blending, labelling, zarr's codec threads). glibc's
+defaults then cost a lot of kernel time: every thread gets an arena of its own whose heaps are
+shrunk and grown again (page faults on every reuse). Measured on an 8192² slide on 2 cores
+(``histo analyze``, wall time, peak RSS, minor page faults):
+
+- defaults: 17.7-20.2 s, 950-990 MiB, 0.7-1.0 M faults;
+- two arenas (``MALLOC_ARENA_MAX=2``): 16.4-18.4 s, 750-890 MiB, 0.3-0.6 M faults;
+- dask's worker default ``MALLOC_TRIM_THRESHOLD_=65536``: 35.2 s, 9.6 M faults. Setting any
+  trim threshold freezes glibc's mmap threshold at 128 kB, so every array is a fresh
+  ``mmap`` whose pages fault in one by one.
+
+:func:`tune_malloc` applies the first (and undoes the effect of the second) in a running
+process; :data:`WORKER_ENV` is the environment histo gives the dask workers it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+#: malloc arenas: the main one and one shared by every other thread
+ARENA_MAX = 2
+#: the largest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+_MMAP_THRESHOLD = 32 * 2**20
+#: a trim threshold below this (dask sets 64 kB) is raised to _TRIM_THRESHOLD
+_TRIM_THRESHOLD = 128 * 2**20
+
+#: environment of the worker processes of ``histo batch``'s local cluster (replaces dask's
+#: ``distributed.nanny.pre-spawn-environ``, whose MALLOC_TRIM_THRESHOLD_ halves histo's speed)
+WORKER_ENV = {"MALLOC_ARENA_MAX": str(ARENA_MAX)}
+
+
+def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
+    """Limit glibc to :data:`ARENA_MAX` arenas and undo a small trim threshold.
+
+    Settings already given in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``)
+    are left alone. Call it early, before threads allocate: arenas already made stay. Does
+    nothing off Linux/glibc.
+
+    Returns
+    -------
+    list of str
+        The settings applied, e.g. ``["M_ARENA_MAX=2"]`` (empty when none were).
+    """
+    environ = os.environ if environ is None else environ
+    mallopt = _mallopt()
+    if mallopt is None:
+        return []
+    applied = []
+    if "MALLOC_ARENA_MAX" not in environ and mallopt(_M_ARENA_MAX, ARENA_MAX) == 1:
+        applied.append(f"M_ARENA_MAX={ARENA_MAX}")
+    trim = environ.get("MALLOC_TRIM_THRESHOLD_")
+    if trim is not None and "MALLOC_MMAP_THRESHOLD_" not in environ:
+        try:
+            small = int(trim) < _MMAP_THRESHOLD
+        except ValueError:
+            small = False
+        if (
+            small
+            and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+            and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+        ):
+            applied.append(f"M_MMAP_THRESHOLD={_MMAP_THRESHOLD}")
+            applied.append(f"M_TRIM_THRESHOLD={_TRIM_THRESHOLD}")
+    return applied
+
+
+def _mallopt():
+    """glibc's ``mallopt`` (None elsewhere: macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt

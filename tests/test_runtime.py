@@ -1,0 +1,86 @@
+"""The allocator settings of histo.runtime: what they change, measured in page faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from histo.runtime import ARENA_MAX, tune_malloc
+
+linux_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="glibc malloc only",
+)
+
+# allocate, touch and free a 4 MiB array 300 times; print the minor page faults it cost
+_CHURN = """
+import json, resource, sys
+import numpy as np
+from histo.runtime import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tune" else []
+a = np.ones(2**20, np.float32)  # warm up: the first heap growth faults either way
+del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(300):
+    a = np.ones(2**20, np.float32)
+    del a
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+def _churn(mode: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHURN, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environ, **env},
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+@linux_glibc
+def test_tune_malloc_undoes_a_small_trim_threshold():
+    """dask's workers run with MALLOC_TRIM_THRESHOLD_=65536, which freezes glibc's mmap
+    threshold at 128 kB: each 4 MiB array is then a new mmap whose pages fault in again each
+    time (~154,000 faults here). tune_malloc raises both thresholds, and the same loop reuses
+    the heap (no fault)."""
+    frozen = _churn("plain", MALLOC_TRIM_THRESHOLD_="65536")
+    tuned = _churn("tune", MALLOC_TRIM_THRESHOLD_="65536")
+    assert frozen["faults"] > 300 * 256  # every page of every array faults again
+    assert tuned["faults"] < 300
+    assert "M_MMAP_THRESHOLD=33554432" in tuned["applied"]
+
+
+def test_tune_malloc_respects_the_environment():
+    if not sys.platform.startswith("linux"):
+        assert tune_malloc({}) == []
+        return
+    assert tune_malloc({}) == [f"M_ARENA_MAX={ARENA_MAX}"]
+    assert tune_malloc({"MALLOC_ARENA_MAX": "8"}) == []
+    # a trim threshold set by the user alongside an mmap threshold is theirs to keep
+    assert tune_malloc({"MALLOC_ARENA_MAX": "8", "MALLOC_TRIM_THRESHOLD_": "0"}) != []
+    kept = {"MALLOC_ARENA_MAX": "8", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "1"}
+    assert tune_malloc(kept) == []
+    assert tune_malloc({"MALLOC_ARENA_MAX": "8", "MALLOC_TRIM_THRESHOLD_": "2147483647"}) == []
+
+
+def test_local_workers_get_histo_environment():
+    """The workers of histo's local cluster start with two malloc arenas, without dask's trim
+    threshold, and with the per-worker thread count for OpenMP/MKL/OpenBLAS."""
+    from histo.batch import dask_client
+
+    with dask_client(workers=1) as client:
+        environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+    threads = str(max(1, (os.cpu_count() or 1) // 1))
+    assert environ.get("MALLOC_ARENA_MAX") == str(ARENA_MAX)
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert environ.get("OMP_NUM_THREADS") == threads
+    assert environ.get("OPENBLAS_NUM_THREADS") == threads
