@@ -166,6 +166,7 @@ class LabelsSink:
         self.shape = tuple(int(n) for n in self.array.shape)
         self.dtype = self.array.dtype
         self.ndim = 2
+        self.block_px = writer.block_px  # writes aligned to it are never held nor read back
 
     @staticmethod
     def _origin(key: Any) -> tuple[int, int]:

@@ -221,6 +221,25 @@ class _Lookahead:
             self.pool = None
 
 
+#: a sink whose chunks are larger than this (rows, columns) is written in bands of any height
+#: or pieces of FLUSH_COLS (holding rows for a chunk's height costs more than rewriting chunks)
+MAX_WRITE_BLOCK = (2048, 8192)
+
+
+def _write_block(*arrays: Any) -> tuple[int, int]:
+    """(rows, columns) on whose multiples writes into ``arrays`` should start to fill whole
+    chunks: a sink's ``block_px`` (:class:`histo.block_outputs.LabelsSink`) or a zarr array's
+    ``chunks``; (1, 1) for numpy arrays."""
+    rows = cols = 1
+    for a in arrays:
+        block = getattr(a, "block_px", None) or getattr(a, "chunks", None)
+        if block is None or len(block) != 2 or not all(isinstance(b, int) for b in block):
+            continue  # numpy (no chunks) or dask (chunks per block)
+        rows, cols = math.lcm(rows, int(block[0])), math.lcm(cols, int(block[1]))
+    max_rows, max_cols = MAX_WRITE_BLOCK
+    return (rows if rows <= max_rows else 1), (cols if cols <= max_cols else 1)
+
+
 def _starts(n: int, tile: int, stride: int) -> list[int]:
     if n <= tile:
         return [0]
@@ -313,6 +332,12 @@ def segment_slide(
         )
         return bool(m[y0:y1, x0:x1].any())
 
+    # rows are written out in bands that start on multiples of row_align and pieces of
+    # flush_cols columns on multiples of col_align: the sink's chunks are then written whole,
+    # once (a zarr chunk written in two parts is decoded and compressed twice)
+    row_align, col_align = _write_block(out_cm, out_oc, out_ot)
+    flush_cols = -(-FLUSH_COLS // col_align) * col_align
+
     # blending accumulator of one row of tiles, rows [acc_y0, acc_y0 + R): a window of one tile's
     # columns [win_x0, win_x0 + tile_px) slides along the row; a column leaves it (is blended)
     # once no later tile of the row covers it. The rows shared with the next row of tiles
@@ -327,11 +352,12 @@ def segment_slide(
     # again in the same order, see carried_weight)
     acc_y0 = 0
     # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated once
-    # (at most 2 margins + a stride are kept between rows of tiles, plus one row of tiles).
+    # (kept between rows of tiles: at most a stride and a margin below the labelled rows, a
+    # margin or the rows awaiting a whole band of row_align above them; plus one row of tiles).
     # One byte per pixel: the class in the low bits, the best class among 0-2 (what a removed
     # speck becomes) from bit ALT_SHIFT (see label_band). The centre map is read only at
     # class-3 pixels: it is kept as sparse pieces (slide rows) of those pixels' values.
-    cap = min(H, 2 * margin + stride + tile_px)
+    cap = min(H, stride + margin + max(margin, row_align - 1) + tile_px)
     buf_cm = np.zeros((cap, W), np.uint8)
     centre_pieces: list = []
     # labels of objects not yet written out, as sparse pieces (see label_band) in slide rows
@@ -374,13 +400,14 @@ def segment_slide(
             n_oc += k_oc
             n_ot += k_ot
             owned_to = own_stop
-            # rows above owned_to are now final in every output: write them out
-            flush_to = owned_to if not at_end else final_to
+            # rows above owned_to are now final in every output: write them out, in bands
+            # that end on a multiple of row_align (but for the last)
+            flush_to = final_to if at_end else owned_to // row_align * row_align
             if flush_to > flushed_to:
                 a, b = flushed_to - buf_y0, flush_to - buf_y0
                 # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
-                for c0 in range(0, W, FLUSH_COLS):
-                    c1 = min(W, c0 + FLUSH_COLS)
+                for c0 in range(0, W, flush_cols):
+                    c1 = min(W, c0 + flush_cols)
                     out_cm[flushed_to:flush_to, c0:c1] = buf_cm[a:b, c0:c1] & _CLASS_BITS
                     for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
                         labels = _paint(pend, flushed_to, flush_to, c0, c1)
@@ -389,8 +416,9 @@ def segment_slide(
                 _prune(pend_oc, flush_to)
                 _prune(pend_ot, flush_to)
                 flushed_to = flush_to
-            keep_from = max(0, owned_to - margin - buf_y0)
-            # keep the margin rows (context for the next band), drop the rest
+            keep_from = max(0, min(owned_to - margin, flushed_to) - buf_y0)
+            # keep the margin rows (context for the next band) and the rows not written out
+            # yet, drop the rest
             if keep_from > 0:
                 n_keep = buf_n - keep_from
                 _shift_up(buf_cm, keep_from, n_keep)

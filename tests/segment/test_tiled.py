@@ -92,3 +92,44 @@ def test_tissue_mask_skips_glass(drawn_shapes):
     res = segment_slide(img, Counting(), tile_px=256, overlap_px=32, tissue=tissue)
     assert len(calls) == 1
     assert (res.class_map[300:, 300:] == 0).all()
+
+
+def test_streamed_labels_write_each_chunk_once(drawn_shapes, tmp_path, monkeypatch):
+    """Into a LabelsWriter, segment_slide writes bands of whole rows of chunks at every
+    pyramid level: each chunk of the store is compressed and written exactly once (a chunk
+    written in two parts is read back, decoded and written twice), and the maps are those of
+    an in-memory run."""
+    from collections import Counter
+
+    from zarr.storage import LocalStore
+
+    from histo.block_outputs import LabelsSink
+    from histo.io.ome_zarr import LabelsWriter, read_labels
+
+    img, n_discs, _ = drawn_shapes
+    h, w = img.shape[:2]
+    writes: Counter = Counter()
+    set_chunk = LocalStore.set
+
+    async def counting_set(self, key, value):
+        writes[key] += 1
+        await set_chunk(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", counting_set)
+    writer = LabelsWriter(tmp_path / "l.ome.zarr", (h, w), 1.0, chunk_px=64, buffer_mb=0)
+    assert writer.block_px == (64, 256)
+    sink = {k: LabelsSink(writer, k) for k in ("class_map", "osteoclasts", "osteocytes")}
+    streamed = segment_slide(img, "classical", tile_px=256, overlap_px=32, sink=sink)
+    writer.finalize()
+    in_memory = segment_slide(img, "classical", tile_px=256, overlap_px=32)
+
+    chunks = {k: n for k, n in writes.items() if k.startswith("labels/") and "/c/" in k}
+    # class map, osteoclasts, osteocytes: 11 x 15 chunks of 64², 11 x 8 of 32 x 64 (level 1,
+    # 350 x 450 px) and 11 x 4 of 16 x 64 (level 2, 175 x 225 px)
+    assert len(chunks) == 3 * (11 * 15 + 11 * 8 + 11 * 4)
+    assert set(chunks.values()) == {1}
+    assert streamed.n_osteoclasts == in_memory.n_osteoclasts == n_discs
+    back = read_labels(tmp_path / "l.ome.zarr")
+    assert np.array_equal(back["class_map"][0], in_memory.class_map)
+    assert np.array_equal(back["osteoclasts"][0], in_memory.osteoclast_labels)
+    assert np.array_equal(back["osteocytes"][0], in_memory.osteocyte_labels)
