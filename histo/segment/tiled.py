@@ -181,13 +181,17 @@ def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
 #: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
 #: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px). 0: no thread.
 LOOKAHEAD_TILES = 8
+#: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
+READ_AHEAD_TILES = 4
 
 
 class _Lookahead:
     """``compute(*args)`` for each of ``jobs`` in order, up to ``depth`` jobs ahead of the
     consumer in one background thread (``depth`` 0: computed on demand in the caller)."""
 
-    def __init__(self, compute: Callable[..., Any], jobs: list, depth: int) -> None:
+    def __init__(
+        self, compute: Callable[..., Any], jobs: list, depth: int, name: str = "histo-tiles"
+    ) -> None:
         from collections import deque
 
         self.compute = compute
@@ -198,7 +202,7 @@ class _Lookahead:
         if self.depth > 0:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histo-tiles")
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
             for _ in range(self.depth):
                 self._submit()
 
@@ -476,18 +480,22 @@ def segment_slide(
             if rows_out:
                 carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
 
+    def read_tile(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
+        return read(y, x, th, tw) if has_tissue(y, x, th, tw) else None
+
     def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray:
-        if has_tissue(y, x, th, tw):
-            return model.predict_scores(read(y, x, th, tw))  # (n_out, th, tw)
+        rgb = reads.next()
+        if rgb is not None:
+            return model.predict_scores(rgb)  # (n_out, th, tw)
         scores = np.zeros((n_out, th, tw), np.float32)
         scores[0] = 1.0  # glass
         return scores
 
-    ahead = _Lookahead(
-        tile_scores,
-        [(y, x, min(tile_px, H - y), min(tile_px, W - x)) for y in ys for x in xs],
-        LOOKAHEAD_TILES,
-    )
+    jobs = [(y, x, min(tile_px, H - y), min(tile_px, W - x)) for y in ys for x in xs]
+    # tiles are read (and decoded) in one thread, scored in another, blended here: the three
+    # stages overlap, and reading and decoding release the GIL while the network runs
+    reads = _Lookahead(read_tile, jobs, READ_AHEAD_TILES, "histo-read")
+    ahead = _Lookahead(tile_scores, jobs, LOOKAHEAD_TILES)
     try:
         wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
         for iy, y in enumerate(ys):
@@ -536,6 +544,7 @@ def segment_slide(
             acc_y0 += n_final
             label_and_flush(acc_y0, at_end=last)
     finally:
-        ahead.close()
+        ahead.close()  # first: its running job may be waiting for a tile being read
+        reads.close()
 
     return SegmentationResult(out_cm, out_oc, out_ot, px, n_oc, n_ot)
