@@ -1,5 +1,3 @@
-import sys
+from histo.cli import entry
 
-from histo.cli import main
-
-sys.exit(main())
+entry()
