@@ -157,6 +157,7 @@ def analyze_slide(
     """
     from histo.io import detect_tissue
     from histo.phenotype import call_phenotype
+    from histo.runtime import release_free_memory
     from histo.segment import load_model, segment_slide
 
     t0 = time.perf_counter()
@@ -191,10 +192,12 @@ def analyze_slide(
                 sink=None if stream is None else stream.sink,
                 **tiling,
             )
+            release_free_memory()
             step(0.86, "measuring")
             measurement = _measure_segmentation(
                 slide, seg, roi, stream is not None, step.sub(0.86, 0.9)
             )
+            release_free_memory()
             if measurement.indices.get("B.Ar", 0) == 0:
                 raise EmptyTissueError(f"{name}: tissue found but no bone: nothing to measure")
             call = call_phenotype(measurement.indices, ranges)
