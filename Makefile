@@ -48,7 +48,7 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.run
 
-# The shipped weights: three stages (models/README.md), about 80 min on 2 idle cores.
+# The shipped weights: five stages (models/README.md), about 2 h on 2 cores.
 train: install
 	$(BIN)/histo train --out runs/histo-unet --seed 0 --time-limit 58
 	$(BIN)/histo train --out runs/histo-unet-ft --seed 1 \
