@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from histo.errors import Cancelled, EmptyTissueError, HistoError, OutputError, PixelSizeError
+from histo.runtime import import_in_background
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -83,23 +84,6 @@ class _Steps:
         return report
 
 
-def _import_in_background(module: str) -> None:
-    """Start importing ``module`` in a daemon thread (a later ``import`` in another thread
-    waits for it to finish: Python's import lock is per module)."""
-    import importlib
-    import sys
-    import threading
-
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - the import where it is needed reports it
-            pass
-
-    if module not in sys.modules:
-        threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
-
-
 def _open(source, pixel_size_um: float | None, name: str | None):
     from histo.io import open_slide, require_pixel_size, slide_from_array
 
@@ -162,7 +146,7 @@ def analyze_slide(
 
     t0 = time.perf_counter()
     if model != "classical":
-        _import_in_background("torch")  # ~1.3 s, while the slide is opened and tissue found
+        import_in_background("torch")  # ~1.3 s, while the slide is opened and tissue found
     step = _Steps(progress, cancel)
     step(0.0, "opening")
     slide = _open(source, pixel_size_um, name)

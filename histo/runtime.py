@@ -73,6 +73,24 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
     return applied
 
 
+def import_in_background(module: str) -> None:
+    """Start importing ``module`` in a daemon thread, to overlap a slow import (torch ~1.3 s,
+    matplotlib ~0.5 s) with other work. A later ``import`` of it in another thread waits for
+    this one to finish (Python's import lock is per module); an import error is left for that
+    later import to report."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the import where it is needed reports it
+            pass
+
+    if module not in sys.modules:
+        threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
+
+
 def release_free_memory() -> bool:
     """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``).
 
