@@ -38,6 +38,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
+from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
@@ -543,6 +544,7 @@ def segment_slide(
             buf_n = r1
             acc_y0 += n_final
             label_and_flush(acc_y0, at_end=last)
+            release_free_memory()  # this row's temporaries, freed in the middle of the heap
     finally:
         ahead.close()  # first: its running job may be waiting for a tile being read
         reads.close()
