@@ -22,9 +22,11 @@ pixels' values; labels of objects not yet written out are kept as sparse pieces;
 labelled in column blocks, on their bounding boxes (:func:`histo.segment.instances.label_band`).
 Results are written into the sink (numpy or zarr arrays) band by band.
 
-The slide is read and the network run ``LOOKAHEAD_TILES`` tiles ahead in a background thread,
-so that the network keeps the cores busy while the main thread blends and labels (about 9 %
-faster end to end on an 8192² slide on 2 cores; a constant ~110 MB of scores in flight).
+Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread and scored by
+the network ``LOOKAHEAD_TILES`` ahead in another, so that the network keeps the cores busy while
+the main thread blends and labels (a constant ~120 MB in flight). Bands are written to the sink
+on whole rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned
+after each row of tiles (:func:`histo.runtime.release_free_memory`).
 """
 
 from __future__ import annotations
