@@ -112,3 +112,28 @@ def test_release_free_memory_returns_freed_heap_pages():
     out = json.loads(proc.stdout)
     assert out["released"] is True
     assert out["held"] - out["after"] > 150  # MiB: the freed blocks' pages were resident
+
+
+def test_import_in_background(tmp_path, monkeypatch):
+    """The module is imported by a daemon thread; a module that fails to import is left for
+    the import that needs it to report (nothing raised, nothing printed by the thread)."""
+    import threading
+
+    from histo.runtime import import_in_background
+
+    (tmp_path / "histo_probe_ok.py").write_text("VALUE = 42\n")
+    (tmp_path / "histo_probe_bad.py").write_text("raise ImportError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    import_in_background("histo_probe_ok")
+    import_in_background("histo_probe_bad")
+    for t in threading.enumerate():
+        if t.name.startswith("import-histo_probe"):
+            t.join(timeout=30)
+    assert sys.modules["histo_probe_ok"].VALUE == 42
+    assert "histo_probe_bad" not in sys.modules
+    assert errors == []
+    with pytest.raises(ImportError, match="broken on purpose"):
+        import histo_probe_bad  # noqa: F401
+    monkeypatch.delitem(sys.modules, "histo_probe_ok")
