@@ -331,18 +331,9 @@ def test_killed_batch_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "ref"
     run_batch(folder, ref, workers=0, model="classical")
     out = tmp_path / "out"
-    cmd = [
-        *HISTO,
-        "batch",
-        str(folder),
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--model",
-        "classical",
-        "--resume",
-    ]
+    args = ["batch", str(folder), "--out", str(out), "--workers", "1", "--model", "classical"]
+    args.append("--resume")
+    cmd = [*HISTO, *args]
 
     def partial_exists() -> bool:
         return out.exists() and any(".partial-" in p.name for p in out.iterdir())
@@ -361,19 +352,7 @@ def test_killed_batch_resumes_to_the_same_result(tmp_path):
     assert _kill_when(cmd, finished(2)), "the batch finished before the second kill point"
     assert left, "the first kill left no partial folder to clean up"
     assert not (out / "indices.csv").exists()
-    proc = _run(
-        [
-            "batch",
-            str(folder),
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-            "--model",
-            "classical",
-            "--resume",
-        ]
-    )
+    proc = _run(args)  # the same command, run to the end
     assert proc.returncode == 0, proc.stderr
     assert "reused" in proc.stderr
     assert read_csv(out / "indices.csv") == read_csv(ref / "indices.csv")

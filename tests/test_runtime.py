@@ -33,10 +33,11 @@ print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
-def _churn(mode: str, **env: str) -> dict:
+def _python_json(code: str, *args: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (no MALLOC_* settings but ``env``); its JSON output."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     proc = subprocess.run(
-        [sys.executable, "-c", _CHURN, mode],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -44,6 +45,10 @@ def _churn(mode: str, **env: str) -> dict:
         check=True,
     )
     return json.loads(proc.stdout)
+
+
+def _churn(mode: str, **env: str) -> dict:
+    return _python_json(_CHURN, mode, **env)
 
 
 @linux_glibc
@@ -105,11 +110,7 @@ print(json.dumps({"held": held, "after": rss_mib(), "released": released}))
 
 @linux_glibc
 def test_release_free_memory_returns_freed_heap_pages():
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run(
-        [sys.executable, "-c", _PINNED], capture_output=True, text=True, timeout=60, env=environ
-    )
-    out = json.loads(proc.stdout)
+    out = _python_json(_PINNED)
     assert out["released"] is True
     assert out["held"] - out["after"] > 150  # MiB: the freed blocks' pages were resident
 

@@ -11,11 +11,12 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below: every object belongs to the band that holds its
 top row, so it is labelled exactly once, whole, with a slide-wide label, whatever the tile size.
 
-Memory never depends on the slide's height, and per column of slide it is small (~3.5 kB at
+Memory never depends on the slide's height, and per column of slide it is small (~6 kB at
 the default tiling): the accumulator is one tile wide (a window that slides along the row of
 tiles) plus the blended sums of the ``overlap_px`` rows shared with the next row of tiles at
 full width (float32, ``n_outputs`` of them; their weights are recomputed, not kept); the final
-rows waiting to be labelled (about two margins and two strides high) are kept as one byte per
+rows waiting to be labelled or written (two margins, a stride and a tile high, plus up to a
+sink chunk's height of rows waiting for whole rows of chunks) are kept as one byte per
 pixel (the class and, in the upper bits, the best class among 0-2 that a removed speck
 becomes); the centre map, read only at osteoclast pixels, is kept as sparse pieces of those
 pixels' values; labels of objects not yet written out are kept as sparse pieces; objects are
@@ -47,7 +48,7 @@ from histo.segment.instances import ALT_SHIFT, label_band
 MARGIN_UM = 256.0
 #: columns blended at a time (bounds the float temporaries of a row of tiles)
 BLEND_COLS = 2048
-#: columns written to the sink at a time (a multiple of the usual 512-px chunks)
+#: columns written to the sink at a time (rounded up to the sink's column alignment)
 FLUSH_COLS = 2048
 _CLASS_BITS = np.uint8((1 << ALT_SHIFT) - 1)
 
