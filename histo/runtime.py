@@ -91,19 +91,41 @@ def import_in_background(module: str) -> None:
         threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
 
 
-def release_free_memory() -> bool:
+def release_free_memory(slack_mb: float = 0.0) -> bool:
     """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``).
 
     A long analysis frees arrays of many sizes in several threads; glibc keeps the freed pages
     of the middle of its heaps resident until they are reused, so a process's resident memory
-    creeps up with the slide's length even though its live data does not. Called between rows
-    of tiles and between the phases of an analysis. Returns False off glibc.
+    creeps up with the slide's length even though its live data does not. Called between the
+    phases of an analysis and, with ``slack_mb``, between rows of tiles.
+
+    Pages given back fault in again when reused (the network's tiles reuse the same sizes):
+    with ``slack_mb`` > 0 the heap is trimmed only once the resident memory has grown by more
+    than that since the last trim. Returns whether it trimmed (False off glibc).
     """
+    global _RSS_AFTER_TRIM
     libc = _libc()
     if libc is None:
         return False
+    if slack_mb > 0 and _RSS_AFTER_TRIM is not None:
+        rss = resident_bytes()
+        if rss is not None and rss - _RSS_AFTER_TRIM < slack_mb * 2**20:
+            return False
     libc.malloc_trim(0)
+    _RSS_AFTER_TRIM = resident_bytes()
     return True
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_RSS_AFTER_TRIM: int | None = None  # resident bytes right after the last malloc_trim
 
 
 def _libc():

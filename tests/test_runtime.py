@@ -115,6 +115,37 @@ def test_release_free_memory_returns_freed_heap_pages():
     assert out["held"] - out["after"] > 150  # MiB: the freed blocks' pages were resident
 
 
+# the same with a slack: 40 MB of freed pages are kept (below the slack), 200 MB are not
+_SLACK = """
+import json
+from histo.runtime import release_free_memory
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmRSS:"))
+def churn(mb):
+    blocks = [bytearray(4000) for _ in range(mb * 250)]
+    return blocks[-1]
+release_free_memory()
+pins = [churn(40)]
+small = {"held": rss_mib(), "released": release_free_memory(slack_mb=128), "after": rss_mib()}
+pins.append(churn(200))
+large = {"held": rss_mib(), "released": release_free_memory(slack_mb=128), "after": rss_mib()}
+print(json.dumps({"small": small, "large": large}))
+"""
+
+
+@linux_glibc
+def test_release_free_memory_with_slack_trims_only_past_it():
+    """Between rows of tiles the heap is trimmed only once freed pages add up to the slack
+    (trimming after every row made the next row fault the same pages in again)."""
+    out = _python_json(_SLACK)
+    small, large = out["small"], out["large"]
+    assert small["released"] is False
+    assert small["held"] - small["after"] < 5  # the 40 MB stay resident
+    assert large["released"] is True
+    assert large["held"] - large["after"] > 150
+
+
 def test_import_in_background(tmp_path, monkeypatch):
     """The module is imported by a daemon thread; a module that fails to import is left for
     the import that needs it to report (nothing raised, nothing printed by the thread)."""

@@ -27,7 +27,8 @@ Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread a
 the network ``LOOKAHEAD_TILES`` ahead in another, so that the network keeps the cores busy while
 the main thread blends and labels (a constant ~120 MB in flight). Bands are written to the sink
 on whole rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned
-after each row of tiles (:func:`histo.runtime.release_free_memory`).
+between rows of tiles once they add up to ``TRIM_SLACK_MB``
+(:func:`histo.runtime.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from histo.segment.instances import ALT_SHIFT, label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
 MARGIN_UM = 256.0
+#: resident memory the freed temporaries of rows of tiles may add before the heap is trimmed
+#: (MB; trimming after every row makes the next row fault its pages in again)
+TRIM_SLACK_MB = 128
 #: columns blended at a time (bounds the float temporaries of a row of tiles)
 BLEND_COLS = 2048
 #: columns written to the sink at a time (rounded up to the sink's column alignment)
@@ -547,7 +551,8 @@ def segment_slide(
             buf_n = r1
             acc_y0 += n_final
             label_and_flush(acc_y0, at_end=last)
-            release_free_memory()  # this row's temporaries, freed in the middle of the heap
+            # this row's temporaries, freed in the middle of the heap, once they add up
+            release_free_memory(slack_mb=TRIM_SLACK_MB)
     finally:
         ahead.close()  # first: its running job may be waiting for a tile being read
         reads.close()
