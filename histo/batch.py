@@ -472,9 +472,10 @@ def run_slide(
     progress
         ``progress(fraction, message)`` when running in this process.
     """
-    from histo.runtime import tune_malloc
+    from histo.runtime import tune_gc, tune_malloc
 
     tune_malloc()  # on a worker of one's own cluster too (idempotent)
+    tune_gc()
     if threads:
         _limit_threads(threads)
     s = BatchSettings(**settings)

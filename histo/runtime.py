@@ -73,6 +73,30 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
     return applied
 
 
+#: allocations of container objects between two collections of Python's youngest generation
+#: (Python's default: 700)
+GC_THRESHOLD = 50_000
+
+
+def tune_gc() -> bool:
+    """Run Python's cyclic garbage collector less often: raise the youngest generation's
+    threshold to :data:`GC_THRESHOLD` (a threshold already higher is kept).
+
+    Labelling and measuring make and drop millions of small tuples, lists and arrays; with
+    the default threshold the collector runs thousands of times an analysis and walks every
+    live object in the older generations (~1 s of CPU on an 8192² slide, ~6 %: 17.5-19.3 s
+    -> 16.2-17.6 s side by side). Histo's data hold no reference cycles that need prompt
+    collection. Returns whether the threshold was raised.
+    """
+    import gc
+
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 == 0 or gen0 >= GC_THRESHOLD:  # collection off, or already rarer
+        return False
+    gc.set_threshold(GC_THRESHOLD, gen1, gen2)
+    return True
+
+
 def import_in_background(module: str) -> None:
     """Start importing ``module`` in a daemon thread, to overlap a slow import (torch ~1.3 s,
     matplotlib ~0.5 s) with other work. A later ``import`` of it in another thread waits for

@@ -169,3 +169,22 @@ def test_import_in_background(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="broken on purpose"):
         import histo_probe_bad  # noqa: F401
     monkeypatch.delitem(sys.modules, "histo_probe_ok")
+
+
+def test_tune_gc_raises_the_youngest_threshold_only():
+    import gc
+
+    from histo.runtime import GC_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert tune_gc() is True
+        assert gc.get_threshold() == (GC_THRESHOLD, 10, 10)
+        assert tune_gc() is False  # already raised: kept
+        gc.set_threshold(GC_THRESHOLD * 2, 10, 10)
+        assert tune_gc() is False and gc.get_threshold()[0] == GC_THRESHOLD * 2
+        gc.set_threshold(0)  # collection switched off by the user: left off
+        assert tune_gc() is False and gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
