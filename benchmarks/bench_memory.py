@@ -8,9 +8,13 @@ time are recorded. Throughput is megapixels of tissue (T.Ar at 1 µm/px) per sec
 working-resolution map exceeds ``histo.pipeline.STREAMING_MIN_PX`` take the streaming path.
 
 Each finished run is appended to ``OUT/results.jsonl``; the table is printed at the end (and
-with ``--table`` alone, from the results recorded so far).
+with ``--table`` alone, from the results recorded so far), followed by the median time and
+throughput and the largest peak of each slide and model over its runs. A machine whose speed
+drifts (a shared virtual machine) needs several runs: ``--repeat N`` runs each slide N times,
+interleaving the models.
 
     .venv/bin/python benchmarks/bench_memory.py --sizes 2048 8192 16384 [--models classical default]
+    .venv/bin/python benchmarks/bench_memory.py --sizes 8192 --models default --repeat 5
     nohup .venv/bin/python benchmarks/bench_memory.py --sizes 32768 > bench-out/memory/32k.log &
     .venv/bin/python benchmarks/bench_memory.py --table
 """
@@ -142,6 +146,26 @@ def print_table(results: list[dict]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
+def print_summary(results: list[dict]) -> None:
+    """Median seconds and MP/s, largest peak RSS, per slide and model (runs that succeeded)."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if r.get("status") == 0 and "tissue_mp_per_s" in r:
+            groups.setdefault((r["slide"], r["model"]), []).append(r)
+    if not groups:
+        return
+    print("\nslide  model  runs  median s  median MP/s (range)  max peak RSS MiB")
+    for (slide, model), runs in groups.items():
+        rates = [r["tissue_mp_per_s"] for r in runs]
+        print(
+            f"{slide}  {model}  {len(runs)}  {statistics.median(r['seconds'] for r in runs):.1f}"
+            f"  {statistics.median(rates):.2f} ({min(rates):.2f}-{max(rates):.2f})"
+            f"  {max(r['peak_rss_mib'] for r in runs)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192, 16384, 32768])
@@ -149,6 +173,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "memory")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per run")
     parser.add_argument("--table", action="store_true", help="print recorded results only")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each slide and model (default 1)"
+    )
     args = parser.parse_args()
     results_path = args.out / "results.jsonl"
     if not args.table:
@@ -157,19 +184,21 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             slide = ensure_slide(args.out, size)
-            for model in models:
-                print(f"analyze {slide.name} --model {model} ...", flush=True)
-                row = run_analyze(slide, args.out, model, args.timeout)
-                row["size"] = size
-                row["pid"] = os.getpid()
-                print("  ", row, flush=True)
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            for _ in range(max(1, args.repeat)):
+                for model in models:
+                    print(f"analyze {slide.name} --model {model} ...", flush=True)
+                    row = run_analyze(slide, args.out, model, args.timeout)
+                    row["size"] = size
+                    row["pid"] = os.getpid()
+                    print("  ", row, flush=True)
+                    with open(results_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     results = []
     if results_path.exists():
         results = [json.loads(line) for line in results_path.read_text().splitlines() if line]
     if results:
         print_table(results)
+        print_summary(results)
 
 
 if __name__ == "__main__":
