@@ -177,6 +177,8 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs of each slide and model (default 1)"
     )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     results_path = args.out / "results.jsonl"
     if not args.table:
         available = _registry_models()
@@ -198,7 +200,9 @@ def main() -> None:
         results = [json.loads(line) for line in results_path.read_text().splitlines() if line]
     if results:
         print_table(results)
-        print_summary(results)
+        # the summary is of this invocation's runs (the file keeps every earlier one)
+        ours = [r for r in results if r.get("pid") == os.getpid()]
+        print_summary(results if args.table else ours)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def release_free_memory(slack_mb: float = 0.0) -> bool:
 
     Pages given back fault in again when reused (the network's tiles reuse the same sizes):
     with ``slack_mb`` > 0 the heap is trimmed only once the resident memory has grown by more
-    than that since the last trim. Returns whether it trimmed (False off glibc).
+    than that since the last trim (or since the lowest point after it, when memory was freed
+    in between). Returns whether it trimmed (False off glibc).
     """
     global _RSS_AFTER_TRIM
     libc = _libc()
@@ -133,8 +134,11 @@ def release_free_memory(slack_mb: float = 0.0) -> bool:
         return False
     if slack_mb > 0 and _RSS_AFTER_TRIM is not None:
         rss = resident_bytes()
-        if rss is not None and rss - _RSS_AFTER_TRIM < slack_mb * 2**20:
-            return False
+        if rss is not None:
+            # the baseline follows the memory down (arrays freed since the last trim)
+            _RSS_AFTER_TRIM = min(_RSS_AFTER_TRIM, rss)
+            if rss - _RSS_AFTER_TRIM < slack_mb * 2**20:
+                return False
     libc.malloc_trim(0)
     _RSS_AFTER_TRIM = resident_bytes()
     return True

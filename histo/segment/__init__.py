@@ -139,8 +139,8 @@ class NetworkSegmenter(Segmenter):
         self.working_pixel_size_um = float(working_pixel_size_um)
         self.n_outputs = int(net.config.n_outputs)
         self.threads = threads
+        self.parameters = sum(p.numel() for p in net.parameters())  # as trained
         self.net = fuse_for_inference(net.eval()).to(memory_format=torch.channels_last)
-        self.parameters = sum(p.numel() for p in net.parameters())
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         import torch

@@ -67,15 +67,25 @@ def centre_target(osteoclast_labels: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 1).astype(np.float32)
 
 
+#: foreground fraction above which _components uses OpenCV's own statistics (4096² random
+#: masks: ours 0.06 s vs 0.09 s at 1 %, 0.43 s vs 0.19 s at 30 %)
+DENSE_COMPONENTS = 0.05
+
+
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """8-connected components: (count incl. background, labels int32, stats).
 
     The same as ``cv2.connectedComponentsWithStats`` (labels and its stats array: left, top,
     width, height, area of each component, row 0 the background), ~4x faster on sparse masks:
     OpenCV's statistics cost several times its labelling, so the boxes and areas are taken
-    from the foreground pixels only (``cv2.findNonZero``).
+    from the foreground pixels only (``cv2.findNonZero``); masks denser than
+    :data:`DENSE_COMPONENTS` use OpenCV's statistics.
     """
     m = mask.view(np.uint8)
+    if cv2.countNonZero(m) > DENSE_COMPONENTS * m.size:
+        # dense masks: OpenCV's statistics are cheaper than sorting the foreground
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        return n, labels, stats
     n, labels = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_32S)
     h, w = m.shape
     stats = np.zeros((n, 5), np.int32)
