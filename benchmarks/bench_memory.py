@@ -186,7 +186,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             slide = ensure_slide(args.out, size)
-            for _ in range(max(1, args.repeat)):
+            for _ in range(args.repeat):
                 for model in models:
                     print(f"analyze {slide.name} --model {model} ...", flush=True)
                     row = run_analyze(slide, args.out, model, args.timeout)

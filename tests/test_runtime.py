@@ -91,21 +91,29 @@ def test_local_workers_get_histo_environment():
     assert environ.get("OPENBLAS_NUM_THREADS") == threads
 
 
-# fill 200 MB of the heap with 4 kB blocks, free all but the last (it pins the heap's top, so
-# free() cannot shrink the heap), then report resident memory before and after the release
-_PINNED = """
-import json, sys
+# churn(mb): fill mb MB of the heap with 4 kB blocks and free all but the last, returned (it
+# pins the heap's top, so free() cannot shrink the heap); rss_mib(): resident memory
+_HEAP = """
+import json
 from histo.runtime import release_free_memory
 def rss_mib():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmRSS:"))
-blocks = [bytearray(4000) for _ in range(50_000)]
-pin = blocks[-1]
-del blocks
+def churn(mb):
+    blocks = [bytearray(4000) for _ in range(mb * 250)]
+    return blocks[-1]
+"""
+
+# 200 MB freed and pinned, then resident memory before and after the release
+_PINNED = (
+    _HEAP
+    + """
+pin = churn(200)
 held = rss_mib()
 released = release_free_memory()
 print(json.dumps({"held": held, "after": rss_mib(), "released": released}))
 """
+)
 
 
 @linux_glibc
@@ -116,15 +124,9 @@ def test_release_free_memory_returns_freed_heap_pages():
 
 
 # the same with a slack: 40 MB of freed pages are kept (below the slack), 200 MB are not
-_SLACK = """
-import json
-from histo.runtime import release_free_memory
-def rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmRSS:"))
-def churn(mb):
-    blocks = [bytearray(4000) for _ in range(mb * 250)]
-    return blocks[-1]
+_SLACK = (
+    _HEAP
+    + """
 release_free_memory()
 pins = [churn(40)]
 small = {"held": rss_mib(), "released": release_free_memory(slack_mb=128), "after": rss_mib()}
@@ -139,6 +141,7 @@ pins.append(churn(200))
 drop = {"held": rss_mib(), "released": release_free_memory(slack_mb=128), "after": rss_mib()}
 print(json.dumps({"small": small, "large": large, "drop": drop}))
 """
+)
 
 
 @linux_glibc
