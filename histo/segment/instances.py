@@ -420,6 +420,7 @@ def _label_block(
     next_id: int,
     packed: bool = False,
     want_owned: bool = True,
+    own_cols: tuple[int, int] | None = None,
 ) -> dict | None:
     """Objects of a band window held by columns ``[c0, c1)``, from window columns [x0, x1).
 
@@ -431,7 +432,8 @@ def _label_block(
     OpenCV order of the whole-window marker numbers), ``oc_owned`` (whether the band owns it),
     and the owned osteocytes: ``ot_keys``, ``ot_pieces`` (sparse pieces numbered 1..n in the
     order of ``ot_keys``), ``specks`` (box, flat indices of the removed pixels in it) and, if
-    ``want_owned``, ``owned`` (box, mask).
+    ``want_owned``, ``owned`` (box, mask). With ``own_cols`` ``(a, b)``, the band owns only
+    the objects whose leftmost column (of the band window) lies in ``[a, b)``.
     """
     cmw = _classes(class_map[:, x0:x1], packed)
     cew = centre(x0, x1) if callable(centre) else centre[:, x0:x1]
@@ -439,6 +441,12 @@ def _label_block(
     px_area = pixel_size_um**2
     r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
     open_left, open_right = x0 > 0, x1 < width
+
+    def in_own_cols(stats_left: np.ndarray) -> np.ndarray:
+        if own_cols is None:
+            return np.ones(np.shape(stats_left), bool)
+        left = np.asarray(stats_left) + x0
+        return (left >= own_cols[0]) & (left < own_cols[1])
 
     def held_ids(cc, stats, rows_owned: bool, row0: int = 0):
         top = stats[:, cv2.CC_STAT_TOP] + row0
@@ -481,6 +489,7 @@ def _label_block(
             mk[small[mk]] = 0
             gbox = (rows, slice(cols.start + x0, cols.stop + x0))
             own = own_start <= tops[i] < own_stop
+            own = own and bool(in_own_cols(stats[i, cv2.CC_STAT_LEFT]))
             if mk.any():
                 items.append([gbox, comp, mk, cew[rows, cols].copy(), None, own])
                 seeded_ids.append(np.unique(mk[mk > 0]))
@@ -519,6 +528,9 @@ def _label_block(
     if got is None:
         return None
     ids, keys = got
+    if own_cols is not None:
+        mine = in_own_cols(stats[ids, cv2.CC_STAT_LEFT])
+        ids, keys = ids[mine], keys[mine]
     owned = np.zeros(n_cc, bool)
     owned[ids] = True
     keep = np.zeros(n_cc, bool)
@@ -561,6 +573,7 @@ def label_band(
     into: tuple[Any, Any] | None = None,
     offsets: tuple[int, int] = (0, 0),
     block_cols: int = LABEL_COLS,
+    own_cols: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int, int]:
     """Label the objects a row band owns, inside a window of rows around it.
 
@@ -601,6 +614,10 @@ def label_band(
         Added to the labels written ``into``.
     block_cols
         Columns labelled at a time (even).
+    own_cols
+        Optional columns ``(a, b)`` of the window: the band then owns only the objects whose
+        leftmost column lies in ``[a, b)`` (a column strip of a slide, see
+        :func:`histo.segment.tiled.segment_slide`); others are neither labelled nor removed.
 
     Returns
     -------
@@ -643,6 +660,7 @@ def label_band(
                 next_id,
                 packed,
                 owned_mask is not None,
+                own_cols,
             )
             if res is not None:
                 break

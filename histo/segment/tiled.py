@@ -258,6 +258,117 @@ def _starts(n: int, tile: int, stride: int) -> list[int]:
     return list(range(0, n - tile + stride, stride))
 
 
+#: widest column strip segmented at a time (working px): a wider slide is cut into strips of
+#: about equal width (owned columns), each segmented top to bottom with a context of
+#: columns on either side, so that memory does not grow with the slide's width. Each border
+#: between strips costs about 1.5 tiles of context per row of tiles (computed by both strips)
+STRIP_COLS = 12288
+#: strips' owned columns start on multiples of this when the sink has no chunks (numpy)
+STRIP_ALIGN = 1024
+
+
+@dataclass(frozen=True)
+class Strip:
+    """A column strip of a slide: the columns it segments and the columns it owns.
+
+    Attributes
+    ----------
+    x0, x1
+        Columns ``[x0, x1)`` segmented (the owned ones and their context), slide px.
+    own0, own1
+        Columns ``[own0, own1)`` owned: written by this strip, with the objects whose leftmost
+        column lies there.
+    xs
+        Tile starts (slide columns), a run of the whole slide's tile grid.
+    """
+
+    x0: int
+    x1: int
+    own0: int
+    own1: int
+    xs: tuple[int, ...]
+
+
+def _contact_px(pixel_size_um: float) -> int:
+    """Pixels around an osteoclast that its bone-contact rule reads."""
+    from histo.segment.instances import OSTEOCLAST_BONE_CONTACT_UM
+
+    return max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
+
+
+def strip_layout(
+    width: int,
+    tile_px: int,
+    overlap_px: int,
+    margin_px: int,
+    strip_cols: int = STRIP_COLS,
+    align: int = STRIP_ALIGN,
+    contact_px: int = 3,
+) -> list[Strip]:
+    """Column strips of a slide ``width`` px wide, each owning at most about ``strip_cols``.
+
+    The owned columns start on multiples of ``align`` (the sink's chunk columns, so that no
+    chunk is written by two strips). A strip segments the tiles of the slide's own tile grid
+    (:func:`_starts`) from the last one that starts at least ``overlap_px + contact_px`` left
+    of its owned columns to the first whose scores reach ``margin_px + contact_px`` past
+    them: a pixel's blended scores are the same as in a whole-width run wherever every
+    tile that covers it is in the strip with its tapers (all but the ``overlap_px`` columns at
+    either side), so the class map is identical over the owned columns, the objects they own
+    (which reach at most ``margin_px`` to the right) and the bone the contact rule looks at.
+    One strip (the whole width, no context) when ``width <= strip_cols``.
+    """
+    stride = tile_px - overlap_px
+    xs = _starts(width, tile_px, stride)
+    n = max(1, math.ceil(width / max(1, int(strip_cols))))
+    # the first and last overlap_px columns of a strip differ from a whole-width run
+    left_ctx = overlap_px + contact_px + 2
+    right_ctx = margin_px + contact_px + 2
+    align = max(1, int(align))
+    bounds = [0]
+    for k in range(1, n):
+        b = int(round(k * width / n / align)) * align
+        # every strip wider than the context its neighbours reach into it
+        if min(b - bounds[-1], width - b) >= left_ctx + right_ctx:
+            bounds.append(b)
+    bounds.append(width)
+    strips = []
+    for own0, own1 in zip(bounds[:-1], bounds[1:], strict=True):
+        if own0 == 0:
+            i0 = 0
+        else:
+            i0 = max(i for i, x in enumerate(xs) if x <= own0 - left_ctx) if own0 > left_ctx else 0
+        if own1 == width:
+            i1 = len(xs) - 1
+        else:
+            cands = [i for i, x in enumerate(xs) if x + stride >= own1 + right_ctx]
+            i1 = cands[0] if cands else len(xs) - 1
+        x1 = min(width, xs[i1] + tile_px)
+        strips.append(Strip(xs[i0], x1, own0, own1, tuple(xs[i0 : i1 + 1])))
+    return strips
+
+
+def _shift_cols(piece: tuple, dx: int) -> tuple:
+    """A sparse piece ``(row, col, w, flat_index, values)`` moved ``dx`` columns."""
+    y0, x0, w, idx, vals = piece
+    return (y0, x0 + int(dx), w, idx, vals)
+
+
+def _crop_cols(piece: tuple, c0: int) -> tuple | None:
+    """The part of a sparse piece at columns >= ``c0`` (None if there is none)."""
+    y0, x0, w, idx, vals = piece
+    if x0 + w <= c0:
+        return None
+    if x0 >= c0:
+        return piece
+    rows, cols = np.divmod(idx, w)
+    sel = cols >= c0 - x0
+    if not sel.any():
+        return None
+    nw = x0 + w - c0
+    nidx = (rows[sel] * nw + (cols[sel] - (c0 - x0))).astype(np.int32)
+    return (y0, c0, nw, nidx, vals[sel].copy())
+
+
 def segment_slide(
     source: Any,
     model: Any = "default",
@@ -269,6 +380,7 @@ def segment_slide(
     *,
     shape: tuple[int, int] | None = None,
     tissue: Any = None,
+    strip_cols: int | None = None,
 ) -> SegmentationResult:
     """Segment a whole slide tile by tile at the model's working resolution.
 
@@ -281,7 +393,7 @@ def segment_slide(
     model
         A segmenter (:func:`histo.segment.load_model`) or a model name/path.
     tile_px
-        Tile side in px at the working resolution (memory grows with ``tile_px * width``).
+        Tile side in px at the working resolution (memory grows with ``tile_px * strip_cols``).
     overlap_px
         Pixels shared by neighbouring tiles, blended with a cosine taper (>= 32 recommended).
     progress
@@ -298,6 +410,11 @@ def segment_slide(
         Optional low-resolution tissue mask (an object with ``mask`` (bool array) and
         ``pixel_size_um``, as :func:`histo.io.detect_tissue` returns). Tiles with no tissue
         within ``overlap_px`` are not read nor run through the model: they are background.
+    strip_cols
+        Widest column strip segmented at a time (px, default :data:`STRIP_COLS`): a wider
+        slide is cut into strips of about equal width, so memory does not grow with the
+        slide's width (see :func:`strip_layout`). The result is the same, but for the
+        numbering of the objects (strip by strip).
 
     Returns
     -------
@@ -326,8 +443,6 @@ def segment_slide(
         out_ot = np.zeros((H, W), np.int32)
 
     ys = _starts(H, tile_px, stride)
-    xs = _starts(W, tile_px, stride)
-    n_tiles = len(ys) * len(xs)
     margin = int(math.ceil(MARGIN_UM / px))
     n_out = int(getattr(model, "n_outputs", 6))
     n_cls = n_out - 1
@@ -349,162 +464,194 @@ def segment_slide(
     # once (a zarr chunk written in two parts is decoded and compressed twice)
     row_align, col_align = _write_block(out_cm, out_oc, out_ot)
     flush_cols = -(-FLUSH_COLS // col_align) * col_align
-
-    # blending accumulator of one row of tiles, rows [acc_y0, acc_y0 + R): a window of one tile's
-    # columns [win_x0, win_x0 + tile_px) slides along the row; a column leaves it (is blended)
-    # once no later tile of the row covers it. The rows shared with the next row of tiles
-    # (R - stride, the overlap) are carried over at full width. Every pixel sums the same
-    # terms in the same order as a full-width accumulator would, so the result is identical.
-    R = min(tile_px, H)
-    win = np.zeros((n_out, R, min(tile_px, W)), np.float32)
-    win_w = np.zeros((R, min(tile_px, W)), np.float32)
-    n_carry = max(0, R - stride) if len(ys) > 1 else 0
-    carry = np.zeros((n_out, n_carry, W), np.float32)
-    # (their blending weights are not carried: they depend only on the tiling, and are summed
-    # again in the same order, see carried_weight)
-    acc_y0 = 0
-    # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated once
-    # (kept between rows of tiles: at most a stride and a margin below the labelled rows, a
-    # margin or the rows awaiting a whole band of row_align above them; plus one row of tiles).
-    # One byte per pixel: the class in the low bits, the best class among 0-2 (what a removed
-    # speck becomes) from bit ALT_SHIFT (see label_band). The centre map is read only at
-    # class-3 pixels: it is kept as sparse pieces (slide rows) of those pixels' values.
-    cap = min(H, stride + margin + max(margin, row_align - 1) + tile_px)
-    buf_cm = np.zeros((cap, W), np.uint8)
-    centre_pieces: list = []
-    # labels of objects not yet written out, as sparse pieces (see label_band) in slide rows
-    pend_oc: list = []
-    pend_ot: list = []
-    buf_y0 = 0
-    buf_n = 0
-    owned_to = 0  # rows [0, owned_to) have had their objects labelled
-    flushed_to = 0  # rows [0, flushed_to) have been written to the sink
+    strips = strip_layout(
+        W,
+        tile_px,
+        overlap_px,
+        margin,
+        STRIP_COLS if strip_cols is None else int(strip_cols),
+        col_align if col_align > 1 else STRIP_ALIGN,
+        contact_px=_contact_px(px),
+    )
+    n_tiles = len(ys) * sum(len(st.xs) for st in strips)
     n_oc = n_ot = 0
     done = 0
 
-    def label_and_flush(final_to: int, at_end: bool) -> None:
-        """Label objects of bands whose margin is available, then flush finished rows."""
-        nonlocal buf_y0, buf_n, owned_to, flushed_to, n_oc, n_ot
-        while owned_to < final_to and (at_end or final_to - owned_to >= stride + margin):
-            own_stop = final_to if at_end else owned_to + stride
-            w0 = max(buf_y0, owned_to - margin)
-            w1 = min(final_to, own_stop + margin)
-            a, b = w0 - buf_y0, w1 - buf_y0
-            cm = buf_cm[a:b]
-            new_oc: list = []
-            new_ot: list = []
+    def run_strip(st: Strip, imports: dict, exports: dict | None) -> None:
+        """Segment the columns of strip ``st``; label the objects it owns and write its owned
+        columns. ``imports``: what the strip on the left found in this one's owned columns
+        (labels of its objects, class-map pixels of its removed specks, slide coordinates);
+        ``exports`` receives the same for the strip on the right."""
+        nonlocal n_oc, n_ot, done
+        X0, Wk = st.x0, st.x1 - st.x0
+        xs = [x - X0 for x in st.xs]
+        own0, own1 = st.own0 - X0, st.own1 - X0  # owned columns of the strip
+        own_cols = None if (own0, own1) == (0, Wk) else (own0, own1)
 
-            def centre(x0: int, x1: int, w0: int = w0, w1: int = w1) -> np.ndarray:
-                return _paint(centre_pieces, w0, w1, x0, x1, np.float32)
+        # blending accumulator of one row of tiles, rows [acc_y0, acc_y0 + R): a window of one
+        # tile's columns [win_x0, win_x0 + tile_px) slides along the row; a column leaves it
+        # (is blended) once no later tile of the row covers it. The rows shared with the next
+        # row of tiles (R - stride, the overlap) are carried over at the strip's width. Every
+        # pixel sums the same terms in the same order as a full-width accumulator would, so the
+        # result is identical.
+        R = min(tile_px, H)
+        win = np.zeros((n_out, R, min(tile_px, Wk)), np.float32)
+        win_w = np.zeros((R, min(tile_px, Wk)), np.float32)
+        n_carry = max(0, R - stride) if len(ys) > 1 else 0
+        carry = np.zeros((n_out, n_carry, Wk), np.float32)
+        # (their blending weights are not carried: they depend only on the tiling, and are
+        # summed again in the same order, see carried_weight)
+        acc_y0 = 0
+        # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated
+        # once (kept between rows of tiles: at most a stride and a margin below the labelled
+        # rows, a margin or the rows awaiting a whole band of row_align above them; plus one
+        # row of tiles). One byte per pixel: the class in the low bits, the best class among
+        # 0-2 (what a removed speck becomes) from bit ALT_SHIFT (see label_band). The centre
+        # map is read only at class-3 pixels: it is kept as sparse pieces (slide rows) of
+        # those pixels' values.
+        cap = min(H, stride + margin + max(margin, row_align - 1) + tile_px)
+        buf_cm = np.zeros((cap, Wk), np.uint8)
+        centre_pieces: list = []
+        # labels of objects not yet written out, as sparse pieces (see label_band) in slide
+        # rows and strip columns; the left strip's objects that reach into this one first
+        pend_oc: list = [_shift_cols(p, -X0) for p in imports.get("oc", ())]
+        pend_ot: list = [_shift_cols(p, -X0) for p in imports.get("ot", ())]
+        specks_in: dict = imports.get("specks", {})
+        buf_y0 = 0
+        buf_n = 0
+        owned_to = 0  # rows [0, owned_to) have had their objects labelled
+        flushed_to = 0  # rows [0, flushed_to) have been written to the sink
 
-            _, _, _, k_oc, k_ot = label_band(
-                cm,
-                centre,
-                None,
-                owned_to - w0,
-                own_stop - w0,
-                px,
-                into=(new_oc, new_ot),
-                offsets=(n_oc, n_ot),
-            )
-            pend_oc.extend((y0 + w0, *rest) for y0, *rest in new_oc)
-            pend_ot.extend((y0 + w0, *rest) for y0, *rest in new_ot)
-            n_oc += k_oc
-            n_ot += k_ot
-            owned_to = own_stop
-            # rows above owned_to are now final in every output: write them out, in bands
-            # that end on a multiple of row_align (but for the last)
-            flush_to = final_to if at_end else owned_to // row_align * row_align
-            if flush_to > flushed_to:
-                a, b = flushed_to - buf_y0, flush_to - buf_y0
-                # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
-                for c0 in range(0, W, flush_cols):
-                    c1 = min(W, c0 + flush_cols)
-                    out_cm[flushed_to:flush_to, c0:c1] = buf_cm[a:b, c0:c1] & _CLASS_BITS
-                    for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
-                        labels = _paint(pend, flushed_to, flush_to, c0, c1)
-                        out[flushed_to:flush_to, c0:c1] = _as_sink_dtype(out, labels)
-                        del labels
-                _prune(pend_oc, flush_to)
-                _prune(pend_ot, flush_to)
-                flushed_to = flush_to
-            keep_from = max(0, min(owned_to - margin, flushed_to) - buf_y0)
-            # keep the margin rows (context for the next band) and the rows not written out
-            # yet, drop the rest
-            if keep_from > 0:
-                n_keep = buf_n - keep_from
-                _shift_up(buf_cm, keep_from, n_keep)
-                buf_cm[n_keep:buf_n] = 0
-                buf_n = n_keep
-                buf_y0 += keep_from
-                _trim(centre_pieces, buf_y0)
+        def label_and_flush(final_to: int, at_end: bool) -> None:
+            """Label objects of bands whose margin is available, then flush finished rows."""
+            nonlocal buf_y0, buf_n, owned_to, flushed_to, n_oc, n_ot
+            while owned_to < final_to and (at_end or final_to - owned_to >= stride + margin):
+                own_stop = final_to if at_end else owned_to + stride
+                w0 = max(buf_y0, owned_to - margin)
+                w1 = min(final_to, own_stop + margin)
+                a, b = w0 - buf_y0, w1 - buf_y0
+                cm = buf_cm[a:b]
+                new_oc: list = []
+                new_ot: list = []
 
-    def carried_weight(wy_prev: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        """Blending weights of the carried rows at columns [c0, c1): the sums the previous row
-        of tiles made (``wy_prev``: its row taper), redone in the same order (identical)."""
-        out = np.zeros((n_carry, c1 - c0), np.float32)
-        rows = wy_prev[wy_prev.size - n_carry :]
-        for ix, x in enumerate(xs):
-            tw = min(tile_px, W - x)
-            lo, hi = max(c0, x), min(c1, x + tw)
-            if lo < hi:
-                wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
-                out[:, lo - c0 : hi - c0] += rows[:, None] * wx[None, lo - x : hi - x]
-        return out
+                def centre(x0: int, x1: int, w0: int = w0, w1: int = w1) -> np.ndarray:
+                    return _paint(centre_pieces, w0, w1, x0, x1, np.float32)
 
-    def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
-        """Blend window columns [c0, c1) (slide columns; final for this row of tiles) into
-        buffer rows [r0, r0 + n_final) and carry their lower ``rows_out`` rows over."""
-        r1 = r0 + n_final
-        for d0 in range(c0, c1, BLEND_COLS):
-            d1 = min(c1, d0 + BLEND_COLS)
-            a, b = d0 - win_x0, d1 - win_x0
-            wsum = np.maximum(win_w[:n_final, a:b], 1e-6)
-            # argmax over the blended classes (the first of equal maxima, as np.argmax), one
-            # class at a time: the best of classes 0-2 first (alt), then of all (class map)
-            best = np.divide(win[0, :n_final, a:b], wsum)
-            score = np.empty_like(best)
-            gt = np.empty(best.shape, bool)
-            cm = buf_cm[r0:r1, d0:d1]
-            cm[...] = 0
-            alt = None
-            for k in range(1, n_cls):
-                if k == min(3, n_cls):
+                right = cm[:, own1:].copy() if exports is not None else None
+                _, _, _, k_oc, k_ot = label_band(
+                    cm,
+                    centre,
+                    None,
+                    owned_to - w0,
+                    own_stop - w0,
+                    px,
+                    into=(new_oc, new_ot),
+                    offsets=(n_oc, n_ot),
+                    own_cols=own_cols,
+                )
+                new_oc = [(y0 + w0, *rest) for y0, *rest in new_oc]
+                new_ot = [(y0 + w0, *rest) for y0, *rest in new_ot]
+                pend_oc.extend(new_oc)
+                pend_ot.extend(new_ot)
+                if exports is not None:
+                    # what this band's objects left in the next strip's columns
+                    for key, pieces in (("oc", new_oc), ("ot", new_ot)):
+                        for p in pieces:
+                            p = _crop_cols(p, own1)
+                            if p is not None:
+                                exports[key].append(_shift_cols(p, X0))
+                    rows, cols = np.nonzero(cm[:, own1:] != right)
+                    if rows.size:
+                        vals = cm[rows, cols + own1]
+                        exports["specks"][own_stop] = (rows + w0, cols + own1 + X0, vals)
+                    del right
+                if own_stop in specks_in:
+                    # the left strip's specks of this band, removed at the same step as there
+                    rows, cols, vals = specks_in.pop(own_stop)
+                    buf_cm[rows - buf_y0, cols - X0] = vals
+                n_oc += k_oc
+                n_ot += k_ot
+                owned_to = own_stop
+                # rows above owned_to are now final in every output: write them out, in bands
+                # that end on a multiple of row_align (but for the last)
+                flush_to = final_to if at_end else owned_to // row_align * row_align
+                if flush_to > flushed_to:
+                    a, b = flushed_to - buf_y0, flush_to - buf_y0
+                    # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
+                    for c0 in range(own0, own1, flush_cols):
+                        c1 = min(own1, c0 + flush_cols)
+                        rows_out = slice(flushed_to, flush_to)
+                        cols_out = slice(X0 + c0, X0 + c1)
+                        out_cm[rows_out, cols_out] = buf_cm[a:b, c0:c1] & _CLASS_BITS
+                        for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
+                            labels = _paint(pend, flushed_to, flush_to, c0, c1)
+                            out[rows_out, cols_out] = _as_sink_dtype(out, labels)
+                            del labels
+                    _prune(pend_oc, flush_to)
+                    _prune(pend_ot, flush_to)
+                    flushed_to = flush_to
+                keep_from = max(0, min(owned_to - margin, flushed_to) - buf_y0)
+                # keep the margin rows (context for the next band) and the rows not written out
+                # yet, drop the rest
+                if keep_from > 0:
+                    n_keep = buf_n - keep_from
+                    _shift_up(buf_cm, keep_from, n_keep)
+                    buf_cm[n_keep:buf_n] = 0
+                    buf_n = n_keep
+                    buf_y0 += keep_from
+                    _trim(centre_pieces, buf_y0)
+
+        def carried_weight(wy_prev: np.ndarray, c0: int, c1: int) -> np.ndarray:
+            """Blending weights of the carried rows at columns [c0, c1): the sums the previous
+            row of tiles made (``wy_prev``: its row taper), redone in the same order."""
+            out = np.zeros((n_carry, c1 - c0), np.float32)
+            rows = wy_prev[wy_prev.size - n_carry :]
+            for ix, x in enumerate(xs):
+                tw = min(tile_px, Wk - x)
+                lo, hi = max(c0, x), min(c1, x + tw)
+                if lo < hi:
+                    wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
+                    out[:, lo - c0 : hi - c0] += rows[:, None] * wx[None, lo - x : hi - x]
+            return out
+
+        def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
+            """Blend window columns [c0, c1) (strip columns; final for this row of tiles) into
+            buffer rows [r0, r0 + n_final) and carry their lower ``rows_out`` rows over."""
+            r1 = r0 + n_final
+            for d0 in range(c0, c1, BLEND_COLS):
+                d1 = min(c1, d0 + BLEND_COLS)
+                a, b = d0 - win_x0, d1 - win_x0
+                wsum = np.maximum(win_w[:n_final, a:b], 1e-6)
+                # argmax over the blended classes (the first of equal maxima, as np.argmax),
+                # one class at a time: the best of classes 0-2 first (alt), then of all
+                best = np.divide(win[0, :n_final, a:b], wsum)
+                score = np.empty_like(best)
+                gt = np.empty(best.shape, bool)
+                cm = buf_cm[r0:r1, d0:d1]
+                cm[...] = 0
+                alt = None
+                for k in range(1, n_cls):
+                    if k == min(3, n_cls):
+                        alt = cm << np.uint8(ALT_SHIFT)
+                    np.divide(win[k, :n_final, a:b], wsum, out=score)
+                    np.greater(score, best, out=gt)
+                    np.copyto(cm, np.uint8(k), where=gt)
+                    np.maximum(best, score, out=best)
+                if alt is None:
                     alt = cm << np.uint8(ALT_SHIFT)
-                np.divide(win[k, :n_final, a:b], wsum, out=score)
-                np.greater(score, best, out=gt)
-                np.copyto(cm, np.uint8(k), where=gt)
-                np.maximum(best, score, out=best)
-            if alt is None:
-                alt = cm << np.uint8(ALT_SHIFT)
-            # the centre map at the class-3 pixels only (the only ones label_band reads)
-            ce = np.divide(win[n_cls, :n_final, a:b], wsum, out=score)
-            np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
-            idx = np.flatnonzero(gt)
-            if idx.size:
-                centre_pieces.append((acc_y0, d0, d1 - d0, idx.astype(np.int32), ce.ravel()[idx]))
-            cm |= alt
-            del best, score, gt, wsum, alt, idx
-            if rows_out:
-                carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
+                # the centre map at the class-3 pixels only (the only ones label_band reads)
+                ce = np.divide(win[n_cls, :n_final, a:b], wsum, out=score)
+                np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
+                idx = np.flatnonzero(gt)
+                if idx.size:
+                    centre_pieces.append(
+                        (acc_y0, d0, d1 - d0, idx.astype(np.int32), ce.ravel()[idx])
+                    )
+                cm |= alt
+                del best, score, gt, wsum, alt, idx
+                if rows_out:
+                    carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
 
-    def read_tile(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
-        return read(y, x, th, tw) if has_tissue(y, x, th, tw) else None
-
-    def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray:
-        rgb = reads.next()
-        if rgb is not None:
-            return model.predict_scores(rgb)  # (n_out, th, tw)
-        scores = np.zeros((n_out, th, tw), np.float32)
-        scores[0] = 1.0  # glass
-        return scores
-
-    jobs = [(y, x, min(tile_px, H - y), min(tile_px, W - x)) for y in ys for x in xs]
-    # tiles are read (and decoded) in one thread, scored in another, blended here: the three
-    # stages overlap, and reading and decoding release the GIL while the network runs
-    reads = _Lookahead(read_tile, jobs, READ_AHEAD_TILES, "histo-read")
-    ahead = _Lookahead(tile_scores, jobs, LOOKAHEAD_TILES)
-    try:
         wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
         for iy, y in enumerate(ys):
             th = min(tile_px, H - y)
@@ -519,7 +666,7 @@ def segment_slide(
             for ix, x in enumerate(xs):
                 if cancel is not None and cancel():
                     raise Cancelled("segmentation cancelled")
-                tw = min(tile_px, W - x)
+                tw = min(tile_px, Wk - x)
                 # columns left of x are final; slide the window to start at x
                 if x > win_x0:
                     finish(win_x0, min(x, win_x1), win_x0, n_final, rows_out, r0)
@@ -553,6 +700,33 @@ def segment_slide(
             label_and_flush(acc_y0, at_end=last)
             # this row's temporaries, freed in the middle of the heap, once they add up
             release_free_memory(slack_mb=TRIM_SLACK_MB)
+
+    def read_tile(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
+        return read(y, x, th, tw) if has_tissue(y, x, th, tw) else None
+
+    def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray:
+        rgb = reads.next()
+        if rgb is not None:
+            return model.predict_scores(rgb)  # (n_out, th, tw)
+        scores = np.zeros((n_out, th, tw), np.float32)
+        scores[0] = 1.0  # glass
+        return scores
+
+    # every strip's tiles, strip after strip, row after row (slide columns)
+    jobs = [
+        (y, x, min(tile_px, H - y), min(tile_px, W - x)) for st in strips for y in ys for x in st.xs
+    ]
+    # tiles are read (and decoded) in one thread, scored in another, blended here: the three
+    # stages overlap, and reading and decoding release the GIL while the network runs
+    reads = _Lookahead(read_tile, jobs, READ_AHEAD_TILES, "histo-read")
+    ahead = _Lookahead(tile_scores, jobs, LOOKAHEAD_TILES)
+    try:
+        imports: dict = {}
+        for k, st in enumerate(strips):
+            exports = {"oc": [], "ot": [], "specks": {}} if k + 1 < len(strips) else None
+            run_strip(st, imports, exports)
+            imports = exports or {}
+            release_free_memory()  # the strip's buffers
     finally:
         ahead.close()  # first: its running job may be waiting for a tile being read
         reads.close()
