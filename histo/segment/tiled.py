@@ -11,7 +11,12 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below: every object belongs to the band that holds its
 top row, so it is labelled exactly once, whole, with a slide-wide label, whatever the tile size.
 
-Memory never depends on the slide's height, and per column of slide it is small (~6 kB at
+Slides wider than ``STRIP_COLS`` are segmented in column strips (:func:`strip_layout`), one
+after the other, each top to bottom on the slide's own tile grid with a few tiles of context
+either side: the class map is the one a whole-width run gives, an object belongs to the strip
+that holds its leftmost column, and a strip hands the next one the labels and removed specks
+of its objects that reach into the next one's columns. Memory therefore depends neither on
+the slide's height nor on its width. Within a strip, per column it is small (~6 kB at
 the default tiling): the accumulator is one tile wide (a window that slides along the row of
 tiles) plus the blended sums of the ``overlap_px`` rows shared with the next row of tiles at
 full width (float32, ``n_outputs`` of them; their weights are recomputed, not kept); the final

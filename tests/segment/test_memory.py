@@ -359,7 +359,8 @@ def test_segment_slide_memory_per_column(monkeypatch):
             "osteoclasts": np.zeros((h, w), np.int32),
             "osteocytes": np.zeros((h, w), np.int32),
         }
-        return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink))
+        # one strip at any width (the per-column cost of a strip)
+        return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink, strip_cols=10**9))
 
     # tiles computed ahead in a thread add a constant (LOOKAHEAD_TILES tiles of scores) whose
     # peak depends on thread timing: measured without them, bounded separately below
@@ -375,6 +376,29 @@ def test_segment_slide_memory_per_column(monkeypatch):
     tile_bytes = 6 * 768 * 768 * 4
     p5 = run(4096, 2048)
     assert p5 < p2 + 6 * tile_bytes, (p2, p5)
+
+
+def test_segment_slide_memory_flat_in_width(monkeypatch):
+    """Cut into column strips, a slide twice as wide costs no more memory (only the few
+    objects handed from strip to strip, none here); in one strip it costs ~4-6 kB a column."""
+
+    def run(w, strip_cols):
+        h = 1024
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 1] = (np.arange(w) % 255).astype(np.uint8)[None, :]
+        sink = {
+            "class_map": np.zeros((h, w), np.uint8),
+            "osteoclasts": np.zeros((h, w), np.int32),
+            "osteocytes": np.zeros((h, w), np.int32),
+        }
+        return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink, strip_cols=strip_cols))
+
+    monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
+    cut_8k, cut_16k = run(8192, 4096), run(16384, 4096)
+    assert cut_16k < 1.03 * cut_8k, (cut_8k, cut_16k)
+    whole_8k, whole_16k = run(8192, 10**9), run(16384, 10**9)
+    assert whole_16k - whole_8k > 8192 * 2_000, (whole_8k, whole_16k)
+    assert cut_16k < whole_16k - 8192 * 2_000
 
 
 def test_whole_window_fallback_is_identical(monkeypatch):
