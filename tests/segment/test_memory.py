@@ -344,6 +344,18 @@ class _Flat:
         return s
 
 
+def _flat_slide_peak(h: int, w: int, strip_cols: int) -> int:
+    """Traced peak of segment_slide on an (h, w) colour ramp with _Flat, outputs excluded."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 1] = (np.arange(w) % 255).astype(np.uint8)[None, :]
+    sink = {
+        "class_map": np.zeros((h, w), np.uint8),
+        "osteoclasts": np.zeros((h, w), np.int32),
+        "osteocytes": np.zeros((h, w), np.int32),
+    }
+    return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink, strip_cols=strip_cols))
+
+
 def test_segment_slide_memory_per_column(monkeypatch):
     """Peak allocations of segment_slide (besides its outputs) do not depend on the height,
     and each extra column of slide costs < 5 kB once the slide is wider than a labelling
@@ -352,15 +364,8 @@ def test_segment_slide_memory_per_column(monkeypatch):
     labelling cost ~100 kB, a float32 centre map and a second byte map ~14 kB)."""
 
     def run(h, w):
-        img = np.zeros((h, w, 3), np.uint8)
-        img[..., 1] = (np.arange(w) % 255).astype(np.uint8)[None, :]
-        sink = {
-            "class_map": np.zeros((h, w), np.uint8),
-            "osteoclasts": np.zeros((h, w), np.int32),
-            "osteocytes": np.zeros((h, w), np.int32),
-        }
         # one strip at any width (the per-column cost of a strip)
-        return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink, strip_cols=10**9))
+        return _flat_slide_peak(h, w, strip_cols=10**9)
 
     # tiles computed ahead in a thread add a constant (LOOKAHEAD_TILES tiles of scores) whose
     # peak depends on thread timing: measured without them, bounded separately below
@@ -383,15 +388,7 @@ def test_segment_slide_memory_flat_in_width(monkeypatch):
     objects handed from strip to strip, none here); in one strip it costs ~4-6 kB a column."""
 
     def run(w, strip_cols):
-        h = 1024
-        img = np.zeros((h, w, 3), np.uint8)
-        img[..., 1] = (np.arange(w) % 255).astype(np.uint8)[None, :]
-        sink = {
-            "class_map": np.zeros((h, w), np.uint8),
-            "osteoclasts": np.zeros((h, w), np.int32),
-            "osteocytes": np.zeros((h, w), np.int32),
-        }
-        return _traced_peak(lambda: segment_slide(img, _Flat(), sink=sink, strip_cols=strip_cols))
+        return _flat_slide_peak(1024, w, strip_cols)
 
     monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
     cut_8k, cut_16k = run(8192, 4096), run(16384, 4096)
