@@ -34,6 +34,12 @@ OSTEOCLAST_BONE_CONTACT_UM = 3.0
 PACKED_WATERSHED = True
 
 
+def bone_contact_px(pixel_size_um: float) -> int:
+    """Pixels around an osteoclast within which it must meet bone
+    (``OSTEOCLAST_BONE_CONTACT_UM`` at ``pixel_size_um`` µm/px, at least 1)."""
+    return max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
+
+
 def centre_target(osteoclast_labels: np.ndarray) -> np.ndarray:
     """Centre-map training target: per-osteoclast distance to its border, 1 at its centre.
 
@@ -439,7 +445,7 @@ def _label_block(
     cew = centre(x0, x1) if callable(centre) else centre[:, x0:x1]
     h, w = cmw.shape
     px_area = pixel_size_um**2
-    r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
+    r = bone_contact_px(pixel_size_um)
     open_left, open_right = x0 > 0, x1 < width
 
     def in_own_cols(stats_left: np.ndarray) -> np.ndarray:
@@ -694,7 +700,7 @@ def label_band(
         local = _watershed_components(crops, comps, n + 1, boxes, markers, width)
         del markers, crops
         px_area = pixel_size_um**2
-        r = max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
+        r = bone_contact_px(pixel_size_um)
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         for j, it in enumerate(oc_items, start=1):
             if not it[5]:

@@ -48,7 +48,7 @@ import numpy as np
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
 from histo.runtime import release_free_memory
-from histo.segment.instances import ALT_SHIFT, label_band
+from histo.segment.instances import ALT_SHIFT, bone_contact_px, label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
 MARGIN_UM = 256.0
@@ -294,13 +294,6 @@ class Strip:
     xs: tuple[int, ...]
 
 
-def _contact_px(pixel_size_um: float) -> int:
-    """Pixels around an osteoclast that its bone-contact rule reads."""
-    from histo.segment.instances import OSTEOCLAST_BONE_CONTACT_UM
-
-    return max(1, int(round((OSTEOCLAST_BONE_CONTACT_UM or 0.0) / pixel_size_um)))
-
-
 def strip_layout(
     width: int,
     tile_px: int,
@@ -338,10 +331,8 @@ def strip_layout(
     bounds.append(width)
     strips = []
     for own0, own1 in zip(bounds[:-1], bounds[1:], strict=True):
-        if own0 == 0:
-            i0 = 0
-        else:
-            i0 = max(i for i, x in enumerate(xs) if x <= own0 - left_ctx) if own0 > left_ctx else 0
+        # (the first strip starts at the slide's edge: no tile starts left of it)
+        i0 = max((i for i, x in enumerate(xs) if x <= own0 - left_ctx), default=0)
         if own1 == width:
             i1 = len(xs) - 1
         else:
@@ -476,7 +467,7 @@ def segment_slide(
         margin,
         STRIP_COLS if strip_cols is None else int(strip_cols),
         col_align if col_align > 1 else STRIP_ALIGN,
-        contact_px=_contact_px(px),
+        contact_px=bone_contact_px(px),
     )
     n_tiles = len(ys) * sum(len(st.xs) for st in strips)
     n_oc = n_ot = 0
