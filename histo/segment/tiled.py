@@ -192,7 +192,8 @@ def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
 
 #: tiles whose scores are computed ahead (in a background thread) while the main thread blends
 #: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
-#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px). 0: no thread.
+#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px; none for a tile
+#: of glass). 0: no thread.
 LOOKAHEAD_TILES = 8
 #: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
 READ_AHEAD_TILES = 4
@@ -684,7 +685,10 @@ def segment_slide(
                 wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
                 wt = wy[:, None] * wx[None, :]
                 a = x - win_x0
-                win[:, :th, a : a + tw] += scores * wt
+                if scores is None:  # glass: score 1 for background, 0 for the rest
+                    win[0, :th, a : a + tw] += wt
+                else:
+                    win[:, :th, a : a + tw] += scores * wt
                 win_w[:th, a : a + tw] += wt
                 done += 1
                 if progress is not None:
@@ -700,13 +704,13 @@ def segment_slide(
     def read_tile(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
         return read(y, x, th, tw) if has_tissue(y, x, th, tw) else None
 
-    def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray:
+    def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
         rgb = reads.next()
-        if rgb is not None:
-            return model.predict_scores(rgb)  # (n_out, th, tw)
-        scores = np.zeros((n_out, th, tw), np.float32)
-        scores[0] = 1.0  # glass
-        return scores
+        if rgb is None:
+            # glass: no scores kept (a queue of glass tiles, filled at once, would hold
+            # LOOKAHEAD_TILES x 14 MB of zeros); blended as background
+            return None
+        return model.predict_scores(rgb)  # (n_out, th, tw)
 
     # every strip's tiles, strip after strip, row after row (slide columns)
     jobs = [

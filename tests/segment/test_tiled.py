@@ -94,6 +94,43 @@ def test_tissue_mask_skips_glass(drawn_shapes):
     assert (res.class_map[300:, 300:] == 0).all()
 
 
+def test_glass_tiles_blend_as_background_scores(drawn_shapes):
+    """Tiles the tissue mask calls glass are not scored (nor kept as arrays of scores): they
+    blend as a score of 1 for background and 0 for the rest, the same class map as a model
+    that returns those scores for them."""
+    from types import SimpleNamespace
+
+    img, _, _ = drawn_shapes
+    img = img.copy()
+    img[:, 500:] = 255  # glass right of column 500
+    classical = load_model("classical")
+    calls = []
+
+    class GlassAware:
+        working_pixel_size_um = 1.0
+        n_outputs = 6
+
+        def predict_scores(self, rgb):
+            calls.append(rgb.shape)
+            if rgb.min() == 255:
+                scores = np.zeros((6, *rgb.shape[:2]), np.float32)
+                scores[0] = 1.0
+                return scores
+            return classical.predict_scores(rgb)
+
+    mask = np.zeros((44, 57), bool)  # 16 µm/px
+    mask[:, :32] = True
+    tissue = SimpleNamespace(mask=mask, pixel_size_um=16.0)
+    masked = segment_slide(img, GlassAware(), tile_px=256, overlap_px=32, tissue=tissue)
+    n_masked = len(calls)
+    calls.clear()
+    whole = segment_slide(img, GlassAware(), tile_px=256, overlap_px=32)
+    assert n_masked < len(calls)  # some tiles were glass
+    assert np.array_equal(masked.class_map, whole.class_map)
+    assert (masked.class_map[:, 520:] == 0).all()
+    assert np.array_equal(masked.osteoclast_labels, whole.osteoclast_labels)
+
+
 def test_streamed_labels_write_each_chunk_once(drawn_shapes, tmp_path, monkeypatch):
     """Into a LabelsWriter, segment_slide writes bands of whole rows of chunks at every
     pyramid level: each chunk of the store is compressed and written exactly once (a chunk
