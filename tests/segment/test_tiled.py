@@ -72,25 +72,37 @@ def test_cancel(drawn_shapes):
         segment_slide(img, "classical", tile_px=256, overlap_px=32, cancel=lambda: True)
 
 
+class _Recording:
+    """The classical model, recording the tiles it scores; with ``white_is_glass``, a tile
+    that is all white gets the scores segment_slide gives a tile of glass (background 1)."""
+
+    working_pixel_size_um = 1.0
+    n_outputs = 6
+
+    def __init__(self, white_is_glass: bool = False) -> None:
+        self.calls: list = []
+        self.white_is_glass = white_is_glass
+        self.classical = load_model("classical")
+
+    def predict_scores(self, rgb):
+        self.calls.append(rgb.shape)
+        if self.white_is_glass and rgb.min() == 255:
+            scores = np.zeros((6, *rgb.shape[:2]), np.float32)
+            scores[0] = 1.0
+            return scores
+        return self.classical.predict_scores(rgb)
+
+
 def test_tissue_mask_skips_glass(drawn_shapes):
     from types import SimpleNamespace
 
     img, _, _ = drawn_shapes
-    calls = []
-
-    class Counting:
-        working_pixel_size_um = 1.0
-        n_outputs = 6
-
-        def predict_scores(self, rgb):
-            calls.append(rgb.shape)
-            return load_model("classical").predict_scores(rgb)
-
+    model = _Recording()
     mask = np.zeros((44, 57), bool)  # 16 µm/px
     mask[:10, :10] = True
     tissue = SimpleNamespace(mask=mask, pixel_size_um=16.0)
-    res = segment_slide(img, Counting(), tile_px=256, overlap_px=32, tissue=tissue)
-    assert len(calls) == 1
+    res = segment_slide(img, model, tile_px=256, overlap_px=32, tissue=tissue)
+    assert len(model.calls) == 1
     assert (res.class_map[300:, 300:] == 0).all()
 
 
@@ -103,29 +115,13 @@ def test_glass_tiles_blend_as_background_scores(drawn_shapes):
     img, _, _ = drawn_shapes
     img = img.copy()
     img[:, 500:] = 255  # glass right of column 500
-    classical = load_model("classical")
-    calls = []
-
-    class GlassAware:
-        working_pixel_size_um = 1.0
-        n_outputs = 6
-
-        def predict_scores(self, rgb):
-            calls.append(rgb.shape)
-            if rgb.min() == 255:
-                scores = np.zeros((6, *rgb.shape[:2]), np.float32)
-                scores[0] = 1.0
-                return scores
-            return classical.predict_scores(rgb)
-
     mask = np.zeros((44, 57), bool)  # 16 µm/px
     mask[:, :32] = True
     tissue = SimpleNamespace(mask=mask, pixel_size_um=16.0)
-    masked = segment_slide(img, GlassAware(), tile_px=256, overlap_px=32, tissue=tissue)
-    n_masked = len(calls)
-    calls.clear()
-    whole = segment_slide(img, GlassAware(), tile_px=256, overlap_px=32)
-    assert n_masked < len(calls)  # some tiles were glass
+    on_mask, on_all = _Recording(white_is_glass=True), _Recording(white_is_glass=True)
+    masked = segment_slide(img, on_mask, tile_px=256, overlap_px=32, tissue=tissue)
+    whole = segment_slide(img, on_all, tile_px=256, overlap_px=32)
+    assert len(on_mask.calls) < len(on_all.calls)  # some tiles were glass
     assert np.array_equal(masked.class_map, whole.class_map)
     assert (masked.class_map[:, 520:] == 0).all()
     assert np.array_equal(masked.osteoclast_labels, whole.osteoclast_labels)
