@@ -87,7 +87,7 @@ class _Recording:
     def predict_scores(self, rgb):
         self.calls.append(rgb.shape)
         if self.white_is_glass and rgb.min() == 255:
-            scores = np.zeros((6, *rgb.shape[:2]), np.float32)
+            scores = np.zeros((self.n_outputs, *rgb.shape[:2]), np.float32)
             scores[0] = 1.0
             return scores
         return self.classical.predict_scores(rgb)
