@@ -267,8 +267,10 @@ def _starts(n: int, tile: int, stride: int) -> list[int]:
 #: widest column strip segmented at a time (working px): a wider slide is cut into strips of
 #: about equal width (owned columns), each segmented top to bottom with a context of
 #: columns on either side, so that memory does not grow with the slide's width. Each border
-#: between strips costs about 1.5 tiles of context per row of tiles (computed by both strips)
-STRIP_COLS = 12288
+#: between strips costs about 1.5 tiles of context per row of tiles (computed by both strips).
+#: 8192: a slide of 8192 columns or more is segmented in strips of about the same width
+#: whatever its size, so its peak memory is that of an 8192-column slide
+STRIP_COLS = 8192
 #: strips' owned columns start on multiples of this when the sink has no chunks (numpy)
 STRIP_ALIGN = 1024
 
