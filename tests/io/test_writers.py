@@ -81,6 +81,28 @@ def test_labels_writer_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.zarr"]
 
 
+def test_labels_writer_encodes_few_chunks_at_once_and_restores_zarr_config(tmp_path, monkeypatch):
+    from histo.io import ome_zarr
+
+    seen = []
+    setitem = zarr.Array.__setitem__
+
+    def spy(self, key, value):
+        seen.append(zarr.config.get("async.concurrency"))
+        setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    before = zarr.config.get("async.concurrency")
+    assert before != ome_zarr.WRITE_CONCURRENCY  # zarr's default (10) is what is lowered
+    tile = np.arange(64 * 256, dtype=np.uint32).reshape(64, 256)
+    with LabelsWriter(tmp_path / "l.ome.zarr", (64, 256), 1.0, chunk_px=64) as writer:
+        writer.write_tile("osteocytes", 0, 0, tile)
+    assert seen and set(seen) == {ome_zarr.WRITE_CONCURRENCY}  # every level's write
+    assert zarr.config.get("async.concurrency") == before
+    array, _ = read_labels(tmp_path / "l.ome.zarr")["osteocytes"]
+    assert np.array_equal(np.asarray(array), tile)
+
+
 def test_labels_writer_rejects_bad_tiles(tmp_path):
     writer = LabelsWriter(tmp_path / "l.ome.zarr", (32, 32), 1.0)
     with pytest.raises(KeyError):
