@@ -359,8 +359,8 @@ def split_osteoclasts(
 
 #: columns of a band labelled at a time (each with ``CONTEXT_UM`` of context either side).
 #: The temporaries of a block (labels, masks, centre map of ~1216 rows at the default tiling)
-#: sit on top of the network's forward pass in the peak: 2048 columns keep them ~40 MB
-#: lower than 4096 (32768² slide, see models/README.md, Memory)
+#: sit on top of the network's forward pass in the peak: 2048 columns instead of 4096 lowered
+#: a 32768² slide's peak by ~20 MiB at no measured cost in speed (models/README.md, Memory)
 LABEL_COLS = 2048
 #: context around a column block (µm); an object reaching the block window's side is labelled
 #: again from a wider window, so this only bounds the usual cost
