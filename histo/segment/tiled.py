@@ -268,7 +268,7 @@ def _starts(n: int, tile: int, stride: int) -> list[int]:
 #: about equal width (owned columns), each segmented top to bottom with a context of
 #: columns on either side, so that memory does not grow with the slide's width. Each border
 #: between strips costs about 1.5 tiles of context per row of tiles (computed by both strips).
-#: (8192 made 32768² ~12-22 % slower for at most ~20 MiB less peak; models/README.md, Memory)
+#: (8192 made 32768² 12-22 % slower for 17-97 MiB less peak, 2 runs; models/README.md, Memory)
 STRIP_COLS = 12288
 #: strips' owned columns start on multiples of this when the sink has no chunks (numpy)
 STRIP_ALIGN = 1024
