@@ -230,8 +230,6 @@ class LabelsWriter:
         """
         if self._finalized:
             raise RuntimeError("LabelsWriter already finalized")
-        import zarr
-
         if name not in self._arrays:
             raise KeyError(f"unknown label image {name!r}; expected one of {list(self.labels)}")
         array = np.asarray(array)
@@ -251,7 +249,7 @@ class LabelsWriter:
             return
         array = array[y0 - y : y1 - y, x0 - x : x1 - x]
         try:
-            with zarr.config.set({"async.concurrency": WRITE_CONCURRENCY}):
+            with _few_chunks_at_once():
                 self._write_levels(name, arrays, array, y0, y1, x0, x1)
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
@@ -296,8 +294,9 @@ class LabelsWriter:
         if self._finalized:
             return
         try:
-            for held in self._held.values():
-                held.flush()
+            with _few_chunks_at_once():
+                for held in self._held.values():
+                    held.flush()
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -393,6 +392,14 @@ class LabelsWriter:
             self.finalize()
         else:
             self.abort()
+
+
+def _few_chunks_at_once() -> Any:
+    """Context in which zarr encodes at most :data:`WRITE_CONCURRENCY` chunks of a write at
+    once (zarr's process-wide ``async.concurrency``, restored on exit)."""
+    import zarr
+
+    return zarr.config.set({"async.concurrency": WRITE_CONCURRENCY})
 
 
 def _whole_chunks(target: Any, i0: int, i1: int, j0: int, j1: int) -> bool:

@@ -97,7 +97,12 @@ def test_labels_writer_encodes_few_chunks_at_once_and_restores_zarr_config(tmp_p
     tile = np.arange(64 * 256, dtype=np.uint32).reshape(64, 256)
     with LabelsWriter(tmp_path / "l.ome.zarr", (64, 256), 1.0, chunk_px=64) as writer:
         writer.write_tile("osteocytes", 0, 0, tile)
-    assert seen and set(seen) == {ome_zarr.WRITE_CONCURRENCY}  # every level's write
+        assert seen and set(seen) == {ome_zarr.WRITE_CONCURRENCY}  # every level's write
+        # half the width: the coarsest level's chunk is held back, then written by flush()
+        writer.write_tile("class_map", 0, 0, np.ones((64, 128), np.uint8))
+        n_before = len(seen)
+        writer.flush()
+        assert len(seen) > n_before and set(seen) == {ome_zarr.WRITE_CONCURRENCY}
     assert zarr.config.get("async.concurrency") == before
     array, _ = read_labels(tmp_path / "l.ome.zarr")["osteocytes"]
     assert np.array_equal(np.asarray(array), tile)
