@@ -146,16 +146,26 @@ def print_table(results: list[dict]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-def print_summary(results: list[dict]) -> None:
-    """Median seconds and MP/s, largest peak RSS, per slide and model (runs that succeeded)."""
+#: the issue's target for one slide's analysis, whatever its size
+PEAK_TARGET_MIB = 2048
+
+
+def print_summary(results: list[dict]) -> bool:
+    """Median seconds and MP/s, largest peak RSS, per slide and model (runs that succeeded),
+    then the memory verdict per model: the range of the peaks over slide sizes and whether
+    every one is under :data:`PEAK_TARGET_MIB`. Returns False if a run failed or a peak was
+    over the target."""
     import statistics
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         if r.get("status") == 0 and "tissue_mp_per_s" in r:
             groups.setdefault((r["slide"], r["model"]), []).append(r)
+    failed = [r for r in results if r.get("status") != 0 or "tissue_mp_per_s" not in r]
+    for r in failed:
+        print(f"FAILED: {r['slide']} --model {r['model']}: {r.get('error') or r.get('status')}")
     if not groups:
-        return
+        return not failed
     print("\nslide  model  runs  median s  median MP/s (range)  max peak RSS MiB")
     for (slide, model), runs in groups.items():
         rates = [r["tissue_mp_per_s"] for r in runs]
@@ -164,9 +174,23 @@ def print_summary(results: list[dict]) -> None:
             f"  {statistics.median(rates):.2f} ({min(rates):.2f}-{max(rates):.2f})"
             f"  {max(r['peak_rss_mib'] for r in runs)}"
         )
+    ok = not failed
+    for model in sorted({m for _, m in groups}):
+        peaks = {
+            s: max(r["peak_rss_mib"] for r in runs) for (s, m), runs in groups.items() if m == model
+        }
+        lo, hi = min(peaks, key=peaks.get), max(peaks, key=peaks.get)
+        under = peaks[hi] <= PEAK_TARGET_MIB
+        ok &= under
+        print(
+            f"memory, {model}: peaks {peaks[lo]} MiB ({lo}) to {peaks[hi]} MiB ({hi}), "
+            f"{100 * (peaks[hi] / peaks[lo] - 1):+.0f} %; "
+            f"{'all under' if under else 'OVER'} the {PEAK_TARGET_MIB} MiB target"
+        )
+    return ok
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--models", nargs="*", default=["classical", "default"])
@@ -202,8 +226,9 @@ def main() -> None:
         print_table(results)
         # the summary is of this invocation's runs (the file keeps every earlier one)
         ours = [r for r in results if r.get("pid") == os.getpid()]
-        print_summary(results if args.table else ours)
+        return 0 if print_summary(results if args.table else ours) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
