@@ -66,6 +66,7 @@ from histo.measure import (
     count_osteoclasts,
     validate_pixel_size,
 )
+from histo.runtime import release_free_memory
 
 __all__ = [
     "DEFAULT_BLOCK_PX",
@@ -83,6 +84,13 @@ DEFAULT_BLOCK_PX = 4096
 MARGIN_UM = 256.0
 #: margin (px) around a core for the perimeter: the contour smoothing reaches 4 cells each way
 PERIMETER_MARGIN_PX = 8
+#: after a block, the C heap's free pages are given back once the resident memory has grown
+#: by this much (MB) since they last were (:func:`histo.runtime.release_free_memory`). Blocks
+#: allocate and free arrays of many sizes in two threads (decoding the image, labelling):
+#: without it the freed pages stay resident and the process creeps up over a slide
+#: (32768² at 1 µm/px: +50 MiB over its 484 blocks of 1536 px); with it the heap's
+#: footprint stays that of one block, for ~2 s more on 16384².
+TRIM_SLACK_MB = 32
 
 ProgressFn = Callable[[float, str], None]
 ImageReader = Callable[[int, int, int, int], np.ndarray]
@@ -845,6 +853,7 @@ def _measure(
                 nuclei_done.update(_count_targets(targets, oc_w, rgb, (ry0, rx0), px, rules))
             if progress is not None:
                 progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
+            release_free_memory(slack_mb=TRIM_SLACK_MB)
 
     # ---- combine per-object sums
     oc_ids = _ids(oc_sums)
