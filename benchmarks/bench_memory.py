@@ -166,19 +166,18 @@ def print_summary(results: list[dict]) -> bool:
         print(f"FAILED: {r['slide']} --model {r['model']}: {r.get('error') or r.get('status')}")
     if not groups:
         return not failed
+    peak = {key: max(r["peak_rss_mib"] for r in runs) for key, runs in groups.items()}
     print("\nslide  model  runs  median s  median MP/s (range)  max peak RSS MiB")
     for (slide, model), runs in groups.items():
         rates = [r["tissue_mp_per_s"] for r in runs]
         print(
             f"{slide}  {model}  {len(runs)}  {statistics.median(r['seconds'] for r in runs):.1f}"
             f"  {statistics.median(rates):.2f} ({min(rates):.2f}-{max(rates):.2f})"
-            f"  {max(r['peak_rss_mib'] for r in runs)}"
+            f"  {peak[slide, model]}"
         )
     ok = not failed
     for model in sorted({m for _, m in groups}):
-        peaks = {
-            s: max(r["peak_rss_mib"] for r in runs) for (s, m), runs in groups.items() if m == model
-        }
+        peaks = {s: mib for (s, m), mib in peak.items() if m == model}
         lo, hi = min(peaks, key=peaks.get), max(peaks, key=peaks.get)
         under = peaks[hi] <= PEAK_TARGET_MIB
         ok &= under
