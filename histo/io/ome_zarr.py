@@ -98,7 +98,7 @@ class LabelsWriter:
         Memory (MiB) for tiles held back until they complete rows of chunks (each chunk is
         then compressed once); tiles that do not fit are written at once (0: all of them).
         Tiles aligned to ``block_px`` are never held: histo's streaming segmentation and
-        :func:`histo.block_outputs.copy_labels` write such tiles, so they need no buffer.
+        :func:`histo.io.label_store.copy_labels` write such tiles, so they need no buffer.
 
     Examples
     --------
