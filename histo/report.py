@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from histo import classes
+from histo.io.atomic import write_atomic, write_text_atomic
 
 #: longest side of overlay.png in pixels
 OVERLAY_MAX_PX = 2048
@@ -49,12 +50,10 @@ def write_overlay(path: str | os.PathLike, result) -> Path:
         rgb = np.full((h, w, 3), 255, np.uint8)
     elif rgb.shape[:2] != (h, w):
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-    img = overlay_image(rgb, cm)
-    partial = path.with_name(path.name + ".partial.png")
-    if not cv2.imwrite(str(partial), img[..., ::-1]):
-        raise OSError(f"cannot write {path}")
-    os.replace(partial, path)
-    return path
+    ok, png = cv2.imencode(".png", overlay_image(rgb, cm)[..., ::-1])
+    if not ok:
+        raise OSError(f"cannot encode {path.name} as PNG")
+    return write_atomic(path, lambda tmp: tmp.write_bytes(png.tobytes()))
 
 
 PHENOTYPE_COLORS = {"normal": "#2b8cbe", "oc-rich": "#e34a33", "oc-poor": "#756bb1"}
@@ -398,7 +397,4 @@ def write_report_html(
         "Each slide's QC overlay, object tables and outlines are in its folder.</p>"
     )
     parts.append("</body></html>")
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text("".join(parts), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(path, "".join(parts))
