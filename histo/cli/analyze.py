@@ -23,9 +23,14 @@ The pixel size comes from the file (OME PhysicalSizeX, Aperio MPP, TIFF resoluti
 exit status: 0 all slides analysed, 1 some failed (see failures.csv), 2 usage error,
 4 output folder unusable, 5 model weights missing or corrupt.
 
+--roi takes a GeoJSON file of polygons (holes as inner rings) in level-0 pixels of the slide
+(QuPath's convention, as histo's own outlines): the indices are measured inside it. --ranges
+takes the reference ranges written by 'histo calibrate' for the phenotype call.
+
 examples:
   histo analyze slide.ome.tif --out results
   histo analyze fields/*.png --pixel-size 0.5 --model classical --out results
+  histo analyze S1.svs --roi S1.trabecular.geojson --ranges lab_ranges.json --out results
 """
 
 
@@ -45,12 +50,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME|PATH",
         help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
     )
+    add_region_arguments(parser)
+
+
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    """--roi and --ranges, shared by ``histo analyze`` and ``histo batch``."""
+    parser.add_argument(
+        "--roi",
+        default=None,
+        metavar="GEOJSON",
+        help="region of interest: GeoJSON polygons in level-0 pixels of the slide (x, y)",
+    )
+    parser.add_argument(
+        "--ranges",
+        default=None,
+        metavar="JSON",
+        help="reference ranges from 'histo calibrate' (default: built-in ranges)",
+    )
+
+
+def check_region_arguments(args: argparse.Namespace) -> None:
+    """Fail before any slide runs when --roi or --ranges is unusable (one-line error)."""
+    if args.roi:
+        from histo.io.roi import geojson_rings
+
+        geojson_rings(args.roi)
+    if args.ranges:
+        from histo.phenotype import load_ranges
+
+        load_ranges(args.ranges)
 
 
 def run(args: argparse.Namespace) -> int:
     from histo.batch import analyze_one, write_summary
     from histo.io.locking import output_lock
 
+    check_region_arguments(args)
     out = Path(args.out)
     outcomes = []
     with output_lock(out):
@@ -61,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                     out,
                     pixel_size_um=args.pixel_size,
                     model=args.model,
+                    roi=args.roi,
+                    ranges=args.ranges,
                     progress=progress,
                 )
             outcomes.append(outcome)

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure_control(path: Path, pixel_size: float | None) -> dict:
-    from histo.cli.measure import load_class_map
     from histo.errors import PixelSizeError
+    from histo.io.class_maps import load_class_map
     from histo.measure import measure, validate_pixel_size
 
     cmap, oc, ot, file_px = load_class_map(path)

@@ -16,7 +16,17 @@ import numpy as np
 
 from histo.errors import SlideReadError
 
-__all__ = ["Roi", "geojson_polygons", "read_roi_geojson"]
+__all__ = [
+    "Roi",
+    "geojson_polygons",
+    "geojson_rings",
+    "polygons_contain",
+    "polygons_mask",
+    "read_roi_geojson",
+]
+
+#: polygons with holes in pixels: each polygon its outer ring then its holes, (N, 2) (y, x)
+Polygons = tuple[tuple[np.ndarray, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class Roi:
             raise SlideReadError("ROI has no polygon")
         return cls(tuple(out))
 
-    def in_pixels(self, pixel_size_um: float) -> tuple[tuple[np.ndarray, ...], ...]:
+    def in_pixels(self, pixel_size_um: float) -> Polygons:
         """The polygons in pixels of ``pixel_size_um`` (pixel centres at integer coordinates)."""
         return tuple(tuple(ring / pixel_size_um for ring in rings) for rings in self.polygons)
 
@@ -84,15 +94,51 @@ def read_roi_geojson(path: str | os.PathLike, pixel_size_um: float = 1.0) -> Roi
     SlideReadError
         Not readable JSON, or no polygon in it.
     """
+    polygons = geojson_rings(path)
+    return Roi.from_rings([[ring * pixel_size_um for ring in rings] for rings in polygons])
+
+
+def geojson_rings(path: str | os.PathLike) -> list[list[np.ndarray]]:
+    """The polygons of a GeoJSON file as lists of rings, (N, 2) arrays of (y, x) as given in
+    the file's (x, y) coordinates; SlideReadError if it holds none or is not JSON."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SlideReadError(f"ROI {path.name}: not valid GeoJSON ({exc})") from None
     polygons = [
-        [np.asarray(ring, float)[:, ::-1] * pixel_size_um for ring in rings]
-        for rings in geojson_polygons(data)
+        [np.asarray(ring, float)[:, 1::-1] for ring in rings] for rings in geojson_polygons(data)
     ]
     if not polygons:
         raise SlideReadError(f"ROI {path.name}: no Polygon or MultiPolygon in the GeoJSON")
-    return Roi.from_rings(polygons)
+    return polygons
+
+
+def polygons_mask(polygons: Polygons, shape: tuple[int, int], origin=(0, 0)) -> np.ndarray:
+    """Boolean mask of ``shape`` whose pixel (i, j) is ``origin + (i, j)`` of the polygons'
+    pixel grid: inside an outer ring and in none of its polygon's holes (pixel centres at
+    integer coordinates, as ``skimage.draw.polygon2mask``)."""
+    from skimage.draw import polygon2mask
+
+    offset = np.array(origin, float)
+    out = np.zeros(shape, bool)
+    for outer, *holes in polygons:
+        inside = polygon2mask(shape, outer - offset)
+        for hole in holes:
+            inside &= ~polygon2mask(shape, hole - offset)
+        out |= inside
+    return out
+
+
+def polygons_contain(polygons: Polygons, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Whether the pixels (yy, xx) lie in the polygons (the test of :func:`polygons_mask`)."""
+    from skimage.measure import points_in_poly
+
+    points = np.stack([yy, xx], axis=1).astype(float)
+    out = np.zeros(np.shape(yy), bool)
+    for outer, *holes in polygons:
+        inside = points_in_poly(points, outer)
+        for hole in holes:
+            inside &= ~points_in_poly(points, hole)
+        out |= inside
+    return out

@@ -34,6 +34,7 @@ MAX_WINDOW_PX = 4096 * 4096
 #: relative tolerance when matching a pyramid level to a requested resolution
 LEVEL_RTOL = 1e-3
 
+
 @dataclass
 class Slide:
     """A whole-slide image opened lazily.

@@ -8,7 +8,7 @@ import numpy as np
 
 from histo.errors import ClassMapError
 from histo.io.blocks import read_2d
-from histo.io.roi import Roi
+from histo.io.roi import Roi, polygons_contain, polygons_mask
 
 __all__ = ["Region", "roi_mask"]
 
@@ -62,18 +62,9 @@ class Region:
         """The region over rows ``ys`` and columns ``xs`` (boolean array)."""
         if self.mask is not None:
             return read_2d(self.mask, ys, xs).astype(bool)
-        from skimage.draw import polygon2mask
-
         assert self.polygons is not None
         shape = (ys.stop - ys.start, xs.stop - xs.start)
-        offset = np.array([ys.start, xs.start], float)
-        out = np.zeros(shape, bool)
-        for outer, *holes in self.polygons:
-            inside = polygon2mask(shape, outer - offset)
-            for hole in holes:
-                inside &= ~polygon2mask(shape, hole - offset)
-            out |= inside
-        return out
+        return polygons_mask(self.polygons, shape, (ys.start, xs.start))
 
     def at(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         """Values at pixels (yy, xx) (integer arrays)."""
@@ -85,15 +76,5 @@ class Region:
             return np.array(
                 [bool(np.asarray(self.mask[y, x])) for y, x in zip(yy, xx, strict=True)], bool
             )
-        from skimage.measure import points_in_poly
-
         assert self.polygons is not None
-        # the same point-in-polygon test as polygon2mask (skimage's geometry core)
-        points = np.stack([yy, xx], axis=1).astype(float)
-        out = np.zeros(yy.shape, bool)
-        for outer, *holes in self.polygons:
-            inside = points_in_poly(points, outer)
-            for hole in holes:
-                inside &= ~points_in_poly(points, hole)
-            out |= inside
-        return out
+        return polygons_contain(self.polygons, yy, xx)
