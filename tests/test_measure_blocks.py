@@ -1,4 +1,4 @@
-"""measure_by_blocks: the same Measurement as measure() on the whole arrays, block by block."""
+"""measure_by_blocks: the same Measurement whatever the block size (one block: measure())."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 import zarr
 
 from histo import classes
-from histo.io.geojson import write_label_geojson_by_blocks
 from histo.errors import ClassMapError
-from histo.measure import CountingRules, measure
 from histo.io.blocks import downsample_nearest, iter_blocks
-from histo.measure import measure_by_blocks
+from histo.io.geojson import write_label_geojson_by_blocks
+from histo.measure import CountingRules, measure, measure_by_blocks
 
 #: relative tolerance on lengths (B.Pm, Oc.S, ES, bone contact); the brief allows 0.5 %, the
 #: decomposition is exact up to floating-point rounding
