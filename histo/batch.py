@@ -681,15 +681,9 @@ def run_batch(
         file (JSON); its workers must see ``folder`` and ``out_dir`` at the same paths.
     resume
         Reuse slides whose outputs are complete for the same input and settings.
-    pixel_size_um
-        Level-0 pixel size for every slide (µm/px), overriding the files' metadata.
-    model
-        Segmentation model name or weights path.
-    roi
-        GeoJSON region of interest given to every slide (level-0 pixels of each slide; see
-        :func:`histo.pipeline.analyze_slide`).
-    ranges
-        Reference ranges (JSON from ``histo calibrate``) for every slide's phenotype call.
+    pixel_size_um, model, roi, ranges
+        For every slide, as :func:`histo.pipeline.analyze_slide` takes them (``roi`` a
+        GeoJSON path, ``ranges`` a JSON path); they are part of the resume settings.
     groups
         ``{slide: group}`` from a sample sheet, for the report's group comparisons.
     reporter
@@ -703,17 +697,15 @@ def run_batch(
     Raises
     ------
     OutputError
-        ``out_dir`` cannot be written or another histo run holds it (exit status 4). When a
-        slide's outputs cannot be written, the batch stops; the slides finished before it
-        are in indices.csv (written when the folder still allows it).
+        ``out_dir`` cannot be written or another run holds it (exit status 4); a slide's
+        outputs cannot be written (the batch stops; the rows finished are kept if possible).
     ModelError
         The model cannot be loaded (exit status 5).
     """
     from histo.io.locking import output_lock
     from histo.segment import load_model
 
-    t0 = time.perf_counter()
-    reporter = reporter or BatchReporter()
+    t0, reporter = time.perf_counter(), reporter or BatchReporter()
     folder, out_dir = Path(folder), Path(out_dir)
     slides = find_slides(folder, exclude=[out_dir])
     names = unique_names(slides, folder)
@@ -721,14 +713,7 @@ def run_batch(
     settings = BatchSettings.make(model, pixel_size_um, roi, ranges)
     with output_lock(out_dir):
         cleaned = clean_stale_partials(out_dir)
-        outcomes: dict[Path, SlideOutcome] = {}
-        todo: list[SlideJob] = []
-        for p in slides:
-            done = completed_outcome(out_dir, names[p], p, settings) if resume else None
-            if done is not None:
-                outcomes[p] = done
-            else:
-                todo.append(SlideJob(p, names[p]))
+        outcomes, todo = _resumed_and_todo(slides, names, out_dir, settings, resume)
         resumed = len(outcomes)
         reporter.start(len(slides), resumed)
         try:
@@ -737,16 +722,37 @@ def run_batch(
             elif todo:
                 _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler)
         except (OutputError, ModelError):
-            # the batch stops (the error concerns every slide), but the slides finished so far
-            # keep their rows: write the summary tables of those, if the folder still allows it
-            with contextlib.suppress(OutputError):
-                write_summary(out_dir, [outcomes[p] for p in slides if p in outcomes], groups)
+            _summarise_before_stopping(
+                out_dir, [outcomes[p] for p in slides if p in outcomes], groups
+            )
             raise
         finally:
             reporter.close()
         ordered = [outcomes[p] for p in slides if p in outcomes]
         paths = write_summary(out_dir, ordered, groups)
     return BatchResult(ordered, paths, resumed, cleaned, time.perf_counter() - t0)
+
+
+def _summarise_before_stopping(out_dir: Path, finished: list[SlideOutcome], groups) -> None:
+    """The batch stops (the error concerns every slide), but the slides finished so far keep
+    their rows: write the summary tables of those, if the folder still allows it."""
+    with contextlib.suppress(OutputError):
+        write_summary(out_dir, finished, groups)
+
+
+def _resumed_and_todo(
+    slides: list[Path], names: dict[Path, str], out_dir: Path, settings: BatchSettings, resume: bool
+) -> tuple[dict[Path, SlideOutcome], list[SlideJob]]:
+    """The outcomes reused from a previous run (with ``resume``) and the slides left to run."""
+    outcomes: dict[Path, SlideOutcome] = {}
+    todo: list[SlideJob] = []
+    for p in slides:
+        done = completed_outcome(out_dir, names[p], p, settings) if resume else None
+        if done is not None:
+            outcomes[p] = done
+        else:
+            todo.append(SlideJob(p, names[p]))
+    return outcomes, todo
 
 
 def _run_here(todo, out_dir, settings, outcomes, reporter) -> None:

@@ -161,24 +161,42 @@ def analyze_slide(
         # tissue detection's temporaries (tens of MB on a large slide) are not held through
         # the segmentation
         release_free_memory()
-        store = LabelStore(out_dir, name, _working_shape(slide, segmenter), segmenter)
-        try:
-            result = _analyze(slide, segmenter, tissue, store, name, step, region, ranges, tile_px)
-            result.model = str(model)
-            if out_dir is not None:
-                step(0.9, "writing")
-                result.out_dir = write_slide_outputs(
-                    result, out_dir, record=record, labels_writer=store.writer
-                )
-            store.attach(result)
-        except BaseException:
-            store.abort()
-            raise
+        run = _Run(name, str(model), step, region, ranges, tile_px)
+        result = _run_with_store(slide, segmenter, tissue, run, out_dir, record)
         result.seconds = time.perf_counter() - t0
         step(1.0, f"{result.phenotype.phenotype} in {result.seconds:.1f} s")
         return result
     finally:
         slide.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The settings of one slide's analysis that the stages share."""
+
+    name: str
+    model: str
+    step: _Steps
+    roi: object  #: histo.io.roi.Roi or None
+    ranges: object  #: histo.phenotype.ReferenceRanges or None
+    tile_px: int | None
+
+
+def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> SlideResult:
+    """Analyse into a label store and write the outputs; the store is removed on failure."""
+    store = LabelStore(out_dir, run.name, _working_shape(slide, segmenter), segmenter)
+    try:
+        result = _analyze(slide, segmenter, tissue, store, run)
+        if out_dir is not None:
+            run.step(0.9, "writing")
+            result.out_dir = write_slide_outputs(
+                result, out_dir, record=record, labels_writer=store.writer
+            )
+        store.attach(result)
+    except BaseException:
+        store.abort()
+        raise
+    return result
 
 
 def _prepare(slide, model: str, name: str):
@@ -195,14 +213,15 @@ def _prepare(slide, model: str, name: str):
     return tissue, segmenter
 
 
-def _analyze(slide, segmenter, tissue, store, name, step, roi, ranges, tile_px) -> SlideResult:
+def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideResult:
     """Segment into the label store, measure it block by block, call the phenotype."""
     from histo.phenotype import call_phenotype
     from histo.runtime import release_free_memory
     from histo.segment import segment_slide
 
+    step = run.step
     step(0.05, "segmenting")
-    tiling = {"tile_px": int(tile_px)} if tile_px else {}
+    tiling = {"tile_px": int(run.tile_px)} if run.tile_px else {}
     seg = segment_slide(
         slide,
         segmenter,
@@ -214,21 +233,21 @@ def _analyze(slide, segmenter, tissue, store, name, step, roi, ranges, tile_px) 
     )
     release_free_memory()
     step(0.86, "measuring")
-    measurement = measure_slide(slide, seg, roi, step.sub(0.86, 0.9))
+    measurement = measure_slide(slide, seg, run.roi, step.sub(0.86, 0.9))
     release_free_memory()
     if measurement.indices.get("B.Ar", 0) == 0:
-        raise EmptyTissueError(f"{name}: tissue found but no bone: nothing to measure")
+        raise EmptyTissueError(f"{run.name}: tissue found but no bone: nothing to measure")
     tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
     return SlideResult(
-        name=name,
+        name=run.name,
         pixel_size_um=seg.pixel_size_um,
         source_pixel_size_um=float(slide.pixel_size_um),
         class_map=seg.class_map,
         osteoclast_labels=seg.osteoclast_labels,
         osteocyte_labels=seg.osteocyte_labels,
         measurement=measurement,
-        phenotype=call_phenotype(measurement.indices, ranges),
-        model="",
+        phenotype=call_phenotype(measurement.indices, run.ranges),
+        model=run.model,
         seconds=0.0,
         tissue_megapixels=tissue_mp / 1e6,
         thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),

@@ -218,6 +218,7 @@ def test_analyze_roi_and_ranges(tmp_path, slide):
     args = ["analyze", str(slide), "--out", str(out), "--model", "classical"]
     assert main([*args, "--roi", str(roi), "--ranges", str(ranges)]) == 0
     row = read_csv(out / "indices.csv")[0]
+    assert json.loads((out / "S1" / "indices.json").read_text())["model"] == "classical"
     whole = analyze_slide(slide, model="classical")
     assert whole.phenotype.phenotype != "normal"  # BV/TV above the default 35 %
     assert row["phenotype"] == "normal" and "99%" in row["evidence"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
 from histo.cli._progress import progress_bar
 
 HELP = "analyse slides end to end: segment, measure, call the phenotype"
@@ -37,55 +38,16 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to analyse")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="level-0 pixel size in µm/px (overrides the file's metadata)",
-    )
-    parser.add_argument(
-        "--model",
-        default="default",
-        metavar="NAME|PATH",
-        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
-    )
-    add_region_arguments(parser)
-
-
-def add_region_arguments(parser: argparse.ArgumentParser) -> None:
-    """--roi and --ranges, shared by ``histo analyze`` and ``histo batch``."""
-    parser.add_argument(
-        "--roi",
-        default=None,
-        metavar="GEOJSON",
-        help="region of interest: GeoJSON polygons in level-0 pixels of the slide (x, y)",
-    )
-    parser.add_argument(
-        "--ranges",
-        default=None,
-        metavar="JSON",
-        help="reference ranges from 'histo calibrate' (default: built-in ranges)",
-    )
-
-
-def check_region_arguments(args: argparse.Namespace) -> None:
-    """Fail before any slide runs when --roi or --ranges is unusable (one-line error)."""
-    if args.roi:
-        from histo.io.roi import geojson_rings
-
-        geojson_rings(args.roi)
-    if args.ranges:
-        from histo.phenotype import load_ranges
-
-        load_ranges(args.ranges)
+    add_pixel_size(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
+    add_model(parser)
+    add_roi_and_ranges(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from histo.batch import analyze_one, write_summary
     from histo.io.locking import output_lock
 
-    check_region_arguments(args)
+    check_roi_and_ranges(args)
     out = Path(args.out)
     outcomes = []
     with output_lock(out):

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from histo.batch import BatchReporter
-from histo.cli.analyze import add_region_arguments, check_region_arguments
+from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
 from histo.io.formats import SLIDE_SUFFIXES
 
 HELP = "analyse a folder of slides in parallel (dask), with resume"
@@ -75,26 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip slides whose outputs are complete for the same input and settings",
     )
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="level-0 pixel size in µm/px for every slide (overrides the files' metadata)",
+    add_pixel_size(
+        parser, "level-0 pixel size in µm/px for every slide (overrides the files' metadata)"
     )
-    parser.add_argument(
-        "--model",
-        default="default",
-        metavar="NAME|PATH",
-        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
-    )
+    add_model(parser)
     parser.add_argument(
         "--sample-sheet",
         default=None,
         metavar="CSV",
         help="CSV with columns slide,group: the report compares the groups",
     )
-    add_region_arguments(parser)
+    add_roi_and_ranges(parser)
 
 
 class _Bars(BatchReporter):
@@ -180,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("histo batch: error: --workers must be 0 or more")
     if args.pixel_size is not None:
         check_pixel_size(args.pixel_size, "--pixel-size")
-    check_region_arguments(args)
+    check_roi_and_ranges(args)
     groups = read_sample_sheet(args.sample_sheet) if args.sample_sheet else None
     result = run_batch(
         args.folder,

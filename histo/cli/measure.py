@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from histo.cli._options import add_pixel_size, add_roi_and_ranges
 from histo.errors import HistoError, PixelSizeError
 from histo.io.class_maps import load_class_map  # noqa: F401 (re-exported: the plugin reads it here)
 
@@ -34,25 +35,11 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("classmaps", nargs="+", metavar="CLASSMAP", help="class map files")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="µm per pixel (wins over the file's metadata)",
-    )
-    parser.add_argument(
-        "--ranges",
-        default=None,
-        metavar="JSON",
-        help="reference ranges from 'histo calibrate' (default: built-in ranges)",
-    )
-    parser.add_argument(
-        "--roi",
-        default=None,
-        metavar="MASK_OR_GEOJSON",
-        help="region of interest: a mask image of the class map's shape (non-zero = inside) or "
-        "a GeoJSON polygon in pixel coordinates (x, y)",
+    add_pixel_size(parser, "µm per pixel (wins over the file's metadata)")
+    add_roi_and_ranges(
+        parser,
+        "region of interest: a mask image of the class map's shape (non-zero = inside) or "
+        "GeoJSON polygons in pixel coordinates (x, y)",
     )
     parser.add_argument(
         "--no-instances",

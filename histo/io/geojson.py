@@ -422,29 +422,3 @@ def _window_objects(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, lis
     compact = np.zeros(lab.shape, np.int32 if ids.size < 2**31 else np.int64)
     compact.ravel()[flat] = inverse + 1
     return compact, ids, ndi.find_objects(compact, max_label=ids.size)
-
-
-def _window_objects(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
-    """A window of labels, and the bounding boxes of its objects (``ndimage.find_objects``).
-
-    Returns ``(labels, ids, slices)``: ``slices[k]`` is the box of label ``ids[k]`` in
-    ``labels``, or of label ``k + 1`` when ``ids`` is None (labels used as they are, when their
-    values are small enough for a list indexed by value; otherwise they are renumbered
-    1..n and ``ids`` holds the original values in increasing order). Values <= 0 are none.
-    """
-    if lab.dtype.kind not in "iu":
-        lab = lab.astype(np.int64)
-    if lab.size == 0:
-        return lab, None, []
-    if lab.dtype.kind == "i" and int(lab.min()) < 0:
-        lab = np.where(lab > 0, lab, 0)
-    top = int(lab.max())
-    if top <= 0:
-        return lab, None, []
-    if top <= max(lab.size, 1 << 20):
-        return lab, None, ndi.find_objects(lab, max_label=top)
-    flat = np.flatnonzero(lab)
-    ids, inverse = np.unique(lab.ravel()[flat], return_inverse=True)
-    compact = np.zeros(lab.shape, np.int32 if ids.size < 2**31 else np.int64)
-    compact.ravel()[flat] = inverse + 1
-    return compact, ids, ndi.find_objects(compact, max_label=ids.size)

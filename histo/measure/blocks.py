@@ -764,12 +764,6 @@ def measure_by_blocks(
     shape = _check_class_map(class_map)
     block_px = max(int(block_px), 16)
     margin_px = int(math.ceil(MARGIN_UM / px)) if margin_px is None else int(margin_px)
-    tol = max(int(rules.oc_surface_tolerance_px), 0)
-    ring_px = max(int(round(rules.lacuna_ring_um / px)), 1)
-    per_margin = PERIMETER_MARGIN_PX + tol + 2
-    pit_margin = max(_pit_margin(rules, px), per_margin)
-    margin = max(margin_px, per_margin, ring_px + 1, _pit_margin(rules, px))
-    on_disk = not isinstance(class_map, np.ndarray)
     sources: list[GivenLabels | ComponentLabels] = []
     try:
         for given, code, name in (
@@ -779,18 +773,30 @@ def measure_by_blocks(
             sources.append(
                 GivenLabels(given, shape, name)
                 if given is not None
-                else ComponentLabels(class_map, code, shape, block_px, on_disk)
+                else ComponentLabels(
+                    class_map, code, shape, block_px, not isinstance(class_map, np.ndarray)
+                )
             )
         region = None if roi is None else Region(roi, shape, px)
-        plan = _Plan(
-            class_map, shape, px, rules, sources[0], sources[1], region,
-            _image_reader(image, shape), tol, ring_px, per_margin, pit_margin,
-        )  # fmt: skip
+        plan = _plan(class_map, shape, px, rules, sources, region, _image_reader(image, shape))
+        margin = max(margin_px, plan.per_margin, plan.ring_px + 1, _pit_margin(rules, px))
         return _measure(plan, list(iter_blocks(shape, block_px, margin)), progress)
     finally:
         for source in sources:
             if isinstance(source, ComponentLabels):
                 source.close()
+
+
+def _plan(class_map, shape, px, rules, sources, region, read_rgb) -> _Plan:
+    """The plan of a measurement: the margins its rules need (pixels)."""
+    tol = max(int(rules.oc_surface_tolerance_px), 0)
+    ring_px = max(int(round(rules.lacuna_ring_um / px)), 1)
+    per_margin = PERIMETER_MARGIN_PX + tol + 2
+    pit_margin = max(_pit_margin(rules, px), per_margin)
+    return _Plan(
+        class_map, shape, px, rules, sources[0], sources[1], region, read_rgb,
+        tol, ring_px, per_margin, pit_margin,
+    )  # fmt: skip
 
 
 def _measure(plan: _Plan, blocks: list[Block], progress: ProgressFn | None) -> Measurement:
