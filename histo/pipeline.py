@@ -1,5 +1,10 @@
 """One slide end to end: read, find tissue, segment, measure, call, write.
 
+One path for every size: segmentation writes the maps into a :class:`LabelStore` (numpy in
+memory for small slides, the slide's OME-Zarr labels on disk for large ones), the measurement
+reads the store block by block (:func:`measure_slide`) and :func:`write_slide_outputs` writes
+the outputs block by block; only where the store lives depends on the slide's size.
+
 The command line (``histo analyze``, ``histo batch``) and the napari plugin all call
 :func:`analyze_slide`; neither holds logic the other lacks.
 """
@@ -36,13 +41,14 @@ SLIDE_OUTPUTS = (
 
 @dataclass
 class SlideResult:
-    """What :func:`analyze_slide` found on one slide (arrays at the working resolution)."""
+    """What :func:`analyze_slide` found on one slide (maps at the working resolution: numpy
+    arrays, or zarr arrays read on indexing for slides above :data:`LABELS_ON_DISK_MIN_PX`)."""
 
     name: str
     pixel_size_um: float  #: working resolution of the maps, µm/px
     source_pixel_size_um: float  #: level-0 pixel size of the slide, µm/px
-    class_map: np.ndarray
-    osteoclast_labels: np.ndarray
+    class_map: np.ndarray  #: (H, W) uint8 codes of histo.classes
+    osteoclast_labels: np.ndarray  #: (H, W) instance labels (0 = none)
     osteocyte_labels: np.ndarray
     measurement: object  #: histo.measure.Measurement
     phenotype: object  #: histo.phenotype.PhenotypeCall
