@@ -410,10 +410,19 @@ class LabelStore:
 
 
 def _write_overview(writer, result: SlideResult) -> None:
-    """The thumbnail as the store's overview image (cheaper than colouring a coarse level)."""
-    if result.thumbnail is not None:
-        scale = result.class_map.shape[0] / result.thumbnail.shape[0]
-        writer.write_overview(np.ascontiguousarray(result.thumbnail), result.pixel_size_um * scale)
+    """The thumbnail as the store's overview image, at most at the size of the labels'
+    coarsest level (the photo under the labels in a viewer; compressing a larger one would
+    cost a small slide half a second)."""
+    import cv2
+
+    if result.thumbnail is None:
+        return
+    thumb = result.thumbnail
+    coarse = writer.coarsest_shape
+    if thumb.shape[0] > coarse[0] or thumb.shape[1] > coarse[1]:
+        thumb = cv2.resize(thumb, (coarse[1], coarse[0]), interpolation=cv2.INTER_AREA)
+    scale = result.class_map.shape[0] / thumb.shape[0]
+    writer.write_overview(np.ascontiguousarray(thumb), result.pixel_size_um * scale)
 
 
 def _partial_dir(out_dir: Path, name: str) -> Path:
@@ -492,11 +501,25 @@ def write_slide_outputs(
     are written block by block, skipping objects larger than the block margin (256 px; none
     on real cells).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histo.report import write_overlay
+
     out_dir = Path(out_dir)
     partial = _partial_dir(out_dir, result.name)
     try:
-        maps = _write_labels(result, partial, labels_writer)
-        _write_tables(result, partial, maps, record)
+        if labels_writer is None:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        # the overlay's PNG encoding (the longest write of a small slide) runs in a thread
+        # beside the other outputs; its class map is read before the store is finalized
+        overlay = _overlay_source(result, result.class_map)
+        with ThreadPoolExecutor(1, thread_name_prefix="histo-overlay") as pool:
+            drawn = pool.submit(write_overlay, partial / "overlay.png", overlay)
+            maps = _write_labels(result, partial, labels_writer)
+            _write_tables(result, partial, maps, record)
+            drawn.result()
         final = _publish(partial, out_dir / result.name)
     except HistoError:
         shutil.rmtree(partial, ignore_errors=True)
@@ -523,9 +546,6 @@ def _write_labels(result: SlideResult, partial: Path, writer) -> dict:
         )
     )
     if writer is None:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
         shape = tuple(result.class_map.shape)
         writer = LabelsWriter(partial / "labels.ome.zarr", shape, result.pixel_size_um)
         for key, array in maps.items():
@@ -540,12 +560,11 @@ def _write_labels(result: SlideResult, partial: Path, writer) -> dict:
 
 
 def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict | None) -> None:
-    """Object tables, GeoJSON outlines, overlay and indices.json in ``partial``."""
+    """Object tables, GeoJSON outlines and indices.json in ``partial``."""
     import json
 
     from histo.io.geojson import write_label_geojson_by_blocks
     from histo.io.tables import write_object_table
-    from histo.report import write_overlay
 
     m = result.measurement
     write_object_table(partial / "osteoclasts.csv", m.osteoclasts)
@@ -559,7 +578,6 @@ def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict |
             kind,
             slide_pixel_size_um=result.source_pixel_size_um,
         )
-    write_overlay(partial / "overlay.png", _overlay_source(result, maps["class_map"]))
     meta = {
         "row": result.row(),
         "model": result.model,

@@ -185,6 +185,12 @@ class LabelsWriter:
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
+    @property
+    def coarsest_shape(self) -> tuple[int, int]:
+        """(H, W) of the coarsest level of the label images."""
+        f = self.factors[-1]
+        return self._level_len(self.shape[0], f), self._level_len(self.shape[1], f)
+
     @staticmethod
     def _level_len(n: int, f: int) -> int:
         """Length of an axis of ``n`` pixels at factor ``f`` (samples at f*i + f//2)."""
