@@ -2,8 +2,9 @@
 
 A child process per source tree (``--tree LABEL=PATH``: ``PYTHONPATH`` set to PATH and
 PATH/plugins) imports histo, analyses each slide once to warm up (imports, torch, the model),
-then times ``analyze_slide(slide, out_dir=..., model=...)`` on each slide ``--repeat`` times,
-the trees' children run one after the other, round after round (interleaved).
+then times ``analyze_slide(slide, out_dir=..., model=...)`` (a new output folder each time, as
+in a batch) on each slide ``--repeat`` times; the trees' children run one after the other,
+round after round (interleaved).
 
 - fixed cost per slide beyond the network: a 256² field (1 µm/px) with the classical segmenter,
   whose segmentation of one tile takes milliseconds: what remains is opening the slide, finding
@@ -32,20 +33,21 @@ CHILD = r"""
 import json, shutil, sys, tempfile, time
 from histo.pipeline import analyze_slide
 spec = json.loads(sys.argv[1])
-out = tempfile.mkdtemp(prefix="histo-bench-")
-try:
+def run(path, model):
+    out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
+    try:
+        t0 = time.perf_counter()
+        r = analyze_slide(path, out_dir=out, model=model)
+        return r, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+for path, model in spec["runs"]:
+    run(path, model)
+for _ in range(spec["repeat"]):
     for path, model in spec["runs"]:
-        analyze_slide(path, out_dir=out, model=model)
-    for _ in range(spec["repeat"]):
-        for path, model in spec["runs"]:
-            t0 = time.perf_counter()
-            r = analyze_slide(path, out_dir=out, model=model)
-            s = time.perf_counter() - t0
-            t_ar = r.measurement.indices["T.Ar"]
-            row = {"slide": r.name, "model": model, "seconds": s, "t_ar": t_ar}
-            print(json.dumps(row), flush=True)
-finally:
-    shutil.rmtree(out, ignore_errors=True)
+        r, s = run(path, model)
+        t_ar = r.measurement.indices["T.Ar"]
+        print(json.dumps({"slide": r.name, "model": model, "seconds": s, "t_ar": t_ar}), flush=True)
 """
 
 
