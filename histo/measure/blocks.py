@@ -380,6 +380,16 @@ def _add_surfaces(acc: _Accumulator, plan: _Plan, win: _Window, reg: np.ndarray 
     acc.oc.add(u, **s)
 
 
+class _Boxes(NamedTuple):
+    """Objects and their bounding boxes (rows [y0, y1), columns [x0, x1))."""
+
+    labels: np.ndarray
+    y0: np.ndarray
+    x0: np.ndarray
+    y1: np.ndarray
+    x1: np.ndarray
+
+
 class _BlockImage(NamedTuple):
     """The RGB image a block reads: over the core and the osteoclasts it counts."""
 
@@ -387,7 +397,7 @@ class _BlockImage(NamedTuple):
     origin: tuple[int, int]  #: (row, column) of rgb[0, 0] in the window
     core_rgb: np.ndarray
     core_od: np.ndarray  #: summed optical density over the core (float32)
-    targets: tuple  #: the osteoclasts counted here (:func:`_whole_owned`)
+    targets: _Boxes  #: the osteoclasts counted here (:func:`_whole_owned`)
 
 
 def _od_sum(rgb: np.ndarray) -> np.ndarray:
@@ -408,7 +418,7 @@ def _read_block_image(plan: _Plan, win: _Window) -> _BlockImage:
     b = win.block
     cy, cx = b.core
     targets = _whole_owned(b, win.oc_pixels, win.class_map.shape, plan.shape)
-    _, ty0, tx0, ty1, tx1 = targets
+    ty0, tx0, ty1, tx1 = targets.y0, targets.x0, targets.y1, targets.x1
     ry0 = min(cy.start, int(ty0.min(initial=cy.start)))
     rx0 = min(cx.start, int(tx0.min(initial=cx.start)))
     ry1 = max(cy.stop, int(ty1.max(initial=cy.stop)))
@@ -491,16 +501,16 @@ def _whole_owned(
     oc_rc: tuple[np.ndarray, np.ndarray, np.ndarray],
     window_shape: tuple[int, int],
     shape: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> _Boxes:
     """The osteoclasts this block owns (first pixel in its core) and sees whole.
 
-    ``oc_rc`` holds the labelled pixels (rows, columns, labels) of the window. Returns
-    (labels, y0, x0, y1, x1): each one's bounding box in window coordinates.
+    ``oc_rc`` holds the labelled pixels (rows, columns, labels) of the window. Returns each
+    one's bounding box in window coordinates.
     """
     rows, cols, vals = oc_rc
     empty = np.zeros(0, np.int64)
     if rows.size == 0:
-        return empty, empty, empty, empty, empty
+        return _Boxes(empty, empty, empty, empty, empty)
     order = np.argsort(vals, kind="stable")
     v = vals[order]
     starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
@@ -526,7 +536,7 @@ def _whole_owned(
         whole &= y1 < h
     if b.wx1 < W:
         whole &= x1 < w
-    return ids[whole], y0[whole], x0[whole], y1[whole], x1[whole]
+    return _Boxes(ids[whole], y0[whole], x0[whole], y1[whole], x1[whole])
 
 
 def _count_one(od: np.ndarray, mask: np.ndarray, plan: _Plan) -> float:
@@ -537,7 +547,7 @@ def _count_one(od: np.ndarray, mask: np.ndarray, plan: _Plan) -> float:
 
 
 def _count_targets(
-    targets: tuple,
+    targets: _Boxes,
     oc_w: np.ndarray,
     rgb: np.ndarray,
     origin: tuple[int, int],
