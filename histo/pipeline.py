@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -459,18 +458,6 @@ def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarra
     return read_region(slide, 0.0, 0.0, h, w, pixel_size_um / scale)
 
 
-def _overlay_source(result: SlideResult, class_map) -> SimpleNamespace:
-    """What write_overlay needs: the class map at the overlay's size, and the thumbnail."""
-    from histo.io.blocks import downsample_nearest
-    from histo.report import OVERLAY_MAX_PX
-
-    H, W = class_map.shape
-    scale = min(1.0, OVERLAY_MAX_PX / max(H, W))
-    shape = (max(1, round(H * scale)), max(1, round(W * scale)))
-    small = class_map if shape == (H, W) else downsample_nearest(class_map, shape)
-    return SimpleNamespace(class_map=np.asarray(small), thumbnail=result.thumbnail)
-
-
 def _json_value(value):
     """numpy scalars and arrays as JSON values (integers stay integers)."""
     if isinstance(value, np.integer):
@@ -497,13 +484,13 @@ def write_slide_outputs(
 
     The maps (numpy or zarr) are never needed whole: ``labels_writer`` is the LabelsWriter
     that segmentation filled inside the partial folder (otherwise the maps are copied band by
-    band); the overlay is drawn from a map downsampled to the overlay's size; GeoJSON outlines
+    band); the overlay is drawn from the map downsampled to its size; GeoJSON outlines
     are written block by block, skipping objects larger than the block margin (256 px; none
     on real cells).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from histo.report import write_overlay
+    from histo.report import overlay_class_map, write_overlay
 
     out_dir = Path(out_dir)
     partial = _partial_dir(out_dir, result.name)
@@ -514,9 +501,9 @@ def write_slide_outputs(
             partial.mkdir(parents=True)
         # the overlay's PNG encoding (the longest write of a small slide) runs in a thread
         # beside the other outputs; its class map is read before the store is finalized
-        overlay = _overlay_source(result, result.class_map)
+        small = overlay_class_map(result.class_map)
         with ThreadPoolExecutor(1, thread_name_prefix="histo-overlay") as pool:
-            drawn = pool.submit(write_overlay, partial / "overlay.png", overlay)
+            drawn = pool.submit(write_overlay, partial / "overlay.png", small, result.thumbnail)
             maps = _write_labels(result, partial, labels_writer)
             _write_tables(result, partial, maps, record)
             drawn.result()

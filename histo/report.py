@@ -39,13 +39,26 @@ def overlay_image(rgb: np.ndarray, class_map: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_overlay(path: str | os.PathLike, result) -> Path:
-    """Write the QC overlay of a :class:`histo.pipeline.SlideResult` as PNG."""
+def overlay_class_map(class_map) -> np.ndarray:
+    """A class map (numpy or zarr, any size) at the size of the overlay, nearest-neighbour
+    (longest side at most :data:`OVERLAY_MAX_PX`; read band by band, never whole)."""
+    from histo.io.blocks import downsample_nearest, shape_2d
+
+    H, W = shape_2d(class_map)
+    scale = min(1.0, OVERLAY_MAX_PX / max(H, W))
+    shape = (max(1, round(H * scale)), max(1, round(W * scale)))
+    if shape == (H, W):
+        return np.asarray(class_map)
+    return downsample_nearest(class_map, shape)
+
+
+def write_overlay(path: str | os.PathLike, class_map, thumbnail: np.ndarray | None = None) -> Path:
+    """Write the QC overlay of a slide as PNG: ``thumbnail`` (RGB, or white) with the classes
+    of ``class_map`` (numpy or zarr, any size) outlined, longest side :data:`OVERLAY_MAX_PX`."""
     path = Path(path)
-    cm = result.class_map
-    scale = min(1.0, OVERLAY_MAX_PX / max(cm.shape))
-    h, w = max(1, round(cm.shape[0] * scale)), max(1, round(cm.shape[1] * scale))
-    rgb = result.thumbnail
+    cm = overlay_class_map(class_map)
+    h, w = cm.shape
+    rgb = thumbnail
     if rgb is None:
         rgb = np.full((h, w, 3), 255, np.uint8)
     elif rgb.shape[:2] != (h, w):
