@@ -42,19 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from histo.errors import HistoError, ModelError, OutputError
+from histo.io.formats import slide_suffix
 
-#: slide files recognised by ``histo batch`` (lower-case suffixes), plus OME-Zarr folders
-SLIDE_SUFFIXES = (
-    ".ome.tif",
-    ".ome.tiff",
-    ".tif",
-    ".tiff",
-    ".svs",
-    ".ndpi",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
 #: ground truth written beside synthetic slides by ``histo synth``: not slides
 GROUND_TRUTH_SUFFIXES = (".classes.tif", ".osteoclasts.tif", ".osteocytes.tif")
 #: a slide folder is complete when it holds all of these
@@ -141,18 +130,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write_summary(
     out_dir: str | os.PathLike,
     outcomes: list[SlideOutcome],
@@ -187,18 +164,10 @@ def write_summary(
         "failures": out_dir / "failures.csv",
         "report": out_dir / "report.html",
     }
-    try:
-        _write_atomic(paths["indices"], lambda p: write_indices_csv(p, rows))
-        _write_atomic(
-            paths["failures"],
-            lambda p: write_object_table(p, failures, columns=["slide", "path", "error", "reason"]),
-        )
-        _write_atomic(
-            paths["report"],
-            lambda p: write_report_html(p, rows, failures, groups=groups, out_dir=out_dir),
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write the summary to {out_dir}: {exc.strerror or exc}") from None
+    # each writer is atomic (histo.io.atomic) and raises OutputError
+    write_indices_csv(paths["indices"], rows)
+    write_object_table(paths["failures"], failures, columns=["slide", "path", "error", "reason"])
+    write_report_html(paths["report"], rows, failures, groups=groups, out_dir=out_dir)
     return paths
 
 
@@ -230,20 +199,19 @@ def _is_histo_output(folder: Path) -> bool:
 
 
 def _slide_suffix(name: str) -> str | None:
-    low = name.lower()
-    if low.endswith(GROUND_TRUTH_SUFFIXES):
+    if name.lower().endswith(GROUND_TRUTH_SUFFIXES):
         return None
-    return next((s for s in SLIDE_SUFFIXES if low.endswith(s)), None)
+    return slide_suffix(name)
 
 
 def find_slides(folder: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """Slides under ``folder``, recursively, sorted by path.
 
-    Slides are files with a slide suffix (:data:`SLIDE_SUFFIXES`, any case) and OME-Zarr image
-    folders (``*.zarr`` with NGFF ``multiscales`` metadata). Skipped: hidden files and folders,
-    the ground truth beside synthetic slides (:data:`GROUND_TRUTH_SUFFIXES`), histo's own
-    output folders (those holding ``.histo.lock`` or a slide's ``indices.json``) and the folders
-    in ``exclude`` (the batch's own output folder).
+    Slides are files with a slide suffix (:data:`histo.io.formats.SLIDE_SUFFIXES`, any case)
+    and OME-Zarr image folders (``*.zarr`` with NGFF ``multiscales`` metadata). Skipped: hidden
+    files and folders, the ground truth beside synthetic slides (:data:`GROUND_TRUTH_SUFFIXES`),
+    histo's own output folders (those holding ``.histo.lock`` or a slide's ``indices.json``) and
+    the folders in ``exclude`` (the batch's own output folder).
 
     Raises
     ------
@@ -325,23 +293,55 @@ class BatchSettings:
         ``--pixel-size`` (None: from each file).
     histo_version : str
         The histo version that wrote the results.
+    roi, ranges : str or None
+        Absolute paths of the region of interest (GeoJSON) and of the reference ranges (JSON)
+        given to every slide, or None.
+    roi_sha256, ranges_sha256 : str or None
+        Checksums of those files: a changed file changes the results.
     """
 
     model: str
     model_fingerprint: str
     pixel_size_um: float | None
     histo_version: str
+    roi: str | None = None
+    roi_sha256: str | None = None
+    ranges: str | None = None
+    ranges_sha256: str | None = None
 
     @classmethod
-    def make(cls, model: str = "default", pixel_size_um: float | None = None) -> BatchSettings:
+    def make(
+        cls,
+        model: str = "default",
+        pixel_size_um: float | None = None,
+        roi: str | os.PathLike | None = None,
+        ranges: str | os.PathLike | None = None,
+    ) -> BatchSettings:
         from histo import __version__
 
-        return cls(str(model), model_fingerprint(model), pixel_size_um, __version__)
+        files = []
+        for path in (roi, ranges):
+            resolved = None if path is None else Path(path).resolve()
+            files += [None, None] if resolved is None else [str(resolved), _sha256(resolved)]
+        return cls(str(model), model_fingerprint(model), pixel_size_um, __version__, *files)
 
     def digest(self) -> str:
-        """A short hash of the settings (16 hex digits)."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        """A short hash of the settings (16 hex digits); settings left unset do not enter it."""
+        settings = {k: v for k, v in asdict(self).items() if v is not None or k == "pixel_size_um"}
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file's content; HistoError (one line) if it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise HistoError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return h.hexdigest()
 
 
 def model_fingerprint(model: str) -> str:
@@ -350,11 +350,7 @@ def model_fingerprint(model: str) -> str:
 
     path = Path(str(model))
     if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return _sha256(path)
     try:
         reg_path = path if path.suffix == ".json" else DEFAULT_REGISTRY
         _, entry = resolve(
@@ -498,6 +494,8 @@ def run_slide(
         name=name,
         pixel_size_um=s.pixel_size_um,
         model=s.model,
+        roi=s.roi,
+        ranges=s.ranges,
         record=record,
         progress=progress,
     )
@@ -662,6 +660,8 @@ def run_batch(
     resume: bool = False,
     pixel_size_um: float | None = None,
     model: str = "default",
+    roi: str | os.PathLike | None = None,
+    ranges: str | os.PathLike | None = None,
     groups: dict[str, str] | None = None,
     reporter: BatchReporter | None = None,
 ) -> BatchResult:
@@ -681,10 +681,9 @@ def run_batch(
         file (JSON); its workers must see ``folder`` and ``out_dir`` at the same paths.
     resume
         Reuse slides whose outputs are complete for the same input and settings.
-    pixel_size_um
-        Level-0 pixel size for every slide (µm/px), overriding the files' metadata.
-    model
-        Segmentation model name or weights path.
+    pixel_size_um, model, roi, ranges
+        For every slide, as :func:`histo.pipeline.analyze_slide` takes them (``roi`` a
+        GeoJSON path, ``ranges`` a JSON path); they are part of the resume settings.
     groups
         ``{slide: group}`` from a sample sheet, for the report's group comparisons.
     reporter
@@ -698,32 +697,23 @@ def run_batch(
     Raises
     ------
     OutputError
-        ``out_dir`` cannot be written or another histo run holds it (exit status 4). When a
-        slide's outputs cannot be written, the batch stops; the slides finished before it
-        are in indices.csv (written when the folder still allows it).
+        ``out_dir`` cannot be written or another run holds it (exit status 4); a slide's
+        outputs cannot be written (the batch stops; the rows finished are kept if possible).
     ModelError
         The model cannot be loaded (exit status 5).
     """
     from histo.io.locking import output_lock
     from histo.segment import load_model
 
-    t0 = time.perf_counter()
-    reporter = reporter or BatchReporter()
+    t0, reporter = time.perf_counter(), reporter or BatchReporter()
     folder, out_dir = Path(folder), Path(out_dir)
     slides = find_slides(folder, exclude=[out_dir])
     names = unique_names(slides, folder)
     load_model(model)  # fail fast (exit 5) on missing or tampered weights
-    settings = BatchSettings.make(model, pixel_size_um)
+    settings = BatchSettings.make(model, pixel_size_um, roi, ranges)
     with output_lock(out_dir):
         cleaned = clean_stale_partials(out_dir)
-        outcomes: dict[Path, SlideOutcome] = {}
-        todo: list[SlideJob] = []
-        for p in slides:
-            done = completed_outcome(out_dir, names[p], p, settings) if resume else None
-            if done is not None:
-                outcomes[p] = done
-            else:
-                todo.append(SlideJob(p, names[p]))
+        outcomes, todo = _resumed_and_todo(slides, names, out_dir, settings, resume)
         resumed = len(outcomes)
         reporter.start(len(slides), resumed)
         try:
@@ -732,16 +722,37 @@ def run_batch(
             elif todo:
                 _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler)
         except (OutputError, ModelError):
-            # the batch stops (the error concerns every slide), but the slides finished so far
-            # keep their rows: write the summary tables of those, if the folder still allows it
-            with contextlib.suppress(OutputError):
-                write_summary(out_dir, [outcomes[p] for p in slides if p in outcomes], groups)
+            _summarise_before_stopping(
+                out_dir, [outcomes[p] for p in slides if p in outcomes], groups
+            )
             raise
         finally:
             reporter.close()
         ordered = [outcomes[p] for p in slides if p in outcomes]
         paths = write_summary(out_dir, ordered, groups)
     return BatchResult(ordered, paths, resumed, cleaned, time.perf_counter() - t0)
+
+
+def _summarise_before_stopping(out_dir: Path, finished: list[SlideOutcome], groups) -> None:
+    """The batch stops (the error concerns every slide), but the slides finished so far keep
+    their rows: write the summary tables of those, if the folder still allows it."""
+    with contextlib.suppress(OutputError):
+        write_summary(out_dir, finished, groups)
+
+
+def _resumed_and_todo(
+    slides: list[Path], names: dict[Path, str], out_dir: Path, settings: BatchSettings, resume: bool
+) -> tuple[dict[Path, SlideOutcome], list[SlideJob]]:
+    """The outcomes reused from a previous run (with ``resume``) and the slides left to run."""
+    outcomes: dict[Path, SlideOutcome] = {}
+    todo: list[SlideJob] = []
+    for p in slides:
+        done = completed_outcome(out_dir, names[p], p, settings) if resume else None
+        if done is not None:
+            outcomes[p] = done
+        else:
+            todo.append(SlideJob(p, names[p]))
+    return outcomes, todo
 
 
 def _run_here(todo, out_dir, settings, outcomes, reporter) -> None:

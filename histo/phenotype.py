@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -272,18 +271,10 @@ def calibrate(
 
 def save_ranges(ranges: ReferenceRanges, path: str | os.PathLike) -> Path:
     """Write reference ranges as JSON, atomically (temporary file then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(ranges.to_dict(), fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from histo.io.atomic import write_text_atomic
+
+    text = json.dumps(ranges.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    return write_text_atomic(path, text)
 
 
 def load_ranges(path: str | os.PathLike) -> ReferenceRanges:

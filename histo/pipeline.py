@@ -1,5 +1,10 @@
 """One slide end to end: read, find tissue, segment, measure, call, write.
 
+One path for every size: segmentation writes the maps into a :class:`LabelStore` (numpy in
+memory for small slides, the slide's OME-Zarr labels on disk for large ones), the measurement
+reads the store block by block (:func:`measure_slide`) and :func:`write_slide_outputs` writes
+the outputs block by block; only where the store lives depends on the slide's size.
+
 The command line (``histo analyze``, ``histo batch``) and the napari plugin all call
 :func:`analyze_slide`; neither holds logic the other lacks.
 """
@@ -35,13 +40,14 @@ SLIDE_OUTPUTS = (
 
 @dataclass
 class SlideResult:
-    """What :func:`analyze_slide` found on one slide (arrays at the working resolution)."""
+    """What :func:`analyze_slide` found on one slide (maps at the working resolution: numpy
+    arrays, or zarr arrays read on indexing for slides above :data:`LABELS_ON_DISK_MIN_PX`)."""
 
     name: str
     pixel_size_um: float  #: working resolution of the maps, µm/px
     source_pixel_size_um: float  #: level-0 pixel size of the slide, µm/px
-    class_map: np.ndarray
-    osteoclast_labels: np.ndarray
+    class_map: np.ndarray  #: (H, W) uint8 codes of histo.classes
+    osteoclast_labels: np.ndarray  #: (H, W) instance labels (0 = none)
     osteocyte_labels: np.ndarray
     measurement: object  #: histo.measure.Measurement
     phenotype: object  #: histo.phenotype.PhenotypeCall
@@ -53,16 +59,9 @@ class SlideResult:
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
-        return indices_row(self.name, self.measurement, self.phenotype)
+        from histo.io.tables import indices_row
 
-
-def indices_row(name: str, measurement, phenotype) -> dict:
-    """One row of indices.csv: slide, phenotype, the indices, confidence, evidence."""
-    row = {"slide": name, "phenotype": phenotype.phenotype}
-    row.update(measurement.indices)
-    row["confidence"] = phenotype.confidence
-    row["evidence"] = "; ".join(phenotype.evidence)
-    return row
+        return indices_row(self.name, self.measurement.indices, self.phenotype)
 
 
 class _Steps:
@@ -126,10 +125,21 @@ def analyze_slide(
     model
         ``default`` (the shipped network), ``classical`` or a weights path.
     roi
-        Region of interest for the indices: boolean mask or polygon ((N, 2) of (y, x)) in
-        pixels of the working resolution.
+        Region of interest for the indices, in µm from the slide's top-left corner, so that
+        it does not depend on the resolution the slide is measured at. One of:
+
+        - a :class:`histo.io.roi.Roi`: polygons with holes, vertices (y, x) in µm;
+        - an (N, 2) array of (y, x) vertices in µm (one polygon), or a list of them
+          (polygons without holes);
+        - the path of a GeoJSON file (Polygon, MultiPolygon; holes as inner rings) in level-0
+          pixels of the slide (QuPath's convention, as histo's own outlines), scaled by the
+          slide's pixel size.
+
+        Areas count the region's pixels, perimeters the bone boundary inside it, objects
+        whose centroid lies in it.
     ranges
-        Reference ranges for the phenotype call (``histo.phenotype.ReferenceRanges``).
+        Reference ranges for the phenotype call: ``histo.phenotype.ReferenceRanges`` or the
+        path of a JSON file written by ``histo calibrate``.
     progress
         ``progress(fraction, message)`` called as work advances.
     cancel
@@ -139,10 +149,7 @@ def analyze_slide(
         Stored as ``input`` in the slide's indices.json (``histo batch --resume`` records the
         input path, size, mtime and a settings hash there).
     """
-    from histo.io import detect_tissue
-    from histo.phenotype import call_phenotype
     from histo.runtime import release_free_memory
-    from histo.segment import load_model, segment_slide
 
     t0 = time.perf_counter()
     if model != "classical":
@@ -152,75 +159,126 @@ def analyze_slide(
     slide = _open(source, pixel_size_um, name)
     try:
         name = name or slide.name
+        region = _as_roi(roi, slide)
+        ranges = _as_ranges(ranges)
         step(0.02, "finding tissue")
-        tissue = detect_tissue(slide)
-        if not tissue.mask.any():
-            raise EmptyTissueError(f"{name}: no tissue found on the slide")
-        _check_colour(slide, tissue, name)
-        tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
-        segmenter = load_model(model)
-        _check_resolution(slide, segmenter, name)
+        tissue, segmenter = _prepare(slide, model, name)
         # tissue detection's temporaries (tens of MB on a large slide) are not held through
         # the segmentation
         release_free_memory()
-        step(0.05, "segmenting")
-        tiling = {"tile_px": int(tile_px)} if tile_px else {}
-        shape = _working_shape(slide, segmenter)
-        stream = None
-        if shape[0] * shape[1] > STREAMING_MIN_PX:
-            stream = _Stream(out_dir, name, shape, float(segmenter.working_pixel_size_um))
-        try:
-            seg = segment_slide(
-                slide,
-                segmenter,
-                tissue=tissue,
-                progress=step.sub(0.05, 0.85),
-                cancel=cancel,
-                sink=None if stream is None else stream.sink,
-                **tiling,
-            )
-            release_free_memory()
-            step(0.86, "measuring")
-            measurement = _measure_segmentation(
-                slide, seg, roi, stream is not None, step.sub(0.86, 0.9)
-            )
-            release_free_memory()
-            if measurement.indices.get("B.Ar", 0) == 0:
-                raise EmptyTissueError(f"{name}: tissue found but no bone: nothing to measure")
-            call = call_phenotype(measurement.indices, ranges)
-            result = SlideResult(
-                name=name,
-                pixel_size_um=seg.pixel_size_um,
-                source_pixel_size_um=float(slide.pixel_size_um),
-                class_map=seg.class_map,
-                osteoclast_labels=seg.osteoclast_labels,
-                osteocyte_labels=seg.osteocyte_labels,
-                measurement=measurement,
-                phenotype=call,
-                model=str(model),
-                seconds=0.0,
-                tissue_megapixels=tissue_mp / 1e6,
-                thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
-            )
-            if out_dir is not None:
-                step(0.9, "writing")
-                result.out_dir = write_slide_outputs(
-                    result,
-                    out_dir,
-                    record=record,
-                    labels_writer=None if stream is None else stream.writer,
-                )
-            if stream is not None:
-                stream.attach(result)
-        except BaseException:
-            if stream is not None:
-                stream.abort()
-            raise
+        run = _Run(name, str(model), step, region, ranges, tile_px)
+        result = _run_with_store(slide, segmenter, tissue, run, out_dir, record)
         result.seconds = time.perf_counter() - t0
-        step(1.0, f"{call.phenotype} in {result.seconds:.1f} s")
+        step(1.0, f"{result.phenotype.phenotype} in {result.seconds:.1f} s")
         return result
     finally:
         slide.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The settings of one slide's analysis that the stages share."""
+
+    name: str
+    model: str
+    step: _Steps
+    roi: object  #: histo.io.roi.Roi or None
+    ranges: object  #: histo.phenotype.ReferenceRanges or None
+    tile_px: int | None
+
+
+def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> SlideResult:
+    """Analyse into a label store and write the outputs; the store is removed on failure."""
+    store = LabelStore(out_dir, run.name, _working_shape(slide, segmenter), segmenter)
+    try:
+        result = _analyze(slide, segmenter, tissue, store, run)
+        if out_dir is not None:
+            run.step(0.9, "writing")
+            result.out_dir = write_slide_outputs(
+                result, out_dir, record=record, labels_writer=store.writer
+            )
+        store.attach(result)
+    except BaseException:
+        store.abort()
+        raise
+    return result
+
+
+def _prepare(slide, model: str, name: str):
+    """The slide's tissue mask and the segmenter, after the checks that need no segmentation."""
+    from histo.io import detect_tissue
+    from histo.segment import load_model
+
+    tissue = detect_tissue(slide)
+    if not tissue.mask.any():
+        raise EmptyTissueError(f"{name}: no tissue found on the slide")
+    _check_colour(slide, tissue, name)
+    segmenter = load_model(model)
+    _check_resolution(slide, segmenter, name)
+    return tissue, segmenter
+
+
+def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideResult:
+    """Segment into the label store, measure it block by block, call the phenotype."""
+    from histo.phenotype import call_phenotype
+    from histo.runtime import release_free_memory
+    from histo.segment import segment_slide
+
+    step = run.step
+    step(0.05, "segmenting")
+    tiling = {"tile_px": int(run.tile_px)} if run.tile_px else {}
+    seg = segment_slide(
+        slide,
+        segmenter,
+        tissue=tissue,
+        progress=step.sub(0.05, 0.85),
+        cancel=step.cancel,
+        sink=store.sink,
+        **tiling,
+    )
+    release_free_memory()
+    step(0.86, "measuring")
+    measurement = measure_slide(slide, seg, run.roi, step.sub(0.86, 0.9))
+    release_free_memory()
+    if measurement.indices.get("B.Ar", 0) == 0:
+        raise EmptyTissueError(f"{run.name}: tissue found but no bone: nothing to measure")
+    tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
+    return SlideResult(
+        name=run.name,
+        pixel_size_um=seg.pixel_size_um,
+        source_pixel_size_um=float(slide.pixel_size_um),
+        class_map=seg.class_map,
+        osteoclast_labels=seg.osteoclast_labels,
+        osteocyte_labels=seg.osteocyte_labels,
+        measurement=measurement,
+        phenotype=call_phenotype(measurement.indices, run.ranges),
+        model=run.model,
+        seconds=0.0,
+        tissue_megapixels=tissue_mp / 1e6,
+        thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
+    )
+
+
+def _as_roi(roi, slide):
+    """The ``roi`` argument of :func:`analyze_slide` as a :class:`histo.io.roi.Roi` (µm)."""
+    from histo.io.roi import Roi, read_roi_geojson
+
+    if roi is None or isinstance(roi, Roi):
+        return roi
+    if isinstance(roi, (str, os.PathLike)):
+        return read_roi_geojson(roi, float(slide.pixel_size_um))
+    if isinstance(roi, np.ndarray) and roi.ndim == 2:
+        return Roi.from_rings([[roi]])
+    return Roi.from_rings([[np.asarray(polygon, float)] for polygon in roi])
+
+
+def _as_ranges(ranges):
+    """The ``ranges`` argument of :func:`analyze_slide`: ReferenceRanges, a JSON path or None."""
+    if isinstance(ranges, (str, os.PathLike)):
+        from histo.phenotype import load_ranges
+
+        return load_ranges(ranges)
+    return ranges
 
 
 #: a slide may be at most this many times coarser than the model's working resolution: beyond
@@ -238,29 +296,15 @@ def _check_resolution(slide, segmenter, name: str) -> None:
         )
 
 
-#: the RGB image at working resolution is given to measure (lacuna occupancy, nuclei, TRAP
-#: signal) up to this many pixels; larger slides are measured from the maps alone
-MEASURE_IMAGE_MAX_PX = 40_000_000
-
-
-def _image_for_measure(slide, shape: tuple[int, int], pixel_size_um: float):
-    from histo.io import read_region
-
-    if shape[0] * shape[1] > MEASURE_IMAGE_MAX_PX:
-        return None
-    return read_region(slide, 0.0, 0.0, shape[0], shape[1], pixel_size_um)
-
-
-#: working-resolution maps larger than this (pixels) are streamed: segmentation writes them to
-#: on-disk zarr (the slide's labels.ome.zarr, or a temporary store without ``out_dir``), they are
-#: measured block by block (:func:`histo.measure_blocks.measure_by_blocks`) and
-#: :class:`SlideResult` holds zarr arrays instead of numpy arrays. Smaller maps stay in memory.
-STREAMING_MIN_PX = 32_000_000
-#: block side (px) of the block-wise measurement of streamed slides: a block with its 256-px
-#: margin is the measurement's unit of memory (~45 B a pixel of window: ~190 MB at 1536 px,
-#: ~295 MB at 2048 px, where it was the peak of the whole analysis), while smaller blocks read
-#: their margins more often (1536: 1.78x the map's pixels, 2048: 1.56x)
-STREAMING_BLOCK_PX = 1536
+#: working-resolution maps larger than this (pixels) are stored on disk while the slide is
+#: analysed (zarr: the slide's labels.ome.zarr, or a temporary store without ``out_dir``), and
+#: :class:`SlideResult` holds zarr arrays; smaller maps are held in memory (numpy, 9 bytes a
+#: pixel). Every later stage reads the store block by block, wherever it lives.
+LABELS_ON_DISK_MIN_PX = 32_000_000
+#: block side (px) of the measurement: a block with its 256-px margin is the measurement's
+#: unit of memory (~45 B a pixel of window: ~190 MB at 1536 px), while smaller blocks read
+#: their margins more often (1536: 1.78x the map's pixels)
+MEASURE_BLOCK_PX = 1536
 
 
 def _working_shape(slide, segmenter) -> tuple[int, int]:
@@ -270,22 +314,22 @@ def _working_shape(slide, segmenter) -> tuple[int, int]:
     return int(round(base.shape[0] * f)), int(round(base.shape[1] * f))
 
 
-def _measure_segmentation(slide, seg, roi, streamed: bool, progress: ProgressFn):
-    """Measure the maps: whole arrays in memory, or block by block for streamed slides."""
-    if not streamed:
-        from histo.measure import measure
+def measure_slide(slide, seg, roi=None, progress: ProgressFn | None = None):
+    """Measure a segmentation block by block, reading the slide's image block by block.
 
-        image = _image_for_measure(slide, seg.class_map.shape, seg.pixel_size_um)
-        return measure(
-            seg.class_map,
-            seg.pixel_size_um,
-            osteoclast_labels=seg.osteoclast_labels,
-            osteocyte_labels=seg.osteocyte_labels,
-            image=image,
-            roi=roi,
-        )
+    Parameters
+    ----------
+    slide
+        The slide (:func:`histo.io.open_slide`) the segmentation was made from.
+    seg
+        :class:`histo.segment.SegmentationResult` (numpy or zarr maps).
+    roi
+        None or a :class:`histo.io.roi.Roi` (µm).
+    progress
+        ``progress(fraction, message)`` after each block.
+    """
     from histo.io import read_region
-    from histo.measure_blocks import measure_by_blocks
+    from histo.measure import measure_by_blocks
 
     px = seg.pixel_size_um
 
@@ -299,20 +343,30 @@ def _measure_segmentation(slide, seg, roi, streamed: bool, progress: ProgressFn)
         osteocyte_labels=seg.osteocyte_labels,
         image=read,
         roi=roi,
-        block_px=STREAMING_BLOCK_PX,
+        block_px=MEASURE_BLOCK_PX,
         progress=progress,
     )
 
 
-class _Stream:
-    """On-disk maps of a streamed slide: a LabelsWriter in the slide's partial output folder
-    (``out_dir`` given; :func:`write_slide_outputs` finalises it in place) or in a temporary
-    folder removed when the :class:`SlideResult` is garbage-collected."""
+class LabelStore:
+    """Where a slide's label images live while it is analysed.
 
-    def __init__(self, out_dir, name: str, shape: tuple[int, int], pixel_size_um: float) -> None:
+    Small slides (at most :data:`LABELS_ON_DISK_MIN_PX` working pixels) are held in memory:
+    segmentation allocates numpy arrays. Larger ones are written to an OME-Zarr
+    :class:`histo.io.ome_zarr.LabelsWriter`: in the slide's partial output folder when
+    ``out_dir`` is given (:func:`write_slide_outputs` finalises it in place), otherwise in a
+    temporary folder removed when the :class:`SlideResult` is garbage-collected.
+    """
+
+    def __init__(self, out_dir, name: str, shape: tuple[int, int], segmenter) -> None:
+        self.writer = None
+        self.sink = None
+        self.root: Path | None = None
+        if shape[0] * shape[1] <= LABELS_ON_DISK_MIN_PX:
+            return
         import tempfile
 
-        from histo.block_outputs import LabelsSink
+        from histo.io.label_store import LabelsSink
         from histo.io.ome_zarr import LabelsWriter
 
         self.temporary = out_dir is None
@@ -323,16 +377,19 @@ class _Stream:
             if self.root.exists():
                 shutil.rmtree(self.root)
             self.root.mkdir(parents=True)
-        self.writer = LabelsWriter(self.root / "labels.ome.zarr", shape, pixel_size_um)
+        px = float(segmenter.working_pixel_size_um)
+        self.writer = LabelsWriter(self.root / "labels.ome.zarr", shape, px)
         names = ("class_map", "osteoclasts", "osteocytes")
         self.sink = {k: LabelsSink(self.writer, k) for k in names}
 
     def attach(self, result: SlideResult) -> None:
-        """Point ``result``'s maps at the finished store (zarr arrays, read on indexing)."""
+        """Point an on-disk ``result``'s maps at the finished store (zarr arrays)."""
         import weakref
 
         from histo.io.ome_zarr import read_labels
 
+        if self.writer is None:
+            return
         if self.temporary:
             _write_overview(self.writer, result)
             store = self.writer.finalize()
@@ -345,15 +402,26 @@ class _Stream:
         result.osteocyte_labels = maps["osteocytes"][0]
 
     def abort(self) -> None:
-        self.writer.abort()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.writer is not None:
+            self.writer.abort()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _write_overview(writer, result: SlideResult) -> None:
-    """The thumbnail as the store's overview image (cheaper than colouring a coarse level)."""
-    if result.thumbnail is not None:
-        scale = result.class_map.shape[0] / result.thumbnail.shape[0]
-        writer.write_overview(np.ascontiguousarray(result.thumbnail), result.pixel_size_um * scale)
+    """The thumbnail as the store's overview image, at most at the size of the labels'
+    coarsest level (the photo under the labels in a viewer; compressing a larger one would
+    cost a small slide half a second)."""
+    import cv2
+
+    if result.thumbnail is None:
+        return
+    thumb = result.thumbnail
+    coarse = writer.coarsest_shape
+    if thumb.shape[0] > coarse[0] or thumb.shape[1] > coarse[1]:
+        thumb = cv2.resize(thumb, (coarse[1], coarse[0]), interpolation=cv2.INTER_AREA)
+    scale = result.class_map.shape[0] / thumb.shape[0]
+    writer.write_overview(np.ascontiguousarray(thumb), result.pixel_size_um * scale)
 
 
 def _partial_dir(out_dir: Path, name: str) -> Path:
@@ -390,20 +458,6 @@ def _thumbnail(slide, shape: tuple[int, int], pixel_size_um: float) -> np.ndarra
     return read_region(slide, 0.0, 0.0, h, w, pixel_size_um / scale)
 
 
-def _overlay_source(result: SlideResult, class_map):
-    """What write_overlay needs of a streamed result: the class map at the overlay's size."""
-    from types import SimpleNamespace
-
-    from histo.measure_blocks import downsample_nearest
-    from histo.report import OVERLAY_MAX_PX
-
-    H, W = class_map.shape
-    scale = min(1.0, OVERLAY_MAX_PX / max(H, W))
-    shape = (max(1, round(H * scale)), max(1, round(W * scale)))
-    small = downsample_nearest(class_map, shape)
-    return SimpleNamespace(class_map=small, thumbnail=result.thumbnail)
-
-
 def _json_value(value):
     """numpy scalars and arrays as JSON values (integers stay integers)."""
     if isinstance(value, np.integer):
@@ -428,88 +482,105 @@ def write_slide_outputs(
     after the new one is in place, so ``<name>`` is at every instant absent, the old complete
     folder or the new complete folder. ``record`` is stored as ``input`` in indices.json.
 
-    Streamed slides (zarr maps, see :data:`STREAMING_MIN_PX`) are written without loading a
-    map whole: ``labels_writer`` is the LabelsWriter that segmentation filled inside the partial
-    folder (otherwise the maps are copied band by band); the overlay is drawn from a map
-    downsampled to the overlay's size; GeoJSON outlines are written block by block, skipping
-    objects larger than the block margin (256 px; none on real cells).
+    The maps (numpy or zarr) are never needed whole: ``labels_writer`` is the LabelsWriter
+    that segmentation filled inside the partial folder (otherwise the maps are copied band by
+    band); the overlay is drawn from the map downsampled to its size; GeoJSON outlines
+    are written block by block, skipping objects larger than the block margin (256 px; none
+    on real cells).
     """
-    import json
+    from concurrent.futures import ThreadPoolExecutor
 
-    from histo.block_outputs import copy_labels, write_label_geojson_by_blocks
-    from histo.io.geojson import write_geojson
-    from histo.io.ome_zarr import LabelsWriter
-    from histo.io.tables import write_object_table
-    from histo.report import write_overlay
+    from histo.report import overlay_class_map, write_overlay
 
     out_dir = Path(out_dir)
-    final = out_dir / result.name
     partial = _partial_dir(out_dir, result.name)
-    streamed = not isinstance(result.class_map, np.ndarray)
-    maps = (
-        ("class_map", result.class_map),
-        ("osteoclasts", result.osteoclast_labels),
-        ("osteocytes", result.osteocyte_labels),
-    )
     try:
         if labels_writer is None:
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
-            writer = LabelsWriter(
-                partial / "labels.ome.zarr", tuple(result.class_map.shape), result.pixel_size_um
-            )
-            for key, array in maps:
-                if streamed:
-                    copy_labels(writer, key, array)
-                else:
-                    writer.write_tile(key, 0, 0, array)
-        else:
-            writer = labels_writer  # segmentation streamed the maps into partial/ already
-        if streamed:
-            _write_overview(writer, result)
-        store = writer.finalize()
-        if streamed:
-            # read the maps back from the finalized store (the writer's arrays were renamed)
-            from histo.io.ome_zarr import read_labels
-
-            stored = read_labels(store, lazy=True)
-            maps = tuple((key, stored[key][0]) for key, _ in maps)
-        m = result.measurement
-        write_object_table(partial / "osteoclasts.csv", m.osteoclasts)
-        write_object_table(partial / "osteocytes.csv", m.osteocytes)
-        # outlines in level-0 pixels of the slide (QuPath's convention)
-        scale = result.pixel_size_um
-        for kind, (_, labels) in zip(("osteoclast", "osteocyte"), maps[1:], strict=True):
-            write = write_label_geojson_by_blocks if streamed else write_geojson
-            write(
-                partial / f"{kind}s.geojson",
-                labels,
-                scale,
-                kind,
-                slide_pixel_size_um=result.source_pixel_size_um,
-            )
-        write_overlay(
-            partial / "overlay.png", _overlay_source(result, maps[0][1]) if streamed else result
-        )
-        meta = {
-            "row": result.row(),
-            "model": result.model,
-            "pixel_size_um": result.pixel_size_um,
-            "source_pixel_size_um": result.source_pixel_size_um,
-        }
-        if record is not None:
-            meta["input"] = record
-        (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=_json_value))
-        old = out_dir / f".{result.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
+        # the overlay's PNG encoding (the longest write of a small slide) runs in a thread
+        # beside the other outputs; its class map is read before the store is finalized
+        small = overlay_class_map(result.class_map)
+        with ThreadPoolExecutor(1, thread_name_prefix="histo-overlay") as pool:
+            drawn = pool.submit(write_overlay, partial / "overlay.png", small, result.thumbnail)
+            maps = _write_labels(result, partial, labels_writer)
+            _write_tables(result, partial, maps, record)
+            drawn.result()
+        final = _publish(partial, out_dir / result.name)
     except HistoError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from None
+    return final
+
+
+_MAP_NAMES = ("class_map", "osteoclasts", "osteocytes")
+
+
+def _write_labels(result: SlideResult, partial: Path, writer) -> dict:
+    """labels.ome.zarr in ``partial``; returns the maps to read the other outputs from."""
+    from histo.io.label_store import copy_labels
+    from histo.io.ome_zarr import LabelsWriter, read_labels
+
+    maps = dict(
+        zip(
+            _MAP_NAMES,
+            (result.class_map, result.osteoclast_labels, result.osteocyte_labels),
+            strict=True,
+        )
+    )
+    if writer is None:
+        shape = tuple(result.class_map.shape)
+        writer = LabelsWriter(partial / "labels.ome.zarr", shape, result.pixel_size_um)
+        for key, array in maps.items():
+            copy_labels(writer, key, array)
+    _write_overview(writer, result)
+    store = writer.finalize()
+    if all(isinstance(a, np.ndarray) for a in maps.values()):
+        return maps
+    # zarr maps: read back from the finalized store (the writer's arrays were renamed)
+    stored = read_labels(store, lazy=True)
+    return {key: stored[key][0] for key in _MAP_NAMES}
+
+
+def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict | None) -> None:
+    """Object tables, GeoJSON outlines and indices.json in ``partial``."""
+    import json
+
+    from histo.io.geojson import write_label_geojson_by_blocks
+    from histo.io.tables import write_object_table
+
+    m = result.measurement
+    write_object_table(partial / "osteoclasts.csv", m.osteoclasts)
+    write_object_table(partial / "osteocytes.csv", m.osteocytes)
+    # outlines in level-0 pixels of the slide (QuPath's convention)
+    for kind in ("osteoclast", "osteocyte"):
+        write_label_geojson_by_blocks(
+            partial / f"{kind}s.geojson",
+            maps[f"{kind}s"],
+            result.pixel_size_um,
+            kind,
+            slide_pixel_size_um=result.source_pixel_size_um,
+        )
+    meta = {
+        "row": result.row(),
+        "model": result.model,
+        "pixel_size_um": result.pixel_size_um,
+        "source_pixel_size_um": result.source_pixel_size_um,
+    }
+    if record is not None:
+        meta["input"] = record
+    (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=_json_value))
+
+
+def _publish(partial: Path, final: Path) -> Path:
+    """Rename ``partial`` to ``final``; a previous ``final`` is moved aside, then removed."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final

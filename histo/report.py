@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from histo import classes
+from histo.io.atomic import write_atomic, write_text_atomic
 
 #: longest side of overlay.png in pixels
 OVERLAY_MAX_PX = 2048
@@ -38,23 +39,34 @@ def overlay_image(rgb: np.ndarray, class_map: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_overlay(path: str | os.PathLike, result) -> Path:
-    """Write the QC overlay of a :class:`histo.pipeline.SlideResult` as PNG."""
+def overlay_class_map(class_map) -> np.ndarray:
+    """A class map (numpy or zarr, any size) at the size of the overlay, nearest-neighbour
+    (longest side at most :data:`OVERLAY_MAX_PX`; read band by band, never whole)."""
+    from histo.io.blocks import downsample_nearest, shape_2d
+
+    H, W = shape_2d(class_map)
+    scale = min(1.0, OVERLAY_MAX_PX / max(H, W))
+    shape = (max(1, round(H * scale)), max(1, round(W * scale)))
+    if shape == (H, W):
+        return np.asarray(class_map)
+    return downsample_nearest(class_map, shape)
+
+
+def write_overlay(path: str | os.PathLike, class_map, thumbnail: np.ndarray | None = None) -> Path:
+    """Write the QC overlay of a slide as PNG: ``thumbnail`` (RGB, or white) with the classes
+    of ``class_map`` (numpy or zarr, any size) outlined, longest side :data:`OVERLAY_MAX_PX`."""
     path = Path(path)
-    cm = result.class_map
-    scale = min(1.0, OVERLAY_MAX_PX / max(cm.shape))
-    h, w = max(1, round(cm.shape[0] * scale)), max(1, round(cm.shape[1] * scale))
-    rgb = result.thumbnail
+    cm = overlay_class_map(class_map)
+    h, w = cm.shape
+    rgb = thumbnail
     if rgb is None:
         rgb = np.full((h, w, 3), 255, np.uint8)
     elif rgb.shape[:2] != (h, w):
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-    img = overlay_image(rgb, cm)
-    partial = path.with_name(path.name + ".partial.png")
-    if not cv2.imwrite(str(partial), img[..., ::-1]):
-        raise OSError(f"cannot write {path}")
-    os.replace(partial, path)
-    return path
+    ok, png = cv2.imencode(".png", overlay_image(rgb, cm)[..., ::-1])
+    if not ok:
+        raise OSError(f"cannot encode {path.name} as PNG")
+    return write_atomic(path, lambda tmp: tmp.write_bytes(png.tobytes()))
 
 
 PHENOTYPE_COLORS = {"normal": "#2b8cbe", "oc-rich": "#e34a33", "oc-poor": "#756bb1"}
@@ -293,22 +305,38 @@ def write_report_html(
     coloured by phenotype call), ``indices`` (table), ``groups`` and ``tests`` (with a sample
     sheet), ``failures``.
     """
-    import html
+    path = Path(path)
+    base = Path(out_dir) if out_dir is not None else path.parent
+    parts = _report_header(rows, failures)
+    if rows:
+        parts += _indices_section(rows, groups, base)
+    if rows and groups:
+        parts += _groups_section(rows, groups)
+    if failures:
+        parts += _failures_section(failures)
+    parts.append(
+        "<p class='note'>Indices follow the ASBMR nomenclature (Dempster et al., JBMR 2013; "
+        "doi 10.1002/jbmr.1805). Areas mm², lengths mm, fractions %, densities /mm or /mm². "
+        "Each slide's QC overlay, object tables and outlines are in its folder.</p>"
+    )
+    parts.append("</body></html>")
+    return write_text_atomic(path, "".join(parts))
+
+
+def _report_header(rows: list[dict], failures: list[dict]) -> list[str]:
     from collections import Counter
     from datetime import datetime
+    from html import escape as esc
 
     from histo import __version__
 
-    path = Path(path)
-    base = Path(out_dir) if out_dir is not None else path.parent
-    esc = html.escape
     calls = Counter(str(r.get("phenotype")) for r in rows)
     call_text = ", ".join(
         f"<span class='call' style='background:{PHENOTYPE_COLORS.get(k, '#555')}'>{esc(k)}</span>"
         f" {n}"
         for k, n in sorted(calls.items())
     )
-    parts = [
+    return [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<title>histo report</title>",
         f"<style>{_CSS}</style></head><body>",
@@ -318,87 +346,85 @@ def write_report_html(
         f"<p id='summary' class='counts'><b>{len(rows)}</b> slides analysed, "
         f"<b>{len(failures)}</b> failed." + (f" Calls: {call_text}." if rows else "") + "</p>",
     ]
-    if rows:
+
+
+def _indices_section(rows: list[dict], groups: dict[str, str] | None, base: Path) -> list[str]:
+    """The scatter plot and the table of indices, slide names linked to their overlays."""
+    from html import escape as esc
+
+    parts = [
+        "<img id='scatter' alt='N.Oc/B.Pm against BV/TV, coloured by phenotype call' "
+        f"src='data:image/png;base64,{_scatter(rows)}'>",
+        "<h2>Indices</h2><table id='indices'><thead><tr><th class='l'>slide</th>"
+        "<th class='l'>phenotype</th>",
+    ]
+    if groups:
+        parts.append("<th class='l'>group</th>")
+    parts.extend(f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS)
+    parts.append("<th>confidence</th></tr></thead><tbody>")
+    for r in rows:
+        slide = str(r["slide"])
+        phenotype = str(r.get("phenotype"))
+        color = PHENOTYPE_COLORS.get(phenotype, "#555")
+        label = esc(slide)
+        if (base / slide / "overlay.png").exists():
+            href = esc(f"{slide}/overlay.png", quote=True)
+            label = f"<a href='{href}' title='QC overlay'>{label}</a>"
         parts.append(
-            "<img id='scatter' alt='N.Oc/B.Pm against BV/TV, coloured by phenotype call' "
-            f"src='data:image/png;base64,{_scatter(rows)}'>"
-        )
-        parts.append(
-            "<h2>Indices</h2><table id='indices'><thead><tr><th class='l'>slide</th>"
-            "<th class='l'>phenotype</th>"
+            f"<tr><td class='l'>{label}</td><td class='l'>"
+            f"<span class='call' style='background:{color}'>{esc(phenotype)}</span></td>"
         )
         if groups:
-            parts.append("<th class='l'>group</th>")
-        parts.extend(f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS)
-        parts.append("<th>confidence</th></tr></thead><tbody>")
-        for r in rows:
-            slide = str(r["slide"])
-            phenotype = str(r.get("phenotype"))
-            color = PHENOTYPE_COLORS.get(phenotype, "#555")
-            overlay = base / slide / "overlay.png"
-            label = esc(slide)
-            if overlay.exists():
-                href = esc(f"{slide}/overlay.png", quote=True)
-                label = f"<a href='{href}' title='QC overlay'>{label}</a>"
-            parts.append(
-                f"<tr><td class='l'>{label}</td><td class='l'>"
-                f"<span class='call' style='background:{color}'>{esc(phenotype)}</span></td>"
-            )
-            if groups:
-                parts.append(f"<td class='l'>{esc(groups.get(slide, '–'))}</td>")
-            for c, _ in REPORT_COLUMNS:
-                parts.append(_cell(r.get(c), 0 if c in ("N.Oc", "N.Ot") else 2))
-            parts.append(_cell(r.get("confidence")) + "</tr>")
-        parts.append("</tbody></table>")
-    if rows and groups:
-        img, table = _boxplots(rows, groups)
-        ungrouped = sorted(str(r["slide"]) for r in rows if str(r["slide"]) not in groups)
-        parts.append("<h2>Groups</h2>")
+            parts.append(f"<td class='l'>{esc(groups.get(slide, '–'))}</td>")
+        for c, _ in REPORT_COLUMNS:
+            parts.append(_cell(r.get(c), 0 if c in ("N.Oc", "N.Ot") else 2))
+        parts.append(_cell(r.get("confidence")) + "</tr>")
+    parts.append("</tbody></table>")
+    return parts
+
+
+def _groups_section(rows: list[dict], groups: dict[str, str]) -> list[str]:
+    """Box plots per group and the Mann-Whitney tests between groups."""
+    from html import escape as esc
+
+    img, table = _boxplots(rows, groups)
+    ungrouped = sorted(str(r["slide"]) for r in rows if str(r["slide"]) not in groups)
+    parts = [
+        "<h2>Groups</h2>",
+        f"<img id='groups' alt='box plots per group' src='data:image/png;base64,{img}'>",
+        "<table id='tests'><thead><tr><th class='l'>index</th><th class='l'>group A</th>"
+        "<th>n</th><th>median</th><th class='l'>group B</th><th>n</th><th>median</th>"
+        "<th>Mann-Whitney p</th></tr></thead><tbody>",
+    ]
+    for col, a, na, ma, b, nb, mb, p in table:
         parts.append(
-            f"<img id='groups' alt='box plots per group' src='data:image/png;base64,{img}'>"
+            f"<tr><td class='l'>{esc(col)}</td><td class='l'>{esc(a)}</td><td>{na}</td>"
+            f"<td>{ma:.2f}</td><td class='l'>{esc(b)}</td><td>{nb}</td><td>{mb:.2f}</td>"
+            f"<td>{p:.3g}</td></tr>"
         )
-        parts.append(
-            "<table id='tests'><thead><tr><th class='l'>index</th><th class='l'>group A</th>"
-            "<th>n</th><th>median</th><th class='l'>group B</th><th>n</th><th>median</th>"
-            "<th>Mann-Whitney p</th></tr></thead><tbody>"
-        )
-        for col, a, na, ma, b, nb, mb, p in table:
-            parts.append(
-                f"<tr><td class='l'>{esc(col)}</td><td class='l'>{esc(a)}</td><td>{na}</td>"
-                f"<td>{ma:.2f}</td><td class='l'>{esc(b)}</td><td>{nb}</td><td>{mb:.2f}</td>"
-                f"<td>{p:.3g}</td></tr>"
-            )
-        parts.append("</tbody></table>")
-        parts.append(
-            "<p class='note'>Two-sided Mann-Whitney U tests, not corrected for multiple "
-            "comparisons; pairs with fewer than 2 slides per group are not tested."
-            + (
-                f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}."
-                if ungrouped
-                else ""
-            )
-            + "</p>"
-        )
-    if failures:
-        parts.append(
-            "<h2>Failures</h2><table id='failures' class='fail'><thead>"
-            "<tr><th class='l'>slide</th><th class='l'>error</th><th class='l'>reason</th></tr>"
-            "</thead><tbody>"
-        )
-        for f in failures:
-            parts.append(
-                f"<tr><td class='l'>{esc(str(f['slide']))}</td>"
-                f"<td class='err'>{esc(str(f.get('error') or ''))}</td>"
-                f"<td>{esc(str(f['reason']))}</td></tr>"
-            )
-        parts.append("</tbody></table>")
+    parts.append("</tbody></table>")
     parts.append(
-        "<p class='note'>Indices follow the ASBMR nomenclature (Dempster et al., JBMR 2013; "
-        "doi 10.1002/jbmr.1805). Areas mm², lengths mm, fractions %, densities /mm or /mm². "
-        "Each slide's QC overlay, object tables and outlines are in its folder.</p>"
+        "<p class='note'>Two-sided Mann-Whitney U tests, not corrected for multiple "
+        "comparisons; pairs with fewer than 2 slides per group are not tested."
+        + (f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}." if ungrouped else "")
+        + "</p>"
     )
-    parts.append("</body></html>")
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text("".join(parts), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return parts
+
+
+def _failures_section(failures: list[dict]) -> list[str]:
+    from html import escape as esc
+
+    parts = [
+        "<h2>Failures</h2><table id='failures' class='fail'><thead>"
+        "<tr><th class='l'>slide</th><th class='l'>error</th><th class='l'>reason</th></tr>"
+        "</thead><tbody>"
+    ]
+    for f in failures:
+        parts.append(
+            f"<tr><td class='l'>{esc(str(f['slide']))}</td>"
+            f"<td class='err'>{esc(str(f.get('error') or ''))}</td>"
+            f"<td>{esc(str(f['reason']))}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    return parts

@@ -213,6 +213,29 @@ def test_batch_in_process_and_resume(tmp_path, slides, reference):
     assert completed_outcome(out, "normal-0", slides / "normal-0.ome.tif", other) is None
 
 
+def test_batch_passes_roi_and_ranges_to_every_slide(tmp_path, slides, reference):
+    from histo.phenotype import ReferenceRanges, save_ranges
+
+    roi, ranges = tmp_path / "roi.geojson", tmp_path / "ranges.json"
+    square = [[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]
+    roi.write_text(json.dumps({"type": "Polygon", "coordinates": [square]}))
+    save_ranges(ReferenceRanges(bv_tv_upper=99.0), ranges)
+    out = tmp_path / "out"
+    result = run_batch(slides, out, workers=0, model="classical", roi=roi, ranges=ranges)
+    assert result.failed == 0
+    rows = {r["slide"]: r for r in read_csv(out / "indices.csv")}
+    whole = {r["slide"]: r for r in reference}
+    for name, row in rows.items():
+        assert row["phenotype"] == "normal", name  # the ranges were used
+        # 201 x 201 pixel centres of the square (1 µm/px) at most are measured
+        assert float(row["T.Ar"]) <= 201 * 201 * 1e-6 < float(whole[name]["T.Ar"])
+    # the ROI and ranges are settings: changing a file reruns on --resume
+    settings = BatchSettings.make("classical", None, roi, ranges)
+    assert settings.digest() != BatchSettings.make("classical", None).digest()
+    save_ranges(ReferenceRanges(bv_tv_upper=98.0), ranges)
+    assert BatchSettings.make("classical", None, roi, ranges).digest() != settings.digest()
+
+
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), **kw

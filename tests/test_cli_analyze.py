@@ -193,3 +193,71 @@ def test_pickled_weights_never_execute(tmp_path, suffix):
         load_model(weights)
     assert not marker.exists()
     assert "\n" not in str(info.value)
+
+
+def _write_roi(path: Path) -> None:
+    """Left half of the 512² slide with a square hole, in level-0 pixels (x, y)."""
+    outer = [[0, 0], [256, 0], [256, 511], [0, 511], [0, 0]]
+    hole = [[64, 64], [128, 64], [128, 128], [64, 128], [64, 64]]
+    geometry = {"type": "Polygon", "coordinates": [outer, hole]}
+    path.write_text(json.dumps({"type": "Feature", "geometry": geometry}))
+
+
+def test_analyze_roi_and_ranges(tmp_path, slide):
+    import numpy as np
+    from skimage.draw import polygon2mask
+
+    from histo.measure import measure
+    from histo.phenotype import ReferenceRanges, save_ranges
+    from histo.pipeline import analyze_slide
+
+    roi, ranges = tmp_path / "roi.geojson", tmp_path / "ranges.json"
+    _write_roi(roi)
+    save_ranges(ReferenceRanges(bv_tv_upper=99.0), ranges)
+    out = tmp_path / "out"
+    args = ["analyze", str(slide), "--out", str(out), "--model", "classical"]
+    assert main([*args, "--roi", str(roi), "--ranges", str(ranges)]) == 0
+    row = read_csv(out / "indices.csv")[0]
+    assert json.loads((out / "S1" / "indices.json").read_text())["model"] == "classical"
+    whole = analyze_slide(slide, model="classical")
+    assert whole.phenotype.phenotype != "normal"  # BV/TV above the default 35 %
+    assert row["phenotype"] == "normal" and "99%" in row["evidence"]
+
+    # the indices are those of the maps measured inside the polygon with its hole
+    f = whole.source_pixel_size_um / whole.pixel_size_um  # level-0 px -> working px
+    shape = whole.class_map.shape
+    inside = polygon2mask(shape, np.array([[0, 0], [0, 256], [511, 256], [511, 0]]) * f)
+    inside &= ~polygon2mask(shape, np.array([[64, 64], [64, 128], [128, 128], [128, 64]]) * f)
+    want = measure(
+        whole.class_map,
+        whole.pixel_size_um,
+        osteoclast_labels=whole.osteoclast_labels,
+        osteocyte_labels=whole.osteocyte_labels,
+        roi=inside,
+    ).indices
+    for key in ("T.Ar", "B.Ar", "B.Pm", "N.Oc", "Oc.S/BS"):
+        assert float(row[key]) == pytest.approx(want[key], rel=1e-9), key
+    assert float(row["T.Ar"]) < 0.6 * whole.measurement.indices["T.Ar"]
+
+
+def test_analyze_refuses_an_unreadable_roi_before_any_slide(tmp_path, slide):
+    bad = tmp_path / "roi.geojson"
+    bad.write_text("{}")
+    out = tmp_path / "out"
+    status = main(["analyze", str(slide), "--out", str(out), "--roi", str(bad)])
+    assert status != 0 and not (out / "S1").exists()
+
+
+def test_measure_of_analyze_labels_has_analyze_columns_and_areas(tmp_path, slide):
+    """histo measure on the labels histo analyze wrote: the same indices.csv columns, in the
+    same order, and the same areas, perimeter and osteoclast count."""
+    out = tmp_path / "out"
+    assert main(["analyze", str(slide), "--out", str(out), "--model", "classical"]) == 0
+    measured = tmp_path / "measured"
+    labels = out / "S1" / "labels.ome.zarr"
+    assert main(["measure", str(labels), "--out", str(measured)]) == 0
+    analysed, remeasured = read_csv(out / "indices.csv"), read_csv(measured / "indices.csv")
+    assert list(remeasured[0]) == list(analysed[0])
+    assert remeasured[0]["slide"] == "S1"
+    for key in ("T.Ar", "B.Ar", "B.Pm", "N.Oc", "Oc.S/BS"):
+        assert float(remeasured[0][key]) == pytest.approx(float(analysed[0][key]), rel=1e-9)

@@ -116,7 +116,7 @@ def test_boundary_cells_are_find_contours_segments(passes):
     (saddles, one-pixel lines, image edges, holes)."""
     from scipy import ndimage as ndi
 
-    from histo._measure_perimeter import boundary_cells
+    from histo.measure.perimeter import boundary_cells
 
     rng = np.random.default_rng(7)
     masks = [np.ones((1, 1), bool), np.ones((6, 9), bool), np.eye(7, dtype=bool)]
@@ -132,8 +132,8 @@ def test_boundary_cells_are_find_contours_segments(passes):
 
 
 def test_corner_labels_equal_the_plain_neighbourhood_maximum():
-    from histo._measure_perimeter import CORNER_OFFSETS, boundary_cells
-    from histo.measure import _corner_labels
+    from histo.measure.perimeter import CORNER_OFFSETS, boundary_cells
+    from histo.measure.perimeter import corner_labels as _corner_labels
 
     rng = np.random.default_rng(3)
     for _ in range(30):
@@ -154,7 +154,7 @@ def test_corner_labels_equal_the_plain_neighbourhood_maximum():
 
 
 def test_count_nuclei_median_is_numpy_median():
-    from histo._measure_objects import _median
+    from histo.measure.objects import _median
 
     rng = np.random.default_rng(0)
     for n in [1, 2, 3, 4, 7, 8, 100, 101]:
@@ -165,7 +165,7 @@ def test_count_nuclei_median_is_numpy_median():
 
 
 def test_nonzero_2d_is_numpy_nonzero():
-    from histo._measure_objects import nonzero_2d
+    from histo.measure.objects import nonzero_2d
 
     rng = np.random.default_rng(1)
     for shape in [(0, 4), (1, 1), (37, 53), (300, 2)]:

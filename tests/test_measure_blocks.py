@@ -1,4 +1,4 @@
-"""measure_by_blocks: the same Measurement as measure() on the whole arrays, block by block."""
+"""measure_by_blocks: the same Measurement whatever the block size (one block: measure())."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import zarr
 
 from histo import classes
-from histo.block_outputs import write_label_geojson_by_blocks
 from histo.errors import ClassMapError
-from histo.measure import CountingRules, measure
-from histo.measure_blocks import downsample_nearest, iter_blocks, measure_by_blocks
+from histo.io.blocks import downsample_nearest, iter_blocks
+from histo.io.geojson import write_label_geojson_by_blocks
+from histo.measure import CountingRules, measure, measure_by_blocks
 
 #: relative tolerance on lengths (B.Pm, Oc.S, ES, bone contact); the brief allows 0.5 %, the
 #: decomposition is exact up to floating-point rounding
@@ -246,16 +246,3 @@ def test_geojson_by_blocks_large_label_values(section, tmp_path):
         label = f["properties"]["measurements"]["label"]
         assert f["properties"]["name"] == f"osteoclast {label}"
         assert f["geometry"] == key[label]["geometry"]
-
-
-def test_heap_is_trimmed_after_every_block_with_slack(section, monkeypatch):
-    """Each block asks for the C heap's free pages back (with the module's slack), so the
-    freed arrays of earlier blocks do not stay resident over a long slide."""
-    import histo.measure_blocks as mb
-
-    calls: list[float] = []
-    monkeypatch.setattr(mb, "release_free_memory", lambda slack_mb=0.0: calls.append(slack_mb))
-    n_blocks = len(list(iter_blocks(section.class_map.shape, 512)))
-    assert n_blocks == 9  # 1200 px in blocks of 512: 3 x 3
-    measure_by_blocks(section.class_map, 1.0, block_px=512)
-    assert calls == [mb.TRIM_SLACK_MB] * n_blocks

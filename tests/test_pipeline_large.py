@@ -1,7 +1,7 @@
-"""Large slides take the streaming path: maps on disk (zarr), measured block by block.
+"""Every slide streams through the same stages; large slides keep their label store on disk.
 
-The streaming threshold is lowered so that a small synthetic slide streams; its results must be
-those of the in-memory path.
+The on-disk threshold is lowered so that a small synthetic slide keeps its maps in zarr; its
+results must be those of the same slide with its maps in memory, whatever the block size.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def in_memory(slide, tmp_path_factory):
 
 
 def _stream(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "STREAMING_MIN_PX", 300_000)
-    monkeypatch.setattr(pipeline, "STREAMING_BLOCK_PX", 256)
+    monkeypatch.setattr(pipeline, "LABELS_ON_DISK_MIN_PX", 300_000)
+    monkeypatch.setattr(pipeline, "MEASURE_BLOCK_PX", 256)
 
 
 def _same_indices(a: dict, b: dict) -> None:
@@ -118,3 +118,24 @@ def test_streamed_run_that_fails_leaves_nothing(slide, tmp_path, monkeypatch):
     with pytest.raises(Cancelled):
         pipeline.analyze_slide(slide, out_dir=tmp_path, model="classical", cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_measures_as_the_public_measure(slide, in_memory):
+    """The pipeline's block-wise measurement is histo.measure.measure on the same maps."""
+    from histo.io import open_slide, read_region
+    from histo.measure import measure
+
+    mem, _ = in_memory
+    with open_slide(slide) as s:
+        image = read_region(s, 0.0, 0.0, *mem.class_map.shape, mem.pixel_size_um)
+    whole = measure(
+        mem.class_map,
+        mem.pixel_size_um,
+        osteoclast_labels=mem.osteoclast_labels,
+        osteocyte_labels=mem.osteocyte_labels,
+        image=image,
+    )
+    _same_indices(whole.indices, mem.measurement.indices)
+    assert [r["nuclei"] for r in whole.osteoclasts] == [
+        r["nuclei"] for r in mem.measurement.osteoclasts
+    ]

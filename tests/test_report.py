@@ -178,3 +178,29 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert close.sum() > 50, f"{color} not drawn"
     assert not math.isclose(img.std(), 0)
     assert html.escape("N.Oc/B.Pm") in path.read_text(encoding="utf-8")
+
+
+def test_overlay_outlines_the_classes_of_a_map_of_any_size(tmp_path):
+    """A 4096² class map (numpy or zarr) gives a 2048² overlay whose osteoclast outline is
+    drawn where the map's osteoclast is, in its class colour."""
+    import cv2
+    import zarr
+
+    from histo.classes import COLORS, OSTEOCLAST
+    from histo.report import OVERLAY_MAX_PX, write_overlay
+
+    cm = np.ones((4096, 4096), np.uint8)
+    cm[1000:1400, 2000:2400] = OSTEOCLAST
+    stored = zarr.create_array(
+        store=str(tmp_path / "cm.zarr"), shape=cm.shape, chunks=(1024, 1024), dtype="uint8"
+    )
+    stored[:] = cm
+    for name, source in (("numpy", cm), ("zarr", stored)):
+        path = write_overlay(tmp_path / f"{name}.png", source)
+        img = cv2.imread(str(path))[..., ::-1]
+        assert img.shape == (OVERLAY_MAX_PX, OVERLAY_MAX_PX, 3)
+        colour = np.all(img == COLORS[OSTEOCLAST], axis=-1)
+        ys, xs = np.nonzero(colour)
+        # the square's outline at half the size: rows and columns 500-700, 1000-1200
+        assert 495 <= ys.min() <= 502 and 697 <= ys.max() <= 702
+        assert 995 <= xs.min() <= 1002 and 1197 <= xs.max() <= 1202

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
 from histo.cli._progress import progress_bar
 
 HELP = "analyse slides end to end: segment, measure, call the phenotype"
@@ -23,34 +24,30 @@ The pixel size comes from the file (OME PhysicalSizeX, Aperio MPP, TIFF resoluti
 exit status: 0 all slides analysed, 1 some failed (see failures.csv), 2 usage error,
 4 output folder unusable, 5 model weights missing or corrupt.
 
+--roi takes a GeoJSON file of polygons (holes as inner rings) in level-0 pixels of the slide
+(QuPath's convention, as histo's own outlines): the indices are measured inside it. --ranges
+takes the reference ranges written by 'histo calibrate' for the phenotype call.
+
 examples:
   histo analyze slide.ome.tif --out results
   histo analyze fields/*.png --pixel-size 0.5 --model classical --out results
+  histo analyze S1.svs --roi S1.trabecular.geojson --ranges lab_ranges.json --out results
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to analyse")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="level-0 pixel size in µm/px (overrides the file's metadata)",
-    )
-    parser.add_argument(
-        "--model",
-        default="default",
-        metavar="NAME|PATH",
-        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
-    )
+    add_pixel_size(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
+    add_model(parser)
+    add_roi_and_ranges(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from histo.batch import analyze_one, write_summary
     from histo.io.locking import output_lock
 
+    check_roi_and_ranges(args)
     out = Path(args.out)
     outcomes = []
     with output_lock(out):
@@ -61,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
                     out,
                     pixel_size_um=args.pixel_size,
                     model=args.model,
+                    roi=args.roi,
+                    ranges=args.ranges,
                     progress=progress,
                 )
             outcomes.append(outcome)

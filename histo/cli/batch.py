@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from histo.batch import BatchReporter
+from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
+from histo.io.formats import SLIDE_SUFFIXES
 
 HELP = "analyse a folder of slides in parallel (dask), with resume"
 DESCRIPTION = """\
-Analyse every slide under FOLDER (recursively) in parallel: .ome.tif, .ome.tiff, .tif, .tiff,
-.svs, .ndpi, .png, .jpg, .jpeg files and OME-Zarr image folders (*.zarr). Skipped: hidden files,
-histo's own output folders and the ground truth written beside synthetic slides
-(*.classes.tif, *.osteoclasts.tif, *.osteocytes.tif).
+Analyse every slide under FOLDER (recursively) in parallel:
+{suffixes}
+Skipped: hidden files, histo's own output folders and the ground truth written beside
+synthetic slides (*.classes.tif, *.osteoclasts.tif, *.osteocytes.tif).
 
 Slides run on local worker processes (--workers N, default one per core and per 2 GB of
 memory) or on an existing dask.distributed cluster (--scheduler ADDRESS, whose workers must see
 FOLDER and DIR at the same paths). A slide that fails never stops the others: it is listed in
 DIR/failures.csv with a one-line reason. Each slide's outputs appear complete or not at all.
+
+--roi (GeoJSON, level-0 pixels) and --ranges (from 'histo calibrate') apply to every slide, as
+for 'histo analyze'.
 
 With --resume, slides whose outputs in DIR are complete and were made from the same file (path,
 size, modification time) with the same settings (model, pixel size, histo version) are not
@@ -37,7 +43,12 @@ examples:
   histo batch fields/ --out results --pixel-size 0.5 --model classical --workers 2
   histo batch /shared/slides --out /shared/results --scheduler tcp://10.0.0.5:8786
   histo batch slides/ --out results --sample-sheet groups.csv
+  histo batch fields/ --out results --roi field.geojson --ranges lab_ranges.json
 """
+DESCRIPTION = DESCRIPTION.replace(
+    "{suffixes}",
+    textwrap.fill(", ".join(SLIDE_SUFFIXES) + " files and OME-Zarr image folders (*.zarr).", 95),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,25 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip slides whose outputs are complete for the same input and settings",
     )
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="level-0 pixel size in µm/px for every slide (overrides the files' metadata)",
+    add_pixel_size(
+        parser, "level-0 pixel size in µm/px for every slide (overrides the files' metadata)"
     )
-    parser.add_argument(
-        "--model",
-        default="default",
-        metavar="NAME|PATH",
-        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
-    )
+    add_model(parser)
     parser.add_argument(
         "--sample-sheet",
         default=None,
         metavar="CSV",
         help="CSV with columns slide,group: the report compares the groups",
     )
+    add_roi_and_ranges(parser)
 
 
 class _Bars(BatchReporter):
@@ -168,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("histo batch: error: --workers must be 0 or more")
     if args.pixel_size is not None:
         check_pixel_size(args.pixel_size, "--pixel-size")
+    check_roi_and_ranges(args)
     groups = read_sample_sheet(args.sample_sheet) if args.sample_sheet else None
     result = run_batch(
         args.folder,
@@ -177,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         pixel_size_um=args.pixel_size,
         model=args.model,
+        roi=args.roi,
+        ranges=args.ranges,
         groups=groups,
         reporter=_Bars(),
     )

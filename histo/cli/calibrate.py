@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from histo.cli._options import add_pixel_size
 from histo.errors import HistoError
 
 HELP = "learn reference ranges from a lab's own control slides"
@@ -32,13 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="indices.csv of control slides, or class maps of control slides",
     )
     parser.add_argument("--out", required=True, metavar="JSON", help="reference ranges to write")
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="µm per pixel of control class maps (wins over the files' metadata)",
-    )
+    add_pixel_size(parser, "µm per pixel of control class maps (wins over the files' metadata)")
     parser.add_argument(
         "--k",
         type=float,
@@ -83,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure_control(path: Path, pixel_size: float | None) -> dict:
-    from histo.cli.measure import load_class_map
     from histo.errors import PixelSizeError
+    from histo.io.class_maps import load_class_map
     from histo.measure import measure, validate_pixel_size
 
     cmap, oc, ot, file_px = load_class_map(path)

@@ -18,19 +18,21 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
 from histo.classes import BACKGROUND, COLORS, NAMES
-from histo.errors import OutputError
+from histo.io.atomic import write_atomic
+from histo.io.blocks import iter_blocks, read_2d, shape_2d
 
 _GREY = (160, 160, 160)
+#: block side (px) of :func:`write_label_geojson_by_blocks`: one window of labels in memory
+GEOJSON_BLOCK_PX = 4096
 
 
 def _color(name: str) -> list[int]:
@@ -272,25 +274,151 @@ def write_geojson(
     scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
     _check_labels(label_image)
     objects = _label_objects(label_image, pixel_size_um, classification, scale)
-    path = Path(path)
-    n_written = 0
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
+    features = (
+        _feature_json(polygons, name, value, area, color, object_type)
+        for name, color, value, polygons, area in objects
+    )
+    return _write_features(path, features)
+
+
+def _write_features(path: str | os.PathLike, features: Iterator[str]) -> int:
+    """Write a FeatureCollection of the JSON ``features`` to ``path`` atomically; their count."""
+    written = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal written
+        with open(tmp, "w") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
-            for name, color, value, polygons, area in objects:
-                fh.write(
-                    ("," if n_written else "")
-                    + _feature_json(polygons, name, value, area, color, object_type)
-                )
-                n_written += 1
+            for feature in features:
+                fh.write(("," if written else "") + feature)
+                written += 1
             fh.write("]}")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):  # not renamed: a failure while writing
-            os.unlink(tmp)
-    return n_written
+
+    write_atomic(path, write)
+    return written
+
+
+# --------------------------------------------------------------------------- by blocks
+
+
+def write_label_geojson_by_blocks(
+    path: Any,
+    label_image: Any,
+    pixel_size_um: float,
+    classification: str,
+    *,
+    slide_pixel_size_um: float | None = None,
+    block_px: int = GEOJSON_BLOCK_PX,
+    margin_px: int = 256,
+) -> tuple[int, int]:
+    """GeoJSON outlines of the instances of a large label image, block by block.
+
+    Each object is outlined by the block whose core holds its first pixel (raster order), from
+    the block's window (core plus ``margin_px``). Objects that touch the window's edge (larger
+    than the margin) are **skipped**: outlining them would need more than one window. Features
+    are those of :func:`histo.io.geojson.label_features` (same properties), in block order.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.geojson`` file, written under a temporary name and renamed.
+    label_image : array_like of int, shape (H, W)
+        Instance labels (0 = none), numpy or zarr.
+    pixel_size_um, classification, slide_pixel_size_um
+        As for :func:`histo.io.geojson.write_geojson`.
+    block_px, margin_px : int
+        Block core side and window margin in pixels.
+
+    Returns
+    -------
+    (int, int)
+        Features written and objects skipped.
+    """
+    shape = shape_2d(label_image)
+    scale = 1.0 if slide_pixel_size_um is None else float(pixel_size_um) / slide_pixel_size_um
+    style = _BlockStyle(classification, _color(classification), scale, float(pixel_size_um) ** 2)
+    # claimed by the block that owns them but not seen whole there (rare). An object is claimed
+    # by one block only (the one whose core holds its first pixel; a window that cuts an
+    # object above or left of it sees a false first pixel in its margin, never in its core),
+    # so no set of the objects written is needed
+    skipped: set[int] = set()
+
+    def features() -> Iterator[str]:
+        for b in iter_blocks(shape, block_px, margin_px):
+            window = _window_objects(read_2d(label_image, *b.window))
+            yield from _block_features(b, window, shape, style, skipped)
+            del window  # one window in memory at a time
+
+    n_written = _write_features(path, features())
+    return n_written, len(skipped)
+
+
+class _BlockStyle(NamedTuple):
+    classification: str
+    color: list[int]
+    scale: float  #: label pixels -> level-0 pixels
+    pixel_area_um2: float
+
+
+def _block_features(
+    b: Any, window: tuple, shape: tuple[int, int], style: _BlockStyle, skipped: set[int]
+) -> Iterator[str]:
+    """Features of the objects a block owns (first pixel in its core) and sees whole."""
+    lab, ids, slices = window
+    if not slices:
+        return
+    H, W = shape
+    (cy, cx), (h, w) = b.core, lab.shape
+    for k, sl in enumerate(slices):
+        if sl is None:
+            continue
+        rows, cols = sl
+        if not cy.start <= rows.start < cy.stop:
+            continue  # the first pixel (raster order) is in the top row of the box
+        code = k + 1  # its value in lab
+        value = int(ids[k]) if ids is not None else code  # its label
+        if not (cx.start <= cols.start and cols.stop <= cx.stop):
+            first = cols.start + int(np.argmax(lab[rows.start, cols] == code))
+            if not cx.start <= first < cx.stop:
+                continue  # owned by the block on the left or on the right
+        if (
+            (rows.start == 0 and b.wy0 > 0)
+            or (cols.start == 0 and b.wx0 > 0)
+            or (rows.stop == h and b.wy1 < H)
+            or (cols.stop == w and b.wx1 < W)
+        ):
+            skipped.add(value)  # touches the window's edge: maybe not seen whole
+            continue
+        crop = lab[sl] == code
+        polygons = mask_polygons(crop, style.scale, (b.wy0 + rows.start, b.wx0 + cols.start))
+        if polygons:
+            area = float(np.count_nonzero(crop)) * style.pixel_area_um2
+            yield _feature_json(
+                polygons, style.classification, value, area, style.color, "detection"
+            )
+
+
+def _window_objects(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
+    """A window of labels, and the bounding boxes of its objects (``ndimage.find_objects``).
+
+    Returns ``(labels, ids, slices)``: ``slices[k]`` is the box of label ``ids[k]`` in
+    ``labels``, or of label ``k + 1`` when ``ids`` is None (labels used as they are, when their
+    values are small enough for a list indexed by value; otherwise they are renumbered
+    1..n and ``ids`` holds the original values in increasing order). Values <= 0 are none.
+    """
+    if lab.dtype.kind not in "iu":
+        lab = lab.astype(np.int64)
+    if lab.size == 0:
+        return lab, None, []
+    if lab.dtype.kind == "i" and int(lab.min()) < 0:
+        lab = np.where(lab > 0, lab, 0)
+    top = int(lab.max())
+    if top <= 0:
+        return lab, None, []
+    if top <= max(lab.size, 1 << 20):
+        return lab, None, ndi.find_objects(lab, max_label=top)
+    flat = np.flatnonzero(lab)
+    ids, inverse = np.unique(lab.ravel()[flat], return_inverse=True)
+    compact = np.zeros(lab.shape, np.int32 if ids.size < 2**31 else np.int64)
+    compact.ravel()[flat] = inverse + 1
+    return compact, ids, ndi.find_objects(compact, max_label=ids.size)

@@ -98,7 +98,7 @@ class LabelsWriter:
         Memory (MiB) for tiles held back until they complete rows of chunks (each chunk is
         then compressed once); tiles that do not fit are written at once (0: all of them).
         Tiles aligned to ``block_px`` are never held: histo's streaming segmentation and
-        :func:`histo.block_outputs.copy_labels` write such tiles, so they need no buffer.
+        :func:`histo.io.label_store.copy_labels` write such tiles, so they need no buffer.
 
     Examples
     --------
@@ -184,6 +184,12 @@ class LabelsWriter:
                 self._set_attrs(sub, meta)
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+
+    @property
+    def coarsest_shape(self) -> tuple[int, int]:
+        """(H, W) of the coarsest level of the label images."""
+        f = self.factors[-1]
+        return self._level_len(self.shape[0], f), self._level_len(self.shape[1], f)
 
     @staticmethod
     def _level_len(n: int, f: int) -> int:

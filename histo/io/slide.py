@@ -25,6 +25,7 @@ import numpy as np
 from histo.errors import PixelSizeError, SlideReadError
 from histo.io._levels import Layout, LevelArray, layout_from_axes
 from histo.io._readers import Opened, open_raster, open_tiff, open_zarr, sniff
+from histo.io.formats import strip_slide_suffix
 from histo.units import MAX_PIXEL_SIZE_UM, check_pixel_size  # noqa: F401 (re-exported)
 
 #: largest source window read in one piece by read_region (pixels); larger regions are read in
@@ -32,22 +33,6 @@ from histo.units import MAX_PIXEL_SIZE_UM, check_pixel_size  # noqa: F401 (re-ex
 MAX_WINDOW_PX = 4096 * 4096
 #: relative tolerance when matching a pyramid level to a requested resolution
 LEVEL_RTOL = 1e-3
-
-_SUFFIXES = (
-    ".tif",
-    ".tiff",
-    ".ome",
-    ".svs",
-    ".ndpi",
-    ".zarr",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".btf",
-    ".tf8",
-    ".tf2",
-    ".zip",
-)
 
 
 @dataclass
@@ -106,13 +91,7 @@ class Slide:
 
 def slide_name(path: str | Path) -> str:
     """``path``'s file name without image suffixes (``S1.ome.tif`` -> ``S1``)."""
-    name = Path(path).name
-    while True:
-        stem, dot, suffix = name.rpartition(".")
-        if dot and stem and f".{suffix.lower()}" in _SUFFIXES:
-            name = stem
-        else:
-            return name
+    return strip_slide_suffix(Path(path).name)
 
 
 def open_slide(path: str | Path, pixel_size_um: float | None = None) -> Slide:

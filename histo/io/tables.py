@@ -11,17 +11,18 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from histo.errors import OutputError
+from histo.io.atomic import write_text_atomic
+from histo.units import INDEX_COLUMNS
 
 __all__ = [
     "INDICES_LEADING_COLUMNS",
     "INDICES_TRAILING_COLUMNS",
     "format_cell",
     "indices_columns",
+    "indices_row",
     "read_indices_csv",
     "write_indices_csv",
     "write_object_table",
@@ -55,10 +56,30 @@ def format_cell(value) -> str:
         return str(value)
 
 
+def indices_row(slide: str, indices: Mapping, call=None) -> dict:
+    """One row of indices.csv: slide, phenotype, the indices, confidence, evidence.
+
+    The one builder of the row, for ``histo analyze``, ``histo batch``, ``histo measure`` and
+    the napari plugin.
+
+    Parameters
+    ----------
+    slide : str
+        The slide's name.
+    indices : mapping
+        Index name -> value (:attr:`histo.measure.Measurement.indices`).
+    call : histo.phenotype.PhenotypeCall, optional
+        The phenotype call; without it ``phenotype``, ``confidence`` and ``evidence`` are empty.
+    """
+    row = {"slide": slide, "phenotype": None if call is None else call.phenotype}
+    row.update(indices)
+    row["confidence"] = None if call is None else call.confidence
+    row["evidence"] = None if call is None else "; ".join(call.evidence)
+    return row
+
+
 def indices_columns(rows: Sequence[Mapping]) -> list[str]:
     """Column order of indices.csv: slide, phenotype, INDEX_COLUMNS, confidence, evidence, rest."""
-    from histo.measure import INDEX_COLUMNS
-
     columns = [*INDICES_LEADING_COLUMNS, *INDEX_COLUMNS, *INDICES_TRAILING_COLUMNS]
     seen = set(columns)
     for row in rows:
@@ -67,26 +88,6 @@ def indices_columns(rows: Sequence[Mapping]) -> list[str]:
                 columns.append(key)
                 seen.add(key)
     return columns
-
-
-def _write_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _csv_text(columns: Sequence[str], rows: Iterable[Mapping]) -> str:
@@ -114,7 +115,7 @@ def write_indices_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
     Path
     """
     rows = list(rows)
-    return _write_atomic(path, _csv_text(indices_columns(rows), rows))
+    return write_text_atomic(path, _csv_text(indices_columns(rows), rows))
 
 
 def write_object_table(
@@ -140,7 +141,7 @@ def write_object_table(
         columns = list(columns)
         for row in rows:
             columns.extend(k for k in row if k not in columns)
-    return _write_atomic(path, _csv_text(columns, rows))
+    return write_text_atomic(path, _csv_text(columns, rows))
 
 
 def read_indices_csv(path: str | os.PathLike) -> list[dict]:

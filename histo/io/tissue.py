@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
+from histo.io.color import optical_density
 from histo.io.slide import Slide, read_thumbnail, require_pixel_size, slide_from_array
 
 #: OD threshold bounds: Otsu's threshold is clipped to [OD_FLOOR, OD_CEILING]
@@ -61,12 +62,6 @@ class TissueMask:
         return iter((self.mask, self.pixel_size_um))
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Per-pixel optical density (largest over the channels) of an RGB uint8 image."""
-    od = -np.log10((rgb.astype(np.float32) + 1.0) / 256.0)
-    return od.max(axis=-1)
-
-
 def tissue_mask_from_rgb(
     rgb: np.ndarray,
     pixel_size_um: float,
@@ -77,7 +72,7 @@ def tissue_mask_from_rgb(
     od_ceiling: float = OD_CEILING,
 ) -> TissueMask:
     """Tissue mask of an RGB thumbnail (see :func:`detect_tissue` for the parameters)."""
-    od = optical_density(rgb)
+    od = optical_density(rgb).max(axis=-1)  # the darkest channel
     if float(od.max()) - float(od.min()) < 1e-6:
         threshold = od_floor
     else:

@@ -227,7 +227,7 @@ def test_geojson_text_is_json_of_label_features(tmp_path):
     [("0.5", 420, 128), ("0.4", 420, 128), ("0.5", 100, 128), ("0.5", 100, 0.1)],
 )
 def test_labels_writer_bands_held_back_until_chunks_fill(tmp_path, version, cols, buffer_mb):
-    from histo.block_outputs import LabelsSink
+    from histo.io.label_store import LabelsSink
 
     maps = _maps()
     h, w = maps["class_map"].shape

@@ -1,4 +1,4 @@
-"""Sub-pixel boundary length of a binary region (private: used by :mod:`histo.measure`).
+"""Sub-pixel boundary length of a binary region (used by :mod:`histo.measure`).
 
 Estimator: marching squares at the 0.5 level of the binary mask (``skimage.measure.find_contours``
 on the mask padded with background, so every contour is closed and a region at the image edge is
@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+from scipy import ndimage as ndi
 
-from histo._measure_objects import nonzero_2d
+from histo.measure.objects import EIGHT, nonzero_2d
 
 #: offsets (dy, dx) of the four corners of a cell, in the order used by ``corners``
 CORNER_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -190,3 +192,76 @@ def boundary_length_px(mask: np.ndarray, smoothing_passes: int = SMOOTHING_PASSE
     See :func:`boundary_cells` for the estimator.
     """
     return float(boundary_cells(np.asarray(mask, bool), smoothing_passes).length_px.sum())
+
+
+# --------------------------------------------------------------------------- surfaces
+
+
+def corner_labels(cells: BoundaryCells, labels: np.ndarray, tolerance_px: int) -> np.ndarray:
+    """Object label on the corners of the boundary cells, shape (4, n).
+
+    A corner's own label, else the largest label within ``tolerance_px`` pixels (square
+    neighbourhood); evaluated only at the corners, never over the whole image. Labels must be
+    non-negative (pixels outside the image count as 0).
+    """
+    own = cells.corners(labels, fill=0)
+    t = int(tolerance_px)
+    if t <= 0 or cells.y.size == 0:
+        return own
+    h, w = cells.shape
+    # the four corners' neighbourhoods cover offsets -t..t+1 of the cell's top-left pixel:
+    # read each of those (2t + 2)² pixels once, take maxima along rows, then along columns
+    offsets = range(-t, t + 2)
+    ys = [cells.y + o for o in offsets]
+    xs = [cells.x + o for o in offsets]
+    y_in = [(y >= 0) & (y < h) for y in ys]
+    x_in = [(x >= 0) & (x < w) for x in xs]
+    ys = [np.clip(y, 0, h - 1) for y in ys]
+    xs = [np.clip(x, 0, w - 1) for x in xs]
+    zero = np.zeros((), labels.dtype)
+    # row maxima over columns -t..t (left corners) and -t+1..t+1 (right corners)
+    left, right = [], []
+    for yi, yv in zip(ys, y_in, strict=True):
+        vals = [np.where(yv & xv, labels[yi, xi], zero) for xi, xv in zip(xs, x_in, strict=True)]
+        middle = np.maximum.reduce(vals[1:-1]) if len(vals) > 2 else np.zeros_like(vals[0])
+        left.append(np.maximum(middle, vals[0]))
+        right.append(np.maximum(middle, vals[-1]))
+    near = np.zeros_like(own)
+    for k, (dy, dx) in enumerate(CORNER_OFFSETS):
+        rows = right if dx else left
+        near[k] = np.maximum.reduce(rows[dy : dy + 2 * t + 1])
+    return np.where(own > 0, own, near)
+
+
+def disk(radius_px: float) -> np.ndarray:
+    r = max(int(round(radius_px)), 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def eroded_pits(
+    bone: np.ndarray, tissue: np.ndarray, closing_um: float, min_depth_um: float, px: float
+) -> np.ndarray:
+    """Scalloped pits: tissue filled by a closing of bone with a disk of radius ``closing_um``,
+    with a pixel at least ``min_depth_um`` from the bone (µm; ``px`` µm per pixel)."""
+    radius_px = closing_um / px
+    if radius_px < 1:
+        return np.zeros(bone.shape, bool)
+    r = int(round(radius_px))
+    pad = r + 1
+    padded = cv2.copyMakeBorder(bone.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk(radius_px))[pad:-pad, pad:-pad]
+    pits = (closed > 0) & ~bone & tissue
+    min_depth_px = min_depth_um / px
+    if min_depth_px > 0 and pits.any():
+        # keep pits with a pixel at least min_depth away from the bone
+        depth = cv2.distanceTransform((~bone).astype(np.uint8), cv2.DIST_L2, 5)
+        lab, n = ndi.label(pits, structure=EIGHT)
+        if n:
+            # deepest pixel of each pit (the pits' pixels only; ndi.maximum sorts the image)
+            at = np.nonzero(lab)
+            deepest = np.full(n, -np.inf, depth.dtype)
+            np.maximum.at(deepest, lab[at] - 1, depth[at])
+            keep = np.zeros(n + 1, bool)
+            keep[1:] = deepest >= min_depth_px
+            pits = keep[lab]
+    return pits

@@ -1,0 +1,118 @@
+"""Per-slide cost of ``analyze_slide`` in a warm process, for one or more source trees.
+
+A child process per source tree (``--tree LABEL=PATH``: ``PYTHONPATH`` set to PATH and
+PATH/plugins) imports histo, analyses each slide once to warm up (imports, torch, the model),
+then times ``analyze_slide(slide, out_dir=..., model=...)`` (a new output folder each time, as
+in a batch) on each slide ``--repeat`` times; the trees' children run one after the other,
+round after round (interleaved).
+
+- fixed cost per slide beyond the network: a 256² field (1 µm/px) with the classical segmenter,
+  whose segmentation of one tile takes milliseconds: what remains is opening the slide, finding
+  tissue, the label store, the measurement's set-up and writing the seven outputs;
+- marginal speed on fields: 2048² fields with the default network, tissue MP (T.Ar at 1 µm/px)
+  per second of one slide in a process that analyses many.
+
+    .venv/bin/python benchmarks/bench_per_slide.py --tree main=/work/main --tree new=. \\
+        --out bench-out/per-slide --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HISTO = [sys.executable, "-m", "histo"]
+
+#: what the child runs: warm up on every (slide, model), then time each `repeat` times
+CHILD = r"""
+import json, shutil, sys, tempfile, time
+from histo.pipeline import analyze_slide
+spec = json.loads(sys.argv[1])
+def run(path, model):
+    out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
+    try:
+        t0 = time.perf_counter()
+        r = analyze_slide(path, out_dir=out, model=model)
+        return r, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+for path, model in spec["runs"]:
+    run(path, model)
+for _ in range(spec["repeat"]):
+    for path, model in spec["runs"]:
+        r, s = run(path, model)
+        t_ar = r.measurement.indices["T.Ar"]
+        print(json.dumps({"slide": r.name, "model": model, "seconds": s, "t_ar": t_ar}), flush=True)
+"""
+
+
+def ensure_field(folder: Path, phenotype: str, size: int, seed: int) -> Path:
+    """A synthetic field (OME-TIFF, 1 µm/px), written on first use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{phenotype}-{size}-{seed}.ome.tif"
+    if not (folder / f"{phenotype}-{size}-{seed}.truth.json").exists():
+        cmd = ["synth", "--phenotype", phenotype, "--size", str(size), "--pixel-size", "1.0"]
+        subprocess.run([*HISTO, *cmd, "--seed", str(seed), "--out", str(path)], check=True)
+    return path
+
+
+def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) -> list[dict]:
+    root = Path(path).resolve()
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}"}
+    spec = json.dumps({"runs": runs, "repeat": repeat})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, spec], env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        raise SystemExit(f"{label}: child failed: {proc.stderr.strip().splitlines()[-1:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [{**row, "tree": label} for row in rows]
+
+
+def summarise(rows: list[dict]) -> None:
+    """Median seconds and MP/s per (slide, model, tree)."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["slide"], r["model"], r["tree"]), []).append(r)
+    print("slide  model  tree  runs  median s (range)  median MP/s")
+    for (slide, model, tree), runs in sorted(groups.items()):
+        secs = [r["seconds"] for r in runs]
+        rate = statistics.median(r["t_ar"] / r["seconds"] for r in runs)
+        print(
+            f"{slide}  {model}  {tree}  {len(runs)}  {statistics.median(secs):.2f} "
+            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", action="append", required=True, metavar="LABEL=PATH")
+    parser.add_argument("--out", type=Path, default=Path("bench-out") / "per-slide")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each slide (3)")
+    parser.add_argument("--rounds", type=int, default=2, help="children per tree, interleaved")
+    parser.add_argument("--table", action="store_true", help="print recorded results only")
+    args = parser.parse_args()
+    results = args.out / "results.jsonl"
+    if not args.table:
+        slides = args.out / "slides"
+        tiny = ensure_field(slides, "oc-rich", 256, 1)
+        fields = [ensure_field(slides, p, 2048, s) for p, s in (("oc-rich", 7), ("normal", 3))]
+        runs = [(str(tiny), "classical")] + [(str(f), "default") for f in fields]
+        trees = [t.partition("=")[::2] for t in args.tree]
+        for _ in range(args.rounds):
+            for label, path in trees:
+                print(f"{label} ...", flush=True)
+                for row in run_tree(label, path, runs, args.repeat):
+                    with open(results, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+    summarise([json.loads(line) for line in results.read_text().splitlines() if line])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

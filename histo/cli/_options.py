@@ -1,0 +1,46 @@
+"""Options shared by several commands: pixel size, model, region of interest, reference ranges."""
+
+from __future__ import annotations
+
+import argparse
+
+#: --roi of the commands that analyse slides
+SLIDE_ROI_HELP = "region of interest: GeoJSON polygons in level-0 pixels of the slide (x, y)"
+
+
+def add_pixel_size(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--pixel-size UM`` (float, default None)."""
+    parser.add_argument("--pixel-size", type=float, default=None, metavar="UM", help=help)
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME|PATH`` (default: the shipped network)."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="NAME|PATH",
+        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
+    )
+
+
+def add_roi_and_ranges(parser: argparse.ArgumentParser, roi_help: str = SLIDE_ROI_HELP) -> None:
+    """``--roi FILE`` and ``--ranges JSON``."""
+    parser.add_argument("--roi", default=None, metavar="GEOJSON", help=roi_help)
+    parser.add_argument(
+        "--ranges",
+        default=None,
+        metavar="JSON",
+        help="reference ranges from 'histo calibrate' (default: built-in ranges)",
+    )
+
+
+def check_roi_and_ranges(args: argparse.Namespace) -> None:
+    """Fail before any slide runs when the --roi GeoJSON or the --ranges file is unusable."""
+    if args.roi:
+        from histo.io.roi import geojson_rings
+
+        geojson_rings(args.roi)
+    if args.ranges:
+        from histo.phenotype import load_ranges
+
+        load_ranges(args.ranges)
