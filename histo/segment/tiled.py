@@ -933,13 +933,41 @@ def _segment_strip(
         release_free_memory(slack_mb=TRIM_SLACK_MB)
 
 
-def _final_rows(schedule: TileSchedule, strip: Strip, row_align: int) -> FinalRows:
-    """The buffer of a strip's final rows, allocated once: at most a stride and a margin
-    below the labelled rows, a margin or the rows awaiting a whole band of ``row_align``
-    above them, plus one row of tiles."""
-    s = schedule
-    cap = min(s.height, s.stride + s.margin_px + max(s.margin_px, row_align - 1) + s.tile_px)
-    return FinalRows(cap, strip.x1 - strip.x0)
+def _segment_strips(
+    schedule: TileSchedule,
+    feed: TileFeed,
+    outputs: LabelOutputs,
+    pixel_size_um: float,
+    n_outputs: int,
+    ticker: _TileTicker,
+) -> ObjectCounts:
+    """Segment the schedule's strips one after the other, each handing the next what its
+    objects left in the next one's columns; returns the numbers of objects labelled."""
+    counts = ObjectCounts()
+    handover = StripHandover()
+    for k, strip in enumerate(schedule.strips):
+        s = schedule
+        # final rows: at most a stride and a margin below the labelled rows, a margin or the
+        # rows awaiting a whole band of row_align above them, plus one row of tiles
+        margin, row_align = s.margin_px, outputs.row_align
+        capacity = min(s.height, s.stride + margin + max(margin, row_align - 1) + s.tile_px)
+        rows = FinalRows(capacity, strip.x1 - strip.x0)
+        export = k + 1 < len(s.strips)
+        labeller = BandLabeller(rows, strip, s, pixel_size_um, outputs, counts, handover, export)
+        _segment_strip(strip, s, feed, labeller, n_outputs, ticker)
+        handover = labeller.handover or StripHandover()
+        del rows, labeller
+        release_free_memory()  # the strip's buffers
+    return counts
+
+
+def _tiling(tile_px: int, overlap_px: int) -> tuple[int, int]:
+    """Tile side and overlap as segment_slide uses them (the overlap at most half a tile)."""
+    tile_px = int(tile_px)
+    overlap_px = int(max(0, min(overlap_px, tile_px // 2)))
+    if tile_px - overlap_px <= 0:
+        raise ValueError("segment_slide: overlap_px must be smaller than tile_px")
+    return tile_px, overlap_px
 
 
 def segment_slide(
@@ -999,28 +1027,16 @@ def segment_slide(
         model = load_model(model)
     read, slide_shape = _reader(source, shape, model)
     px = float(model.working_pixel_size_um)
-    tile_px = int(tile_px)
-    overlap_px = int(max(0, min(overlap_px, tile_px // 2)))
-    if tile_px - overlap_px <= 0:
-        raise ValueError("segment_slide: overlap_px must be smaller than tile_px")
+    tile_px, overlap_px = _tiling(tile_px, overlap_px)
     outputs = LabelOutputs(sink, slide_shape)
     align = outputs.col_align if outputs.col_align > 1 else STRIP_ALIGN
     strip_cols = STRIP_COLS if strip_cols is None else int(strip_cols)
     schedule = TileSchedule.plan(slide_shape, tile_px, overlap_px, px, strip_cols, align)
-    n_outputs = int(getattr(model, "n_outputs", 6))
     ticker = _TileTicker(progress, cancel, schedule.n_tiles)
-    counts = ObjectCounts()
-    handover = StripHandover()
     feed = TileFeed(read, model, schedule, tissue)
     try:
-        for k, strip in enumerate(schedule.strips):
-            rows = _final_rows(schedule, strip, outputs.row_align)
-            export = k + 1 < len(schedule.strips)
-            labeller = BandLabeller(rows, strip, schedule, px, outputs, counts, handover, export)
-            _segment_strip(strip, schedule, feed, labeller, n_outputs, ticker)
-            handover = labeller.handover or StripHandover()
-            del rows, labeller
-            release_free_memory()  # the strip's buffers
+        n_outputs = int(getattr(model, "n_outputs", 6))
+        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker)
     finally:
         feed.close()
     return SegmentationResult(
