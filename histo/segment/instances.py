@@ -518,6 +518,31 @@ class _OsteoclastRegion:
     owned: bool  #: the band owns it (labels it); others are flooded alongside only
 
 
+class _BlockOsteoclasts(NamedTuple):
+    """Every class-3 component a column block holds, with band-wide marker ids."""
+
+    regions: list[_OsteoclastRegion]
+    keys: np.ndarray  #: order keys of the marker ids the block numbered
+    next_id: int  #: first marker id free after this block
+
+
+class _BlockOsteocytes(NamedTuple):
+    """The owned lacunae a column block holds."""
+
+    keys: np.ndarray  #: order keys of the kept ones
+    pieces: list[SparsePiece]  #: their labels 1..n in the order of the keys
+    specks: list[_Speck]  #: the removed ones
+    owned: list[tuple[Box, np.ndarray]]  #: owned pixels (bool) by box, if asked for
+
+
+class _KeptCells(NamedTuple):
+    """The kept osteoclasts of a class-3 region: its box, watershed labels and kept ids."""
+
+    box: Box
+    labels: np.ndarray
+    ids: np.ndarray
+
+
 @dataclass
 class _BlockObjects:
     """The objects a column block holds (see :func:`_label_block`)."""
@@ -624,7 +649,7 @@ def _number_markers(
 
 def _block_osteoclasts(
     cmw: np.ndarray, cew: np.ndarray, band: _Band, win: _BlockWindow, next_id: int
-) -> tuple[list[_OsteoclastRegion], np.ndarray, int] | None:
+) -> _BlockOsteoclasts | None:
     """Every class-3 component the block holds (owned or not) with its markers, their order
     keys and the next free marker id; None if the window must be widened."""
     n_cc, cc, stats = _components(cmw == OSTEOCLAST)
@@ -633,17 +658,15 @@ def _block_osteoclasts(
         return None
     ids, comp_keys = held
     if not ids.size:
-        return [], np.zeros(0, np.int64), next_id
+        return _BlockOsteoclasts([], np.zeros(0, np.int64), next_id)
     seeds = _seed_components(cmw, cew, 12)
     regions, seeded = _osteoclast_regions(cc, stats, ids, comp_keys, cew, seeds, band, win.x0)
     del cc
     keys, next_id = _number_markers(regions, seeds, seeded, win.x0, next_id)
-    return regions, keys, next_id
+    return _BlockOsteoclasts(regions, keys, next_id)
 
 
-def _block_osteocytes(
-    cmw: np.ndarray, band: _Band, win: _BlockWindow
-) -> tuple[np.ndarray, list[SparsePiece], list[_Speck], list] | None:
+def _block_osteocytes(cmw: np.ndarray, band: _Band, win: _BlockWindow) -> _BlockOsteocytes | None:
     """The owned lacunae the block holds: order keys of the kept ones, their labels (sparse,
     1..n in key order), the removed specks and the owned pixels; None if the window must be
     widened.
@@ -689,7 +712,7 @@ def _block_osteocytes(
                     specks.append(_Speck(box, idx.astype(np.int32)))
             if band.want_owned:
                 owned_boxes.append((box, owned[c]))
-    return keys[keep[ids]], pieces, specks, owned_boxes
+    return _BlockOsteocytes(keys[keep[ids]], pieces, specks, owned_boxes)
 
 
 def _label_block(
@@ -712,8 +735,15 @@ def _label_block(
     osteocytes = _block_osteocytes(cmw, band, win)
     if osteocytes is None:
         return None
-    regions, oc_keys, next_id = osteoclasts
-    return _BlockObjects(regions, oc_keys, next_id, *osteocytes)
+    return _BlockObjects(
+        osteoclasts.regions,
+        osteoclasts.keys,
+        osteoclasts.next_id,
+        osteocytes.keys,
+        osteocytes.pieces,
+        osteocytes.specks,
+        osteocytes.owned,
+    )
 
 
 @dataclass
@@ -798,10 +828,10 @@ def _decide_osteoclasts(
     found: _BandObjects,
     band: _Band,
     owned_mask: np.ndarray | None,
-) -> list[tuple[Box, np.ndarray, np.ndarray]]:
+) -> list[_KeptCells]:
     """One watershed over every class-3 component of the band (as on the whole window), then
-    the decisions on the owned ones: their kept cells as ``(box, watershed labels, kept
-    ids)``; the rest are added to ``found.specks``."""
+    the decisions on the owned ones: their kept cells; the removed ones are added to
+    ``found.specks``."""
     regions = found.osteoclasts
     if not any(region.owned for region in regions):
         return []
@@ -825,16 +855,14 @@ def _decide_osteoclasts(
         if owned_mask is not None:
             owned_mask[rows, cols] |= comp
         if keep.any():
-            kept.append((region.box, lab, ids[keep]))
+            kept.append(_KeptCells(region.box, lab, ids[keep]))
     return kept
 
 
-def _number_osteoclasts(
-    kept: list[tuple[Box, np.ndarray, np.ndarray]], keys: np.ndarray, offset: int, target: Any
-) -> int:
+def _number_osteoclasts(kept: list[_KeptCells], keys: np.ndarray, offset: int, target: Any) -> int:
     """Write the kept osteoclasts into ``target`` numbered in the order of their markers'
     keys from ``offset + 1``; returns how many."""
-    all_ids = np.concatenate([ids for _, _, ids in kept]) if kept else np.zeros(0, np.int32)
+    all_ids = np.concatenate([k.ids for k in kept]) if kept else np.zeros(0, np.int32)
     order = np.argsort(keys[all_ids], kind="stable")
     rank = np.empty(all_ids.size, np.int32)
     rank[order] = np.arange(1, all_ids.size + 1, dtype=np.int32)
