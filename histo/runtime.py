@@ -104,8 +104,8 @@ def tune_gc() -> bool:
 
 
 def import_in_background(module: str) -> None:
-    """Start importing ``module`` in a daemon thread, to overlap a slow import (torch ~1.3 s,
-    matplotlib ~0.5 s) with other work. A later ``import`` of it in another thread waits for
+    """Start importing ``module`` in a daemon thread, to overlap a slow import (torch,
+    matplotlib) with other work. A later ``import`` of it in another thread waits for
     this one to finish (Python's import lock is per module); an import error is left for that
     later import to report."""
     import importlib

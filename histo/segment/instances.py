@@ -20,9 +20,8 @@ from histo.classes import BONE, OSTEOCLAST, OSTEOCYTE
 #: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 120.0
 #: smallest osteocyte lacuna kept, µm² (lacunae are ~8-12 x 4-6 µm, i.e. 25-55 µm²; 20 leaves
-#: room for lacunae cut off-centre). Chosen on the validation seeds (osteocyte F1 0.928 at 12,
-#: 0.938 at 20; higher floors score better still on synthetic slides but would drop small real
-#: lacunae): models/evaluation/validation/postprocessing.md
+#: room for lacunae cut off-centre; higher floors would drop small real lacunae). Chosen on the
+#: validation seeds: models/evaluation/validation/postprocessing.md
 MIN_OSTEOCYTE_AREA_UM2 = 20.0
 #: centre-map level above which pixels seed an osteoclast (the map is 1 at a cell's centre)
 CENTRE_SEED_LEVEL = 0.25
@@ -120,7 +119,7 @@ def _components(mask: np.ndarray) -> Components:
     """8-connected components: (count incl. background, labels int32, stats).
 
     The same as ``cv2.connectedComponentsWithStats`` (labels and its stats array: left, top,
-    width, height, area of each component, row 0 the background), ~4x faster on sparse masks:
+    width, height, area of each component, row 0 the background), faster on sparse masks:
     OpenCV's statistics cost several times its labelling, so the boxes and areas are taken
     from the foreground pixels only (``cv2.findNonZero``); masks denser than
     :data:`DENSE_COMPONENTS` use OpenCV's statistics.
