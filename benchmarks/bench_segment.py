@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from histo.runtime import tune_gc, tune_malloc
     from histo.segment import load_model, segment_slide
     from histo.synth import make_section
 
+    # the process settings of the ``histo`` command (this script is an entry point too)
+    tune_malloc()
+    tune_gc()
     torch.set_num_threads(args.threads)
     half = args.size // 2
     sec = make_section(

@@ -60,9 +60,14 @@ def child(mode: str, width: int, model_name: str) -> dict:
 
     import numpy as np
 
+    from histo.runtime import tune_gc, tune_malloc
     from histo.segment import load_model, segment_slide
     from histo.segment.instances import label_band
     from histo.synth import make_section
+
+    # the process settings of the ``histo`` command (the child is an entry point too)
+    tune_malloc()
+    tune_gc()
 
     model = load_model(model_name)
     n_cls = int(getattr(model, "n_outputs", 6)) - 1

@@ -1,19 +1,22 @@
-"""Process settings that make histo fast on Linux: the C allocator (glibc malloc).
+"""Process-wide settings for the processes histo runs in on its own, and heap trimming.
 
-A slide's analysis allocates and frees arrays of a few to tens of MB many times a second in
-several threads (the network's tiles, blending, labelling, zarr's codec threads). glibc's
-defaults then cost a lot of kernel time: every thread gets an arena of its own whose heaps are
-shrunk and grown again (page faults on every reuse). Measured on an 8192² slide on 2 cores
-(``histo analyze``, wall time, peak RSS, minor page faults):
+Only entry points call the ``tune_*`` functions: the ``histo`` command's ``main`` and the
+set-up of a ``histo batch`` dask worker. The library never changes process-wide state on
+import or inside its calls, so it behaves the same inside napari, a notebook or someone
+else's dask worker. What the entry points change:
 
-- defaults: 17.7-20.2 s, 950-990 MiB, 0.7-1.0 M faults;
-- two arenas (``MALLOC_ARENA_MAX=2``): 16.4-18.4 s, 750-890 MiB, 0.3-0.6 M faults;
-- dask's worker default ``MALLOC_TRIM_THRESHOLD_=65536``: 35.2 s, 9.6 M faults. Setting any
-  trim threshold freezes glibc's mmap threshold at 128 kB, so every array is a fresh
-  ``mmap`` whose pages fault in one by one.
+- glibc malloc (:func:`tune_malloc`): a slide's analysis allocates and frees arrays of a few
+  to tens of MB many times a second in several threads; with glibc's defaults every thread
+  gets an arena of its own whose heaps are shrunk and grown again (a page fault on every
+  reuse), and dask's worker default ``MALLOC_TRIM_THRESHOLD_`` freezes the mmap threshold so
+  that every array is a fresh ``mmap`` whose pages fault in one by one. Two arenas, and that
+  threshold undone, make an analysis faster and smaller (docs/performance.md);
+- heap trimming (:func:`allow_heap_trim`, switched on by :func:`tune_malloc`): the library asks
+  for the heap's free pages to be given back between the phases of an analysis
+  (:func:`release_free_memory`); the call does nothing unless an entry point allowed it;
+- Python's cyclic garbage collector (:func:`tune_gc`).
 
-:func:`tune_malloc` applies the first (and undoes the effect of the second) in a running
-process; :data:`WORKER_ENV` is the environment histo gives the dask workers it starts.
+:data:`WORKER_ENV` is the environment histo gives the dask workers it starts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ WORKER_ENV = {"MALLOC_ARENA_MAX": str(ARENA_MAX)}
 
 
 def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
-    """Limit glibc to :data:`ARENA_MAX` arenas and undo a small trim threshold.
+    """Limit glibc to :data:`ARENA_MAX` arenas, undo a small trim threshold and allow the
+    library to trim the heap between phases (:func:`allow_heap_trim`). For entry points only.
 
     Settings already given in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``)
     are left alone. Call it early, before threads allocate: arenas already made stay. Does
@@ -54,6 +58,7 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
     mallopt = _mallopt()
     if mallopt is None:
         return []
+    allow_heap_trim()
     applied = []
     if "MALLOC_ARENA_MAX" not in environ and mallopt(_M_ARENA_MAX, ARENA_MAX) == 1:
         applied.append(f"M_ARENA_MAX={ARENA_MAX}")
@@ -80,13 +85,14 @@ GC_THRESHOLD = 50_000
 
 def tune_gc() -> bool:
     """Run Python's cyclic garbage collector less often: raise the youngest generation's
-    threshold to :data:`GC_THRESHOLD` (a threshold already higher is kept).
+    threshold to :data:`GC_THRESHOLD` (a threshold already higher is kept). For entry points
+    only.
 
     Labelling and measuring make and drop millions of small tuples, lists and arrays; with
     the default threshold the collector runs thousands of times an analysis and walks every
-    live object in the older generations (~1 s of CPU on an 8192² slide, ~6 %: 17.5-19.3 s
-    -> 16.2-17.6 s side by side). Histo's data hold no reference cycles that need prompt
-    collection. Returns whether the threshold was raised.
+    live object in the older generations (a few % of an analysis, docs/performance.md).
+    Histo's data hold no reference cycles that need prompt collection. Returns whether the
+    threshold was raised.
     """
     import gc
 
@@ -98,8 +104,8 @@ def tune_gc() -> bool:
 
 
 def import_in_background(module: str) -> None:
-    """Start importing ``module`` in a daemon thread, to overlap a slow import (torch ~1.3 s,
-    matplotlib ~0.5 s) with other work. A later ``import`` of it in another thread waits for
+    """Start importing ``module`` in a daemon thread, to overlap a slow import (torch,
+    matplotlib) with other work. A later ``import`` of it in another thread waits for
     this one to finish (Python's import lock is per module); an import error is left for that
     later import to report."""
     import importlib
@@ -115,8 +121,16 @@ def import_in_background(module: str) -> None:
         threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
 
 
+def allow_heap_trim(allowed: bool = True) -> None:
+    """Let :func:`release_free_memory` trim the heap (off until an entry point allows it:
+    in a process histo shares, such as napari's, the heap is the host's to manage)."""
+    global _HEAP_TRIM_ALLOWED
+    _HEAP_TRIM_ALLOWED = bool(allowed)
+
+
 def release_free_memory(slack_mb: float = 0.0) -> bool:
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``).
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``), if an entry
+    point allowed it (:func:`allow_heap_trim`).
 
     A long analysis frees arrays of many sizes in several threads; glibc keeps the freed pages
     of the middle of its heaps resident until they are reused, so a process's resident memory
@@ -126,11 +140,11 @@ def release_free_memory(slack_mb: float = 0.0) -> bool:
     Pages given back fault in again when reused (the network's tiles reuse the same sizes):
     with ``slack_mb`` > 0 the heap is trimmed only once the resident memory has grown by more
     than that since the last trim (or since the lowest point after it, when memory was freed
-    in between). Returns whether it trimmed (False off glibc).
+    in between). Returns whether it trimmed (False when not allowed and off glibc).
     """
     global _RSS_AFTER_TRIM
     libc = _libc()
-    if libc is None:
+    if libc is None or not _HEAP_TRIM_ALLOWED:
         return False
     if slack_mb > 0 and _RSS_AFTER_TRIM is not None:
         rss = resident_bytes()
@@ -154,6 +168,7 @@ def resident_bytes() -> int | None:
 
 
 _RSS_AFTER_TRIM: int | None = None  # resident bytes right after the last malloc_trim
+_HEAP_TRIM_ALLOWED = False  # set by an entry point (allow_heap_trim)
 
 
 def _libc():

@@ -120,6 +120,9 @@ class NetworkSegmenter(Segmenter):
     faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
     (bfloat16 when the CPU supports it, else float32). ``None`` reads the ``HISTO_PRECISION``
     environment variable (default "auto"). Scores are float32 either way.
+
+    Torch's thread count is process-wide: the entry points set it (``torch.set_num_threads``),
+    never the segmenter.
     """
 
     def __init__(
@@ -127,7 +130,6 @@ class NetworkSegmenter(Segmenter):
         net,
         working_pixel_size_um: float = 1.0,
         name: str = "unet",
-        threads: int | None = None,
         precision: str | None = None,
     ):
         import torch
@@ -138,15 +140,12 @@ class NetworkSegmenter(Segmenter):
         self.name = name
         self.working_pixel_size_um = float(working_pixel_size_um)
         self.n_outputs = int(net.config.n_outputs)
-        self.threads = threads
         self.parameters = sum(p.numel() for p in net.parameters())  # as trained
         self.net = fuse_for_inference(net.eval()).to(memory_format=torch.channels_last)
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
         rgb = np.asarray(rgb)[..., :3]
         h, w = rgb.shape[:2]
         ph, pw = (-h) % 16, (-w) % 16

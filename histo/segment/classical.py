@@ -49,6 +49,16 @@ def _bounded(mask: np.ndarray) -> np.ndarray:
     return inner[lab]
 
 
+def _trap_positive(
+    hue: np.ndarray, sat: np.ndarray, val: np.ndarray, tissue: np.ndarray
+) -> np.ndarray:
+    """TRAP+ pixels: red to red-violet hue (degrees), saturated, not pale, in tissue."""
+    red_hue = (hue >= 290) | (hue <= 12)
+    trap = red_hue & (sat > 0.18) & (val < 0.75) & tissue
+    trap = cv2.morphologyEx(trap.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+    return cv2.morphologyEx(trap.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)) > 0
+
+
 class ClassicalSegmenter(Segmenter):
     """Threshold-and-morphology baseline (see module docstring).
 
@@ -78,36 +88,41 @@ class ClassicalSegmenter(Segmenter):
     def classify(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W) uint8 class map of one RGB field at the working resolution."""
         rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3], dtype=np.uint8)
-        px = self.working_pixel_size_um
-        a = px * px  # µm² per pixel
-        od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-        od_sum = od.sum(-1)
+        od_sum = (-np.log((rgb.astype(np.float32) + 1.0) / 256.0)).sum(-1)  # optical density
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
         hue = hsv[..., 0].astype(np.int16) * 2  # degrees
         sat = hsv[..., 1].astype(np.float32) / 255.0
         val = hsv[..., 2].astype(np.float32) / 255.0
+        glass = self._glass(od_sum, sat)
+        tissue = ~glass
+        trap = _trap_positive(hue, sat, val, tissue)
+        bone, bone_filled = self._bone(od_sum, tissue, trap)
+        osteoclast = self._osteoclasts(trap, bone_filled)
+        lacuna = self._lacunae(od_sum, bone, bone_filled)
+        cm = np.full(rgb.shape[:2], MARROW, np.uint8)
+        cm[glass] = BACKGROUND
+        cm[bone_filled] = BONE
+        cm[lacuna] = OSTEOCYTE
+        cm[osteoclast] = OSTEOCLAST
+        return cm
 
-        # 1. glass
+    def _glass(self, od_sum: np.ndarray, sat: np.ndarray) -> np.ndarray:
+        """Bright, unsaturated pixels in large regions (adipocytes enclosed by tissue are
+        small: they stay tissue)."""
+        px = self.working_pixel_size_um
         smooth_od = cv2.GaussianBlur(od_sum, (0, 0), 2.0 / px)
         smooth_sat = cv2.GaussianBlur(sat, (0, 0), 2.0 / px)
         bright = (smooth_od < 0.45) & (smooth_sat < 0.07)
-        glass = _remove_small(bright, self.glass_min_um2 / a)
-        # regions enclosed by tissue and small are adipocytes: already removed by size
-        tissue = ~glass
+        return _remove_small(bright, self.glass_min_um2 / (px * px))
 
-        # 2. TRAP+ (red to red-violet, saturated, not pale)
-        red_hue = (hue >= 290) | (hue <= 12)
-        trap = red_hue & (sat > 0.18) & (val < 0.75) & tissue
-        trap = (
-            cv2.morphologyEx(trap.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
-        )
-        trap = (
-            cv2.morphologyEx(trap.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)) > 0
-        )
-
-        # 3. bone vs marrow by texture
+    def _bone(
+        self, g: np.ndarray, tissue: np.ndarray, trap: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bone by texture: smooth matrix against the dense nuclei of marrow. Returns the
+        bone and the bone with its small holes filled (lacunae), TRAP+ pixels left out."""
+        px = self.working_pixel_size_um
+        a = px * px  # µm² per pixel
         s = self.texture_sigma_um / px
-        g = od_sum
         # normalised convolution: TRAP+ cells and glass do not count in a pixel's texture
         wmask = (tissue & ~trap).astype(np.float32)
         norm = cv2.GaussianBlur(wmask, (0, 0), s) + 1e-4
@@ -117,26 +132,31 @@ class ClassicalSegmenter(Segmenter):
         local_cv = np.log(np.sqrt(np.maximum(sq - mean * mean, 0)) / (mean + 0.05) + 1e-3)
         region = tissue & ~trap
         # a fixed threshold (not Otsu per field) keeps the result independent of the tiling
-        t = float(np.log(self.smooth_cv))
-        smooth = region & (local_cv < t)
+        smooth = region & (local_cv < float(np.log(self.smooth_cv)))
         k = max(1, int(round(4 / px)))
         ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
         bone = cv2.morphologyEx(smooth.astype(np.uint8), cv2.MORPH_OPEN, ker) > 0
         bone = cv2.morphologyEx(bone.astype(np.uint8), cv2.MORPH_CLOSE, ker) > 0
         bone &= tissue
         bone = _remove_small(bone, 400.0 / a)
-        bone_filled = _fill_small_holes(bone, 800.0 / a) & ~trap
+        return bone, _fill_small_holes(bone, 800.0 / a) & ~trap
 
-        # TRAP+ objects: big enough and touching bone
+    def _osteoclasts(self, trap: np.ndarray, bone_filled: np.ndarray) -> np.ndarray:
+        """TRAP+ objects big enough and touching bone."""
+        px = self.working_pixel_size_um
+        a = px * px
         trap = _remove_small(trap, self.min_osteoclast_um2 / a)
         near_bone = cv2.dilate(bone_filled.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
         n, lab = cv2.connectedComponents(trap.astype(np.uint8), connectivity=8)
         touching = np.zeros(n, bool)
         touching[np.unique(lab[trap & near_bone])] = True
         touching[0] = False
-        osteoclast = touching[lab]
+        return touching[lab]
 
-        # 4. lacunae: blobs in bone off the local bone colour
+    def _lacunae(self, g: np.ndarray, bone: np.ndarray, bone_filled: np.ndarray) -> np.ndarray:
+        """Blobs in bone off the local bone colour, of a lacuna's size."""
+        px = self.working_pixel_size_um
+        a = px * px
         inside = cv2.erode(bone_filled.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         bg = cv2.medianBlur(
             np.clip(g * 80, 0, 255).astype(np.uint8), max(3, int(round(15 / px)) | 1)
@@ -150,14 +170,7 @@ class ClassicalSegmenter(Segmenter):
         area = stats[:, cv2.CC_STAT_AREA] * a
         ok = (area >= self.lacuna_min_um2) & (area <= self.lacuna_max_um2)
         ok[0] = False
-        lacuna = ok[lab] & bone_filled
-
-        cm = np.full(rgb.shape[:2], MARROW, np.uint8)
-        cm[glass] = BACKGROUND
-        cm[bone_filled] = BONE
-        cm[lacuna] = OSTEOCYTE
-        cm[osteoclast] = OSTEOCLAST
-        return cm
+        return ok[lab] & bone_filled
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         cm = self.classify(rgb)

@@ -1,54 +1,56 @@
 """Tiled inference over slides of any size: overlap, tapered blending, seam-free instances.
 
 The slide (at the model's working resolution) is cut into tiles of ``tile_px`` with
-``overlap_px`` shared between neighbours. Each tile's scores (class probabilities and the
-osteoclast centre map) are multiplied by a separable cosine taper that falls towards the tile's
-edges and summed into a band buffer one row of tiles high; a pixel's final score is the
+``overlap_px`` shared between neighbours (:class:`TileSchedule`). Each tile's scores (class
+probabilities and the osteoclast centre map) are multiplied by a separable cosine taper that
+falls towards the tile's edges and summed (:class:`RowBlender`); a pixel's final score is the
 weighted mean of every tile that saw it, so there is no seam where tiles meet.
 
 Rows of pixels become final as soon as the next row of tiles has been added. Objects
 (osteoclasts, osteocyte lacunae) are labelled on these final rows with a margin of
-``MARGIN_UM`` µm of context above and below: every object belongs to the band that holds its
-top row, so it is labelled exactly once, whole, with a slide-wide label, whatever the tile size.
+``MARGIN_UM`` µm of context above and below (:class:`BandLabeller`): every object belongs to
+the band that holds its top row, so it is labelled exactly once, whole, with a slide-wide
+label, whatever the tile size. Finished rows go to the output arrays (:class:`LabelOutputs`).
 
 Slides wider than ``STRIP_COLS`` are segmented in column strips (:func:`strip_layout`), one
 after the other, each top to bottom on the slide's own tile grid with a few tiles of context
 either side: the class map is the one a whole-width run gives, an object belongs to the strip
 that holds its leftmost column, and a strip hands the next one the labels and removed specks
-of its objects that reach into the next one's columns. Memory therefore depends neither on
-the slide's height nor on its width. Within a strip, per column it is small (~6 kB at
-the default tiling): the accumulator is one tile wide (a window that slides along the row of
-tiles) plus the blended sums of the ``overlap_px`` rows shared with the next row of tiles at
-full width (float32, ``n_outputs`` of them; their weights are recomputed, not kept); the final
-rows waiting to be labelled or written (two margins, a stride and a tile high, plus up to a
-sink chunk's height of rows waiting for whole rows of chunks) are kept as one byte per
-pixel (the class and, in the upper bits, the best class among 0-2 that a removed speck
-becomes); the centre map, read only at osteoclast pixels, is kept as sparse pieces of those
-pixels' values; labels of objects not yet written out are kept as sparse pieces; objects are
-labelled in column blocks, on their bounding boxes (:func:`histo.segment.instances.label_band`).
-Results are written into the sink (numpy or zarr arrays) band by band.
+of its objects that reach into the next one's columns (:class:`StripHandover`). Memory
+therefore depends neither on the slide's height nor on its width. Within a strip, per column
+it is small (a few kB at the default tiling): the accumulator is one tile wide (a window that
+slides along the row of tiles) plus the blended sums of the ``overlap_px`` rows shared with
+the next row of tiles at full width (float32, ``n_outputs`` of them; their weights are
+recomputed, not kept); the final rows waiting to be labelled or written (:class:`FinalRows`:
+two margins, a stride and a tile high, plus up to a sink chunk's height of rows waiting for
+whole rows of chunks) are kept as one byte per pixel (the class and, in the upper bits, the
+best class among 0-2 that a removed speck becomes); the centre map, read only at osteoclast
+pixels, is kept as sparse pieces of those pixels' values; labels of objects not yet written
+out are kept as sparse pieces; objects are labelled in column blocks, on their bounding boxes
+(:func:`histo.segment.instances.label_band`).
 
 Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread and scored by
-the network ``LOOKAHEAD_TILES`` ahead in another, so that the network keeps the cores busy while
-the main thread blends and labels (a constant ~120 MB in flight). Bands are written to the sink
-on whole rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned
-between rows of tiles once they add up to ``TRIM_SLACK_MB``
+the network ``LOOKAHEAD_TILES`` ahead in another (:class:`TileFeed`), so that the network keeps
+the cores busy while the main thread blends and labels. Bands are written to the sink on whole
+rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned between
+rows of tiles once they add up to ``TRIM_SLACK_MB``
 (:func:`histo.runtime.release_free_memory`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
 from histo.runtime import release_free_memory
-from histo.segment.instances import ALT_SHIFT, bone_contact_px, label_band
+from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
 #: context kept above and below a band when labelling objects (µm); larger than any cell
 MARGIN_UM = 256.0
@@ -59,6 +61,24 @@ TRIM_SLACK_MB = 128
 BLEND_COLS = 2048
 #: columns written to the sink at a time (rounded up to the sink's column alignment)
 FLUSH_COLS = 2048
+#: tiles whose scores are computed ahead (in a background thread) while the main thread blends
+#: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
+#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px; none for a tile
+#: of glass). 0: no thread.
+LOOKAHEAD_TILES = 8
+#: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
+READ_AHEAD_TILES = 4
+#: a sink whose chunks are larger than this (rows, columns) is written in bands of any height
+#: or pieces of FLUSH_COLS (holding rows for a chunk's height costs more than rewriting chunks)
+MAX_WRITE_BLOCK = (2048, 8192)
+#: widest column strip segmented at a time (working px): a wider slide is cut into strips of
+#: about equal width (owned columns), each segmented top to bottom with a context of
+#: columns on either side, so that memory does not grow with the slide's width. Each border
+#: between strips costs about 1.5 tiles of context per row of tiles (computed by both
+#: strips); narrower strips trade speed for a lower peak (docs/performance.md)
+STRIP_COLS = 12288
+#: strips' owned columns start on multiples of this when the sink has no chunks (numpy)
+STRIP_ALIGN = 1024
 _CLASS_BITS = np.uint8((1 << ALT_SHIFT) - 1)
 
 
@@ -140,6 +160,9 @@ def _reader(
     return read_array, (int(arr.shape[0]), int(arr.shape[1]))
 
 
+# ----------------------------------------------------------------------------- sparse pieces
+
+
 def _shift_up(a: np.ndarray, k: int, n: int) -> None:
     """Move rows ``[k, k + n)`` of ``a`` to ``[0, n)`` in place, without a temporary copy."""
     step = max(1, min(k, 64))
@@ -148,9 +171,15 @@ def _shift_up(a: np.ndarray, k: int, n: int) -> None:
         a[j:e] = a[k + j : k + e]
 
 
-def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int32) -> np.ndarray:
+def _last_row(piece: SparsePiece) -> int:
+    return piece.row + int(piece.index[-1]) // piece.width
+
+
+def _paint(
+    pieces: list[SparsePiece], r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int32
+) -> np.ndarray:
     """Rows [r0, r1) and columns [c0, c1) of a label image (or any image, 0 elsewhere) from
-    sparse pieces ``(row, col, w, flat_index, values)`` (slide rows and columns)."""
+    sparse pieces (slide rows and columns)."""
     out = np.zeros((r1 - r0, c1 - c0), dtype)
     for y0, x0, w, idx, vals in pieces:
         if y0 >= r1 or x0 >= c1 or x0 + w <= c0 or y0 + int(idx[-1]) // w < r0:
@@ -163,40 +192,209 @@ def _paint(pieces: list, r0: int, r1: int, c0: int, c1: int, dtype: Any = np.int
     return out
 
 
-def _prune(pieces: list, r1: int) -> None:
+def _prune(pieces: list[SparsePiece], r1: int) -> None:
     """Remove the pieces that end above row ``r1``."""
-    pieces[:] = [p for p in pieces if p[0] + int(p[3][-1]) // p[2] >= r1]
+    pieces[:] = [p for p in pieces if _last_row(p) >= r1]
 
 
-def _trim(pieces: list, r1: int) -> None:
+def _trim(pieces: list[SparsePiece], r1: int) -> None:
     """Remove the rows above ``r1`` from sparse pieces (and the pieces left empty)."""
     out = []
-    for y0, x0, w, idx, vals in pieces:
-        if y0 >= r1:
-            out.append((y0, x0, w, idx, vals))
+    for p in pieces:
+        if p.row >= r1:
+            out.append(p)
             continue
-        k = int(np.searchsorted(idx, (r1 - y0) * w))
-        if k < idx.size:
-            out.append((r1, x0, w, idx[k:] - np.int32((r1 - y0) * w), vals[k:].copy()))
+        k = int(np.searchsorted(p.index, (r1 - p.row) * p.width))
+        if k < p.index.size:
+            index = p.index[k:] - np.int32((r1 - p.row) * p.width)
+            out.append(SparsePiece(r1, p.col, p.width, index, p.values[k:].copy()))
     pieces[:] = out
 
 
-def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
-    """``labels`` (int32, >= 0) as the sink's unsigned 32-bit type if it has one (a view: the
-    sink need not check and convert the values)."""
-    dtype = getattr(out, "dtype", None)
-    if dtype is not None and np.dtype(dtype) == np.uint32:
-        return labels.view(np.uint32)
-    return labels
+def _shift_cols(piece: SparsePiece, dx: int) -> SparsePiece:
+    """A sparse piece moved ``dx`` columns."""
+    return piece._replace(col=piece.col + int(dx))
 
 
-#: tiles whose scores are computed ahead (in a background thread) while the main thread blends
-#: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
-#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px; none for a tile
-#: of glass). 0: no thread.
-LOOKAHEAD_TILES = 8
-#: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
-READ_AHEAD_TILES = 4
+def _crop_cols(piece: SparsePiece, c0: int) -> SparsePiece | None:
+    """The part of a sparse piece at columns >= ``c0`` (None if there is none)."""
+    y0, x0, w, idx, vals = piece
+    if x0 + w <= c0:
+        return None
+    if x0 >= c0:
+        return piece
+    rows, cols = np.divmod(idx, w)
+    sel = cols >= c0 - x0
+    if not sel.any():
+        return None
+    nw = x0 + w - c0
+    nidx = (rows[sel] * nw + (cols[sel] - (c0 - x0))).astype(np.int32)
+    return SparsePiece(y0, c0, nw, nidx, vals[sel].copy())
+
+
+# ----------------------------------------------------------------------------- tile schedule
+
+
+def _starts(n: int, tile: int, stride: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile + stride, stride))
+
+
+@dataclass(frozen=True)
+class Strip:
+    """A column strip of a slide: the columns it segments and the columns it owns.
+
+    Attributes
+    ----------
+    x0, x1
+        Columns ``[x0, x1)`` segmented (the owned ones and their context), slide px.
+    own0, own1
+        Columns ``[own0, own1)`` owned: written by this strip, with the objects whose leftmost
+        column lies there.
+    xs
+        Tile starts (slide columns), a run of the whole slide's tile grid.
+    """
+
+    x0: int
+    x1: int
+    own0: int
+    own1: int
+    xs: tuple[int, ...]
+
+
+def _strip_bounds(width: int, n: int, align: int, min_width: int) -> list[int]:
+    """Owned-column borders of ``n`` strips of about equal width on multiples of ``align``,
+    dropping a border that would leave a strip narrower than ``min_width``."""
+    bounds = [0]
+    for k in range(1, n):
+        b = int(round(k * width / n / align)) * align
+        if min(b - bounds[-1], width - b) >= min_width:
+            bounds.append(b)
+    bounds.append(width)
+    return bounds
+
+
+def strip_layout(
+    width: int,
+    tile_px: int,
+    overlap_px: int,
+    margin_px: int,
+    strip_cols: int = STRIP_COLS,
+    align: int = STRIP_ALIGN,
+    contact_px: int = 3,
+) -> list[Strip]:
+    """Column strips of a slide ``width`` px wide, each owning at most about ``strip_cols``.
+
+    The owned columns start on multiples of ``align`` (the sink's chunk columns, so that no
+    chunk is written by two strips). A strip segments the tiles of the slide's own tile grid
+    (:func:`_starts`) from the last one that starts at least ``overlap_px + contact_px`` left
+    of its owned columns to the first whose scores reach ``margin_px + contact_px`` past
+    them: a pixel's blended scores are the same as in a whole-width run wherever every
+    tile that covers it is in the strip with its tapers (all but the ``overlap_px`` columns at
+    either side), so the class map is identical over the owned columns, the objects they own
+    (which reach at most ``margin_px`` to the right) and the bone the contact rule looks at.
+    One strip (the whole width, no context) when ``width <= strip_cols``.
+    """
+    stride = tile_px - overlap_px
+    xs = _starts(width, tile_px, stride)
+    n = max(1, math.ceil(width / max(1, int(strip_cols))))
+    # the first and last overlap_px columns of a strip differ from a whole-width run
+    left_ctx = overlap_px + contact_px + 2
+    right_ctx = margin_px + contact_px + 2
+    bounds = _strip_bounds(width, n, max(1, int(align)), left_ctx + right_ctx)
+    strips = []
+    for own0, own1 in zip(bounds[:-1], bounds[1:], strict=True):
+        # (the first strip starts at the slide's edge: no tile starts left of it)
+        i0 = max((i for i, x in enumerate(xs) if x <= own0 - left_ctx), default=0)
+        if own1 == width:
+            i1 = len(xs) - 1
+        else:
+            cands = [i for i, x in enumerate(xs) if x + stride >= own1 + right_ctx]
+            i1 = cands[0] if cands else len(xs) - 1
+        x1 = min(width, xs[i1] + tile_px)
+        strips.append(Strip(xs[i0], x1, own0, own1, tuple(xs[i0 : i1 + 1])))
+    return strips
+
+
+class TileJob(NamedTuple):
+    """One tile: top row, left column, height and width (slide px at the working resolution)."""
+
+    y: int
+    x: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class TileSchedule:
+    """Where the tiles of a slide lie and in which order they are segmented.
+
+    Attributes
+    ----------
+    height, width
+        The slide at the working resolution (px).
+    tile_px, overlap_px
+        Tile side and the pixels shared by neighbouring tiles.
+    margin_px
+        Context above and below a band of rows when labelling objects.
+    ys
+        Tile starts (rows), the same for every strip.
+    strips
+        Column strips (:func:`strip_layout`), segmented one after the other.
+    """
+
+    height: int
+    width: int
+    tile_px: int
+    overlap_px: int
+    margin_px: int
+    ys: tuple[int, ...]
+    strips: tuple[Strip, ...]
+
+    @classmethod
+    def plan(
+        cls,
+        shape: tuple[int, int],
+        tile_px: int,
+        overlap_px: int,
+        pixel_size_um: float,
+        strip_cols: int,
+        align: int,
+    ) -> TileSchedule:
+        """The schedule of a slide of ``shape`` (px at ``pixel_size_um`` µm/px)."""
+        height, width = shape
+        margin = int(math.ceil(MARGIN_UM / pixel_size_um))
+        contact = bone_contact_px(pixel_size_um)
+        strips = strip_layout(width, tile_px, overlap_px, margin, strip_cols, align, contact)
+        ys = _starts(height, tile_px, tile_px - overlap_px)
+        return cls(height, width, tile_px, overlap_px, margin, tuple(ys), tuple(strips))
+
+    @property
+    def stride(self) -> int:
+        return self.tile_px - self.overlap_px
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.ys) * sum(len(st.xs) for st in self.strips)
+
+    def jobs(self) -> list[TileJob]:
+        """Every strip's tiles, strip after strip, row after row (slide columns)."""
+        t, h, w = self.tile_px, self.height, self.width
+        return [
+            TileJob(y, x, min(t, h - y), min(t, w - x))
+            for st in self.strips
+            for y in self.ys
+            for x in st.xs
+        ]
+
+    def row_taper(self, iy: int) -> np.ndarray:
+        """Blending weights along the rows of the tiles of row ``iy``."""
+        th = min(self.tile_px, self.height - self.ys[iy])
+        return taper(th, self.overlap_px, at_start=iy > 0, at_end=iy < len(self.ys) - 1)
+
+
+# ----------------------------------------------------------------------------- tile feed
 
 
 class _Lookahead:
@@ -206,8 +404,6 @@ class _Lookahead:
     def __init__(
         self, compute: Callable[..., Any], jobs: list, depth: int, name: str = "histo-tiles"
     ) -> None:
-        from collections import deque
-
         self.compute = compute
         self.jobs = iter(jobs)
         self.depth = int(depth)
@@ -239,9 +435,59 @@ class _Lookahead:
             self.pool = None
 
 
-#: a sink whose chunks are larger than this (rows, columns) is written in bands of any height
-#: or pieces of FLUSH_COLS (holding rows for a chunk's height costs more than rewriting chunks)
-MAX_WRITE_BLOCK = (2048, 8192)
+class TileFeed:
+    """The scores of a schedule's tiles, in its order: ``(n_outputs, h, w)`` float32, or None
+    for a tile of glass (no tissue within ``overlap_px`` on the tissue mask; not read).
+
+    Tiles are read (and decoded) in one thread and scored in another while the caller blends:
+    the three stages overlap, and reading and decoding release the GIL while the network runs.
+    """
+
+    def __init__(
+        self, read: Callable, model: Any, schedule: TileSchedule, tissue: Any = None
+    ) -> None:
+        self._read = read
+        self._model = model
+        self._tissue = tissue
+        self._overlap = schedule.overlap_px
+        self._px = float(model.working_pixel_size_um)
+        jobs = schedule.jobs()
+        self._reads = _Lookahead(self._read_tile, jobs, READ_AHEAD_TILES, "histo-read")
+        self._scores = _Lookahead(self._score_tile, jobs, LOOKAHEAD_TILES)
+
+    def _has_tissue(self, y: int, x: int, th: int, tw: int) -> bool:
+        if self._tissue is None:
+            return True
+        f = self._px / float(self._tissue.pixel_size_um)  # working px -> mask px
+        m = np.asarray(self._tissue.mask)
+        ov = self._overlap
+        y0, x0 = max(0, int((y - ov) * f) - 1), max(0, int((x - ov) * f) - 1)
+        y1 = int(math.ceil((y + th + ov) * f)) + 1
+        x1 = int(math.ceil((x + tw + ov) * f)) + 1
+        return bool(m[y0:y1, x0:x1].any())
+
+    def _read_tile(self, y: int, x: int, th: int, tw: int) -> np.ndarray | None:
+        return self._read(y, x, th, tw) if self._has_tissue(y, x, th, tw) else None
+
+    def _score_tile(self, y: int, x: int, th: int, tw: int) -> np.ndarray | None:
+        rgb = self._reads.next()
+        if rgb is None:
+            # glass: no scores kept (a queue of glass tiles, filled at once, would hold
+            # LOOKAHEAD_TILES x 14 MB of zeros); blended as background
+            return None
+        return self._model.predict_scores(rgb)  # (n_out, th, tw)
+
+    def next(self) -> np.ndarray | None:
+        """The next tile's scores."""
+        return self._scores.next()
+
+    def close(self) -> None:
+        """Stop the threads (first the scorer: its running job may wait for a tile's read)."""
+        self._scores.close()
+        self._reads.close()
+
+
+# ----------------------------------------------------------------------------- sink
 
 
 def _write_block(*arrays: Any) -> tuple[int, int]:
@@ -258,113 +504,470 @@ def _write_block(*arrays: Any) -> tuple[int, int]:
     return (rows if rows <= max_rows else 1), (cols if cols <= max_cols else 1)
 
 
-def _starts(n: int, tile: int, stride: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    return list(range(0, n - tile + stride, stride))
+def _as_sink_dtype(out: Any, labels: np.ndarray) -> np.ndarray:
+    """``labels`` (int32, >= 0) as the sink's unsigned 32-bit type if it has one (a view: the
+    sink need not check and convert the values)."""
+    dtype = getattr(out, "dtype", None)
+    if dtype is not None and np.dtype(dtype) == np.uint32:
+        return labels.view(np.uint32)
+    return labels
 
 
-#: widest column strip segmented at a time (working px): a wider slide is cut into strips of
-#: about equal width (owned columns), each segmented top to bottom with a context of
-#: columns on either side, so that memory does not grow with the slide's width. Each border
-#: between strips costs about 1.5 tiles of context per row of tiles (computed by both strips).
-#: (8192 made 32768² 12-22 % slower for 17-97 MiB less peak, 2 runs; models/README.md, Memory)
-STRIP_COLS = 12288
-#: strips' owned columns start on multiples of this when the sink has no chunks (numpy)
-STRIP_ALIGN = 1024
+class LabelOutputs:
+    """The class map and the two instance-label images a segmentation writes, and how.
 
-
-@dataclass(frozen=True)
-class Strip:
-    """A column strip of a slide: the columns it segments and the columns it owns.
-
-    Attributes
-    ----------
-    x0, x1
-        Columns ``[x0, x1)`` segmented (the owned ones and their context), slide px.
-    own0, own1
-        Columns ``[own0, own1)`` owned: written by this strip, with the objects whose leftmost
-        column lies there.
-    xs
-        Tile starts (slide columns), a run of the whole slide's tile grid.
+    Rows are written in bands that start on multiples of ``row_align`` and pieces of
+    ``flush_cols`` columns on multiples of ``col_align``: the sink's chunks are then written
+    whole, once (a zarr chunk written in two parts is decoded and compressed twice).
     """
 
-    x0: int
-    x1: int
-    own0: int
-    own1: int
-    xs: tuple[int, ...]
+    def __init__(self, sink: Mapping[str, Any] | None, shape: tuple[int, int]) -> None:
+        sink = dict(sink or {})
+        self.class_map = sink.get("class_map")
+        self.osteoclasts = sink.get("osteoclasts")
+        self.osteocytes = sink.get("osteocytes")
+        if self.class_map is None:
+            self.class_map = np.zeros(shape, np.uint8)
+        if self.osteoclasts is None:
+            self.osteoclasts = np.zeros(shape, np.int32)
+        if self.osteocytes is None:
+            self.osteocytes = np.zeros(shape, np.int32)
+        self.row_align, self.col_align = _write_block(
+            self.class_map, self.osteoclasts, self.osteocytes
+        )
+        self.flush_cols = -(-FLUSH_COLS // self.col_align) * self.col_align
+
+    def write(
+        self,
+        rows: slice,
+        x0: int,
+        cols: tuple[int, int],
+        classes: np.ndarray,
+        osteoclasts: list[SparsePiece],
+        osteocytes: list[SparsePiece],
+    ) -> None:
+        """Write slide ``rows`` at strip columns ``[cols[0], cols[1])`` (the strip's column
+        0 is slide column ``x0``) in tile-shaped pieces (memory does not grow with width).
+
+        ``classes`` holds those rows of the strip (packed class bytes); the labels come from
+        sparse pieces (slide rows, strip columns)."""
+        r0, r1 = rows.start, rows.stop
+        for c0 in range(cols[0], cols[1], self.flush_cols):
+            c1 = min(cols[1], c0 + self.flush_cols)
+            cols_out = slice(x0 + c0, x0 + c1)
+            self.class_map[rows, cols_out] = classes[:, c0:c1] & _CLASS_BITS
+            for out, pending in ((self.osteoclasts, osteoclasts), (self.osteocytes, osteocytes)):
+                labels = _paint(pending, r0, r1, c0, c1)
+                out[rows, cols_out] = _as_sink_dtype(out, labels)
+                del labels
 
 
-def strip_layout(
-    width: int,
-    tile_px: int,
-    overlap_px: int,
-    margin_px: int,
-    strip_cols: int = STRIP_COLS,
-    align: int = STRIP_ALIGN,
-    contact_px: int = 3,
-) -> list[Strip]:
-    """Column strips of a slide ``width`` px wide, each owning at most about ``strip_cols``.
+# ----------------------------------------------------------------------------- blending
 
-    The owned columns start on multiples of ``align`` (the sink's chunk columns, so that no
-    chunk is written by two strips). A strip segments the tiles of the slide's own tile grid
-    (:func:`_starts`) from the last one that starts at least ``overlap_px + contact_px`` left
-    of its owned columns to the first whose scores reach ``margin_px + contact_px`` past
-    them: a pixel's blended scores are the same as in a whole-width run wherever every
-    tile that covers it is in the strip with its tapers (all but the ``overlap_px`` columns at
-    either side), so the class map is identical over the owned columns, the objects they own
-    (which reach at most ``margin_px`` to the right) and the bone the contact rule looks at.
-    One strip (the whole width, no context) when ``width <= strip_cols``.
+
+class FinalRows:
+    """Final rows of a strip not yet written out: slide rows ``[y0, y0 + n)``.
+
+    ``classes`` is allocated once (``capacity`` rows): one byte per pixel, the class in the
+    low bits and the best class among 0-2 (what a removed speck becomes) from bit
+    ``ALT_SHIFT`` (see :func:`histo.segment.instances.label_band`). The centre map is read only
+    at class-3 pixels: it is kept as sparse pieces (slide rows, strip columns) of those
+    pixels' values.
     """
-    stride = tile_px - overlap_px
-    xs = _starts(width, tile_px, stride)
-    n = max(1, math.ceil(width / max(1, int(strip_cols))))
-    # the first and last overlap_px columns of a strip differ from a whole-width run
-    left_ctx = overlap_px + contact_px + 2
-    right_ctx = margin_px + contact_px + 2
-    align = max(1, int(align))
-    bounds = [0]
-    for k in range(1, n):
-        b = int(round(k * width / n / align)) * align
-        # every strip wider than the context its neighbours reach into it
-        if min(b - bounds[-1], width - b) >= left_ctx + right_ctx:
-            bounds.append(b)
-    bounds.append(width)
-    strips = []
-    for own0, own1 in zip(bounds[:-1], bounds[1:], strict=True):
-        # (the first strip starts at the slide's edge: no tile starts left of it)
-        i0 = max((i for i, x in enumerate(xs) if x <= own0 - left_ctx), default=0)
-        if own1 == width:
-            i1 = len(xs) - 1
+
+    def __init__(self, capacity: int, width: int) -> None:
+        self.classes = np.zeros((capacity, width), np.uint8)
+        self.centre: list[SparsePiece] = []
+        self.y0 = 0
+        self.n = 0
+
+    def drop_before(self, row: int) -> None:
+        """Forget the rows above slide row ``row``."""
+        k = max(0, row - self.y0)
+        if k > 0:
+            n_keep = self.n - k
+            _shift_up(self.classes, k, n_keep)
+            self.classes[n_keep : self.n] = 0
+            self.n = n_keep
+            self.y0 += k
+            _trim(self.centre, self.y0)
+
+
+class RowBlender:
+    """Blends the tiles of one strip, a row of tiles at a time, into :class:`FinalRows`.
+
+    The accumulator of a row of tiles holds one tile's columns (a window that slides along
+    the row; a column leaves it, blended, once no later tile of the row covers it). The rows
+    shared with the next row of tiles (the overlap) are carried over at the strip's width;
+    their blending weights are not carried but summed again in the same order (they depend
+    only on the tiling). Every pixel sums the same terms in the same order as a full-width
+    accumulator would, so the result is identical.
+    """
+
+    def __init__(
+        self, schedule: TileSchedule, strip: Strip, n_outputs: int, rows: FinalRows
+    ) -> None:
+        self.schedule = schedule
+        self.rows = rows
+        self.n_cls = n_outputs - 1
+        self.width = strip.x1 - strip.x0
+        self.xs = [x - strip.x0 for x in strip.xs]
+        tile_px = schedule.tile_px
+        n_rows = min(tile_px, schedule.height)
+        self.win = np.zeros((n_outputs, n_rows, min(tile_px, self.width)), np.float32)
+        self.win_w = np.zeros((n_rows, min(tile_px, self.width)), np.float32)
+        self.n_carry = max(0, n_rows - schedule.stride) if len(schedule.ys) > 1 else 0
+        self.carry = np.zeros((n_outputs, self.n_carry, self.width), np.float32)
+        self.wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
+        self.acc_y0 = 0  # slide row of the current row of tiles' first final row
+
+    def start_row(self, iy: int) -> None:
+        """Begin row of tiles ``iy``."""
+        s = self.schedule
+        self.wy = s.row_taper(iy)
+        last = iy == len(s.ys) - 1
+        self.n_final = (s.height - self.acc_y0) if last else (s.ys[iy + 1] - self.acc_y0)
+        self.rows_in = self.n_carry if iy > 0 else 0  # rows carried into this row of tiles
+        self.rows_out = self.n_carry if not last else 0  # rows carried to the next one
+        self.r0 = self.rows.n  # buffer row of this row's first final pixel
+        self.win_x0 = self.win_x1 = 0  # window columns holding data: [win_x0, win_x1)
+
+    def _col_taper(self, ix: int) -> np.ndarray:
+        tw = min(self.schedule.tile_px, self.width - self.xs[ix])
+        return taper(tw, self.schedule.overlap_px, at_start=ix > 0, at_end=ix < len(self.xs) - 1)
+
+    def open_tile(self, ix: int) -> None:
+        """Slide the window to tile ``ix``: blend the columns left of it (final)."""
+        x = self.xs[ix]
+        tw = min(self.schedule.tile_px, self.width - x)
+        win_x0, win_x1 = self.win_x0, self.win_x1
+        if x > win_x0:
+            self._finish(win_x0, min(x, win_x1))
+            keep = max(0, win_x1 - x)
+            if keep:
+                self.win[:, :, :keep] = self.win[:, :, x - win_x0 : win_x1 - win_x0].copy()
+                self.win_w[:, :keep] = self.win_w[:, x - win_x0 : win_x1 - win_x0].copy()
+            win_x0, win_x1 = x, max(x, win_x1)
+        if x + tw > win_x1:
+            # columns entering the window start from the rows carried over
+            a, b = win_x1 - win_x0, x + tw - win_x0
+            self.win[:, :, a:b] = 0
+            self.win_w[:, a:b] = 0
+            if self.rows_in:
+                self.win[:, : self.rows_in, a:b] = self.carry[:, : self.rows_in, win_x1 : x + tw]
+                self.win_w[: self.rows_in, a:b] = self._carried_weight(win_x1, x + tw)
+            win_x1 = x + tw
+        self.win_x0, self.win_x1 = win_x0, win_x1
+
+    def add_tile(self, ix: int, scores: np.ndarray | None) -> None:
+        """Add tile ``ix``'s scores (None: glass, a score of 1 for background) with its taper."""
+        x = self.xs[ix]
+        th, tw = self.wy.size, min(self.schedule.tile_px, self.width - x)
+        wt = self.wy[:, None] * self._col_taper(ix)[None, :]
+        a = x - self.win_x0
+        if scores is None:
+            self.win[0, :th, a : a + tw] += wt
         else:
-            cands = [i for i, x in enumerate(xs) if x + stride >= own1 + right_ctx]
-            i1 = cands[0] if cands else len(xs) - 1
-        x1 = min(width, xs[i1] + tile_px)
-        strips.append(Strip(xs[i0], x1, own0, own1, tuple(xs[i0 : i1 + 1])))
-    return strips
+            self.win[:, :th, a : a + tw] += scores * wt
+        self.win_w[:th, a : a + tw] += wt
+
+    def finish_row(self) -> int:
+        """Blend the rest of the row of tiles; returns the slide row up to which rows are final."""
+        self._finish(self.win_x0, self.win_x1)
+        self.wy_prev = self.wy
+        self.rows.n = self.r0 + self.n_final
+        self.acc_y0 += self.n_final
+        return self.acc_y0
+
+    def _carried_weight(self, c0: int, c1: int) -> np.ndarray:
+        """Blending weights of the carried rows at columns [c0, c1): the sums the previous
+        row of tiles made, redone in the same order."""
+        out = np.zeros((self.n_carry, c1 - c0), np.float32)
+        rows = self.wy_prev[self.wy_prev.size - self.n_carry :]
+        for ix, x in enumerate(self.xs):
+            tw = min(self.schedule.tile_px, self.width - x)
+            lo, hi = max(c0, x), min(c1, x + tw)
+            if lo < hi:
+                wx = self._col_taper(ix)
+                out[:, lo - c0 : hi - c0] += rows[:, None] * wx[None, lo - x : hi - x]
+        return out
+
+    def _finish(self, c0: int, c1: int) -> None:
+        """Blend window columns [c0, c1) (strip columns; final for this row of tiles) into the
+        final rows and carry their lower ``rows_out`` rows over."""
+        for d0 in range(c0, c1, BLEND_COLS):
+            d1 = min(c1, d0 + BLEND_COLS)
+            a, b = d0 - self.win_x0, d1 - self.win_x0
+            self._blend_columns(a, b, d0)
+            if self.rows_out:
+                rows = slice(self.n_final, self.n_final + self.rows_out)
+                self.carry[:, : self.rows_out, d0:d1] = self.win[:, rows, a:b]
+
+    def _blend_columns(self, a: int, b: int, d0: int) -> None:
+        """Window columns [a, b) (strip columns from ``d0``) to class bytes and the centre map
+        at class-3 pixels."""
+        n = self.n_final
+        win = self.win
+        wsum = np.maximum(self.win_w[:n, a:b], 1e-6)
+        # argmax over the blended classes (the first of equal maxima, as np.argmax), one
+        # class at a time: the best of classes 0-2 first (alt), then of all
+        best = np.divide(win[0, :n, a:b], wsum)
+        score = np.empty_like(best)
+        gt = np.empty(best.shape, bool)
+        cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
+        cm[...] = 0
+        alt = None
+        for k in range(1, self.n_cls):
+            if k == min(3, self.n_cls):
+                alt = cm << np.uint8(ALT_SHIFT)
+            np.divide(win[k, :n, a:b], wsum, out=score)
+            np.greater(score, best, out=gt)
+            np.copyto(cm, np.uint8(k), where=gt)
+            np.maximum(best, score, out=best)
+        if alt is None:
+            alt = cm << np.uint8(ALT_SHIFT)
+        # the centre map at the class-3 pixels only (the only ones label_band reads)
+        ce = np.divide(win[self.n_cls, :n, a:b], wsum, out=score)
+        np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
+        idx = np.flatnonzero(gt)
+        if idx.size:
+            piece = SparsePiece(self.acc_y0, d0, b - a, idx.astype(np.int32), ce.ravel()[idx])
+            self.rows.centre.append(piece)
+        cm |= alt
 
 
-def _shift_cols(piece: tuple, dx: int) -> tuple:
-    """A sparse piece ``(row, col, w, flat_index, values)`` moved ``dx`` columns."""
-    y0, x0, w, idx, vals = piece
-    return (y0, x0 + int(dx), w, idx, vals)
+# ----------------------------------------------------------------------------- labelling
 
 
-def _crop_cols(piece: tuple, c0: int) -> tuple | None:
-    """The part of a sparse piece at columns >= ``c0`` (None if there is none)."""
-    y0, x0, w, idx, vals = piece
-    if x0 + w <= c0:
-        return None
-    if x0 >= c0:
-        return piece
-    rows, cols = np.divmod(idx, w)
-    sel = cols >= c0 - x0
-    if not sel.any():
-        return None
-    nw = x0 + w - c0
-    nidx = (rows[sel] * nw + (cols[sel] - (c0 - x0))).astype(np.int32)
-    return (y0, c0, nw, nidx, vals[sel].copy())
+class SpeckPixels(NamedTuple):
+    """Class-map pixels a strip changed in the next strip's columns (slide px)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class StripHandover:
+    """What a strip found in the next strip's owned columns: labels of its objects (sparse
+    pieces, slide rows and columns) and the class-map pixels of its removed specks, by the
+    band (its last owned row) whose labelling removed them."""
+
+    osteoclasts: list[SparsePiece] = field(default_factory=list)
+    osteocytes: list[SparsePiece] = field(default_factory=list)
+    specks: dict[int, SpeckPixels] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectCounts:
+    """Objects labelled so far in a slide (the next labels start after them)."""
+
+    osteoclasts: int = 0
+    osteocytes: int = 0
+
+
+class BandLabeller:
+    """Labels the objects of a strip's final rows band by band and writes finished rows out.
+
+    A band is ``stride`` rows (the rest of the strip at its end), labelled once ``margin``
+    rows below it are final (:func:`histo.segment.instances.label_band`). Labels wait as sparse
+    pieces until their rows are written (on whole rows of the sink's chunks).
+    """
+
+    def __init__(
+        self,
+        rows: FinalRows,
+        strip: Strip,
+        schedule: TileSchedule,
+        pixel_size_um: float,
+        outputs: LabelOutputs,
+        counts: ObjectCounts,
+        handover: StripHandover,
+        export: bool,
+    ) -> None:
+        self.rows, self.outputs, self.counts = rows, outputs, counts
+        self.px = pixel_size_um
+        self.stride, self.margin = schedule.stride, schedule.margin_px
+        self.x0 = strip.x0
+        width = strip.x1 - strip.x0
+        self.own0, self.own1 = strip.own0 - strip.x0, strip.own1 - strip.x0
+        self.own_cols = None if (self.own0, self.own1) == (0, width) else (self.own0, self.own1)
+        # labels of objects not yet written out (slide rows, strip columns); the left strip's
+        # objects that reach into this one first
+        self.pending_oc = [_shift_cols(p, -strip.x0) for p in handover.osteoclasts]
+        self.pending_ot = [_shift_cols(p, -strip.x0) for p in handover.osteocytes]
+        self.specks_in = handover.specks
+        self.handover = StripHandover() if export else None
+        self.owned_to = 0  # rows [0, owned_to) have had their objects labelled
+        self.flushed_to = 0  # rows [0, flushed_to) have been written to the sink
+
+    def advance(self, final_to: int, at_end: bool) -> None:
+        """Label the bands whose margin is final (rows < ``final_to``), then write the
+        finished rows out and drop the rows no longer needed."""
+        rows, margin = self.rows, self.margin
+        while self.owned_to < final_to and (
+            at_end or final_to - self.owned_to >= self.stride + margin
+        ):
+            own_stop = final_to if at_end else self.owned_to + self.stride
+            self._label(own_stop, final_to)
+            self.owned_to = own_stop
+            # rows above owned_to are now final in every output: write them out, in bands
+            # that end on a multiple of row_align (but for the last)
+            row_align = self.outputs.row_align
+            flush_to = final_to if at_end else own_stop // row_align * row_align
+            if flush_to > self.flushed_to:
+                self._flush(flush_to)
+            # keep the margin rows (context for the next band) and the rows not written out
+            rows.drop_before(min(self.owned_to - margin, self.flushed_to))
+
+    def _label(self, own_stop: int, final_to: int) -> None:
+        """Label the objects of rows [owned_to, own_stop) with context up to ``final_to``."""
+        rows = self.rows
+        w0 = max(rows.y0, self.owned_to - self.margin)
+        w1 = min(final_to, own_stop + self.margin)
+        cm = rows.classes[w0 - rows.y0 : w1 - rows.y0]
+        right = cm[:, self.own1 :].copy() if self.handover is not None else None
+        new_oc: list[SparsePiece] = []
+        new_ot: list[SparsePiece] = []
+        found = label_band(
+            cm,
+            lambda x0, x1: _paint(rows.centre, w0, w1, x0, x1, np.float32),
+            None,
+            self.owned_to - w0,
+            own_stop - w0,
+            self.px,
+            into=(new_oc, new_ot),
+            offsets=(self.counts.osteoclasts, self.counts.osteocytes),
+            own_cols=self.own_cols,
+        )
+        new_oc = [p._replace(row=p.row + w0) for p in new_oc]
+        new_ot = [p._replace(row=p.row + w0) for p in new_ot]
+        self.pending_oc.extend(new_oc)
+        self.pending_ot.extend(new_ot)
+        if self.handover is not None:
+            self._export(new_oc, new_ot, cm, right, w0, own_stop)
+        if own_stop in self.specks_in:
+            # the left strip's specks of this band, removed at the same step as there
+            speck = self.specks_in.pop(own_stop)
+            rows.classes[speck.rows - rows.y0, speck.cols - self.x0] = speck.values
+        self.counts.osteoclasts += found.n_osteoclasts
+        self.counts.osteocytes += found.n_osteocytes
+
+    def _export(
+        self,
+        new_oc: list[SparsePiece],
+        new_ot: list[SparsePiece],
+        cm: np.ndarray,
+        before: np.ndarray,
+        w0: int,
+        own_stop: int,
+    ) -> None:
+        """Hand what this band's objects left in the next strip's columns over (slide px)."""
+        own1, handover = self.own1, self.handover
+        for target, pieces in ((handover.osteoclasts, new_oc), (handover.osteocytes, new_ot)):
+            for p in pieces:
+                p = _crop_cols(p, own1)
+                if p is not None:
+                    target.append(_shift_cols(p, self.x0))
+        rows, cols = np.nonzero(cm[:, own1:] != before)
+        if rows.size:
+            vals = cm[rows, cols + own1]
+            handover.specks[own_stop] = SpeckPixels(rows + w0, cols + own1 + self.x0, vals)
+
+    def _flush(self, flush_to: int) -> None:
+        """Write rows [flushed_to, flush_to) of the owned columns out."""
+        a, b = self.flushed_to - self.rows.y0, flush_to - self.rows.y0
+        self.outputs.write(
+            slice(self.flushed_to, flush_to),
+            self.x0,
+            (self.own0, self.own1),
+            self.rows.classes[a:b],
+            self.pending_oc,
+            self.pending_ot,
+        )
+        _prune(self.pending_oc, flush_to)
+        _prune(self.pending_ot, flush_to)
+        self.flushed_to = flush_to
+
+
+# ----------------------------------------------------------------------------- slide
+
+
+class _TileTicker:
+    """Cancellation before and progress after every tile."""
+
+    def __init__(self, progress: Callable | None, cancel: Callable | None, n_tiles: int) -> None:
+        self.progress, self.cancel, self.n_tiles = progress, cancel, n_tiles
+        self.done = 0
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("segmentation cancelled")
+
+    def tile_done(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done / self.n_tiles, f"segmenting tile {self.done}/{self.n_tiles}")
+
+
+def _segment_strip(
+    strip: Strip,
+    schedule: TileSchedule,
+    feed: TileFeed,
+    labeller: BandLabeller,
+    n_outputs: int,
+    ticker: _TileTicker,
+) -> None:
+    """Blend the strip's tiles row of tiles by row of tiles; label and write as rows finish."""
+    blender = RowBlender(schedule, strip, n_outputs, labeller.rows)
+    for iy in range(len(schedule.ys)):
+        blender.start_row(iy)
+        for ix in range(len(strip.xs)):
+            ticker.check()
+            blender.open_tile(ix)
+            blender.add_tile(ix, feed.next())
+            ticker.tile_done()
+        final_to = blender.finish_row()
+        labeller.advance(final_to, at_end=iy == len(schedule.ys) - 1)
+        # this row's temporaries, freed in the middle of the heap, once they add up
+        release_free_memory(slack_mb=TRIM_SLACK_MB)
+
+
+def _segment_strips(
+    schedule: TileSchedule,
+    feed: TileFeed,
+    outputs: LabelOutputs,
+    pixel_size_um: float,
+    n_outputs: int,
+    ticker: _TileTicker,
+) -> ObjectCounts:
+    """Segment the schedule's strips one after the other, each handing the next what its
+    objects left in the next one's columns; returns the numbers of objects labelled."""
+    counts = ObjectCounts()
+    handover = StripHandover()
+    for k, strip in enumerate(schedule.strips):
+        s = schedule
+        # final rows: at most a stride and a margin below the labelled rows, a margin or the
+        # rows awaiting a whole band of row_align above them, plus one row of tiles
+        margin, row_align = s.margin_px, outputs.row_align
+        capacity = min(s.height, s.stride + margin + max(margin, row_align - 1) + s.tile_px)
+        rows = FinalRows(capacity, strip.x1 - strip.x0)
+        export = k + 1 < len(s.strips)
+        labeller = BandLabeller(rows, strip, s, pixel_size_um, outputs, counts, handover, export)
+        _segment_strip(strip, s, feed, labeller, n_outputs, ticker)
+        handover = labeller.handover or StripHandover()
+        del rows, labeller
+        release_free_memory()  # the strip's buffers
+    return counts
+
+
+def _tiling(tile_px: int, overlap_px: int) -> tuple[int, int]:
+    """Tile side and overlap as segment_slide uses them (the overlap at most half a tile)."""
+    tile_px = int(tile_px)
+    overlap_px = int(max(0, min(overlap_px, tile_px // 2)))
+    if tile_px - overlap_px <= 0:
+        raise ValueError("segment_slide: overlap_px must be smaller than tile_px")
+    return tile_px, overlap_px
 
 
 def segment_slide(
@@ -422,314 +1025,25 @@ def segment_slide(
         from histo.segment import load_model
 
         model = load_model(model)
-    read, (H, W) = _reader(source, shape, model)
+    read, slide_shape = _reader(source, shape, model)
     px = float(model.working_pixel_size_um)
-    tile_px = int(tile_px)
-    overlap_px = int(max(0, min(overlap_px, tile_px // 2)))
-    stride = tile_px - overlap_px
-    if stride <= 0:
-        raise ValueError("segment_slide: overlap_px must be smaller than tile_px")
-    sink = dict(sink or {})
-    out_cm = sink.get("class_map")
-    out_oc = sink.get("osteoclasts")
-    out_ot = sink.get("osteocytes")
-    if out_cm is None:
-        out_cm = np.zeros((H, W), np.uint8)
-    if out_oc is None:
-        out_oc = np.zeros((H, W), np.int32)
-    if out_ot is None:
-        out_ot = np.zeros((H, W), np.int32)
-
-    ys = _starts(H, tile_px, stride)
-    margin = int(math.ceil(MARGIN_UM / px))
-    n_out = int(getattr(model, "n_outputs", 6))
-    n_cls = n_out - 1
-
-    def has_tissue(y: int, x: int, th: int, tw: int) -> bool:
-        if tissue is None:
-            return True
-        f = px / float(tissue.pixel_size_um)  # working px -> mask px
-        m = np.asarray(tissue.mask)
-        y0, x0 = max(0, int((y - overlap_px) * f) - 1), max(0, int((x - overlap_px) * f) - 1)
-        y1, x1 = (
-            int(math.ceil((y + th + overlap_px) * f)) + 1,
-            int(math.ceil((x + tw + overlap_px) * f)) + 1,
-        )
-        return bool(m[y0:y1, x0:x1].any())
-
-    # rows are written out in bands that start on multiples of row_align and pieces of
-    # flush_cols columns on multiples of col_align: the sink's chunks are then written whole,
-    # once (a zarr chunk written in two parts is decoded and compressed twice)
-    row_align, col_align = _write_block(out_cm, out_oc, out_ot)
-    flush_cols = -(-FLUSH_COLS // col_align) * col_align
-    strips = strip_layout(
-        W,
-        tile_px,
-        overlap_px,
-        margin,
-        STRIP_COLS if strip_cols is None else int(strip_cols),
-        col_align if col_align > 1 else STRIP_ALIGN,
-        contact_px=bone_contact_px(px),
-    )
-    n_tiles = len(ys) * sum(len(st.xs) for st in strips)
-    n_oc = n_ot = 0
-    done = 0
-
-    def run_strip(st: Strip, imports: dict, exports: dict | None) -> None:
-        """Segment the columns of strip ``st``; label the objects it owns and write its owned
-        columns. ``imports``: what the strip on the left found in this one's owned columns
-        (labels of its objects, class-map pixels of its removed specks, slide coordinates);
-        ``exports`` receives the same for the strip on the right."""
-        nonlocal n_oc, n_ot, done
-        X0, Wk = st.x0, st.x1 - st.x0
-        xs = [x - X0 for x in st.xs]
-        own0, own1 = st.own0 - X0, st.own1 - X0  # owned columns of the strip
-        own_cols = None if (own0, own1) == (0, Wk) else (own0, own1)
-
-        # blending accumulator of one row of tiles, rows [acc_y0, acc_y0 + R): a window of one
-        # tile's columns [win_x0, win_x0 + tile_px) slides along the row; a column leaves it
-        # (is blended) once no later tile of the row covers it. The rows shared with the next
-        # row of tiles (R - stride, the overlap) are carried over at the strip's width. Every
-        # pixel sums the same terms in the same order as a full-width accumulator would, so the
-        # result is identical.
-        R = min(tile_px, H)
-        win = np.zeros((n_out, R, min(tile_px, Wk)), np.float32)
-        win_w = np.zeros((R, min(tile_px, Wk)), np.float32)
-        n_carry = max(0, R - stride) if len(ys) > 1 else 0
-        carry = np.zeros((n_out, n_carry, Wk), np.float32)
-        # (their blending weights are not carried: they depend only on the tiling, and are
-        # summed again in the same order, see carried_weight)
-        acc_y0 = 0
-        # final rows not yet written: rows [buf_y0, buf_y0 + buf_n), in a buffer allocated
-        # once (kept between rows of tiles: at most a stride and a margin below the labelled
-        # rows, a margin or the rows awaiting a whole band of row_align above them; plus one
-        # row of tiles). One byte per pixel: the class in the low bits, the best class among
-        # 0-2 (what a removed speck becomes) from bit ALT_SHIFT (see label_band). The centre
-        # map is read only at class-3 pixels: it is kept as sparse pieces (slide rows) of
-        # those pixels' values.
-        cap = min(H, stride + margin + max(margin, row_align - 1) + tile_px)
-        buf_cm = np.zeros((cap, Wk), np.uint8)
-        centre_pieces: list = []
-        # labels of objects not yet written out, as sparse pieces (see label_band) in slide
-        # rows and strip columns; the left strip's objects that reach into this one first
-        pend_oc: list = [_shift_cols(p, -X0) for p in imports.get("oc", ())]
-        pend_ot: list = [_shift_cols(p, -X0) for p in imports.get("ot", ())]
-        specks_in: dict = imports.get("specks", {})
-        buf_y0 = 0
-        buf_n = 0
-        owned_to = 0  # rows [0, owned_to) have had their objects labelled
-        flushed_to = 0  # rows [0, flushed_to) have been written to the sink
-
-        def label_and_flush(final_to: int, at_end: bool) -> None:
-            """Label objects of bands whose margin is available, then flush finished rows."""
-            nonlocal buf_y0, buf_n, owned_to, flushed_to, n_oc, n_ot
-            while owned_to < final_to and (at_end or final_to - owned_to >= stride + margin):
-                own_stop = final_to if at_end else owned_to + stride
-                w0 = max(buf_y0, owned_to - margin)
-                w1 = min(final_to, own_stop + margin)
-                a, b = w0 - buf_y0, w1 - buf_y0
-                cm = buf_cm[a:b]
-                new_oc: list = []
-                new_ot: list = []
-
-                def centre(x0: int, x1: int, w0: int = w0, w1: int = w1) -> np.ndarray:
-                    return _paint(centre_pieces, w0, w1, x0, x1, np.float32)
-
-                right = cm[:, own1:].copy() if exports is not None else None
-                _, _, _, k_oc, k_ot = label_band(
-                    cm,
-                    centre,
-                    None,
-                    owned_to - w0,
-                    own_stop - w0,
-                    px,
-                    into=(new_oc, new_ot),
-                    offsets=(n_oc, n_ot),
-                    own_cols=own_cols,
-                )
-                new_oc = [(y0 + w0, *rest) for y0, *rest in new_oc]
-                new_ot = [(y0 + w0, *rest) for y0, *rest in new_ot]
-                pend_oc.extend(new_oc)
-                pend_ot.extend(new_ot)
-                if exports is not None:
-                    # what this band's objects left in the next strip's columns
-                    for key, pieces in (("oc", new_oc), ("ot", new_ot)):
-                        for p in pieces:
-                            p = _crop_cols(p, own1)
-                            if p is not None:
-                                exports[key].append(_shift_cols(p, X0))
-                    rows, cols = np.nonzero(cm[:, own1:] != right)
-                    if rows.size:
-                        vals = cm[rows, cols + own1]
-                        exports["specks"][own_stop] = (rows + w0, cols + own1 + X0, vals)
-                    del right
-                if own_stop in specks_in:
-                    # the left strip's specks of this band, removed at the same step as there
-                    rows, cols, vals = specks_in.pop(own_stop)
-                    buf_cm[rows - buf_y0, cols - X0] = vals
-                n_oc += k_oc
-                n_ot += k_ot
-                owned_to = own_stop
-                # rows above owned_to are now final in every output: write them out, in bands
-                # that end on a multiple of row_align (but for the last)
-                flush_to = final_to if at_end else owned_to // row_align * row_align
-                if flush_to > flushed_to:
-                    a, b = flushed_to - buf_y0, flush_to - buf_y0
-                    # tile-shaped writes of FLUSH_COLS columns (memory does not grow with width)
-                    for c0 in range(own0, own1, flush_cols):
-                        c1 = min(own1, c0 + flush_cols)
-                        rows_out = slice(flushed_to, flush_to)
-                        cols_out = slice(X0 + c0, X0 + c1)
-                        out_cm[rows_out, cols_out] = buf_cm[a:b, c0:c1] & _CLASS_BITS
-                        for out, pend in ((out_oc, pend_oc), (out_ot, pend_ot)):
-                            labels = _paint(pend, flushed_to, flush_to, c0, c1)
-                            out[rows_out, cols_out] = _as_sink_dtype(out, labels)
-                            del labels
-                    _prune(pend_oc, flush_to)
-                    _prune(pend_ot, flush_to)
-                    flushed_to = flush_to
-                keep_from = max(0, min(owned_to - margin, flushed_to) - buf_y0)
-                # keep the margin rows (context for the next band) and the rows not written out
-                # yet, drop the rest
-                if keep_from > 0:
-                    n_keep = buf_n - keep_from
-                    _shift_up(buf_cm, keep_from, n_keep)
-                    buf_cm[n_keep:buf_n] = 0
-                    buf_n = n_keep
-                    buf_y0 += keep_from
-                    _trim(centre_pieces, buf_y0)
-
-        def carried_weight(wy_prev: np.ndarray, c0: int, c1: int) -> np.ndarray:
-            """Blending weights of the carried rows at columns [c0, c1): the sums the previous
-            row of tiles made (``wy_prev``: its row taper), redone in the same order."""
-            out = np.zeros((n_carry, c1 - c0), np.float32)
-            rows = wy_prev[wy_prev.size - n_carry :]
-            for ix, x in enumerate(xs):
-                tw = min(tile_px, Wk - x)
-                lo, hi = max(c0, x), min(c1, x + tw)
-                if lo < hi:
-                    wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
-                    out[:, lo - c0 : hi - c0] += rows[:, None] * wx[None, lo - x : hi - x]
-            return out
-
-        def finish(c0: int, c1: int, win_x0: int, n_final: int, rows_out: int, r0: int) -> None:
-            """Blend window columns [c0, c1) (strip columns; final for this row of tiles) into
-            buffer rows [r0, r0 + n_final) and carry their lower ``rows_out`` rows over."""
-            r1 = r0 + n_final
-            for d0 in range(c0, c1, BLEND_COLS):
-                d1 = min(c1, d0 + BLEND_COLS)
-                a, b = d0 - win_x0, d1 - win_x0
-                wsum = np.maximum(win_w[:n_final, a:b], 1e-6)
-                # argmax over the blended classes (the first of equal maxima, as np.argmax),
-                # one class at a time: the best of classes 0-2 first (alt), then of all
-                best = np.divide(win[0, :n_final, a:b], wsum)
-                score = np.empty_like(best)
-                gt = np.empty(best.shape, bool)
-                cm = buf_cm[r0:r1, d0:d1]
-                cm[...] = 0
-                alt = None
-                for k in range(1, n_cls):
-                    if k == min(3, n_cls):
-                        alt = cm << np.uint8(ALT_SHIFT)
-                    np.divide(win[k, :n_final, a:b], wsum, out=score)
-                    np.greater(score, best, out=gt)
-                    np.copyto(cm, np.uint8(k), where=gt)
-                    np.maximum(best, score, out=best)
-                if alt is None:
-                    alt = cm << np.uint8(ALT_SHIFT)
-                # the centre map at the class-3 pixels only (the only ones label_band reads)
-                ce = np.divide(win[n_cls, :n_final, a:b], wsum, out=score)
-                np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
-                idx = np.flatnonzero(gt)
-                if idx.size:
-                    centre_pieces.append(
-                        (acc_y0, d0, d1 - d0, idx.astype(np.int32), ce.ravel()[idx])
-                    )
-                cm |= alt
-                del best, score, gt, wsum, alt, idx
-                if rows_out:
-                    carry[:, :rows_out, d0:d1] = win[:, n_final : n_final + rows_out, a:b]
-
-        wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
-        for iy, y in enumerate(ys):
-            th = min(tile_px, H - y)
-            wy = taper(th, overlap_px, at_start=iy > 0, at_end=iy < len(ys) - 1)
-            last = iy == len(ys) - 1
-            n_final = (H - acc_y0) if last else (ys[iy + 1] - acc_y0)
-            rows_in = n_carry if iy > 0 else 0  # rows carried into this row of tiles
-            rows_out = n_carry if not last else 0  # rows carried to the next one
-            r0, r1 = buf_n, buf_n + n_final  # buffer rows of this row's final pixels
-            win_x0 = win_x1 = 0  # window columns holding data: [win_x0, win_x1)
-
-            for ix, x in enumerate(xs):
-                if cancel is not None and cancel():
-                    raise Cancelled("segmentation cancelled")
-                tw = min(tile_px, Wk - x)
-                # columns left of x are final; slide the window to start at x
-                if x > win_x0:
-                    finish(win_x0, min(x, win_x1), win_x0, n_final, rows_out, r0)
-                    keep = max(0, win_x1 - x)
-                    if keep:
-                        win[:, :, :keep] = win[:, :, x - win_x0 : win_x1 - win_x0].copy()
-                        win_w[:, :keep] = win_w[:, x - win_x0 : win_x1 - win_x0].copy()
-                    win_x0, win_x1 = x, max(x, win_x1)
-                if x + tw > win_x1:
-                    # columns entering the window start from the rows carried over
-                    a, b = win_x1 - win_x0, x + tw - win_x0
-                    win[:, :, a:b] = 0
-                    win_w[:, a:b] = 0
-                    if rows_in:
-                        win[:, :rows_in, a:b] = carry[:, :rows_in, win_x1 : x + tw]
-                        win_w[:rows_in, a:b] = carried_weight(wy_prev, win_x1, x + tw)
-                    win_x1 = x + tw
-                scores = ahead.next()
-                wx = taper(tw, overlap_px, at_start=ix > 0, at_end=ix < len(xs) - 1)
-                wt = wy[:, None] * wx[None, :]
-                a = x - win_x0
-                if scores is None:  # glass: score 1 for background, 0 for the rest
-                    win[0, :th, a : a + tw] += wt
-                else:
-                    win[:, :th, a : a + tw] += scores * wt
-                win_w[:th, a : a + tw] += wt
-                done += 1
-                if progress is not None:
-                    progress(done / n_tiles, f"segmenting tile {done}/{n_tiles}")
-            finish(win_x0, win_x1, win_x0, n_final, rows_out, r0)
-            wy_prev = wy
-            buf_n = r1
-            acc_y0 += n_final
-            label_and_flush(acc_y0, at_end=last)
-            # this row's temporaries, freed in the middle of the heap, once they add up
-            release_free_memory(slack_mb=TRIM_SLACK_MB)
-
-    def read_tile(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
-        return read(y, x, th, tw) if has_tissue(y, x, th, tw) else None
-
-    def tile_scores(y: int, x: int, th: int, tw: int) -> np.ndarray | None:
-        rgb = reads.next()
-        if rgb is None:
-            # glass: no scores kept (a queue of glass tiles, filled at once, would hold
-            # LOOKAHEAD_TILES x 14 MB of zeros); blended as background
-            return None
-        return model.predict_scores(rgb)  # (n_out, th, tw)
-
-    # every strip's tiles, strip after strip, row after row (slide columns)
-    jobs = [
-        (y, x, min(tile_px, H - y), min(tile_px, W - x)) for st in strips for y in ys for x in st.xs
-    ]
-    # tiles are read (and decoded) in one thread, scored in another, blended here: the three
-    # stages overlap, and reading and decoding release the GIL while the network runs
-    reads = _Lookahead(read_tile, jobs, READ_AHEAD_TILES, "histo-read")
-    ahead = _Lookahead(tile_scores, jobs, LOOKAHEAD_TILES)
+    tile_px, overlap_px = _tiling(tile_px, overlap_px)
+    outputs = LabelOutputs(sink, slide_shape)
+    align = outputs.col_align if outputs.col_align > 1 else STRIP_ALIGN
+    strip_cols = STRIP_COLS if strip_cols is None else int(strip_cols)
+    schedule = TileSchedule.plan(slide_shape, tile_px, overlap_px, px, strip_cols, align)
+    ticker = _TileTicker(progress, cancel, schedule.n_tiles)
+    feed = TileFeed(read, model, schedule, tissue)
     try:
-        imports: dict = {}
-        for k, st in enumerate(strips):
-            exports = {"oc": [], "ot": [], "specks": {}} if k + 1 < len(strips) else None
-            run_strip(st, imports, exports)
-            imports = exports or {}
-            release_free_memory()  # the strip's buffers
+        n_outputs = int(getattr(model, "n_outputs", 6))
+        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker)
     finally:
-        ahead.close()  # first: its running job may be waiting for a tile being read
-        reads.close()
-
-    return SegmentationResult(out_cm, out_oc, out_ot, px, n_oc, n_ot)
+        feed.close()
+    return SegmentationResult(
+        outputs.class_map,
+        outputs.osteoclasts,
+        outputs.osteocytes,
+        px,
+        counts.osteoclasts,
+        counts.osteocytes,
+    )

@@ -10,6 +10,16 @@ import pytest
 BLUE_GREY = (150, 160, 185)  # bone-like smooth matrix
 RED = (150, 20, 60)  # TRAP+ red-violet
 DARK = (60, 50, 90)  # osteocyte lacuna with its nucleus
+#: red discs (row, column, radius) of ``drawn_shapes``: osteoclasts, some on tile borders and
+#: two of them touching
+DISCS = [
+    (120, 130, 18),
+    (250, 256, 20),
+    (384, 384, 22),
+    (500, 700, 16),
+    (600, 200, 19),
+    (200, 620, 17),
+]
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +30,7 @@ def drawn_shapes():
     img = np.empty((700, 900, 3), np.uint8)
     img[:] = BLUE_GREY
     img = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
-    discs = [
-        (120, 130, 18),
-        (250, 256, 20),
-        (384, 384, 22),
-        (500, 700, 16),
-        (600, 200, 19),
-        (200, 620, 17),
-    ]
+    discs = DISCS
     for y, x, r in discs:
         cv2.circle(img, (x, y), r, RED, -1)
     lacunae = [

@@ -255,10 +255,8 @@ def test_label_band_matches_reference(quant):
         # centre map from a function that knows it at class-3 pixels only
         cm_pk = cm | (alt << np.uint8(ALT_SHIFT))
         ce3 = np.where(cm == OSTEOCLAST, ce, np.float32(0))
-        calls = []
 
-        def centre(x0, x1, ce3=ce3, calls=calls):
-            calls.append((x0, x1))
+        def centre(x0, x1, ce3=ce3):
             return ce3[:, x0:x1].copy()
 
         for block_cols in (130, 4096):
@@ -274,7 +272,6 @@ def test_label_band_matches_reference(quant):
                     rows, cols = np.divmod(idx, pw)
                     labels[rows + y0, cols + x0] = vals
                 assert np.array_equal(labels, expected)
-        assert calls
 
 
 @pytest.mark.parametrize("model_name", ["default", "classical"])
@@ -385,17 +382,18 @@ def test_segment_slide_memory_per_column(monkeypatch):
 
 def test_segment_slide_memory_flat_in_width(monkeypatch):
     """Cut into column strips, a slide twice as wide costs no more memory (only the few
-    objects handed from strip to strip, none here); in one strip it costs ~4-6 kB a column."""
+    objects handed from strip to strip, none here); in one strip it costs ~4-6 kB a column.
+    (Both cut widths have inner strips, which carry context on both sides.)"""
 
     def run(w, strip_cols):
         return _flat_slide_peak(1024, w, strip_cols)
 
     monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
-    cut_8k, cut_16k = run(8192, 4096), run(16384, 4096)
-    assert cut_16k < 1.03 * cut_8k, (cut_8k, cut_16k)
+    cut_12k, cut_24k = run(12288, 4096), run(24576, 4096)
+    assert cut_24k < 1.01 * cut_12k, (cut_12k, cut_24k)
     whole_8k, whole_16k = run(8192, 10**9), run(16384, 10**9)
     assert whole_16k - whole_8k > 8192 * 2_000, (whole_8k, whole_16k)
-    assert cut_16k < whole_16k - 8192 * 2_000
+    assert cut_24k < whole_16k - 8192 * 2_000
 
 
 def test_whole_window_fallback_is_identical(monkeypatch):

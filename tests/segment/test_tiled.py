@@ -4,14 +4,37 @@ import zarr
 
 from histo.errors import Cancelled
 from histo.segment import load_model, segment_slide
-from histo.segment.tiled import taper
+from tests.segment.conftest import DISCS
 
 
-def test_taper_shape():
-    w = taper(100, 20)
-    assert w.shape == (100,)
-    assert w[50] == 1 and 0 < w[0] < 0.1 and 0 < w[-1] < 0.1
-    np.testing.assert_array_equal(taper(100, 20, at_start=False, at_end=False), 1)
+class _EdgeArtefact:
+    """A model that is right (bone) inside its tile and wrong (marrow) within ``edge_px`` of
+    the tile's sides, like a network near its padded borders."""
+
+    working_pixel_size_um = 1.0
+    n_outputs = 6
+    edge_px = 8
+
+    def predict_scores(self, rgb):
+        h, w = rgb.shape[:2]
+        e = self.edge_px
+        scores = np.zeros((6, h, w), np.float32)
+        scores[1] = 1.0
+        scores[1, e : h - e, e : w - e] = 0.0
+        scores[2] = 1.0 - scores[1]
+        return scores
+
+
+@pytest.mark.parametrize("tiling", [(256, 48), (384, 64), (200, 32)])
+def test_tapered_blending_leaves_no_seams(tiling):
+    """Where tiles overlap, a tile's unreliable edge weighs next to nothing against its
+    neighbour's interior: the class map is the interior's everywhere but at the slide's own
+    border (no neighbour there), so no line marks where tiles met."""
+    img = np.full((700, 900, 3), 128, np.uint8)
+    res = segment_slide(img, _EdgeArtefact(), tile_px=tiling[0], overlap_px=tiling[1])
+    e = _EdgeArtefact.edge_px
+    assert (res.class_map[e:-e, e:-e] == 2).all()
+    assert (res.class_map[:e] == 1).all() and (res.class_map[:, -e:] == 1).all()
 
 
 @pytest.mark.parametrize("tiling", [(256, 48), (384, 64), (512, 96)])
@@ -25,6 +48,15 @@ def test_counts_do_not_depend_on_tiles_classical(drawn_shapes, tiling):
     assert (whole.class_map == tiled.class_map).mean() > 0.995
     # labels are slide-wide and consecutive: each object once
     assert sorted(np.unique(tiled.osteoclast_labels))[1:] == list(range(1, n_discs + 1))
+    # each disc, those on tile borders too, is one object, whole: one label inside it, of
+    # about the disc's area
+    for y, x, r in DISCS:
+        yy, xx = np.ogrid[: img.shape[0], : img.shape[1]]
+        inside = (yy - y) ** 2 + (xx - x) ** 2 <= (r - 2) ** 2
+        labels = np.unique(tiled.osteoclast_labels[inside])
+        assert labels.size == 1 and labels[0] > 0, (y, x, labels)
+        area = np.count_nonzero(tiled.osteoclast_labels == labels[0])
+        assert abs(area - np.pi * r * r) < 0.15 * np.pi * r * r, (y, x, area)
 
 
 def test_counts_do_not_depend_on_tiles_network(synthetic_section):
@@ -94,16 +126,25 @@ class _Recording:
 
 
 def test_tissue_mask_skips_glass(drawn_shapes):
+    """Tiles with no tissue within the overlap are neither read nor scored: every read lies
+    within a tile's reach of the tissue (the top-left 160 px), and the rest is glass."""
     from types import SimpleNamespace
 
     img, _, _ = drawn_shapes
-    model = _Recording()
+    h, w = img.shape[:2]
+    reads = []
+
+    def read(y, x, hh, ww):
+        reads.append((y, x))
+        return img[y : y + hh, x : x + ww]
+
     mask = np.zeros((44, 57), bool)  # 16 µm/px
     mask[:10, :10] = True
     tissue = SimpleNamespace(mask=mask, pixel_size_um=16.0)
-    res = segment_slide(img, model, tile_px=256, overlap_px=32, tissue=tissue)
-    assert len(model.calls) == 1
+    res = segment_slide(read, "classical", tile_px=256, overlap_px=32, tissue=tissue, shape=(h, w))
+    assert reads and all(y < 160 + 32 and x < 160 + 32 for y, x in reads), reads
     assert (res.class_map[300:, 300:] == 0).all()
+    assert res.n_osteoclasts == 1  # the disc at (120, 130), inside the tissue
 
 
 def test_glass_tiles_blend_as_background_scores(drawn_shapes):
