@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from histo.device import DeviceError
 from histo.errors import HistoError, ModelError, OutputError
 
 #: slide files recognised by ``histo batch`` (lower-case suffixes), plus OME-Zarr folders
@@ -106,8 +107,8 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
     ------
     OutputError
         The output folder cannot be written: it concerns every slide.
-    ModelError
-        The model cannot be loaded: it concerns every slide.
+    ModelError, DeviceError
+        The model cannot be loaded, or not on the device asked for: it concerns every slide.
     """
     from histo.io import slide_name
     from histo.pipeline import analyze_slide
@@ -116,7 +117,7 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
     name = kwargs.get("name") or slide_name(path)
     try:
         result = analyze_slide(path, out_dir=out_dir, **kwargs)
-    except (OutputError, ModelError):
+    except (OutputError, ModelError, DeviceError):
         raise
     except HistoError as exc:
         return SlideOutcome(name, str(path), reason=_one_line(str(exc)), error=type(exc).__name__)
@@ -133,6 +134,7 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
         row=result.row(),
         seconds=result.seconds,
         tissue_megapixels=result.tissue_megapixels,
+        extra={"provenance": result.provenance},
     )
 
 
@@ -195,11 +197,23 @@ def write_summary(
         )
         _write_atomic(
             paths["report"],
-            lambda p: write_report_html(p, rows, failures, groups=groups, out_dir=out_dir),
+            lambda p: write_report_html(
+                p, rows, failures, groups=groups, out_dir=out_dir, provenance=_provenances(outcomes)
+            ),
         )
     except OSError as exc:
         raise OutputError(f"cannot write the summary to {out_dir}: {exc.strerror or exc}") from None
     return paths
+
+
+def _provenances(outcomes: list[SlideOutcome]) -> list[dict]:
+    """The distinct provenance records (version, model, device) of the slides analysed."""
+    found: list[dict] = []
+    for o in outcomes:
+        p = o.extra.get("provenance")
+        if p and p not in found:
+            found.append(p)
+    return found
 
 
 # --------------------------------------------------------------------------- finding slides
@@ -346,23 +360,15 @@ class BatchSettings:
 
 def model_fingerprint(model: str) -> str:
     """What identifies the weights behind ``model``: their sha256, or the registry entry."""
-    from histo.segment.registry import DEFAULT_REGISTRY, read_registry, resolve
+    from histo.segment.registry import file_sha256, locate_model
 
-    path = Path(str(model))
-    if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
     try:
-        reg_path = path if path.suffix == ".json" else DEFAULT_REGISTRY
-        _, entry = resolve(
-            "default" if path.suffix == ".json" else str(model), read_registry(reg_path)
-        )
+        source = locate_model(model)
+        if source.weights is None:
+            return json.dumps(source.entry, sort_keys=True)
+        return source.sha256 or file_sha256(source.weights)
     except (HistoError, OSError):
         return str(model)
-    return entry.get("sha256") or json.dumps(entry, sort_keys=True)
 
 
 def input_record(path: str | os.PathLike) -> dict:
@@ -392,6 +398,7 @@ def completed_outcome(
     """The outcome recorded in ``out_dir/<name>/`` if it is complete and was made from the same
     input (path, size, mtime) with the same settings; otherwise None (the slide must run)."""
     from histo.pipeline import SLIDE_OUTPUTS
+    from histo.segment import PROVENANCE_KEYS
 
     folder = out_dir / name
     try:
@@ -409,7 +416,8 @@ def completed_outcome(
     row = meta.get("row")
     if not isinstance(row, dict):
         return None
-    return SlideOutcome(name, str(path), row=row, extra={"resumed": True})
+    provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta}
+    return SlideOutcome(name, str(path), row=row, extra={"resumed": True, "provenance": provenance})
 
 
 _STALE = re.compile(r"^\..+\.(partial|old)-\d+$")
@@ -455,6 +463,7 @@ def run_slide(
     report_progress: bool = True,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    device: str | None = None,
 ) -> SlideOutcome:
     """The task a worker runs for one slide: :func:`analyze_one` plus the resume record.
 
@@ -471,6 +480,8 @@ def run_slide(
         Threads for OpenCV and torch in this process (None: leave as is).
     progress
         ``progress(fraction, message)`` when running in this process.
+    device
+        Where this worker runs the network ("auto", "cpu", "cuda", "mps").
     """
     from histo.runtime import tune_gc, tune_malloc
 
@@ -500,6 +511,7 @@ def run_slide(
         model=s.model,
         record=record,
         progress=progress,
+        device=device,
     )
     outcome.slide = name
     outcome.seconds = outcome.seconds or time.perf_counter() - t0
@@ -664,6 +676,7 @@ def run_batch(
     model: str = "default",
     groups: dict[str, str] | None = None,
     reporter: BatchReporter | None = None,
+    device: str | None = None,
 ) -> BatchResult:
     """Analyse every slide under ``folder`` into ``out_dir`` on dask workers.
 
@@ -689,6 +702,8 @@ def run_batch(
         ``{slide: group}`` from a sample sheet, for the report's group comparisons.
     reporter
         Progress callbacks.
+    device
+        Where each worker runs the network: "auto" (default), "cpu", "cuda" or "mps".
 
     Returns
     -------
@@ -703,6 +718,8 @@ def run_batch(
         are in indices.csv (written when the folder still allows it).
     ModelError
         The model cannot be loaded (exit status 5).
+    DeviceError
+        The device asked for is not available here (exit status 2).
     """
     from histo.io.locking import output_lock
     from histo.segment import load_model
@@ -712,7 +729,9 @@ def run_batch(
     folder, out_dir = Path(folder), Path(out_dir)
     slides = find_slides(folder, exclude=[out_dir])
     names = unique_names(slides, folder)
-    load_model(model)  # fail fast (exit 5) on missing or tampered weights
+    # fail fast (exit 5 or 2) on missing or tampered weights, or a device missing here; the
+    # workers of a remote scheduler have devices of their own, and check them themselves
+    load_model(model, device="cpu" if scheduler else device)
     settings = BatchSettings.make(model, pixel_size_um)
     with output_lock(out_dir):
         cleaned = clean_stale_partials(out_dir)
@@ -728,10 +747,10 @@ def run_batch(
         reporter.start(len(slides), resumed)
         try:
             if todo and workers == 0 and not scheduler:
-                _run_here(todo, out_dir, settings, outcomes, reporter)
+                _run_here(todo, out_dir, settings, outcomes, reporter, device)
             elif todo:
-                _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler)
-        except (OutputError, ModelError):
+                _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device)
+        except (OutputError, ModelError, DeviceError):
             # the batch stops (the error concerns every slide), but the slides finished so far
             # keep their rows: write the summary tables of those, if the folder still allows it
             with contextlib.suppress(OutputError):
@@ -744,20 +763,25 @@ def run_batch(
     return BatchResult(ordered, paths, resumed, cleaned, time.perf_counter() - t0)
 
 
-def _run_here(todo, out_dir, settings, outcomes, reporter) -> None:
+def _run_here(todo, out_dir, settings, outcomes, reporter, device=None) -> None:
     for job in todo:
 
         def progress(fraction: float, message: str, _name: str = job.name) -> None:
             reporter.slide_progress(_name, fraction, message)
 
         outcome = run_slide(
-            str(job.path), str(out_dir), job.name, asdict(settings), progress=progress
+            str(job.path),
+            str(out_dir),
+            job.name,
+            asdict(settings),
+            progress=progress,
+            device=device,
         )
         outcomes[job.path] = outcome
         reporter.slide_done(outcome)
 
 
-def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler) -> None:
+def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device=None) -> None:
     from distributed import as_completed
 
     with dask_client(workers, scheduler) as client:
@@ -781,6 +805,7 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler) -
                 s,
                 True,
                 threads,
+                device=device,
                 key=f"histo-slide-{job.name}-{settings.digest()}-{os.getpid()}",
                 pure=False,
                 retries=0,
@@ -806,7 +831,7 @@ def _outcome_of(fut, job: SlideJob) -> SlideOutcome:
     if fut.status == "cancelled":
         return SlideOutcome(job.name, str(job.path), reason="cancelled", error="Cancelled")
     exc = fut.exception()
-    if isinstance(exc, (OutputError, ModelError)):
+    if isinstance(exc, (OutputError, ModelError, DeviceError)):
         raise exc
     if type(exc).__name__ == "KilledWorker":
         reason = (

@@ -50,6 +50,8 @@ class SlideResult:
     tissue_megapixels: float  #: tissue area in megapixels at the source resolution
     out_dir: Path | None = None
     thumbnail: np.ndarray | None = field(default=None, repr=False)
+    #: histo version, model name and sha256, device (:meth:`histo.segment.Segmenter.provenance`)
+    provenance: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
@@ -108,6 +110,7 @@ def analyze_slide(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     record: dict | None = None,
+    device: str | None = None,
 ) -> SlideResult:
     """Analyse one slide: segment, measure the ASBMR indices, call the phenotype.
 
@@ -138,6 +141,9 @@ def analyze_slide(
     record
         Stored as ``input`` in the slide's indices.json (``histo batch --resume`` records the
         input path, size, mtime and a settings hash there).
+    device
+        Where the network runs: "auto" (default: CUDA, then MPS, then the CPU), "cpu", "cuda"
+        or "mps" (:func:`histo.device.resolve_device`); recorded in indices.json.
     """
     from histo.io import detect_tissue
     from histo.phenotype import call_phenotype
@@ -158,7 +164,7 @@ def analyze_slide(
             raise EmptyTissueError(f"{name}: no tissue found on the slide")
         _check_colour(slide, tissue, name)
         tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
-        segmenter = load_model(model)
+        segmenter = load_model(model, device=device)
         _check_resolution(slide, segmenter, name)
         # tissue detection's temporaries (tens of MB on a large slide) are not held through
         # the segmentation
@@ -201,6 +207,7 @@ def analyze_slide(
                 seconds=0.0,
                 tissue_megapixels=tissue_mp / 1e6,
                 thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
+                provenance=segmenter.provenance(),
             )
             if out_dir is not None:
                 step(0.9, "writing")
@@ -497,6 +504,7 @@ def write_slide_outputs(
             "model": result.model,
             "pixel_size_um": result.pixel_size_um,
             "source_pixel_size_um": result.source_pixel_size_um,
+            **result.provenance,
         }
         if record is not None:
             meta["input"] = record

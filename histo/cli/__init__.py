@@ -25,6 +25,19 @@ COMMANDS = {
 }
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option shared by the commands that run the network."""
+    from histo.device import DEVICES
+
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the network runs: auto (a CUDA GPU, then Apple MPS, then the CPU), cpu, "
+        "cuda or mps (default %(default)s); a device missing here is an error (exit status 2)",
+    )
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; the options of the command named in ``argv`` are loaded from its module."""
     parser = argparse.ArgumentParser(

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from histo.cli import add_device_argument
 from histo.cli._progress import progress_bar
 
 HELP = "analyse slides end to end: segment, measure, call the phenotype"
@@ -45,12 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME|PATH",
         help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
     )
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from histo.batch import analyze_one, write_summary
+    from histo.device import resolve_device
     from histo.io.locking import output_lock
 
+    resolve_device(args.device)  # a missing device stops here (exit 2), not once per slide
     out = Path(args.out)
     outcomes = []
     with output_lock(out):
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                     pixel_size_um=args.pixel_size,
                     model=args.model,
                     progress=progress,
+                    device=args.device,
                 )
             outcomes.append(outcome)
             if outcome.ok:

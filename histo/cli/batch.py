@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from histo.batch import BatchReporter
+from histo.cli import add_device_argument
 
 HELP = "analyse a folder of slides in parallel (dask), with resume"
 DESCRIPTION = """\
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CSV",
         help="CSV with columns slide,group: the report compares the groups",
     )
+    add_device_argument(parser)
 
 
 class _Bars(BatchReporter):
@@ -179,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         groups=groups,
         reporter=_Bars(),
+        device=args.device,
     )
     out = Path(args.out)
     if not result.outcomes:
