@@ -199,35 +199,37 @@ class NetworkSegmenter(Segmenter):
     def predict_scores_batch(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
         """Scores of several tiles in one forward pass (tiles of one shape; else one by one).
 
-        On a GPU the tiles go to the device as uint8 (4x less to copy than float32) and run
-        under float16 autocast on CUDA; on the CPU this is :meth:`predict_scores` per tile.
+        The tiles go to the device as uint8 (4x less to copy than float32); the convolutions
+        run in float16 on CUDA, in bfloat16 on a CPU that has it (:attr:`precision`), else in
+        float32. :attr:`tiles_per_batch` says how many fit the device's memory.
         """
         import torch
 
-        from histo.device import half_precision
-
-        shapes = {np.shape(r)[:2] for r in rgbs}
-        if self.device.type == "cpu" or len(shapes) > 1:
-            if self.device.type == "cpu":
-                return [self.predict_scores(r) for r in rgbs]
+        if len({np.shape(r)[:2] for r in rgbs}) > 1:
             return [self.predict_scores_batch([r])[0] for r in rgbs]
         padded = [_pad16(r) for r in rgbs]
         h, w = padded[0][1], padded[0][2]
-        batch = np.stack([p[0] for p in padded])
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.stack([p[0] for p in padded])).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        half = half_precision(self.device)
-        # no autocast context at all without half precision: older torch refuses "mps" there
-        autocast = (
-            torch.autocast(self.device.type, dtype=half) if half is not None else nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._autocast():
             out = self.net(x).float()
             n_cls = self.n_outputs - 1
             probs = torch.softmax(out[:, :n_cls], dim=1)
             centre = torch.sigmoid(out[:, n_cls:])
             scores = torch.cat([probs, centre], 1)[:, :, :h, :w].cpu().numpy()
         return [np.ascontiguousarray(s, dtype=np.float32) for s in scores]
+
+    def _autocast(self):
+        """The autocast context of this device and precision (none at all where the
+        convolutions stay float32: older torch refuses an autocast context for "mps")."""
+        import torch
+
+        from histo.device import half_precision
+
+        half = half_precision(self.device)
+        if half is None and self.device.type == "cpu" and self.precision == "bfloat16":
+            half = torch.bfloat16
+        return torch.autocast(self.device.type, dtype=half) if half is not None else nullcontext()
 
 
 def _pad16(rgb: np.ndarray) -> tuple[np.ndarray, int, int]:
