@@ -140,7 +140,8 @@ class NetworkSegmenter(Segmenter):
     ``device``: "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda" or "mps"
     (:func:`histo.device.resolve_device`). On CUDA the convolutions run in float16 under
     autocast (:func:`histo.device.half_precision`) and :attr:`tiles_per_batch` tiles fit one
-    forward pass (:meth:`predict_scores_batch`); ``precision`` then applies to nothing.
+    forward pass (:meth:`predict_scores_batch`); ``precision`` is then ignored and
+    :attr:`precision` says what the device runs ("float16" on CUDA, "float32" on MPS).
     """
 
     def __init__(
@@ -154,11 +155,16 @@ class NetworkSegmenter(Segmenter):
     ):
         import torch
 
-        from histo.device import resolve_device
+        from histo.device import half_precision, resolve_device
         from histo.segment.network import fuse_for_inference
 
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision) if self.device.type == "cpu" else "float32"
+        if self.device.type == "cpu":
+            self.precision = resolve_precision(precision)
+        else:
+            self.precision = str(half_precision(self.device) or torch.float32).removeprefix(
+                "torch."
+            )
         self.name = name
         self.working_pixel_size_um = float(working_pixel_size_um)
         self.n_outputs = int(net.config.n_outputs)

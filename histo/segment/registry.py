@@ -94,9 +94,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-_sha256 = file_sha256  # the name other modules used
-
-
 def read_registry(path: str | Path | None = None) -> dict:
     """Read a registry file (default: the shipped one, :data:`DEFAULT_REGISTRY`)."""
     p = Path(path) if path is not None else DEFAULT_REGISTRY
