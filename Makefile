@@ -38,7 +38,7 @@ demo: install
 test: install sysdeps
 	$(BIN)/lint-imports
 	$(BIN)/ruff check histo plugins tests benchmarks
-	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q -p no:cacheprovider
+	QT_API=pyqt6 xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check histo plugins tests benchmarks
@@ -48,7 +48,7 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.run
 
-# The shipped weights: five stages (models/README.md), about 2 h on 2 cores.
+# The shipped weights: five stages (histo/models/README.md), about 2 h on 2 cores.
 train: install
 	$(BIN)/histo train --out runs/histo-unet --seed 0 --time-limit 58
 	$(BIN)/histo train --out runs/histo-unet-ft --seed 1 \
@@ -61,9 +61,9 @@ train: install
 	$(BIN)/histo train --out runs/histo-unet-ft4 --seed 4 \
 		--init runs/histo-unet-ft3/model.safetensors --lr 7e-4 --steps 1500 \
 		--surface-crops 0.4 --class-weights 1 1 1 2 4
-	cp runs/histo-unet-ft4/model.safetensors models/histo-unet/model.safetensors
+	cp runs/histo-unet-ft4/model.safetensors histo/models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
-		register_weights('unet', 'models/histo-unet/model.safetensors')"
+		register_weights('unet', 'histo/models/histo-unet/model.safetensors')"
 
 evaluate: install
 	$(BIN)/histo evaluate --out models/evaluation --cache runs/eval-cache

@@ -45,7 +45,7 @@ HISTO = [sys.executable, "-m", "histo"]
 
 def _registry_models() -> set[str]:
     try:
-        reg = json.loads((ROOT / "models" / "registry.json").read_text())
+        reg = json.loads((ROOT / "histo" / "models" / "registry.json").read_text())
     except (OSError, ValueError):
         return {"classical"}
     return set(reg.get("models", {})) | set(reg.get("aliases", {}))

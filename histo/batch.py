@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from histo.device import DeviceError
 from histo.errors import HistoError, ModelError, OutputError
 from histo.io.formats import slide_suffix
 
@@ -95,8 +96,8 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
     ------
     OutputError
         The output folder cannot be written: it concerns every slide.
-    ModelError
-        The model cannot be loaded: it concerns every slide.
+    ModelError, DeviceError
+        The model cannot be loaded, or not on the device asked for: it concerns every slide.
     """
     from histo.io import slide_name
     from histo.pipeline import analyze_slide
@@ -105,7 +106,7 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
     name = kwargs.get("name") or slide_name(path)
     try:
         result = analyze_slide(path, out_dir=out_dir, **kwargs)
-    except (OutputError, ModelError):
+    except (OutputError, ModelError, DeviceError):
         raise
     except HistoError as exc:
         return SlideOutcome(name, str(path), reason=_one_line(str(exc)), error=type(exc).__name__)
@@ -122,6 +123,7 @@ def analyze_one(path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -
         row=result.row(),
         seconds=result.seconds,
         tissue_megapixels=result.tissue_megapixels,
+        extra={"provenance": result.provenance},
     )
 
 
@@ -167,8 +169,25 @@ def write_summary(
     # each writer is atomic (histo.io.atomic) and raises OutputError
     write_indices_csv(paths["indices"], rows)
     write_object_table(paths["failures"], failures, columns=["slide", "path", "error", "reason"])
-    write_report_html(paths["report"], rows, failures, groups=groups, out_dir=out_dir)
+    write_report_html(
+        paths["report"],
+        rows,
+        failures,
+        groups=groups,
+        out_dir=out_dir,
+        provenance=_provenances(outcomes),
+    )
     return paths
+
+
+def _provenances(outcomes: list[SlideOutcome]) -> list[dict]:
+    """The distinct provenance records (version, model, device) of the slides analysed."""
+    found: list[dict] = []
+    for o in outcomes:
+        p = o.extra.get("provenance")
+        if p and p not in found:
+            found.append(p)
+    return found
 
 
 # --------------------------------------------------------------------------- finding slides
@@ -346,19 +365,15 @@ def _sha256(path: Path) -> str:
 
 def model_fingerprint(model: str) -> str:
     """What identifies the weights behind ``model``: their sha256, or the registry entry."""
-    from histo.segment.registry import DEFAULT_REGISTRY, read_registry, resolve
+    from histo.segment.registry import file_sha256, locate_model
 
-    path = Path(str(model))
-    if path.is_file():
-        return _sha256(path)
     try:
-        reg_path = path if path.suffix == ".json" else DEFAULT_REGISTRY
-        _, entry = resolve(
-            "default" if path.suffix == ".json" else str(model), read_registry(reg_path)
-        )
+        source = locate_model(model)
+        if source.weights is None:
+            return json.dumps(source.entry, sort_keys=True)
+        return source.sha256 or file_sha256(source.weights)
     except (HistoError, OSError):
         return str(model)
-    return entry.get("sha256") or json.dumps(entry, sort_keys=True)
 
 
 def input_record(path: str | os.PathLike) -> dict:
@@ -388,6 +403,7 @@ def completed_outcome(
     """The outcome recorded in ``out_dir/<name>/`` if it is complete and was made from the same
     input (path, size, mtime) with the same settings; otherwise None (the slide must run)."""
     from histo.pipeline import SLIDE_OUTPUTS
+    from histo.segment import PROVENANCE_KEYS
 
     folder = out_dir / name
     try:
@@ -405,7 +421,8 @@ def completed_outcome(
     row = meta.get("row")
     if not isinstance(row, dict):
         return None
-    return SlideOutcome(name, str(path), row=row, extra={"resumed": True})
+    provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta}
+    return SlideOutcome(name, str(path), row=row, extra={"resumed": True, "provenance": provenance})
 
 
 _STALE = re.compile(r"^\..+\.(partial|old)-\d+$")
@@ -451,6 +468,7 @@ def run_slide(
     report_progress: bool = True,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    device: str | None = None,
 ) -> SlideOutcome:
     """The task a worker runs for one slide: :func:`analyze_one` plus the resume record.
 
@@ -467,6 +485,8 @@ def run_slide(
         Threads for OpenCV and torch in this process (None: leave as is).
     progress
         ``progress(fraction, message)`` when running in this process.
+    device
+        Where this worker runs the network ("auto", "cpu", "cuda", "mps").
     """
     from histo.runtime import tune_gc, tune_malloc
 
@@ -498,6 +518,7 @@ def run_slide(
         ranges=s.ranges,
         record=record,
         progress=progress,
+        device=device,
     )
     outcome.slide = name
     outcome.seconds = outcome.seconds or time.perf_counter() - t0
@@ -664,6 +685,7 @@ def run_batch(
     ranges: str | os.PathLike | None = None,
     groups: dict[str, str] | None = None,
     reporter: BatchReporter | None = None,
+    device: str | None = None,
 ) -> BatchResult:
     """Analyse every slide under ``folder`` into ``out_dir`` on dask workers.
 
@@ -688,6 +710,8 @@ def run_batch(
         ``{slide: group}`` from a sample sheet, for the report's group comparisons.
     reporter
         Progress callbacks.
+    device
+        Where each worker runs the network: "auto" (default), "cpu", "cuda" or "mps".
 
     Returns
     -------
@@ -701,6 +725,8 @@ def run_batch(
         outputs cannot be written (the batch stops; the rows finished are kept if possible).
     ModelError
         The model cannot be loaded (exit status 5).
+    DeviceError
+        The device asked for is not available here (exit status 2).
     """
     from histo.io.locking import output_lock
     from histo.segment import load_model
@@ -709,7 +735,9 @@ def run_batch(
     folder, out_dir = Path(folder), Path(out_dir)
     slides = find_slides(folder, exclude=[out_dir])
     names = unique_names(slides, folder)
-    load_model(model)  # fail fast (exit 5) on missing or tampered weights
+    # fail fast (exit 5 or 2) on missing or tampered weights, or a device missing here; the
+    # workers of a remote scheduler have devices of their own, and check them themselves
+    load_model(model, device="cpu" if scheduler else device)
     settings = BatchSettings.make(model, pixel_size_um, roi, ranges)
     with output_lock(out_dir):
         cleaned = clean_stale_partials(out_dir)
@@ -718,10 +746,10 @@ def run_batch(
         reporter.start(len(slides), resumed)
         try:
             if todo and workers == 0 and not scheduler:
-                _run_here(todo, out_dir, settings, outcomes, reporter)
+                _run_here(todo, out_dir, settings, outcomes, reporter, device)
             elif todo:
-                _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler)
-        except (OutputError, ModelError):
+                _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device)
+        except (OutputError, ModelError, DeviceError):
             _summarise_before_stopping(
                 out_dir, [outcomes[p] for p in slides if p in outcomes], groups
             )
@@ -755,20 +783,25 @@ def _resumed_and_todo(
     return outcomes, todo
 
 
-def _run_here(todo, out_dir, settings, outcomes, reporter) -> None:
+def _run_here(todo, out_dir, settings, outcomes, reporter, device=None) -> None:
     for job in todo:
 
         def progress(fraction: float, message: str, _name: str = job.name) -> None:
             reporter.slide_progress(_name, fraction, message)
 
         outcome = run_slide(
-            str(job.path), str(out_dir), job.name, asdict(settings), progress=progress
+            str(job.path),
+            str(out_dir),
+            job.name,
+            asdict(settings),
+            progress=progress,
+            device=device,
         )
         outcomes[job.path] = outcome
         reporter.slide_done(outcome)
 
 
-def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler) -> None:
+def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device=None) -> None:
     from distributed import as_completed
 
     with dask_client(workers, scheduler) as client:
@@ -792,6 +825,7 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler) -
                 s,
                 True,
                 threads,
+                device=device,
                 key=f"histo-slide-{job.name}-{settings.digest()}-{os.getpid()}",
                 pure=False,
                 retries=0,
@@ -817,7 +851,7 @@ def _outcome_of(fut, job: SlideJob) -> SlideOutcome:
     if fut.status == "cancelled":
         return SlideOutcome(job.name, str(job.path), reason="cancelled", error="Cancelled")
     exc = fut.exception()
-    if isinstance(exc, (OutputError, ModelError)):
+    if isinstance(exc, (OutputError, ModelError, DeviceError)):
         raise exc
     if type(exc).__name__ == "KilledWorker":
         reason = (

@@ -257,6 +257,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     seed_base: int = EVAL_SEED_BASE,
     precision: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Evaluate segmenters on the held-out synthetic slides; returns a JSON-able report.
 
@@ -279,11 +280,14 @@ def evaluate(
     precision
         Network arithmetic for :func:`histo.segment.load_model` ("auto", "float32",
         "bfloat16"; ``None``: ``HISTO_PRECISION`` or auto).
+    device
+        Where the networks run: "auto" (default), "cpu", "cuda" or "mps"
+        (:func:`histo.device.resolve_device`).
     """
     from histo.measure import measure
     from histo.segment import load_model, segment_slide
 
-    segmenters = {m: load_model(m, precision=precision) for m in models}
+    segmenters = {m: load_model(m, precision=precision, device=device) for m in models}
     scores = {m: ModelScores(m) for m in models}
     truth_rows = []
     specs = slide_specs(n_slides, field_um, max_px, seed_base)
@@ -367,6 +371,7 @@ def evaluate(
         "slides": [vars(s) for s in specs],
         "seed_range": [seed_base, seed_base + len(specs) - 1],
         "precision": {m: getattr(seg, "precision", "n/a") for m, seg in segmenters.items()},
+        "provenance": {m: seg.provenance() for m, seg in segmenters.items()},
         "field_um": field_um,
         "models": list(models),
         "summary": summary,

@@ -56,6 +56,8 @@ class SlideResult:
     tissue_megapixels: float  #: tissue area in megapixels at the source resolution
     out_dir: Path | None = None
     thumbnail: np.ndarray | None = field(default=None, repr=False)
+    #: histo version, model name and sha256, device (:meth:`histo.segment.Segmenter.provenance`)
+    provenance: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
@@ -107,6 +109,7 @@ def analyze_slide(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     record: dict | None = None,
+    device: str | None = None,
 ) -> SlideResult:
     """Analyse one slide: segment, measure the ASBMR indices, call the phenotype.
 
@@ -148,6 +151,9 @@ def analyze_slide(
     record
         Stored as ``input`` in the slide's indices.json (``histo batch --resume`` records the
         input path, size, mtime and a settings hash there).
+    device
+        Where the network runs: "auto" (default: CUDA, then MPS, then the CPU), "cpu", "cuda"
+        or "mps" (:func:`histo.device.resolve_device`); recorded in indices.json.
     """
     from histo.runtime import release_free_memory
 
@@ -162,7 +168,7 @@ def analyze_slide(
         region = _as_roi(roi, slide)
         ranges = _as_ranges(ranges)
         step(0.02, "finding tissue")
-        tissue, segmenter = _prepare(slide, model, name)
+        tissue, segmenter = _prepare(slide, model, name, device)
         # tissue detection's temporaries (tens of MB on a large slide) are not held through
         # the segmentation
         release_free_memory()
@@ -204,7 +210,7 @@ def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> Sli
     return result
 
 
-def _prepare(slide, model: str, name: str):
+def _prepare(slide, model: str, name: str, device: str | None = None):
     """The slide's tissue mask and the segmenter, after the checks that need no segmentation."""
     from histo.io import detect_tissue
     from histo.segment import load_model
@@ -213,7 +219,7 @@ def _prepare(slide, model: str, name: str):
     if not tissue.mask.any():
         raise EmptyTissueError(f"{name}: no tissue found on the slide")
     _check_colour(slide, tissue, name)
-    segmenter = load_model(model)
+    segmenter = load_model(model, device=device)
     _check_resolution(slide, segmenter, name)
     return tissue, segmenter
 
@@ -256,6 +262,7 @@ def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideRes
         seconds=0.0,
         tissue_megapixels=tissue_mp / 1e6,
         thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
+        provenance=segmenter.provenance(),
     )
 
 
@@ -570,6 +577,7 @@ def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict |
         "model": result.model,
         "pixel_size_um": result.pixel_size_um,
         "source_pixel_size_um": result.source_pixel_size_um,
+        **result.provenance,
     }
     if record is not None:
         meta["input"] = record

@@ -282,6 +282,7 @@ def write_report_html(
     failures: list[dict],
     groups: dict[str, str] | None = None,
     out_dir: str | os.PathLike | None = None,
+    provenance: list[dict] | None = None,
 ) -> Path:
     """A self-contained HTML report (plots embedded, no server or network needed).
 
@@ -298,12 +299,15 @@ def write_report_html(
         tests between groups.
     out_dir
         The batch's output folder: slide names link to ``<slide>/overlay.png`` when it exists.
+    provenance
+        The distinct ``{histo_version, model_name, model_sha256, device, device_name}`` of the
+        slides (:meth:`histo.segment.Segmenter.provenance`), listed in the footer.
 
     Notes
     -----
     Sections (with element ids for tests): ``summary``, ``scatter`` (N.Oc/B.Pm against BV/TV
     coloured by phenotype call), ``indices`` (table), ``groups`` and ``tests`` (with a sample
-    sheet), ``failures``.
+    sheet), ``failures``, ``provenance`` (footer).
     """
     path = Path(path)
     base = Path(out_dir) if out_dir is not None else path.parent
@@ -319,6 +323,7 @@ def write_report_html(
         "doi 10.1002/jbmr.1805). Areas mm², lengths mm, fractions %, densities /mm or /mm². "
         "Each slide's QC overlay, object tables and outlines are in its folder.</p>"
     )
+    parts.append(_provenance_footer(provenance or []))
     parts.append("</body></html>")
     return write_text_atomic(path, "".join(parts))
 
@@ -428,3 +433,16 @@ def _failures_section(failures: list[dict]) -> list[str]:
         )
     parts.append("</tbody></table>")
     return parts
+
+
+def _provenance_footer(provenance: list[dict]) -> str:
+    """What produced the results: one line per histo version, model and device used."""
+    from html import escape as esc
+
+    lines = [
+        f"histo {esc(str(p.get('histo_version')))}, model {esc(str(p.get('model_name')))} "
+        f"(sha256 {esc(str(p.get('model_sha256') or 'none: no weights'))}), "
+        f"device {esc(str(p.get('device')))} ({esc(str(p.get('device_name')))})"
+        for p in provenance
+    ]
+    return "<footer id='provenance' class='note'>" + "<br>".join(lines) + "</footer>"

@@ -292,7 +292,7 @@ def segmentation_loss(
     decided.
     """
     logits = out[:, :N_CLASSES]
-    weights = torch.tensor(config.class_weights, dtype=out.dtype)
+    weights = torch.tensor(config.class_weights, dtype=out.dtype, device=out.device)
     ce = F.cross_entropy(logits, classes, weight=weights)
     probs = logits.softmax(1)
     onehot = F.one_hot(classes, N_CLASSES).permute(0, 3, 1, 2).to(out.dtype)
@@ -332,6 +332,31 @@ def save_weights(model: HistoUNet, path: Path, meta: dict) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class _MixedPrecision:
+    """One optimiser step: float32 on the CPU and MPS, float16 autocast with a gradient scaler
+    on CUDA (the loss itself in float32)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
+
+    def step(self, model, opt, x, y, z, config) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.cuda:
+            loss, parts = segmentation_loss(model(x), y, z, config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss, parts
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = model(x)
+        loss, parts = segmentation_loss(out.float(), y, z, config)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+        return loss, parts
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -352,6 +377,7 @@ def train(
     progress: Callable[[float, str], None] | None = None,
     time_limit_s: float | None = None,
     stop_at_step: int | None = None,
+    device: str | None = None,
 ) -> TrainResult:
     """Train the network, checkpointing to ``out_dir/checkpoint.pt``; write the final weights.
 
@@ -370,8 +396,16 @@ def train(
         Stop early (checkpoint and final weights still written) after this many seconds.
     stop_at_step
         Stop (with a checkpoint) when this step is reached, as an interrupted run would.
+    device
+        "auto" (default: CUDA, then MPS, then the CPU), "cpu", "cuda" or "mps"
+        (:func:`histo.device.resolve_device`). On CUDA the forward pass runs under float16
+        autocast with a gradient scaler; on the CPU and MPS in float32. Checkpoints and
+        weights are saved from CPU copies, so a run can resume on another device.
     """
+    from histo.device import device_name, resolve_device
+
     config = config or TrainConfig()
+    dev = resolve_device(device)
     if not 0.0 <= config.surface_crop_fraction <= 0.5:
         raise HistoError(
             f"surface crop fraction {config.surface_crop_fraction:g} is outside 0-0.5 "
@@ -382,12 +416,13 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     state = None
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         config = TrainConfig(**state["config"])
     torch.set_num_threads(max(1, config.threads))
     torch.manual_seed(config.seed)
-    model = HistoUNet(NetworkConfig(widths=list(config.widths)))
+    model = HistoUNet(NetworkConfig(widths=list(config.widths))).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    amp = _MixedPrecision(dev)
     step = 0
     history: list[dict] = []
     elapsed0 = 0.0
@@ -406,6 +441,7 @@ def train(
     model = model.to(memory_format=torch.channels_last)
     log.info("config %s", json.dumps(asdict(config)))
     log.info("network parameters: %d", count_parameters(model))
+    log.info("device %s (%s)", dev, device_name(dev))
     t0 = time.perf_counter()
     pool = SectionPool(
         config,
@@ -442,14 +478,12 @@ def train(
             break
         pool.advance(step)
         x, y, z = sample_batch(pool, config, step)
+        if dev.type != "cpu":
+            x, y, z = (t.to(dev, non_blocking=True) for t in (x, y, z))
         x = x.to(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, config)
-        out_t = model(x)
-        loss, parts = segmentation_loss(out_t, y, z, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, parts = amp.step(model, opt, x, y, z, config)
         step += 1
         last_loss = loss.item()
         running = last_loss if running is None else 0.95 * running + 0.05 * last_loss
@@ -475,7 +509,7 @@ def train(
             save_checkpoint()
     save_checkpoint()
     wall = elapsed0 + time.perf_counter() - t0
-    model.eval()
+    model = model.to("cpu").eval()
     meta = {
         "architecture": "HistoUNet",
         "config": NetworkConfig(widths=list(config.widths)).to_dict(),
@@ -498,7 +532,7 @@ def export_checkpoint(out_dir: str | Path) -> tuple[Path, str]:
     Returns the weights path and its sha256.
     """
     out = Path(out_dir)
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     config = TrainConfig(**state["config"])
     model = HistoUNet(NetworkConfig(widths=list(config.widths)))
     model.load_state_dict(state["model"])

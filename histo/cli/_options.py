@@ -34,6 +34,19 @@ def add_roi_and_ranges(parser: argparse.ArgumentParser, roi_help: str = SLIDE_RO
     )
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option shared by the commands that run the network."""
+    from histo.device import DEVICES
+
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the network runs: auto (a CUDA GPU, then Apple MPS, then the CPU), cpu, "
+        "cuda or mps (default %(default)s); a device missing here is an error (exit status 2)",
+    )
+
+
 def check_roi_and_ranges(args: argparse.Namespace) -> None:
     """Fail before any slide runs when the --roi GeoJSON or the --ranges file is unusable."""
     if args.roi:

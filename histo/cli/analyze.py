@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
+from histo.cli._options import (
+    add_device,
+    add_model,
+    add_pixel_size,
+    add_roi_and_ranges,
+    check_roi_and_ranges,
+)
 from histo.cli._progress import progress_bar
 
 HELP = "analyse slides end to end: segment, measure, call the phenotype"
@@ -41,13 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pixel_size(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
     add_model(parser)
     add_roi_and_ranges(parser)
+    add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from histo.batch import analyze_one, write_summary
+    from histo.device import resolve_device
     from histo.io.locking import output_lock
 
     check_roi_and_ranges(args)
+    resolve_device(args.device)  # a missing device stops here (exit 2), not once per slide
     out = Path(args.out)
     outcomes = []
     with output_lock(out):
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                     roi=args.roi,
                     ranges=args.ranges,
                     progress=progress,
+                    device=args.device,
                 )
             outcomes.append(outcome)
             if outcome.ok:

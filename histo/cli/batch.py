@@ -8,7 +8,13 @@ import textwrap
 from pathlib import Path
 
 from histo.batch import BatchReporter
-from histo.cli._options import add_model, add_pixel_size, add_roi_and_ranges, check_roi_and_ranges
+from histo.cli._options import (
+    add_device,
+    add_model,
+    add_pixel_size,
+    add_roi_and_ranges,
+    check_roi_and_ranges,
+)
 from histo.io.formats import SLIDE_SUFFIXES
 
 HELP = "analyse a folder of slides in parallel (dask), with resume"
@@ -86,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CSV with columns slide,group: the report compares the groups",
     )
     add_roi_and_ranges(parser)
+    add_device(parser)
 
 
 class _Bars(BatchReporter):
@@ -185,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         ranges=args.ranges,
         groups=groups,
         reporter=_Bars(),
+        device=args.device,
     )
     out = Path(args.out)
     if not result.outcomes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from histo.cli._options import add_device
+
 HELP = "evaluate the network and the classical baseline on held-out synthetic slides"
 DESCRIPTION = """Evaluate segmenters on held-out synthetic slides (seeds 900000+, never used in
 training): 3 phenotypes x 3 counterstains x 4 source pixel sizes (0.25, 0.5, 1, 2 µm/px).
@@ -48,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="network arithmetic (default: $HISTO_PRECISION or auto = bfloat16 where the CPU "
         "has it natively)",
     )
+    add_device(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
             seed_base=VALIDATION_SEED_BASE if args.validation else EVAL_SEED_BASE,
             precision=args.precision,
+            device=args.device,
         )
     finally:
         if bar is not None:

@@ -7,15 +7,23 @@ import logging
 import sys
 from pathlib import Path
 
+from histo.cli._options import add_device
+
 HELP = "train the segmentation network on synthetic sections (seeded, resumable)"
 DESCRIPTION = """Train the segmentation network on synthetic TRAP sections generated on the fly.
 
-Writes OUT/checkpoint.pt (resume with --resume), OUT/model.safetensors, OUT/history.json and
-OUT/train.log. With --register NAME (default: 'unet' when OUT's parent folder holds a
-registry.json, as models/ does) the weights are recorded in that registry with their sha256.
+Writes OUT/checkpoint.pt (resume with --resume), OUT/model.safetensors, OUT/model.json (with
+the weights' sha256), OUT/history.json and OUT/train.log. OUT can be used wherever --model is
+(histo analyze --model OUT); a folder in the user model folder ($HISTO_MODELS, default
+~/.local/share/histo/models) can be named by its name alone.
+
+With --register NAME (default: 'unet' when OUT's parent folder holds a registry.json, as the
+package's histo/models/ does in a source checkout) the weights are recorded in that registry
+with their sha256.
 
 Example:
-  histo train --out models/histo-unet --seed 0
+  histo train --out runs/histo-unet --seed 0
+  histo train --out runs/histo-unet --seed 0 --device cuda
 """
 
 
@@ -86,12 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only write OUT/model.safetensors from OUT/checkpoint.pt (e.g. while a run goes on)",
     )
+    add_device(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from histo.device import resolve_device
     from histo.train import TrainConfig, train
 
+    resolve_device(args.device)  # before any output: a missing device is exit status 2
     out = Path(args.out)
     if args.export_checkpoint:
         from histo.train import export_checkpoint
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=progress,
             time_limit_s=None if args.time_limit is None else args.time_limit * 60,
+            device=args.device,
         )
     finally:
         if bar is not None:

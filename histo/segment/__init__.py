@@ -14,18 +14,20 @@ float32 (class probabilities summing to 1, then the centre map in [0, 1]).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from histo.device import cpu_name, device_name
 from histo.errors import ModelError
-from histo.segment.registry import DEFAULT_REGISTRY, read_registry, resolve, verified_path
 from histo.segment.tiled import SegmentationResult, segment_slide
 
 __all__ = [
     "ClassicalSegmenter",
     "NetworkSegmenter",
+    "PROVENANCE_KEYS",
     "Prediction",
     "SegmentationResult",
     "Segmenter",
@@ -59,6 +61,10 @@ class Prediction:
     pixel_size_um: float
 
 
+#: what :meth:`Segmenter.provenance` records (in each slide's indices.json)
+PROVENANCE_KEYS = ("histo_version", "model_name", "model_sha256", "device", "device_name")
+
+
 class Segmenter:
     """Base class: subclasses implement :meth:`predict_scores`."""
 
@@ -77,6 +83,16 @@ class Segmenter:
         return Prediction(
             res.class_map, res.osteoclast_labels, res.osteocyte_labels, None, res.pixel_size_um
         )
+
+    def provenance(self) -> dict:
+        """What produced a result, for its indices.json and report: histo's version, the
+        model's name and weights' sha256 (None for the classical baseline), the device."""
+        from histo import __version__
+
+        device = getattr(self, "device", None)
+        kind, name = ("cpu", cpu_name()) if device is None else (str(device), device_name(device))
+        values = (__version__, self.name, getattr(self, "sha256", None), kind, name)
+        return dict(zip(PROVENANCE_KEYS, values, strict=True))
 
     def __repr__(self) -> str:
         px = self.working_pixel_size_um
@@ -111,18 +127,24 @@ def resolve_precision(precision: str | None = None) -> str:
 
 
 class NetworkSegmenter(Segmenter):
-    """The compact U-Net (:class:`histo.segment.network.HistoUNet`) on CPU.
+    """The compact U-Net (:class:`histo.segment.network.HistoUNet`) on the CPU or a GPU.
 
     Inference uses BatchNorm folded into the convolutions, channels-last memory and
     ``torch.inference_mode``; tiles are reflect-padded to a multiple of 16 px.
 
-    ``precision``: "float32", "bfloat16" (convolutions in bfloat16 under autocast, about 3x
-    faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
+    ``precision`` (CPU): "float32", "bfloat16" (convolutions in bfloat16 under autocast, about
+    3x faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
     (bfloat16 when the CPU supports it, else float32). ``None`` reads the ``HISTO_PRECISION``
     environment variable (default "auto"). Scores are float32 either way.
 
     Torch's thread count is process-wide: the entry points set it (``torch.set_num_threads``),
     never the segmenter.
+
+    ``device``: "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda" or "mps"
+    (:func:`histo.device.resolve_device`). On CUDA the convolutions run in float16 under
+    autocast (:func:`histo.device.half_precision`) and :attr:`tiles_per_batch` tiles fit one
+    forward pass (:meth:`predict_scores_batch`); ``precision`` is then ignored and
+    :attr:`precision` says what the device runs ("float16" on CUDA, "float32" on MPS).
     """
 
     def __init__(
@@ -131,27 +153,34 @@ class NetworkSegmenter(Segmenter):
         working_pixel_size_um: float = 1.0,
         name: str = "unet",
         precision: str | None = None,
+        device: str | None = None,
     ):
         import torch
 
+        from histo.device import half_precision, resolve_device
         from histo.segment.network import fuse_for_inference
 
-        self.precision = resolve_precision(precision)
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            self.precision = resolve_precision(precision)
+        else:
+            self.precision = str(half_precision(self.device) or torch.float32).removeprefix(
+                "torch."
+            )
         self.name = name
         self.working_pixel_size_um = float(working_pixel_size_um)
         self.n_outputs = int(net.config.n_outputs)
         self.parameters = sum(p.numel() for p in net.parameters())  # as trained
         self.net = fuse_for_inference(net.eval()).to(memory_format=torch.channels_last)
+        if self.device.type != "cpu":
+            self.net = self.net.to(self.device)
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
-        rgb = np.asarray(rgb)[..., :3]
-        h, w = rgb.shape[:2]
-        ph, pw = (-h) % 16, (-w) % 16
-        if ph or pw:
-            mode = "reflect" if h > ph and w > pw else "edge"
-            rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode=mode)
+        if self.device.type != "cpu":
+            return self.predict_scores_batch([rgb])[0]
+        rgb, h, w = _pad16(rgb)
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
         with (
@@ -165,9 +194,67 @@ class NetworkSegmenter(Segmenter):
             scores = torch.cat([probs, centre], 0)[:, :h, :w]
         return np.ascontiguousarray(scores.numpy(), dtype=np.float32)
 
+    @property
+    def tiles_per_batch(self) -> int:
+        """Tiles of 768 px one forward pass takes on this device (1 on the CPU)."""
+        from histo.device import tiles_per_batch
+
+        return tiles_per_batch(self.device, 768)
+
+    def predict_scores_batch(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
+        """Scores of several tiles in one forward pass (tiles of one shape; else one by one).
+
+        The tiles go to the device as uint8 (4x less to copy than float32); the convolutions
+        run in float16 on CUDA, in bfloat16 on a CPU that has it (:attr:`precision`), else in
+        float32. :attr:`tiles_per_batch` says how many fit the device's memory.
+        """
+        import torch
+
+        if len({np.shape(r)[:2] for r in rgbs}) > 1:
+            return [self.predict_scores_batch([r])[0] for r in rgbs]
+        padded = [_pad16(r) for r in rgbs]
+        h, w = padded[0][1], padded[0][2]
+        x = torch.from_numpy(np.stack([p[0] for p in padded])).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self.net(x).float()
+            n_cls = self.n_outputs - 1
+            probs = torch.softmax(out[:, :n_cls], dim=1)
+            centre = torch.sigmoid(out[:, n_cls:])
+            scores = torch.cat([probs, centre], 1)[:, :, :h, :w].cpu().numpy()
+        return [np.ascontiguousarray(s, dtype=np.float32) for s in scores]
+
+    def _autocast(self):
+        """The autocast context of this device and precision (none at all where the
+        convolutions stay float32: older torch refuses an autocast context for "mps")."""
+        import torch
+
+        from histo.device import half_precision
+
+        half = half_precision(self.device)
+        if half is None and self.device.type == "cpu" and self.precision == "bfloat16":
+            half = torch.bfloat16
+        return torch.autocast(self.device.type, dtype=half) if half is not None else nullcontext()
+
+
+def _pad16(rgb: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """RGB padded to multiples of 16 px (reflected; edge-repeated when too small), with the
+    original height and width."""
+    rgb = np.asarray(rgb)[..., :3]
+    h, w = rgb.shape[:2]
+    ph, pw = (-h) % 16, (-w) % 16
+    if ph or pw:
+        mode = "reflect" if h > ph and w > pw else "edge"
+        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode=mode)
+    return rgb, h, w
+
 
 def _load_safetensors(
-    path: Path, entry: dict | None, name: str, precision: str | None = None
+    path: Path,
+    entry: dict | None,
+    name: str,
+    precision: str | None = None,
+    device: str | None = None,
 ) -> NetworkSegmenter:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -192,69 +279,63 @@ def _load_safetensors(
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"weights {path} do not fit the {name!r} architecture: {first}") from None
-    return NetworkSegmenter(net, px, name=name, precision=precision)
+    return NetworkSegmenter(net, px, name=name, precision=precision, device=device)
 
 
 def load_model(
     name_or_path: str | Path = "default",
     registry: str | Path | None = None,
     precision: str | None = None,
+    device: str | None = None,
 ) -> Segmenter:
-    """Load a segmenter by registry name ("default", "unet", "classical") or weights path.
+    """Load a segmenter by name ("default", "unet", "classical", a user model) or path.
 
     Parameters
     ----------
     name_or_path
-        A name in the registry (aliases such as "default" allowed), a path to a registry
-        JSON file (its default model is loaded), a folder holding ``registry.json``, or a
-        ``.safetensors`` file (its architecture config is read from the file's metadata; no
-        checksum to compare against unless the file is listed in the shipped registry).
+        A name in the registry (aliases such as "default" allowed), the name of a model folder
+        in the user model folder (:func:`histo.segment.registry.user_models_dir`), a model
+        folder holding ``model.safetensors`` and ``model.json`` (checked against the sha256
+        in it), a path to a registry JSON file (its default model is loaded), a folder holding
+        ``registry.json``, or a ``.safetensors`` file (its architecture config is read from
+        the file's metadata; no checksum to compare against unless the file is listed in the
+        shipped registry). See :func:`histo.segment.registry.locate_model`.
     registry
-        Registry file to use instead of the shipped ``models/registry.json``.
+        Registry file to use instead of the shipped one.
     precision
-        Network arithmetic: "auto", "float32" or "bfloat16" (:class:`NetworkSegmenter`);
+        CPU arithmetic: "auto", "float32" or "bfloat16" (:class:`NetworkSegmenter`);
         ``None`` reads ``HISTO_PRECISION``. Ignored by the classical baseline.
+    device
+        "auto" (default), "cpu", "cuda" or "mps" (:func:`histo.device.resolve_device`).
+        The classical baseline runs on the CPU whatever is asked.
+
+    Returns
+    -------
+    Segmenter
+        With ``sha256`` set to the weights' checksum (None for the classical baseline).
 
     Raises
     ------
     histo.errors.ModelError
         Unknown name, missing/corrupt/tampered weights (sha256 mismatch).
+    histo.device.DeviceError
+        The device asked for is not available.
     """
     from histo.segment.classical import ClassicalSegmenter
+    from histo.segment.registry import locate_model
 
     if isinstance(name_or_path, Segmenter):
         return name_or_path
-    key = str(name_or_path)
-    if key == "classical":
+    if str(name_or_path) == "classical":
         return ClassicalSegmenter()
-    path = Path(key)
-    if path.suffix == ".json" or (path.is_dir() and (path / "registry.json").exists()):
-        registry = path if path.suffix == ".json" else path / "registry.json"
-        key = "default"
-    elif path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
-        if not path.is_file():
-            raise ModelError(f"model weights {path} not found")
-        if path.suffix != ".safetensors":
-            raise ModelError(f"model weights {path}: only .safetensors files are supported")
-        # a file listed in the shipped registry is checked against its checksum
-        try:
-            reg = read_registry(DEFAULT_REGISTRY)
-            root = DEFAULT_REGISTRY.parent
-            for reg_name, entry in reg["models"].items():
-                if "file" in entry and (root / entry["file"]).resolve() == path.resolve():
-                    return _load_safetensors(
-                        verified_path(entry, root, reg_name), entry, reg_name, precision
-                    )
-        except ModelError:
-            pass
-        return _load_safetensors(path, None, path.stem, precision)
-    reg_path = Path(registry) if registry is not None else DEFAULT_REGISTRY
-    reg = read_registry(reg_path)
-    real, entry = resolve(key, reg)
-    arch = entry.get("architecture", "HistoUNet")
+    source = locate_model(name_or_path, registry)
+    arch = source.entry.get("architecture", "HistoUNet")
     if arch == "classical":
-        return ClassicalSegmenter(**entry.get("config", {}))
+        return ClassicalSegmenter(**source.entry.get("config", {}))
     if arch != "HistoUNet":
-        raise ModelError(f"model {real!r} has an unknown architecture {arch!r}")
-    weights = verified_path(entry, reg_path.resolve().parent, real)
-    return _load_safetensors(weights, entry, real, precision)
+        raise ModelError(f"model {source.name!r} has an unknown architecture {arch!r}")
+    sha256 = source.verify()
+    entry = source.entry if source.entry.get("config") else None
+    model = _load_safetensors(source.weights, entry, source.name, precision, device)
+    model.sha256 = sha256
+    return model

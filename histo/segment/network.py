@@ -32,7 +32,7 @@ N_OUTPUTS = N_CLASS_OUTPUTS + 1
 
 @dataclass
 class NetworkConfig:
-    """Architecture hyper-parameters (stored in ``models/registry.json``).
+    """Architecture hyper-parameters (stored in the model registry, ``histo/models/registry.json``).
 
     Parameters
     ----------

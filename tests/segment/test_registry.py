@@ -1,12 +1,19 @@
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from histo.errors import ModelError
 from histo.segment import NetworkSegmenter, load_model
-from histo.segment.registry import DEFAULT_REGISTRY, read_registry
+from histo.segment.registry import (
+    DEFAULT_REGISTRY,
+    read_registry,
+    user_model_names,
+    user_models_dir,
+)
 
 
 def test_shipped_default_model_loads():
@@ -72,3 +79,50 @@ def test_unknown_model():
 
 def test_classical_loads_without_weights():
     assert load_model("classical").name == "classical"
+
+
+def test_the_shipped_registry_is_package_data():
+    import histo
+
+    assert DEFAULT_REGISTRY.is_relative_to(Path(histo.__file__).parent)
+    assert load_model("default").sha256 == read_registry()["models"]["unet"]["sha256"]
+
+
+def _user_model(folder: Path, sha256: str | None = None) -> Path:
+    """A model folder as ``histo train`` writes it: weights and model.json with their sha256."""
+    weights = DEFAULT_REGISTRY.parent / read_registry()["models"]["unet"]["file"]
+    folder.mkdir(parents=True)
+    shutil.copy(weights, folder / "model.safetensors")
+    sha = sha256 or hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "model.json").write_text(json.dumps({"architecture": "HistoUNet", "sha256": sha}))
+    return folder
+
+
+def test_user_models_load_by_name_by_folder_and_by_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTO_MODELS", str(tmp_path / "models"))
+    folder = _user_model(tmp_path / "models" / "my-lab")
+    assert user_model_names() == ["my-lab"]
+    for ref in ("my-lab", str(folder), str(folder / "model.safetensors")):
+        model = load_model(ref, device="cpu")
+        assert (model.name, model.sha256) == ("my-lab", read_registry()["models"]["unet"]["sha256"])
+    with pytest.raises(ModelError, match="my-lab"):  # listed among the known models
+        load_model("no-such-model")
+
+
+def test_a_tampered_user_model_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTO_MODELS", str(tmp_path))
+    _user_model(tmp_path / "my-lab", sha256="0" * 64)
+    with pytest.raises(ModelError, match="model.json checksum"):
+        load_model("my-lab")
+
+
+def test_the_user_model_folder_follows_the_platform(monkeypatch):
+    from histo.segment import registry
+
+    assert user_models_dir({"HISTO_MODELS": "/data/m", "HOME": "/h"}) == Path("/data/m")
+    monkeypatch.setattr(registry.sys, "platform", "linux")
+    assert user_models_dir({"HOME": "/h"}) == Path("/h/.local/share/histo/models")
+    assert user_models_dir({"HOME": "/h", "XDG_DATA_HOME": "/x"}) == Path("/x/histo/models")
+    monkeypatch.setattr(registry.sys, "platform", "darwin")
+    mac = Path("/h/Library/Application Support/histo/models")
+    assert user_models_dir({"HOME": "/h"}) == mac
