@@ -25,7 +25,6 @@ COMMANDS = {
 }
 
 
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; the options of the command named in ``argv`` are loaded from its module."""
     parser = argparse.ArgumentParser(
