@@ -69,7 +69,7 @@ evaluate: install
 	$(BIN)/histo evaluate --out models/evaluation --cache runs/eval-cache
 
 screenshot: install sysdeps
-	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot docs/napari.png
+	QT_API=pyqt6 xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot docs/napari.png
 
 clean:
 	rm -rf $(VENV) demo bench-out
