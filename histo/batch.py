@@ -662,6 +662,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
+                # the scheduler's health routes on any free port, not 8787: another cluster
+                # (a second batch, a notebook's dashboard) may hold that one
+                scheduler_kwargs={"dashboard_address": ":0"},
                 silence_logs=logging.ERROR,
                 memory_limit="auto",
             )
