@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import find_contours
 
-from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field, build_field
+from histo.synth._field import build_field
+from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
 from histo.synth._render import COUNTERSTAINS, render, sample_style
 from histo.synth._tiff_write import new_canvas, write_pyramidal_tiff
 
