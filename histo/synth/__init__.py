@@ -24,12 +24,16 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import find_contours
 
+from histo import classes
+from histo.regions import RegionBox
 from histo.synth._field import build_field
 from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
+from histo.synth._longbone import SECTION_UM, LongBone, build_long_bone
 from histo.synth._render import COUNTERSTAINS, render, sample_style
 from histo.synth._tiff_write import new_canvas, write_pyramidal_tiff
 
 __all__ = [
+    "ANATOMIES",
     "COUNTERSTAINS",
     "PHENOTYPES",
     "PHENOTYPE_PARAMS",
@@ -37,7 +41,12 @@ __all__ = [
     "make_section",
     "write_synthetic_slide",
     "truth_paths",
+    "region_paths",
+    "long_bone_truth",
 ]
+
+#: what a synthetic section shows: a piece of metaphysis (field) or a whole long-bone section
+ANATOMIES = ("field", "long-bone")
 
 #: physical size of one field of a mosaic (µm) and its largest size in pixels
 FIELD_UM = 2500.0
@@ -56,9 +65,17 @@ class SyntheticSection:
     pixel_size_um: float
     truth: dict[str, float]  #: indices, names and units of indices.csv
     params: dict = field(default_factory=dict)
+    #: long-bone sections: region map (codes of histo.regions.Region), else None
+    regions: np.ndarray | None = None
+    #: long-bone sections: the standard measurement region (bool), else None
+    standard_region: np.ndarray | None = None
+    #: long-bone sections: the standard region's edges (µm on this grid), else None
+    region_box_um: RegionBox | None = None
 
 
-def _check(phenotype: str, pixel_size_um: float) -> None:
+def _check(phenotype: str, pixel_size_um: float, anatomy: str = "field") -> None:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; choose one of {', '.join(ANATOMIES)}")
     if phenotype not in PHENOTYPES:
         raise ValueError(f"unknown phenotype {phenotype!r}; choose one of {', '.join(PHENOTYPES)}")
     if not (0.1 <= float(pixel_size_um) <= 10.0):
@@ -135,24 +152,49 @@ def truth_indices(parts: dict[str, float], pixel_size_um: float) -> dict[str, fl
     }
 
 
+#: a long-bone section's default long side is SECTION_UM, capped at this many pixels (memory)
+LONG_BONE_MAX_PX = 8192
+
+
+def section_shape(
+    anatomy: str, size: int | tuple[int, int] | None, pixel_size_um: float
+) -> tuple[int, int]:
+    """(H, W) in pixels. A long-bone section's ``size`` is its long side (rows, along the bone).
+
+    Without ``size``: 1024 x 1024 for a field; for a long bone, 3 mm x 2 mm at the pixel size
+    (the long side capped at :data:`LONG_BONE_MAX_PX`).
+    """
+    if isinstance(size, tuple | list):
+        return int(size[0]), int(size[1])
+    if anatomy == "field":
+        n = 1024 if size is None else int(size)
+        return n, n
+    if size is None:
+        size = min(round(SECTION_UM[0] / pixel_size_um), LONG_BONE_MAX_PX)
+    h = int(size)
+    return h, int(round(h * SECTION_UM[1] / SECTION_UM[0]))
+
+
 def make_section(
     phenotype: str,
-    size: int | tuple[int, int] = 1024,
+    size: int | tuple[int, int] | None = None,
     pixel_size_um: float = 1.0,
     seed: int = 0,
     counterstain: str | None = None,
     style: dict | None = None,
+    anatomy: str = "field",
     **overrides,
 ) -> SyntheticSection:
-    """One synthetic field in memory, with its ground truth.
+    """One synthetic section in memory, with its ground truth.
 
     Parameters
     ----------
     phenotype
         ``normal``, ``oc-rich`` or ``oc-poor``.
     size
-        Field size in pixels (int for a square, or (H, W)). Keep it to a few thousand pixels;
-        use :func:`write_synthetic_slide` for whole slides.
+        Size in pixels: an int (a square field; a long-bone section's long side) or (H, W).
+        Default 1024 for a field, 3 mm at the pixel size for a long bone. Keep it to a few
+        thousand pixels; use :func:`write_synthetic_slide` for whole slides.
     pixel_size_um
         Pixel size in µm/px (0.25-2 is the range scanners give).
     seed
@@ -162,33 +204,116 @@ def make_section(
     style
         Staining and imaging parameters (see ``histo.synth._render.sample_style``); sampled
         from ``seed`` when None.
+    anatomy
+        ``field`` (a piece of bone and marrow) or ``long-bone`` (a longitudinal section with
+        growth plate, spongiosa, cortices and muscle; the truth is that of its standard region).
     **overrides
         Fix a sampled anatomy parameter, e.g. ``bv_tv=0.15`` or ``oc_per_mm=4``.
     """
-    _check(phenotype, pixel_size_um)
-    shape = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    _check(phenotype, pixel_size_um, anatomy)
+    shape = section_shape(anatomy, size, pixel_size_um)
     rng = np.random.default_rng(seed)
     if style is None:
         style = sample_style(rng, counterstain)
-    fld = build_field(phenotype, shape, pixel_size_um, rng, overrides)
+    if anatomy == "long-bone":
+        lb = _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+        fld = lb.field
+    else:
+        fld = build_field(phenotype, shape, pixel_size_um, rng, overrides)
     image = render(fld, style, rng)
-    parts = _truth_parts(fld)
     params = dict(fld.params)
     params.update(
         {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in style.items()},
         seed=seed,
         pixel_size_um=float(pixel_size_um),
     )
-    return SyntheticSection(
+    section = SyntheticSection(
         image=image,
         class_map=fld.class_map,
         osteoclast_labels=fld.osteoclast_labels,
         osteocyte_labels=fld.osteocyte_labels,
         occupied=fld.occupied,
         pixel_size_um=float(pixel_size_um),
-        truth=truth_indices(parts, pixel_size_um),
+        truth={},
         params=params,
     )
+    if anatomy == "long-bone":
+        section.truth = long_bone_truth(lb)
+        section.regions, section.standard_region = lb.regions, lb.standard
+        section.region_box_um = lb.box
+    else:
+        section.truth = truth_indices(_truth_parts(fld), pixel_size_um)
+    return section
+
+
+def _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides) -> LongBone:
+    if max(shape) * pixel_size_um < 1500.0 or min(shape) * pixel_size_um < 1000.0:
+        raise ValueError(
+            f"a long-bone section of {shape[0]}x{shape[1]} px at {pixel_size_um} µm/px is too "
+            "small: it needs at least 1.5 mm x 1 mm (growth plate, spongiosa and cortices)"
+        )
+    return build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+
+
+def long_bone_truth(lb: LongBone) -> dict[str, float]:
+    """Truth indices of a long-bone section's standard region (names of indices.csv).
+
+    Measured by :func:`histo.measure.measure` with the standard region as ROI on the class map
+    where cartilage (5) counts as bone matrix (2) - B.Ar includes calcified cartilage, as in
+    Parfitt et al. 1987 - and soft tissue (6) as marrow, outside the region anyway. Osteocyte
+    counts use the generator's lacuna occupancy. ``Cg.Ar/B.Ar`` (%, non-standard) is the
+    cartilage share of B.Ar in the region.
+    """
+    from histo.measure import measure
+
+    fld = lb.field
+    p = fld.pixel_size_um
+    cm = fld.class_map.copy()
+    region = lb.standard
+    cartilage = (cm == classes.CARTILAGE) & region
+    cm[cm == classes.CARTILAGE] = classes.BONE
+    cm[cm == classes.SOFT_TISSUE] = classes.MARROW
+    m = measure(
+        cm,
+        p,
+        osteoclast_labels=fld.osteoclast_labels,
+        osteocyte_labels=fld.osteocyte_labels,
+        roi=region,
+    )
+    indices = dict(m.indices)
+    occupied, empty = _lacunae_in(fld, region)
+    b_ar = indices["B.Ar"]
+    indices.update(
+        {
+            "N.Ot": float(occupied),
+            "N.Ot/B.Ar": occupied / b_ar if b_ar > 0 else math.nan,
+            "Empty lacunae (non-standard)": float(empty),
+            "N.TRAP+ off bone": 0.0,
+            "Cg.Ar/B.Ar": 100.0 * cartilage.sum() * (p / 1000.0) ** 2 / b_ar if b_ar else math.nan,
+        }
+    )
+    return indices
+
+
+def _lacunae_in(fld: Field, region: np.ndarray) -> tuple[int, int]:
+    """Occupied and empty osteocyte lacunae whose centroid lies in ``region``."""
+    labels = fld.osteocyte_labels
+    n = int(labels.max())
+    if n == 0:
+        return 0, 0
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)
+    cy = np.bincount(ids, ys, minlength=n + 1) / np.maximum(count, 1)
+    cx = np.bincount(ids, xs, minlength=n + 1) / np.maximum(count, 1)
+    occupied = empty = 0
+    for k in range(1, n + 1):
+        if count[k] and region[int(round(cy[k])), int(round(cx[k]))]:
+            if fld.occupied.get(k, True):
+                occupied += 1
+            else:
+                empty += 1
+    return occupied, empty
 
 
 def truth_paths(slide_path: str | os.PathLike) -> dict[str, Path]:

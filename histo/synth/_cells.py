@@ -153,14 +153,17 @@ def place_osteoclasts(
     n_target: int,
     pp: PhenotypeParams,
     pixel_size_um: float,
+    res: Resorption | None = None,
 ) -> Resorption:
     """Up to ``n_target`` osteoclasts on allowed surface points, each in a Howship's lacuna.
 
     ``bone_sdf`` is carved in place under the pits. Osteoclasts keep a 2 px gap between them and
-    stay inside ``space`` (where cells may lie).
+    stay inside ``space`` (where cells may lie). Given ``res``, adds to it (``n_target`` more).
     """
     shape = bone_sdf.shape
-    res = Resorption(np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, bool))
+    if res is None:
+        res = Resorption(np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, bool))
+    n_target += res.n_osteoclasts
     _sample_surface(surface, bone_sdf, allowed, rng)
     tries = si = 0
     pts = surface.points
