@@ -25,7 +25,7 @@ import numpy as np
 from skimage.measure import find_contours
 
 from histo import classes
-from histo.regions import RegionBox
+from histo.regions import Region, RegionBox
 from histo.synth._field import build_field
 from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
 from histo.synth._longbone import SECTION_UM, LongBone, build_long_bone
@@ -338,97 +338,182 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
+def region_paths(slide_path: str | os.PathLike) -> dict[str, Path]:
+    """Where a long-bone slide's region truth lies: region map and standard region."""
+    classes_path = truth_paths(slide_path)["classes"]
+    stem = classes_path.name[: -len(".classes.tif")]
+    return {
+        "regions": classes_path.with_name(f"{stem}.regions.tif"),
+        "standard": classes_path.with_name(f"{stem}.standard.tif"),
+    }
+
+
 def write_synthetic_slide(
     path: str | os.PathLike,
     phenotype: str,
-    size: int | tuple[int, int] = 2048,
+    size: int | tuple[int, int] | None = None,
     pixel_size_um: float = 1.0,
     seed: int = 0,
     counterstain: str | None = None,
     progress: Callable[[float, str], None] | None = None,
+    anatomy: str = "field",
     **overrides,
 ) -> dict:
     """Write a synthetic slide (pyramidal OME-TIFF) and its ground truth beside it.
 
-    A slide larger than one field (about 2.5 mm or 3072 px a side) is a mosaic of independent
-    section fields, each with a glass margin, rendered one at a time: peak memory is set by the
-    field, not the slide. Writes ``NAME.ome.tif``, ``NAME.classes.tif`` (uint8 class map),
-    ``NAME.osteoclasts.tif`` and ``NAME.osteocytes.tif`` (uint32 instances) and
-    ``NAME.truth.json`` (indices, parameters, lacuna occupancy).
+    Fields: a slide larger than one field (about 2.5 mm or 3072 px a side; default 2048 px) is a
+    mosaic of independent section fields, each with a glass margin, rendered one at a time: peak
+    memory is set by the field, not the slide. A long-bone section (``anatomy="long-bone"``,
+    default 3 mm x 2 mm) is one piece; ``size`` is its long side.
+
+    Writes ``NAME.ome.tif``, ``NAME.classes.tif`` (uint8 class map), ``NAME.osteoclasts.tif`` and
+    ``NAME.osteocytes.tif`` (uint32 instances) and ``NAME.truth.json`` (indices, parameters,
+    lacuna occupancy); long bones add ``NAME.regions.tif`` (codes of
+    :class:`histo.regions.Region`) and ``NAME.standard.tif`` (the standard region, 0/1), and
+    their truth indices are those of the standard region.
 
     Returns
     -------
     dict
         The content of the truth JSON.
     """
-    _check(phenotype, pixel_size_um)
+    _check(phenotype, pixel_size_um, anatomy)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if anatomy == "field" and size is None:
+        size = 2048
+    h, w = section_shape(anatomy, size, pixel_size_um)
     if h < 64 or w < 64:
         raise ValueError(f"size {h}x{w} px is too small for a section (at least 64 px)")
-    field_px = int(min(FIELD_MAX_PX, max(512, FIELD_UM / pixel_size_um)))
-    rows = _split(h, math.ceil(h / field_px))
-    cols = _split(w, math.ceil(w / field_px))
     rng = np.random.default_rng(seed)
     style = sample_style(rng, counterstain)
-    out = truth_paths(path)
-    total_fields = len(rows) * len(cols)
-    totals: dict[str, float] = {}
-    occupied_all: dict[int, bool] = {}
-    fields_params = []
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
-        image = new_canvas((h, w, 3), np.uint8, tmp, "image")
-        cmap = new_canvas((h, w), np.uint8, tmp, "classes")
-        ocl = new_canvas((h, w), np.uint32, tmp, "osteoclasts")
-        otl = new_canvas((h, w), np.uint32, tmp, "osteocytes")
-        oc_offset = ot_offset = 0
-        k = 0
-        for i, (y0, y1) in enumerate(rows):
-            for j, (x0, x1) in enumerate(cols):
-                frng = np.random.default_rng([seed, i, j])
-                fld = build_field(phenotype, (y1 - y0, x1 - x0), pixel_size_um, frng, overrides)
-                image[y0:y1, x0:x1] = render(fld, style, frng)
-                cmap[y0:y1, x0:x1] = fld.class_map
-                lab = fld.osteoclast_labels.astype(np.uint32)
-                ocl[y0:y1, x0:x1] = np.where(lab > 0, lab + oc_offset, 0)
-                lab = fld.osteocyte_labels.astype(np.uint32)
-                otl[y0:y1, x0:x1] = np.where(lab > 0, lab + ot_offset, 0)
-                for key, v in fld.occupied.items():
-                    occupied_all[key + ot_offset] = v
-                for key, v in _truth_parts(fld).items():
-                    totals[key] = totals.get(key, 0.0) + v
-                oc_offset += fld.params["n_osteoclasts"]
-                ot_offset += fld.params["n_lacunae"]
-                fields_params.append(fld.params)
-                del fld
-                k += 1
-                if progress is not None:
-                    progress(k / (total_fields + 1), f"rendered field {k}/{total_fields}")
-        write_pyramidal_tiff(path, image, pixel_size_um, workdir=tmp)
-        write_pyramidal_tiff(out["classes"], cmap, pixel_size_um, label=True, workdir=tmp)
-        write_pyramidal_tiff(out["osteoclasts"], ocl, pixel_size_um, label=True, workdir=tmp)
-        write_pyramidal_tiff(out["osteocytes"], otl, pixel_size_um, label=True, workdir=tmp)
+    if anatomy == "long-bone":
+        shape = (h, w)
+        truth = _write_long_bone(path, phenotype, shape, pixel_size_um, rng, style, overrides)
+    else:
+        truth = _write_mosaic(
+            path, phenotype, (h, w), pixel_size_um, seed, style, overrides, progress
+        )
     truth = {
         "slide": path.name,
         "phenotype": phenotype,
+        "anatomy": anatomy,
         "pixel_size_um": float(pixel_size_um),
         "size_px": [h, w],
         "seed": seed,
         "counterstain": style["counterstain"],
-        "indices": truth_indices(totals, pixel_size_um),
-        "fields": len(fields_params),
-        "field_params": fields_params if len(fields_params) <= 16 else fields_params[:16],
-        "occupied_lacunae": {str(k): v for k, v in occupied_all.items()}
-        if len(occupied_all) < 200_000
-        else None,
+        **truth,
     }
-    tmp_json = out["truth"].with_name(out["truth"].name + ".partial")
-    tmp_json.write_text(json.dumps(truth, indent=1, default=_json_default, allow_nan=True))
-    os.replace(tmp_json, out["truth"])
+    _write_json(truth_paths(path)["truth"], truth)
     if progress is not None:
         progress(1.0, "written")
     return truth
+
+
+@dataclass
+class _MosaicTruth:
+    """Ground truth gathered field by field (instance labels are offset to stay unique)."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    occupied: dict[int, bool] = field(default_factory=dict)
+    fields_params: list[dict] = field(default_factory=list)
+    oc_offset: int = 0
+    ot_offset: int = 0
+
+    def add(self, fld: Field, canvases: dict, window: tuple[slice, slice]) -> None:
+        canvases["cm"][window] = fld.class_map
+        for name, lab, offset in (
+            ("ocl", fld.osteoclast_labels, self.oc_offset),
+            ("otl", fld.osteocyte_labels, self.ot_offset),
+        ):
+            lab = lab.astype(np.uint32)
+            canvases[name][window] = np.where(lab > 0, lab + offset, 0)
+        for key, v in fld.occupied.items():
+            self.occupied[key + self.ot_offset] = v
+        for key, v in _truth_parts(fld).items():
+            self.totals[key] = self.totals.get(key, 0.0) + v
+        self.oc_offset += fld.params["n_osteoclasts"]
+        self.ot_offset += fld.params["n_lacunae"]
+        self.fields_params.append(fld.params)
+
+
+def _write_mosaic(path, phenotype, shape, pixel_size_um, seed, style, overrides, progress) -> dict:
+    """Fields rendered one at a time into the slide's canvases, then written as OME-TIFF."""
+    h, w = shape
+    field_px = int(min(FIELD_MAX_PX, max(512, FIELD_UM / pixel_size_um)))
+    rows = _split(h, math.ceil(h / field_px))
+    cols = _split(w, math.ceil(w / field_px))
+    acc = _MosaicTruth()
+    total = len(rows) * len(cols)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
+        canvases = {
+            "image": new_canvas((h, w, 3), np.uint8, tmp, "image"),
+            "cm": new_canvas((h, w), np.uint8, tmp, "classes"),
+            "ocl": new_canvas((h, w), np.uint32, tmp, "osteoclasts"),
+            "otl": new_canvas((h, w), np.uint32, tmp, "osteocytes"),
+        }
+        for i, (y0, y1) in enumerate(rows):
+            for j, (x0, x1) in enumerate(cols):
+                frng = np.random.default_rng([seed, i, j])
+                fld = build_field(phenotype, (y1 - y0, x1 - x0), pixel_size_um, frng, overrides)
+                window = (slice(y0, y1), slice(x0, x1))
+                canvases["image"][window] = render(fld, style, frng)
+                acc.add(fld, canvases, window)
+                del fld
+                if progress is not None:
+                    k = len(acc.fields_params)
+                    progress(k / (total + 1), f"rendered field {k}/{total}")
+        _write_tiffs(path, canvases, pixel_size_um, tmp)
+    return {
+        "indices": truth_indices(acc.totals, pixel_size_um),
+        "fields": len(acc.fields_params),
+        "field_params": acc.fields_params[:16],
+        "occupied_lacunae": {str(k): v for k, v in acc.occupied.items()}
+        if len(acc.occupied) < 200_000
+        else None,
+    }
+
+
+def _write_tiffs(path: Path, canvases: dict, pixel_size_um: float, tmp) -> None:
+    out = truth_paths(path)
+    write_pyramidal_tiff(path, canvases["image"], pixel_size_um, workdir=tmp)
+    for key, name in (("cm", "classes"), ("ocl", "osteoclasts"), ("otl", "osteocytes")):
+        write_pyramidal_tiff(out[name], canvases[key], pixel_size_um, label=True, workdir=tmp)
+
+
+def _write_long_bone(path, phenotype, shape, pixel_size_um, rng, style, overrides) -> dict:
+    """One long-bone section with its region maps; the truth is its standard region's."""
+    lb = _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+    fld = lb.field
+    canvases = {
+        "image": render(fld, style, rng),
+        "cm": fld.class_map,
+        "ocl": fld.osteoclast_labels.astype(np.uint32),
+        "otl": fld.osteocyte_labels.astype(np.uint32),
+    }
+    extra = region_paths(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
+        _write_tiffs(path, canvases, pixel_size_um, tmp)
+        write_pyramidal_tiff(extra["regions"], lb.regions, pixel_size_um, label=True, workdir=tmp)
+        standard = lb.standard.astype(np.uint8)
+        write_pyramidal_tiff(extra["standard"], standard, pixel_size_um, label=True, workdir=tmp)
+    return {
+        "indices": long_bone_truth(lb),
+        "standard_region_um": dict(
+            zip(("top", "bottom", "left", "right"), lb.box.edges(), strict=True)
+        ),
+        "junction_um": lb.junction_um,
+        "region_codes": {r.name.lower(): int(r) for r in Region},
+        "fields": 1,
+        "field_params": [fld.params],
+        "occupied_lacunae": {str(k): v for k, v in fld.occupied.items()},
+    }
+
+
+def _write_json(path: Path, truth: dict) -> None:
+    tmp_json = path.with_name(path.name + ".partial")
+    tmp_json.write_text(json.dumps(truth, indent=1, default=_json_default, allow_nan=True))
+    os.replace(tmp_json, path)
 
 
 def _json_default(o):
