@@ -15,7 +15,7 @@ Papers state their own values, so all three are settable (:class:`RegionRules`).
   the side of the growth plate where the section extends further;
 - the chondro-osseous junction: the median, over the plate's width, of its edge facing the shaft;
 - the cortices: per row of the shaft, the run of bone inward from each periosteal surface, its
-  thickness taken as a low running quantile (trabeculae joining the endocortex only lengthen a
+  thickness taken as a low running quantile (trabeculae joining the endocortex lengthen a
   run);
 - the standard region: a rectangle from ``offset_um`` to ``offset_um + depth_um`` below the
   junction, ``margin_um`` inside the innermost endocortical surface over those rows.
@@ -189,8 +189,8 @@ class _Cortices:
 def _cortices(envelope, bone, first_row: int, q: float) -> _Cortices:
     """Cortical runs from both periosteal surfaces, thickness a running low quantile.
 
-    Trabeculae joining the endocortex lengthen a run and pits shorten it; the 20th percentile
-    over +-100 µm of rows follows the cortex and ignores most of both.
+    Trabeculae joining the endocortex lengthen a run and pits shorten it; the 10th percentile
+    over +-200 µm of rows follows the cortex and ignores most of both.
     """
     rows = np.array([r for r in range(first_row, envelope.shape[0]) if envelope[r].any()], int)
     if len(rows) == 0:
@@ -199,9 +199,9 @@ def _cortices(envelope, bone, first_row: int, q: float) -> _Cortices:
     right = np.array([np.flatnonzero(envelope[r])[-1] + 1 for r in rows])
     run_l = np.array([_bone_run(bone[r], c, 1) for r, c in zip(rows, left, strict=True)])
     run_r = np.array([_bone_run(bone[r], c - 1, -1) for r, c in zip(rows, right, strict=True)])
-    window = max(int(round(200.0 / q)), 3)
-    th_l = ndi.percentile_filter(run_l, 20, size=window, mode="nearest")
-    th_r = ndi.percentile_filter(run_r, 20, size=window, mode="nearest")
+    window = max(int(round(400.0 / q)), 3)
+    th_l = ndi.percentile_filter(run_l, 10, size=window, mode="nearest")
+    th_r = ndi.percentile_filter(run_r, 10, size=window, mode="nearest")
     return _Cortices(rows, left, right, left + th_l, right - th_r)
 
 
