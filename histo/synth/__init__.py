@@ -220,23 +220,7 @@ def make_section(
         fld = lb.field
     else:
         fld = build_field(phenotype, shape, pixel_size_um, rng, overrides)
-    image = render(fld, style, rng)
-    params = dict(fld.params)
-    params.update(
-        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in style.items()},
-        seed=seed,
-        pixel_size_um=float(pixel_size_um),
-    )
-    section = SyntheticSection(
-        image=image,
-        class_map=fld.class_map,
-        osteoclast_labels=fld.osteoclast_labels,
-        osteocyte_labels=fld.osteocyte_labels,
-        occupied=fld.occupied,
-        pixel_size_um=float(pixel_size_um),
-        truth={},
-        params=params,
-    )
+    section = _section_of(fld, render(fld, style, rng), style, seed)
     if anatomy == "long-bone":
         section.truth = long_bone_truth(lb)
         section.regions, section.standard_region = lb.regions, lb.standard
@@ -244,6 +228,26 @@ def make_section(
     else:
         section.truth = truth_indices(_truth_parts(fld), pixel_size_um)
     return section
+
+
+def _section_of(fld: Field, image: np.ndarray, style: dict, seed: int) -> SyntheticSection:
+    """The section record of a drawn and rendered field (truth filled in by the caller)."""
+    params = dict(fld.params)
+    params.update(
+        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in style.items()},
+        seed=seed,
+        pixel_size_um=float(fld.pixel_size_um),
+    )
+    return SyntheticSection(
+        image=image,
+        class_map=fld.class_map,
+        osteoclast_labels=fld.osteoclast_labels,
+        osteocyte_labels=fld.osteocyte_labels,
+        occupied=fld.occupied,
+        pixel_size_um=float(fld.pixel_size_um),
+        truth={},
+        params=params,
+    )
 
 
 def _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides) -> LongBone:

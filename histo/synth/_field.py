@@ -217,14 +217,43 @@ def build_field(
             "periosteum_um": float(periost_um),
         }
     )
+    return assemble_field(
+        FieldGeometry(phenotype, p, tissue, bone_sdf, outline.depth_um, class_map, params),
+        res,
+        ots,
+        layers,
+    )
+
+
+@dataclass
+class FieldGeometry:
+    """What a section's drawing steps produce besides cells and layers."""
+
+    phenotype: str
+    pixel_size_um: float
+    tissue: np.ndarray
+    bone_sdf: np.ndarray
+    depth_um: np.ndarray
+    class_map: np.ndarray
+    params: dict
+
+
+def assemble_field(
+    geo: FieldGeometry,
+    res: Resorption,
+    ots: Osteocytes,
+    layers: CellLayers,
+    cartilage: np.ndarray | None = None,
+) -> Field:
+    """The :class:`Field` record the renderer and the truth read."""
     return Field(
-        shape=shape,
-        pixel_size_um=p,
-        phenotype=phenotype,
-        tissue=tissue,
-        bone_sdf=bone_sdf,
-        depth_um=outline.depth_um,
-        class_map=class_map,
+        shape=geo.class_map.shape,
+        pixel_size_um=geo.pixel_size_um,
+        phenotype=geo.phenotype,
+        tissue=geo.tissue,
+        bone_sdf=geo.bone_sdf,
+        depth_um=geo.depth_um,
+        class_map=geo.class_map,
         osteoclast_labels=res.labels,
         osteocyte_labels=ots.labels,
         occupied=ots.occupied,
@@ -234,5 +263,6 @@ def build_field(
         trap=layers.trap,
         rbc=layers.rbc,
         lumen=layers.lumen,
-        params=params,
+        params=geo.params,
+        cartilage=cartilage,
     )

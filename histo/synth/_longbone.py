@@ -31,7 +31,7 @@ from histo.synth._cells import (
     place_osteocytes,
     populate_marrow,
 )
-from histo.synth._field import distance_to, finish_layers
+from histo.synth._field import FieldGeometry, assemble_field, distance_to, finish_layers
 from histo.synth._geometry import (
     PHENOTYPE_PARAMS,
     PHENOTYPES,
@@ -485,13 +485,10 @@ def build_long_bone(
         n_empty_lacunae=int(sum(not v for v in ots.occupied.values())),
         periosteum_um=lay.periosteum_um,
     )
-    fld = Field(
-        shape=shape, pixel_size_um=p, phenotype=phenotype, tissue=lay.tissue,
-        bone_sdf=hard.sdf, depth_um=np.zeros(shape, np.float32), class_map=class_map,
-        osteoclast_labels=res.labels, osteocyte_labels=ots.labels, occupied=ots.occupied,
-        pit_mask=res.pit_mask, nuclei=layers.nuclei, cytoplasm=layers.cytoplasm,
-        trap=layers.trap, rbc=layers.rbc, lumen=layers.lumen, params=params, cartilage=matrix,
-    )  # fmt: skip
+    geo = FieldGeometry(
+        phenotype, p, lay.tissue, hard.sdf, np.zeros(shape, np.float32), class_map, params
+    )
+    fld = assemble_field(geo, res, ots, layers, cartilage=matrix)
     return LongBone(fld, _region_map(lay, params), standard, box, junction, lacunae)
 
 
