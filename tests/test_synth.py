@@ -228,3 +228,17 @@ def test_write_long_bone_slide_with_region_truth(tmp_path):
     assert box["top"] - saved["junction_um"] == pytest.approx(250.0)
     with pytest.raises(ValueError, match="too small"):
         make_section("normal", size=400, pixel_size_um=2.0, anatomy="long-bone")
+
+
+def test_cli_synth_long_bone(tmp_path, capsys):
+    from histo.cli import main
+    from histo.synth import region_paths
+
+    out = tmp_path / "poor.ome.tif"
+    args = ["synth", "--phenotype", "oc-poor", "--anatomy", "long-bone", "--pixel-size", "2"]
+    assert main([*args, "--seed", "4", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["truth"]["N.Oc"] == 0 and printed["truth"]["BV/TV"] > 35
+    assert region_paths(out)["standard"].exists()
+    with pytest.raises(SystemExit, match="too small"):
+        main([*args, "--size", "300", "--out", str(tmp_path / "small.ome.tif")])

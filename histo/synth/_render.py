@@ -44,8 +44,8 @@ COUNTERSTAIN_AFFINITY = {
 
 
 #: how each counterstain colours cartilage matrix (hyaline cartilage is basophilic: hematoxylin
-#: stains it blue-purple, calcified cartilage darker; fast green and methyl green weakly)
-CARTILAGE_AFFINITY = {"hematoxylin": 0.40, "fast-green": 0.30, "methyl-green": 0.22}
+#: stains it deeper than bone, calcified cartilage darkest; fast green stains it paler than bone)
+CARTILAGE_AFFINITY = {"hematoxylin": 0.60, "fast-green": 0.20, "methyl-green": 0.30}
 
 
 def _unit(v) -> np.ndarray:
