@@ -153,7 +153,7 @@ def truth_indices(parts: dict[str, float], pixel_size_um: float) -> dict[str, fl
 
 
 #: a long-bone section's default long side is SECTION_UM, capped at this many pixels (memory)
-LONG_BONE_MAX_PX = 8192
+LONG_BONE_MAX_PX = 6000
 
 
 def section_shape(

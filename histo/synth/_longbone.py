@@ -280,7 +280,8 @@ def _hard_tissue(rng, lay: Layout, p: float, params: dict) -> HardTissue:
     core, coat = _septa(rng, lay, p, params)
     d = lay.depth_below_junction()
     level = _network(rng, shape, p, params["trab_scale_um"], stretch=1.8)
-    zone = (endo > 0) & (env > 0) & (d > 250.0) & (d < 1250.0)
+    # the bone fraction is set where the standard region lies (RegionRules defaults)
+    zone = (endo > 100.0) & (env > 0) & (d > 250.0) & (d < 1250.0)
     t = _threshold_for(level, zone, coat > 0, params["bv_tv_target"])
     start = 20.0 if params["cores_persist"] else 0.5 * params["primary_um"]
     trab = np.minimum(_unit_gradient_sdf(t - level, p), np.minimum(d - start, endo + 2.0))
