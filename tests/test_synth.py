@@ -134,3 +134,111 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="pixel size"):
         make_section("normal", 100, pixel_size_um=0)
     assert math.isfinite(make_section("normal", 128, 2.0, seed=0).truth["T.Ar"])
+
+
+# --------------------------------------------------------------------------- long-bone sections
+
+
+@pytest.fixture(scope="module")
+def long_bones():
+    """One quick long-bone section per phenotype (2 µm/px, 3 mm x 2 mm)."""
+    return {
+        ph: make_section(ph, pixel_size_um=2.0, seed=1, anatomy="long-bone", counterstain=cs)
+        for ph, cs in (
+            ("normal", "hematoxylin"),
+            ("oc-rich", "fast-green"),
+            ("oc-poor", "methyl-green"),
+        )
+    }
+
+
+def test_long_bone_holds_every_class_and_region(long_bones):
+    from histo.regions import Region
+
+    s = long_bones["normal"]
+    assert s.class_map.shape == (1500, 1000)
+    assert set(np.unique(s.class_map)) == set(range(7))
+    assert set(np.unique(s.regions)) == {int(r) for r in Region}
+    cm, reg = s.class_map, s.regions
+    # the growth plate is cartilage; the cortex is bone; soft tissue lies outside bone
+    assert (cm[reg == Region.GROWTH_PLATE] == classes.CARTILAGE).mean() > 0.95
+    assert np.isin(cm[reg == Region.CORTEX], [classes.BONE, classes.OSTEOCYTE]).mean() > 0.9
+    assert (cm[reg == Region.SOFT_TISSUE] == classes.SOFT_TISSUE).all()
+    # the standard region lies in the secondary spongiosa
+    assert (reg[s.standard_region] == Region.SECONDARY_SPONGIOSA).all()
+    # TRAP+ cells crowd at the junction: more osteoclasts per area in the primary spongiosa
+    oc = cm == classes.OSTEOCLAST
+    assert oc[reg == Region.PRIMARY_SPONGIOSA].mean() > 2 * oc[s.standard_region].mean()
+
+
+def test_chondrocyte_lacunae_are_cartilage_never_osteocytes():
+    from histo.synth._longbone import build_long_bone
+
+    lb = build_long_bone("normal", (1500, 1000), 2.0, np.random.default_rng(3))
+    cm = lb.field.class_map
+    assert lb.chondrocytes.sum() > 500
+    assert (cm[lb.chondrocytes] == classes.CARTILAGE).all()
+    # no osteocyte lacuna touches cartilage
+    near_cartilage = ndi.binary_dilation(cm == classes.CARTILAGE, np.ones((3, 3)))
+    assert not (near_cartilage & (cm == classes.OSTEOCYTE)).any()
+    # osteocytes lie in bone, the osteoclasts touch bone or cartilage
+    ring = ndi.binary_dilation(cm == 4, np.ones((3, 3))) & (cm != 4)
+    assert np.isin(cm[ring], [2, 3, 4]).all()
+
+
+def test_long_bone_phenotypes_differ_as_biology_does(long_bones):
+    t = {ph: s.truth for ph, s in long_bones.items()}
+    assert 10 <= t["normal"]["BV/TV"] <= 21
+    for ph in ("oc-rich", "oc-poor"):
+        assert t[ph]["BV/TV"] > t["normal"]["BV/TV"] + 15
+        # unresorbed calcified-cartilage cores persist deep in the shaft
+        assert t[ph]["Cg.Ar/B.Ar"] > 5 > t["normal"]["Cg.Ar/B.Ar"]
+    assert t["oc-poor"]["N.Oc"] == 0 and t["oc-poor"]["N.Oc/B.Pm"] == 0
+    assert t["oc-rich"]["N.Oc/B.Pm"] > 2 * t["normal"]["N.Oc/B.Pm"] > 0
+    # truth areas are the class map's in the region, cartilage counted in B.Ar
+    s = long_bones["oc-poor"]
+    in_region = s.class_map[s.standard_region]
+    mm2 = (s.pixel_size_um / 1000) ** 2
+    assert t["oc-poor"]["T.Ar"] == pytest.approx(in_region.size * mm2)
+    assert t["oc-poor"]["B.Ar"] == pytest.approx(np.isin(in_region, [2, 4, 5]).sum() * mm2)
+
+
+def test_long_bone_geometry_is_in_micrometres():
+    """The same seed at two pixel sizes: the standard region lies at the same place (µm)."""
+    a = make_section("oc-poor", pixel_size_um=2.0, seed=5, anatomy="long-bone")
+    b = make_section("oc-poor", size=1000, pixel_size_um=3.0, seed=5, anatomy="long-bone")
+    assert np.allclose(a.region_box_um.edges(), b.region_box_um.edges(), atol=15)
+    assert a.truth["BV/TV"] == pytest.approx(b.truth["BV/TV"], abs=4)
+
+
+def test_write_long_bone_slide_with_region_truth(tmp_path):
+    from histo.synth import region_paths
+
+    path = tmp_path / "tibia.ome.tif"
+    truth = write_synthetic_slide(path, "normal", pixel_size_um=2.0, seed=2, anatomy="long-bone")
+    cm = tifffile.imread(truth_paths(path)["classes"])
+    assert cm.shape == (1500, 1000) and truth["size_px"] == [1500, 1000]
+    standard = tifffile.imread(region_paths(path)["standard"]).astype(bool)
+    regions = tifffile.imread(region_paths(path)["regions"])
+    assert regions.shape == cm.shape and regions.max() == 6
+    saved = json.loads(truth_paths(path)["truth"].read_text())
+    assert saved["anatomy"] == "long-bone"
+    assert saved["indices"]["T.Ar"] == pytest.approx(standard.sum() * 2.0**2 / 1e6)
+    box = saved["standard_region_um"]
+    assert box["top"] - saved["junction_um"] == pytest.approx(250.0)
+    with pytest.raises(ValueError, match="too small"):
+        make_section("normal", size=400, pixel_size_um=2.0, anatomy="long-bone")
+
+
+def test_cli_synth_long_bone(tmp_path, capsys):
+    from histo.cli import main
+    from histo.synth import region_paths
+
+    out = tmp_path / "poor.ome.tif"
+    args = ["synth", "--phenotype", "oc-poor", "--anatomy", "long-bone", "--pixel-size", "2"]
+    assert main([*args, "--seed", "4", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["truth"]["N.Oc"] == 0 and printed["truth"]["BV/TV"] > 35
+    assert region_paths(out)["standard"].exists()
+    with pytest.raises(SystemExit, match="too small"):
+        main([*args, "--size", "300", "--out", str(tmp_path / "small.ome.tif")])

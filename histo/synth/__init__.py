@@ -24,11 +24,16 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import find_contours
 
-from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field, build_field
+from histo import classes
+from histo.regions import Region, RegionBox
+from histo.synth._field import build_field
+from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
+from histo.synth._longbone import SECTION_UM, LongBone, build_long_bone
 from histo.synth._render import COUNTERSTAINS, render, sample_style
 from histo.synth._tiff_write import new_canvas, write_pyramidal_tiff
 
 __all__ = [
+    "ANATOMIES",
     "COUNTERSTAINS",
     "PHENOTYPES",
     "PHENOTYPE_PARAMS",
@@ -36,7 +41,12 @@ __all__ = [
     "make_section",
     "write_synthetic_slide",
     "truth_paths",
+    "region_paths",
+    "long_bone_truth",
 ]
+
+#: what a synthetic section shows: a piece of metaphysis (field) or a whole long-bone section
+ANATOMIES = ("field", "long-bone")
 
 #: physical size of one field of a mosaic (µm) and its largest size in pixels
 FIELD_UM = 2500.0
@@ -55,9 +65,17 @@ class SyntheticSection:
     pixel_size_um: float
     truth: dict[str, float]  #: indices, names and units of indices.csv
     params: dict = field(default_factory=dict)
+    #: long-bone sections: region map (codes of histo.regions.Region), else None
+    regions: np.ndarray | None = None
+    #: long-bone sections: the standard measurement region (bool), else None
+    standard_region: np.ndarray | None = None
+    #: long-bone sections: the standard region's edges (µm on this grid), else None
+    region_box_um: RegionBox | None = None
 
 
-def _check(phenotype: str, pixel_size_um: float) -> None:
+def _check(phenotype: str, pixel_size_um: float, anatomy: str = "field") -> None:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; choose one of {', '.join(ANATOMIES)}")
     if phenotype not in PHENOTYPES:
         raise ValueError(f"unknown phenotype {phenotype!r}; choose one of {', '.join(PHENOTYPES)}")
     if not (0.1 <= float(pixel_size_um) <= 10.0):
@@ -134,24 +152,49 @@ def truth_indices(parts: dict[str, float], pixel_size_um: float) -> dict[str, fl
     }
 
 
+#: a long-bone section's default long side is SECTION_UM, capped at this many pixels (memory)
+LONG_BONE_MAX_PX = 6000
+
+
+def section_shape(
+    anatomy: str, size: int | tuple[int, int] | None, pixel_size_um: float
+) -> tuple[int, int]:
+    """(H, W) in pixels. A long-bone section's ``size`` is its long side (rows, along the bone).
+
+    Without ``size``: 1024 x 1024 for a field; for a long bone, 3 mm x 2 mm at the pixel size
+    (the long side capped at :data:`LONG_BONE_MAX_PX`).
+    """
+    if isinstance(size, tuple | list):
+        return int(size[0]), int(size[1])
+    if anatomy == "field":
+        n = 1024 if size is None else int(size)
+        return n, n
+    if size is None:
+        size = min(round(SECTION_UM[0] / pixel_size_um), LONG_BONE_MAX_PX)
+    h = int(size)
+    return h, int(round(h * SECTION_UM[1] / SECTION_UM[0]))
+
+
 def make_section(
     phenotype: str,
-    size: int | tuple[int, int] = 1024,
+    size: int | tuple[int, int] | None = None,
     pixel_size_um: float = 1.0,
     seed: int = 0,
     counterstain: str | None = None,
     style: dict | None = None,
+    anatomy: str = "field",
     **overrides,
 ) -> SyntheticSection:
-    """One synthetic field in memory, with its ground truth.
+    """One synthetic section in memory, with its ground truth.
 
     Parameters
     ----------
     phenotype
         ``normal``, ``oc-rich`` or ``oc-poor``.
     size
-        Field size in pixels (int for a square, or (H, W)). Keep it to a few thousand pixels;
-        use :func:`write_synthetic_slide` for whole slides.
+        Size in pixels: an int (a square field; a long-bone section's long side) or (H, W).
+        Default 1024 for a field, 3 mm at the pixel size for a long bone. Keep it to a few
+        thousand pixels; use :func:`write_synthetic_slide` for whole slides.
     pixel_size_um
         Pixel size in µm/px (0.25-2 is the range scanners give).
     seed
@@ -161,22 +204,39 @@ def make_section(
     style
         Staining and imaging parameters (see ``histo.synth._render.sample_style``); sampled
         from ``seed`` when None.
+    anatomy
+        ``field`` (a piece of bone and marrow) or ``long-bone`` (a longitudinal section with
+        growth plate, spongiosa, cortices and muscle; the truth is that of its standard region).
     **overrides
         Fix a sampled anatomy parameter, e.g. ``bv_tv=0.15`` or ``oc_per_mm=4``.
     """
-    _check(phenotype, pixel_size_um)
-    shape = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    _check(phenotype, pixel_size_um, anatomy)
+    shape = section_shape(anatomy, size, pixel_size_um)
     rng = np.random.default_rng(seed)
     if style is None:
         style = sample_style(rng, counterstain)
-    fld = build_field(phenotype, shape, pixel_size_um, rng, overrides)
-    image = render(fld, style, rng)
-    parts = _truth_parts(fld)
+    if anatomy == "long-bone":
+        lb = _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+        fld = lb.field
+    else:
+        fld = build_field(phenotype, shape, pixel_size_um, rng, overrides)
+    section = _section_of(fld, render(fld, style, rng), style, seed)
+    if anatomy == "long-bone":
+        section.truth = long_bone_truth(lb)
+        section.regions, section.standard_region = lb.regions, lb.standard
+        section.region_box_um = lb.box
+    else:
+        section.truth = truth_indices(_truth_parts(fld), pixel_size_um)
+    return section
+
+
+def _section_of(fld: Field, image: np.ndarray, style: dict, seed: int) -> SyntheticSection:
+    """The section record of a drawn and rendered field (truth filled in by the caller)."""
     params = dict(fld.params)
     params.update(
         {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in style.items()},
         seed=seed,
-        pixel_size_um=float(pixel_size_um),
+        pixel_size_um=float(fld.pixel_size_um),
     )
     return SyntheticSection(
         image=image,
@@ -184,10 +244,80 @@ def make_section(
         osteoclast_labels=fld.osteoclast_labels,
         osteocyte_labels=fld.osteocyte_labels,
         occupied=fld.occupied,
-        pixel_size_um=float(pixel_size_um),
-        truth=truth_indices(parts, pixel_size_um),
+        pixel_size_um=float(fld.pixel_size_um),
+        truth={},
         params=params,
     )
+
+
+def _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides) -> LongBone:
+    if max(shape) * pixel_size_um < 1500.0 or min(shape) * pixel_size_um < 1000.0:
+        raise ValueError(
+            f"a long-bone section of {shape[0]}x{shape[1]} px at {pixel_size_um} µm/px is too "
+            "small: it needs at least 1.5 mm x 1 mm (growth plate, spongiosa and cortices)"
+        )
+    return build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+
+
+def long_bone_truth(lb: LongBone) -> dict[str, float]:
+    """Truth indices of a long-bone section's standard region (names of indices.csv).
+
+    Measured by :func:`histo.measure.measure` with the standard region as ROI on the class map
+    where cartilage (5) counts as bone matrix (2) - B.Ar includes calcified cartilage, as in
+    Parfitt et al. 1987 - and soft tissue (6) as marrow, outside the region anyway. Osteocyte
+    counts use the generator's lacuna occupancy. ``Cg.Ar/B.Ar`` (%, non-standard) is the
+    cartilage share of B.Ar in the region.
+    """
+    from histo.measure import measure
+
+    fld = lb.field
+    p = fld.pixel_size_um
+    cm = fld.class_map.copy()
+    region = lb.standard
+    cartilage = (cm == classes.CARTILAGE) & region
+    cm[cm == classes.CARTILAGE] = classes.BONE
+    cm[cm == classes.SOFT_TISSUE] = classes.MARROW
+    m = measure(
+        cm,
+        p,
+        osteoclast_labels=fld.osteoclast_labels,
+        osteocyte_labels=fld.osteocyte_labels,
+        roi=region,
+    )
+    indices = dict(m.indices)
+    occupied, empty = _lacunae_in(fld, region)
+    b_ar = indices["B.Ar"]
+    indices.update(
+        {
+            "N.Ot": float(occupied),
+            "N.Ot/B.Ar": occupied / b_ar if b_ar > 0 else math.nan,
+            "Empty lacunae (non-standard)": float(empty),
+            "N.TRAP+ off bone": 0.0,
+            "Cg.Ar/B.Ar": 100.0 * cartilage.sum() * (p / 1000.0) ** 2 / b_ar if b_ar else math.nan,
+        }
+    )
+    return indices
+
+
+def _lacunae_in(fld: Field, region: np.ndarray) -> tuple[int, int]:
+    """Occupied and empty osteocyte lacunae whose centroid lies in ``region``."""
+    labels = fld.osteocyte_labels
+    n = int(labels.max())
+    if n == 0:
+        return 0, 0
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)
+    cy = np.bincount(ids, ys, minlength=n + 1) / np.maximum(count, 1)
+    cx = np.bincount(ids, xs, minlength=n + 1) / np.maximum(count, 1)
+    occupied = empty = 0
+    for k in range(1, n + 1):
+        if count[k] and region[int(round(cy[k])), int(round(cx[k]))]:
+            if fld.occupied.get(k, True):
+                occupied += 1
+            else:
+                empty += 1
+    return occupied, empty
 
 
 def truth_paths(slide_path: str | os.PathLike) -> dict[str, Path]:
@@ -212,97 +342,182 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
+def region_paths(slide_path: str | os.PathLike) -> dict[str, Path]:
+    """Where a long-bone slide's region truth lies: region map and standard region."""
+    classes_path = truth_paths(slide_path)["classes"]
+    stem = classes_path.name[: -len(".classes.tif")]
+    return {
+        "regions": classes_path.with_name(f"{stem}.regions.tif"),
+        "standard": classes_path.with_name(f"{stem}.standard.tif"),
+    }
+
+
 def write_synthetic_slide(
     path: str | os.PathLike,
     phenotype: str,
-    size: int | tuple[int, int] = 2048,
+    size: int | tuple[int, int] | None = None,
     pixel_size_um: float = 1.0,
     seed: int = 0,
     counterstain: str | None = None,
     progress: Callable[[float, str], None] | None = None,
+    anatomy: str = "field",
     **overrides,
 ) -> dict:
     """Write a synthetic slide (pyramidal OME-TIFF) and its ground truth beside it.
 
-    A slide larger than one field (about 2.5 mm or 3072 px a side) is a mosaic of independent
-    section fields, each with a glass margin, rendered one at a time: peak memory is set by the
-    field, not the slide. Writes ``NAME.ome.tif``, ``NAME.classes.tif`` (uint8 class map),
-    ``NAME.osteoclasts.tif`` and ``NAME.osteocytes.tif`` (uint32 instances) and
-    ``NAME.truth.json`` (indices, parameters, lacuna occupancy).
+    Fields: a slide larger than one field (about 2.5 mm or 3072 px a side; default 2048 px) is a
+    mosaic of independent section fields, each with a glass margin, rendered one at a time: peak
+    memory is set by the field, not the slide. A long-bone section (``anatomy="long-bone"``,
+    default 3 mm x 2 mm) is one piece; ``size`` is its long side.
+
+    Writes ``NAME.ome.tif``, ``NAME.classes.tif`` (uint8 class map), ``NAME.osteoclasts.tif`` and
+    ``NAME.osteocytes.tif`` (uint32 instances) and ``NAME.truth.json`` (indices, parameters,
+    lacuna occupancy); long bones add ``NAME.regions.tif`` (codes of
+    :class:`histo.regions.Region`) and ``NAME.standard.tif`` (the standard region, 0/1), and
+    their truth indices are those of the standard region.
 
     Returns
     -------
     dict
         The content of the truth JSON.
     """
-    _check(phenotype, pixel_size_um)
+    _check(phenotype, pixel_size_um, anatomy)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if anatomy == "field" and size is None:
+        size = 2048
+    h, w = section_shape(anatomy, size, pixel_size_um)
     if h < 64 or w < 64:
         raise ValueError(f"size {h}x{w} px is too small for a section (at least 64 px)")
-    field_px = int(min(FIELD_MAX_PX, max(512, FIELD_UM / pixel_size_um)))
-    rows = _split(h, math.ceil(h / field_px))
-    cols = _split(w, math.ceil(w / field_px))
     rng = np.random.default_rng(seed)
     style = sample_style(rng, counterstain)
-    out = truth_paths(path)
-    total_fields = len(rows) * len(cols)
-    totals: dict[str, float] = {}
-    occupied_all: dict[int, bool] = {}
-    fields_params = []
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
-        image = new_canvas((h, w, 3), np.uint8, tmp, "image")
-        cmap = new_canvas((h, w), np.uint8, tmp, "classes")
-        ocl = new_canvas((h, w), np.uint32, tmp, "osteoclasts")
-        otl = new_canvas((h, w), np.uint32, tmp, "osteocytes")
-        oc_offset = ot_offset = 0
-        k = 0
-        for i, (y0, y1) in enumerate(rows):
-            for j, (x0, x1) in enumerate(cols):
-                frng = np.random.default_rng([seed, i, j])
-                fld = build_field(phenotype, (y1 - y0, x1 - x0), pixel_size_um, frng, overrides)
-                image[y0:y1, x0:x1] = render(fld, style, frng)
-                cmap[y0:y1, x0:x1] = fld.class_map
-                lab = fld.osteoclast_labels.astype(np.uint32)
-                ocl[y0:y1, x0:x1] = np.where(lab > 0, lab + oc_offset, 0)
-                lab = fld.osteocyte_labels.astype(np.uint32)
-                otl[y0:y1, x0:x1] = np.where(lab > 0, lab + ot_offset, 0)
-                for key, v in fld.occupied.items():
-                    occupied_all[key + ot_offset] = v
-                for key, v in _truth_parts(fld).items():
-                    totals[key] = totals.get(key, 0.0) + v
-                oc_offset += fld.params["n_osteoclasts"]
-                ot_offset += fld.params["n_lacunae"]
-                fields_params.append(fld.params)
-                del fld
-                k += 1
-                if progress is not None:
-                    progress(k / (total_fields + 1), f"rendered field {k}/{total_fields}")
-        write_pyramidal_tiff(path, image, pixel_size_um, workdir=tmp)
-        write_pyramidal_tiff(out["classes"], cmap, pixel_size_um, label=True, workdir=tmp)
-        write_pyramidal_tiff(out["osteoclasts"], ocl, pixel_size_um, label=True, workdir=tmp)
-        write_pyramidal_tiff(out["osteocytes"], otl, pixel_size_um, label=True, workdir=tmp)
+    if anatomy == "long-bone":
+        shape = (h, w)
+        truth = _write_long_bone(path, phenotype, shape, pixel_size_um, rng, style, overrides)
+    else:
+        truth = _write_mosaic(
+            path, phenotype, (h, w), pixel_size_um, seed, style, overrides, progress
+        )
     truth = {
         "slide": path.name,
         "phenotype": phenotype,
+        "anatomy": anatomy,
         "pixel_size_um": float(pixel_size_um),
         "size_px": [h, w],
         "seed": seed,
         "counterstain": style["counterstain"],
-        "indices": truth_indices(totals, pixel_size_um),
-        "fields": len(fields_params),
-        "field_params": fields_params if len(fields_params) <= 16 else fields_params[:16],
-        "occupied_lacunae": {str(k): v for k, v in occupied_all.items()}
-        if len(occupied_all) < 200_000
-        else None,
+        **truth,
     }
-    tmp_json = out["truth"].with_name(out["truth"].name + ".partial")
-    tmp_json.write_text(json.dumps(truth, indent=1, default=_json_default, allow_nan=True))
-    os.replace(tmp_json, out["truth"])
+    _write_json(truth_paths(path)["truth"], truth)
     if progress is not None:
         progress(1.0, "written")
     return truth
+
+
+@dataclass
+class _MosaicTruth:
+    """Ground truth gathered field by field (instance labels are offset to stay unique)."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    occupied: dict[int, bool] = field(default_factory=dict)
+    fields_params: list[dict] = field(default_factory=list)
+    oc_offset: int = 0
+    ot_offset: int = 0
+
+    def add(self, fld: Field, canvases: dict, window: tuple[slice, slice]) -> None:
+        canvases["cm"][window] = fld.class_map
+        for name, lab, offset in (
+            ("ocl", fld.osteoclast_labels, self.oc_offset),
+            ("otl", fld.osteocyte_labels, self.ot_offset),
+        ):
+            lab = lab.astype(np.uint32)
+            canvases[name][window] = np.where(lab > 0, lab + offset, 0)
+        for key, v in fld.occupied.items():
+            self.occupied[key + self.ot_offset] = v
+        for key, v in _truth_parts(fld).items():
+            self.totals[key] = self.totals.get(key, 0.0) + v
+        self.oc_offset += fld.params["n_osteoclasts"]
+        self.ot_offset += fld.params["n_lacunae"]
+        self.fields_params.append(fld.params)
+
+
+def _write_mosaic(path, phenotype, shape, pixel_size_um, seed, style, overrides, progress) -> dict:
+    """Fields rendered one at a time into the slide's canvases, then written as OME-TIFF."""
+    h, w = shape
+    field_px = int(min(FIELD_MAX_PX, max(512, FIELD_UM / pixel_size_um)))
+    rows = _split(h, math.ceil(h / field_px))
+    cols = _split(w, math.ceil(w / field_px))
+    acc = _MosaicTruth()
+    total = len(rows) * len(cols)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
+        canvases = {
+            "image": new_canvas((h, w, 3), np.uint8, tmp, "image"),
+            "cm": new_canvas((h, w), np.uint8, tmp, "classes"),
+            "ocl": new_canvas((h, w), np.uint32, tmp, "osteoclasts"),
+            "otl": new_canvas((h, w), np.uint32, tmp, "osteocytes"),
+        }
+        for i, (y0, y1) in enumerate(rows):
+            for j, (x0, x1) in enumerate(cols):
+                frng = np.random.default_rng([seed, i, j])
+                fld = build_field(phenotype, (y1 - y0, x1 - x0), pixel_size_um, frng, overrides)
+                window = (slice(y0, y1), slice(x0, x1))
+                canvases["image"][window] = render(fld, style, frng)
+                acc.add(fld, canvases, window)
+                del fld
+                if progress is not None:
+                    k = len(acc.fields_params)
+                    progress(k / (total + 1), f"rendered field {k}/{total}")
+        _write_tiffs(path, canvases, pixel_size_um, tmp)
+    return {
+        "indices": truth_indices(acc.totals, pixel_size_um),
+        "fields": len(acc.fields_params),
+        "field_params": acc.fields_params[:16],
+        "occupied_lacunae": {str(k): v for k, v in acc.occupied.items()}
+        if len(acc.occupied) < 200_000
+        else None,
+    }
+
+
+def _write_tiffs(path: Path, canvases: dict, pixel_size_um: float, tmp) -> None:
+    out = truth_paths(path)
+    write_pyramidal_tiff(path, canvases["image"], pixel_size_um, workdir=tmp)
+    for key, name in (("cm", "classes"), ("ocl", "osteoclasts"), ("otl", "osteocytes")):
+        write_pyramidal_tiff(out[name], canvases[key], pixel_size_um, label=True, workdir=tmp)
+
+
+def _write_long_bone(path, phenotype, shape, pixel_size_um, rng, style, overrides) -> dict:
+    """One long-bone section with its region maps; the truth is its standard region's."""
+    lb = _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides)
+    fld = lb.field
+    canvases = {
+        "image": render(fld, style, rng),
+        "cm": fld.class_map,
+        "ocl": fld.osteoclast_labels.astype(np.uint32),
+        "otl": fld.osteocyte_labels.astype(np.uint32),
+    }
+    extra = region_paths(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
+        _write_tiffs(path, canvases, pixel_size_um, tmp)
+        write_pyramidal_tiff(extra["regions"], lb.regions, pixel_size_um, label=True, workdir=tmp)
+        standard = lb.standard.astype(np.uint8)
+        write_pyramidal_tiff(extra["standard"], standard, pixel_size_um, label=True, workdir=tmp)
+    return {
+        "indices": long_bone_truth(lb),
+        "standard_region_um": dict(
+            zip(("top", "bottom", "left", "right"), lb.box.edges(), strict=True)
+        ),
+        "junction_um": lb.junction_um,
+        "region_codes": {r.name.lower(): int(r) for r in Region},
+        "fields": 1,
+        "field_params": [fld.params],
+        "occupied_lacunae": {str(k): v for k, v in fld.occupied.items()},
+    }
+
+
+def _write_json(path: Path, truth: dict) -> None:
+    tmp_json = path.with_name(path.name + ".partial")
+    tmp_json.write_text(json.dumps(truth, indent=1, default=_json_default, allow_nan=True))
+    os.replace(tmp_json, path)
 
 
 def _json_default(o):

@@ -7,9 +7,12 @@ stain vectors, strengths, uneven staining, blur, noise, illumination falloff, fo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
+from histo import classes
 from histo.synth._geometry import Field, smooth_noise
 
 COUNTERSTAINS = ("hematoxylin", "fast-green", "methyl-green")
@@ -38,6 +41,11 @@ COUNTERSTAIN_AFFINITY = {
     "fast-green": (0.55, 0.35, 0.22),
     "methyl-green": (0.14, 0.90, 0.06),
 }
+
+
+#: how each counterstain colours cartilage matrix (hyaline cartilage is basophilic: hematoxylin
+#: stains it deeper than bone, calcified cartilage darkest; fast green stains it paler than bone)
+CARTILAGE_AFFINITY = {"hematoxylin": 0.60, "fast-green": 0.20, "methyl-green": 0.30}
 
 
 def _unit(v) -> np.ndarray:
@@ -81,15 +89,21 @@ def sample_style(rng: np.random.Generator, counterstain: str | None = None) -> d
     }
 
 
-def render(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
-    """RGB uint8 image of ``fld`` stained and imaged as ``style`` says."""
+class Counterstain(NamedTuple):
+    """Counterstain concentration and the texture maps the other stains share."""
+
+    density: np.ndarray  #: counterstain concentration
+    fine: np.ndarray  #: fine staining texture (relative)
+    uneven: np.ndarray  #: uneven staining over the slide (factor)
+    empty: np.ndarray  #: 0..1 where the tissue is empty
+
+
+def _counterstain_density(fld: Field, style: dict, rng: np.random.Generator) -> Counterstain:
+    """Counterstain concentration: bone matrix with lamellae, cartilage, nuclei, cytoplasm."""
     h, w = fld.shape
     p = fld.pixel_size_um
-    bone = fld.class_map >= 2
-    bone &= fld.class_map != 3
-    tissue = fld.tissue
+    bone = np.isin(fld.class_map, (classes.BONE, classes.OSTEOCYTE))
     aff_bone, aff_nuc, aff_cyto = COUNTERSTAIN_AFFINITY[style["counterstain"]]
-
     # lamellar texture: bands parallel to the bone surface
     lam = 1.0 + style["lamella_amp"] * np.sin(
         2 * np.pi * fld.bone_sdf / style["lamella_um"] + smooth_noise(rng, (h, w), p, 40.0)
@@ -99,35 +113,47 @@ def render(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
     fine = smooth_noise(rng, (h, w), p, 3.0) * 0.12
     uneven = 1.0 + style["uneven"] * smooth_noise(rng, (h, w), p, style["uneven_scale_um"])
     uneven = np.clip(uneven, 0.3, None)
-
     empty = np.clip(fld.lumen, 0.0, 1.0)
     counter = (
         aff_bone * bone * lam * (1.0 + fine)
         + aff_nuc * fld.nuclei
         + aff_cyto * fld.cytoplasm * (1.0 + 2 * fine)
-    ) * (1.0 - 0.85 * empty * (fld.nuclei < 0.3))
-    counter = counter * style["counter_strength"] * uneven
-    trap = fld.trap * style["trap_strength"] * (1.0 + 0.5 * fine) * uneven
-    tissue_od = style["tissue_od"] * tissue * (1.0 - 0.7 * empty)
+    )
+    if fld.cartilage is not None:
+        counter = counter + CARTILAGE_AFFINITY[style["counterstain"]] * fld.cartilage * (1 + fine)
+    counter = counter * (1.0 - 0.85 * empty * (fld.nuclei < 0.3))
+    return Counterstain(counter * style["counter_strength"] * uneven, fine, uneven, empty)
 
-    od = (
+
+def _optical_density(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) optical density of every stain of the section."""
+    counter, fine, uneven, empty = _counterstain_density(fld, style, rng)
+    trap = fld.trap * style["trap_strength"] * (1.0 + 0.5 * fine) * uneven
+    tissue_od = style["tissue_od"] * fld.tissue * (1.0 - 0.7 * empty)
+    return (
         counter[..., None] * style["v_counter"]
         + trap[..., None] * style["v_trap"] * 1.3
         + fld.rbc[..., None] * style["v_rbc"] * 0.9
         + tissue_od[..., None] * style["v_tissue"]
     ).astype(np.float32)
 
-    # a fold: the section lies double along a band
-    if style["fold"]:
-        angle = rng.uniform(0, np.pi)
-        c, s = np.cos(angle), np.sin(angle)
-        off = rng.uniform(-0.3, 0.3) * min(h, w)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        dline = np.abs((xx - w / 2) * s - (yy - h / 2) * c - off) * p
-        width = rng.uniform(15.0, 50.0)
-        band = np.clip(1.0 - dline / width, 0.0, 1.0) ** 0.5 * tissue
-        od *= (1.0 + 0.9 * band)[..., None]
-    # dirt and debris, on tissue or glass
+
+def _add_fold(od: np.ndarray, tissue: np.ndarray, p: float, rng: np.random.Generator) -> None:
+    """A fold: the section lies double along a band."""
+    h, w = tissue.shape
+    angle = rng.uniform(0, np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    off = rng.uniform(-0.3, 0.3) * min(h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dline = np.abs((xx - w / 2) * s - (yy - h / 2) * c - off) * p
+    width = rng.uniform(15.0, 50.0)
+    band = np.clip(1.0 - dline / width, 0.0, 1.0) ** 0.5 * tissue
+    od *= (1.0 + 0.9 * band)[..., None]
+
+
+def _add_dirt(od: np.ndarray, style: dict, p: float, rng: np.random.Generator) -> None:
+    """Dirt and debris, on tissue or glass."""
+    h, w = od.shape[:2]
     for _ in range(style["n_dirt"]):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         rad = rng.uniform(3.0, 18.0) / p
@@ -144,10 +170,13 @@ def render(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
         )
         od += blob[..., None] * style["v_dirt"]
 
+
+def _image(od: np.ndarray, style: dict, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Blur, transmitted light with vignetting, noise and JPEG, as a scanner would."""
+    h, w = od.shape[:2]
     sigma = style["blur_um"] / p
     if sigma > 0.3:
         od = cv2.GaussianBlur(od, (0, 0), sigma)
-
     yy = (np.arange(h, dtype=np.float32) / max(h - 1, 1) - 0.5)[:, None]
     xx = (np.arange(w, dtype=np.float32) / max(w - 1, 1) - 0.5)[None, :]
     illum = 1.0 - style["vignette"] * (yy * yy + xx * xx) * 2.0
@@ -161,3 +190,12 @@ def render(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
         if ok:
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
     return np.ascontiguousarray(img)
+
+
+def render(fld: Field, style: dict, rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 image of ``fld`` stained and imaged as ``style`` says."""
+    od = _optical_density(fld, style, rng)
+    if style["fold"]:
+        _add_fold(od, fld.tissue, fld.pixel_size_um, rng)
+    _add_dirt(od, style, fld.pixel_size_um, rng)
+    return _image(od, style, fld.pixel_size_um, rng)

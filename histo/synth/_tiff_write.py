@@ -57,6 +57,16 @@ def _downsample(arr, workdir, name: str, label: bool):
     return out
 
 
+def _ome_metadata(pixel_size_um: float, rgb: bool) -> dict:
+    return {
+        "axes": "YXS" if rgb else "YX",
+        "PhysicalSizeX": float(pixel_size_um),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": float(pixel_size_um),
+        "PhysicalSizeYUnit": "µm",
+    }
+
+
 def write_pyramidal_tiff(
     path: str | os.PathLike,
     arr,
@@ -96,13 +106,7 @@ def write_pyramidal_tiff(
         levels = [arr]
         while max(levels[-1].shape[:2]) > min_level_px:
             levels.append(_downsample(levels[-1], tmp, f"level{len(levels)}", label))
-        metadata = {
-            "axes": "YXS" if rgb else "YX",
-            "PhysicalSizeX": float(pixel_size_um),
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": float(pixel_size_um),
-            "PhysicalSizeYUnit": "µm",
-        }
+        metadata = _ome_metadata(pixel_size_um, rgb)
         partial = path.with_name(path.name + ".partial")
         with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
             for i, level in enumerate(levels):

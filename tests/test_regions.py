@@ -1,0 +1,68 @@
+"""histo.regions: the standard region placed on long-bone class maps, None on fields."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histo.regions import RegionRules, find_regions
+from histo.synth import make_section
+
+
+def _bbox_um(mask: np.ndarray, p: float) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([ys.min(), ys.max() + 1, xs.min(), xs.max() + 1]) * p
+
+
+@pytest.fixture(scope="module")
+def sections():
+    """Long-bone truth maps: 3 phenotypes at 2 µm/px (3 mm) and at 1 µm/px (2 mm)."""
+    out = {}
+    for ph in ("normal", "oc-rich", "oc-poor"):
+        out[ph, 2.0] = make_section(ph, pixel_size_um=2.0, seed=7, anatomy="long-bone")
+        out[ph, 1.0] = make_section(ph, size=2000, pixel_size_um=1.0, seed=8, anatomy="long-bone")
+    return out
+
+
+@pytest.mark.parametrize("pixel_size_um", [2.0, 1.0])
+@pytest.mark.parametrize("phenotype", ["normal", "oc-rich", "oc-poor"])
+def test_standard_region_within_50_um_of_the_truth(sections, phenotype, pixel_size_um):
+    s = sections[phenotype, pixel_size_um]
+    found = find_regions(s.class_map, pixel_size_um)
+    assert found.regions is not None, found.reason
+    r = found.regions
+    assert r.growth_plate_side == "top"
+    truth = _bbox_um(s.standard_region, pixel_size_um)
+    assert np.abs(_bbox_um(r.standard, pixel_size_um) - truth).max() <= 50
+    assert np.abs(np.array(r.box.edges()) - np.array(s.region_box_um.edges())).max() <= 50
+    # the masks do not overlap the standard region
+    for other in (r.primary_spongiosa, r.cortex, r.growth_plate):
+        assert not (other & r.standard).any()
+
+
+@pytest.mark.parametrize("turns,flip", [(1, False), (2, True), (3, False)])
+def test_any_orientation(sections, turns, flip):
+    s = sections["oc-rich", 2.0]
+    cm, truth = np.rot90(s.class_map, turns), np.rot90(s.standard_region, turns)
+    if flip:
+        cm, truth = cm[:, ::-1], truth[:, ::-1]
+    found = find_regions(np.ascontiguousarray(cm), 2.0)
+    assert found.regions is not None
+    expected = {1: "left", 2: "bottom", 3: "right"}[turns]
+    assert found.regions.growth_plate_side == expected
+    assert np.abs(_bbox_um(found.regions.standard, 2.0) - _bbox_um(truth, 2.0)).max() <= 50
+
+
+def test_rules_move_the_region(sections):
+    s = sections["normal", 2.0]
+    base = find_regions(s.class_map, 2.0).regions
+    moved = find_regions(s.class_map, 2.0, RegionRules(offset_um=400, depth_um=600)).regions
+    assert moved.box.top - base.box.top == pytest.approx(150, abs=1)
+    assert moved.box.bottom - moved.box.top == pytest.approx(600, abs=1)
+
+
+def test_field_has_no_growth_plate():
+    s = make_section("normal", 600, 1.0, seed=1)
+    found = find_regions(s.class_map, 1.0)
+    assert found.regions is None
+    assert found.reason == "no growth plate found: measuring the whole field"
