@@ -466,7 +466,6 @@ def run_slide(
     name: str,
     settings: dict,
     report_progress: bool = True,
-    threads: int | None = None,
     progress: ProgressFn | None = None,
     device: str | None = None,
 ) -> SlideOutcome:
@@ -481,19 +480,11 @@ def run_slide(
     report_progress
         Publish progress on the :data:`PROGRESS_TOPIC` event topic (a few events per second at
         most) when running on a dask worker.
-    threads
-        Threads for OpenCV and torch in this process (None: leave as is).
     progress
         ``progress(fraction, message)`` when running in this process.
     device
         Where this worker runs the network ("auto", "cpu", "cuda", "mps").
     """
-    from histo.runtime import tune_gc, tune_malloc
-
-    tune_malloc()  # on a worker of one's own cluster too (idempotent)
-    tune_gc()
-    if threads:
-        _limit_threads(threads)
     s = BatchSettings(**settings)
     try:
         record = input_record(path)
@@ -525,7 +516,7 @@ def run_slide(
     return outcome
 
 
-def _limit_threads(threads: int) -> None:
+def limit_threads(threads: int) -> None:
     """Threads for OpenCV (and torch, if already imported; otherwise OMP_NUM_THREADS, set in
     the worker's environment, applies when it is)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -670,6 +661,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
             )
         try:
             with Client(cluster) as client:
+                from histo._dask_worker import TuneWorker
+
+                client.register_plugin(TuneWorker(threads))
                 yield client
         finally:
             cluster.close()
@@ -808,9 +802,6 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, d
     from distributed import as_completed
 
     with dask_client(workers, scheduler) as client:
-        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // n_workers) if not scheduler else None
         client.subscribe_topic(
             PROGRESS_TOPIC,
             lambda event: reporter.slide_progress(
@@ -827,7 +818,6 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, d
                 job.name,
                 s,
                 True,
-                threads,
                 device=device,
                 key=f"histo-slide-{job.name}-{settings.digest()}-{os.getpid()}",
                 pure=False,

@@ -91,6 +91,37 @@ def test_local_workers_reuse_their_heap():
     assert faults < _ALL_PAGES / 10, faults
 
 
+def _worker_state() -> dict:
+    import gc
+
+    import cv2
+
+    import histo.runtime
+
+    return {
+        "gc0": gc.get_threshold()[0],
+        "trim": histo.runtime._HEAP_TRIM_ALLOWED,
+        "cv2_threads": cv2.getNumThreads(),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")  # another cluster's dashboard
+def test_local_workers_are_tuned_as_the_histo_command_is(monkeypatch):
+    """histo's own workers are its entry points: each is tuned once when it starts (rarer GC,
+    heap trimming allowed, its share of the cores), and the tasks themselves tune nothing."""
+    from histo.batch import dask_client
+    from histo.runtime import GC_THRESHOLD
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with dask_client(workers=2) as client:
+        states = list(client.run(_worker_state).values())
+    assert len(states) == 2
+    for state in states:
+        assert state["gc0"] == GC_THRESHOLD
+        assert state["trim"] is True
+        assert state["cv2_threads"] == 1  # 2 cores / 2 workers
+
+
 # churn(mb): fill mb MB of the heap with 4 kB blocks and free all but the last, returned (it
 # pins the heap's top, so free() cannot shrink the heap); rss_mib(): resident memory
 _HEAP = """
