@@ -66,3 +66,19 @@ def test_field_has_no_growth_plate():
     found = find_regions(s.class_map, 1.0)
     assert found.regions is None
     assert found.reason == "no growth plate found: measuring the whole field"
+
+
+def test_measurable_map_counts_cartilage_as_bone_and_leaves_old_maps_alone(sections):
+    from histo.measure import measure
+    from histo.regions import cartilage_fraction, measurable_class_map
+
+    field_map = make_section("oc-rich", 300, 1.0, seed=2).class_map
+    assert measurable_class_map(field_map) is field_map  # codes 0-4: measured as before
+    s = sections["oc-poor", 2.0]
+    cm = measurable_class_map(s.class_map)
+    assert cm.max() <= 4
+    assert (cm[s.class_map == 5] == 2).all() and (cm[s.class_map == 6] == 0).all()
+    m = measure(cm, 2.0, roi=s.standard_region)
+    assert m.indices["B.Ar"] == pytest.approx(s.truth["B.Ar"])
+    cg = cartilage_fraction(s.class_map, s.standard_region)
+    assert cg == pytest.approx(s.truth["Cg.Ar/B.Ar"]) and cg > 5

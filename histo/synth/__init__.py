@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import find_contours
 
-from histo import classes
-from histo.regions import Region, RegionBox
+from histo.regions import Region, RegionBox, cartilage_fraction, measurable_class_map
 from histo.synth._field import build_field
 from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
 from histo.synth._longbone import SECTION_UM, LongBone, build_long_bone
@@ -262,24 +261,19 @@ def _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides) -> LongBon
 def long_bone_truth(lb: LongBone) -> dict[str, float]:
     """Truth indices of a long-bone section's standard region (names of indices.csv).
 
-    Measured by :func:`histo.measure.measure` with the standard region as ROI on the class map
-    where cartilage (5) counts as bone matrix (2) - B.Ar includes calcified cartilage, as in
-    Parfitt et al. 1987 - and soft tissue (6) as marrow, outside the region anyway. Osteocyte
-    counts use the generator's lacuna occupancy. ``Cg.Ar/B.Ar`` (%, non-standard) is the
-    cartilage share of B.Ar in the region.
+    Measured by :func:`histo.measure.measure` with the standard region as ROI on
+    :func:`histo.regions.measurable_class_map` (cartilage counted as bone matrix: B.Ar includes
+    calcified cartilage, as in Parfitt et al. 1987). Osteocyte counts use the generator's lacuna
+    occupancy. ``Cg.Ar/B.Ar`` (%, non-standard) is :func:`histo.regions.cartilage_fraction` of
+    the region.
     """
     from histo.measure import measure
 
     fld = lb.field
-    p = fld.pixel_size_um
-    cm = fld.class_map.copy()
     region = lb.standard
-    cartilage = (cm == classes.CARTILAGE) & region
-    cm[cm == classes.CARTILAGE] = classes.BONE
-    cm[cm == classes.SOFT_TISSUE] = classes.MARROW
     m = measure(
-        cm,
-        p,
+        measurable_class_map(fld.class_map),
+        fld.pixel_size_um,
         osteoclast_labels=fld.osteoclast_labels,
         osteocyte_labels=fld.osteocyte_labels,
         roi=region,
@@ -293,7 +287,7 @@ def long_bone_truth(lb: LongBone) -> dict[str, float]:
             "N.Ot/B.Ar": occupied / b_ar if b_ar > 0 else math.nan,
             "Empty lacunae (non-standard)": float(empty),
             "N.TRAP+ off bone": 0.0,
-            "Cg.Ar/B.Ar": 100.0 * cartilage.sum() * (p / 1000.0) ** 2 / b_ar if b_ar else math.nan,
+            "Cg.Ar/B.Ar": cartilage_fraction(fld.class_map, region),
         }
     )
     return indices

@@ -14,6 +14,7 @@ included, they are not osteocytes; periosteum and muscle are class 6.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -103,6 +104,7 @@ class Layout:
     periosteum_um: float
     tissue: np.ndarray  #: bool, the section (bone, marrow, soft tissue)
     envelope: np.ndarray  #: bool, inside the periosteal bone surface
+    centre_um: float  #: column position of the bone's axis
 
     def endocortical(self) -> np.ndarray:
         """bool, the marrow cavity side of both endocortical surfaces (below the epiphysis)."""
@@ -178,9 +180,20 @@ def _layout(rng, shape: tuple[int, int], p: float, params: dict) -> Layout:
     outer = np.minimum(half + peri + muscle_um, W / 2 - margin)
     muscle = (np.abs(dx) < outer) & (y > plate0 - 60.0) & (y < bottom)
     return Layout(
-        y, dx, half, ct_l.astype(np.float32), ct_r.astype(np.float32), top, plate_top,
-        junction, float(bottom), peri, envelope | muscle, envelope,
-    )  # fmt: skip
+        y=y,
+        dx=dx,
+        half_width=half,
+        cortex_left=ct_l.astype(np.float32),
+        cortex_right=ct_r.astype(np.float32),
+        top=top,
+        plate_top=plate_top,
+        junction=junction,
+        bottom_um=float(bottom),
+        periosteum_um=peri,
+        tissue=envelope | muscle,
+        envelope=envelope,
+        centre_um=W / 2,
+    )
 
 
 @dataclass
@@ -191,7 +204,12 @@ class HardTissue:
     cartilage: np.ndarray  #: bool, where hard tissue is cartilage
 
 
-def _septa(rng, lay: Layout, p: float, params: dict) -> tuple[np.ndarray, np.ndarray]:
+class Septa(NamedTuple):
+    core: np.ndarray  #: float32 signed field (µm) of the calcified-cartilage cores
+    coat: np.ndarray  #: float32 signed field (µm) of the septa with their bone coat
+
+
+def _septa(rng, lay: Layout, p: float, params: dict) -> Septa:
     """Longitudinal septa below the junction: (calcified-cartilage core, bone-coated septum).
 
     Signed fields in µm. Cores taper and end within the primary spongiosa unless they persist
@@ -222,7 +240,7 @@ def _septa(rng, lay: Layout, p: float, params: dict) -> tuple[np.ndarray, np.nda
     end = length[k] + 10.0 - d
     core_sdf = np.minimum(core - u, d + 2.0)
     coat_sdf = np.minimum(np.minimum(core + coat - u, end), d + 2.0)
-    return core_sdf.astype(np.float32), coat_sdf.astype(np.float32)
+    return Septa(core_sdf.astype(np.float32), coat_sdf.astype(np.float32))
 
 
 def _network(rng, shape, p: float, scale_um: float, stretch: float = 1.0) -> np.ndarray:
@@ -371,8 +389,13 @@ def _column_lacunae(rng, top: float, bottom: float) -> list[tuple[float, float, 
         y += step
 
 
+class Cartilage(NamedTuple):
+    matrix: np.ndarray  #: float32 matrix density for the renderer (calcified cores densest)
+    lacunae: np.ndarray  #: bool, chondrocyte lacunae
+
+
 def _paint_cartilage(rng, lay: Layout, cartilage: np.ndarray, layers: CellLayers, p: float):
-    """Cartilage matrix density and chondrocyte lacunae in columns; returns (matrix, lacunae)."""
+    """Cartilage matrix density and chondrocyte lacunae in columns."""
     shape = cartilage.shape
     d = lay.depth_below_junction()
     u = np.clip((lay.y - lay.plate_top) / np.maximum(lay.junction - lay.plate_top, 1.0), 0, 1)
@@ -396,7 +419,7 @@ def _paint_cartilage(rng, lay: Layout, cartilage: np.ndarray, layers: CellLayers
     lacunae = (lac > 0) & cartilage
     np.maximum(layers.lumen, lac * lacunae, out=layers.lumen)
     np.maximum(layers.nuclei, nuc * lacunae, out=layers.nuclei)
-    return matrix, lacunae
+    return Cartilage(matrix, lacunae)
 
 
 def _articular_chondrocytes(rng, lay: Layout, cartilage, lac, nuc, p: float) -> None:
@@ -458,21 +481,21 @@ def _region_map(lay: Layout, params: dict) -> np.ndarray:
     return reg
 
 
-def _truth_box(lay: Layout, rules: RegionRules) -> tuple[RegionBox, float]:
+def _junction_um(lay: Layout) -> float:
+    """The junction's row position: its median over the growth plate's width (µm)."""
+    plate_half_width = np.interp(lay.junction.mean(), lay.y[:, 0], lay.half_width[:, 0])
+    return float(np.median(lay.junction[0, np.abs(lay.dx[0]) < plate_half_width]))
+
+
+def _truth_box(lay: Layout, junction: float, rules: RegionRules) -> RegionBox:
     """The standard region placed by ``rules`` on the drawn anatomy (growth plate at the top)."""
-    w = lay.dx.shape[1]
-    plate_cols = np.abs(lay.dx[0]) < float(
-        np.interp(lay.junction.mean(), lay.y[:, 0], lay.half_width[:, 0])
-    )
-    junction = float(np.median(lay.junction[0, plate_cols]))
     top = junction + rules.offset_um
     bottom = min(top + rules.depth_um, lay.bottom_um - rules.end_margin_um)
     rows = (lay.y[:, 0] >= top) & (lay.y[:, 0] < bottom)
-    centre = w * (lay.dx[0, 1] - lay.dx[0, 0]) / 2
     hw = lay.half_width[rows, 0]
-    left = centre + float(np.max(-hw + lay.cortex_left[rows, 0])) + rules.margin_um
-    right = centre + float(np.min(hw - lay.cortex_right[rows, 0])) - rules.margin_um
-    return RegionBox(top, bottom, left, right), junction
+    left = lay.centre_um + float(np.max(-hw + lay.cortex_left[rows, 0])) + rules.margin_um
+    right = lay.centre_um + float(np.min(hw - lay.cortex_right[rows, 0])) - rules.margin_um
+    return RegionBox(top, bottom, left, right)
 
 
 def build_long_bone(
@@ -498,18 +521,17 @@ def build_long_bone(
     # lacunae keep a pixel of bone around them and stay 3 µm off cartilage
     host = bone & ~cv2.dilate(cartilage.astype(np.uint8), _disk(3.0 / p)).astype(bool)
     host = cv2.erode(host.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    ots = place_osteocytes(
-        rng, bone, host, layers, params["osteocyte_spacing_um"],
-        params["empty_lacuna_fraction"], p,
-    )  # fmt: skip
+    spacing, empty = params["osteocyte_spacing_um"], params["empty_lacuna_fraction"]
+    ots = place_osteocytes(rng, bone, host, layers, spacing, empty, p)
     class_map = _class_map(lay, bone, cartilage, res, ots)
     paint_osteoclasts(rng, res, layers, PHENOTYPE_PARAMS[phenotype].oc_nuclei, p)
     marrow = MarrowSpace(class_map == classes.MARROW, distance_to(hard_mask, p), res.keepout, p)
     populate_marrow(rng, marrow, layers, params)
     finish_layers(layers, lay.tissue, hard_mask, res, ots)
-    matrix, lacunae = _paint_cartilage(rng, lay, cartilage, layers, p)
+    chondro = _paint_cartilage(rng, lay, cartilage, layers, p)
     _paint_soft_tissue(rng, lay, class_map == classes.SOFT_TISSUE, layers, p)
-    box, junction = _truth_box(lay, rules or RegionRules())
+    junction = _junction_um(lay)
+    box = _truth_box(lay, junction, rules or RegionRules())
     standard = box.mask(shape, p) & lay.envelope
     params.update(
         n_osteoclasts=res.n_osteoclasts,
@@ -520,8 +542,8 @@ def build_long_bone(
     geo = FieldGeometry(
         phenotype, p, lay.tissue, hard.sdf, np.zeros(shape, np.float32), class_map, params
     )
-    fld = assemble_field(geo, res, ots, layers, cartilage=matrix)
-    return LongBone(fld, _region_map(lay, params), standard, box, junction, lacunae)
+    fld = assemble_field(geo, res, ots, layers, cartilage=chondro.matrix)
+    return LongBone(fld, _region_map(lay, params), standard, box, junction, chondro.lacunae)
 
 
 def _disk(radius_px: float) -> np.ndarray:
