@@ -36,18 +36,19 @@ spec = json.loads(sys.argv[1])
 def run(path, model):
     out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = analyze_slide(path, out_dir=out, model=model)
-        return r, time.perf_counter() - t0
+        return r, time.perf_counter() - t0, time.process_time() - c0
     finally:
         shutil.rmtree(out, ignore_errors=True)
 for path, model in spec["runs"]:
     run(path, model)
 for _ in range(spec["repeat"]):
     for path, model in spec["runs"]:
-        r, s = run(path, model)
+        r, s, cpu = run(path, model)
         t_ar = r.measurement.indices["T.Ar"]
-        print(json.dumps({"slide": r.name, "model": model, "seconds": s, "t_ar": t_ar}), flush=True)
+        row = {"slide": r.name, "model": model, "seconds": s, "cpu_seconds": cpu, "t_ar": t_ar}
+        print(json.dumps(row), flush=True)
 """
 
 
@@ -75,17 +76,20 @@ def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) ->
 
 
 def summarise(rows: list[dict]) -> None:
-    """Median seconds and MP/s per (slide, model, tree)."""
+    """Median seconds and MP/s per (slide, model, tree); CPU seconds of the process (all its
+    threads) when recorded: on a loaded machine they vary far less than wall seconds."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["slide"], r["model"], r["tree"]), []).append(r)
-    print("slide  model  tree  runs  median s (range)  median MP/s")
+    print("slide  model  tree  runs  median s (range)  median MP/s  median CPU s (range)")
     for (slide, model, tree), runs in sorted(groups.items()):
         secs = [r["seconds"] for r in runs]
         rate = statistics.median(r["t_ar"] / r["seconds"] for r in runs)
+        cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+        cpu_text = f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})" if cpu else "-"
         print(
             f"{slide}  {model}  {tree}  {len(runs)}  {statistics.median(secs):.2f} "
-            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}"
+            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}  {cpu_text}"
         )
 
 
