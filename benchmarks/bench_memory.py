@@ -112,6 +112,7 @@ def run_analyze(
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [*HISTO, "analyze", str(slide), "--out", str(run_dir), "--model", model]
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run_dir.mkdir(parents=True)
     log_path = out / "runs" / f"{run_dir.name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below; never a pipe (a full pipe blocks)
@@ -124,6 +125,7 @@ def run_analyze(
             break
         time.sleep(0.2)
     proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.close()
     stderr = log_path.read_text(errors="replace").replace("\r", "\n")
     seconds = time.perf_counter() - t0
@@ -136,6 +138,10 @@ def run_analyze(
         "status": proc.returncode,
         "seconds": round(seconds, 1),
         "peak_rss_mib": round(peak_kib / 1024),
+        # CPU of the child (all threads): steadier than wall time on a shared machine
+        "cpu_seconds": round(
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1
+        ),
     }
     try:
         with open(run_dir / "indices.csv", newline="") as f:
@@ -157,6 +163,7 @@ def print_table(results: list[dict]) -> None:
         "tree",
         "status",
         "seconds",
+        "cpu_seconds",
         "peak_rss_mib",
         "tissue_mp",
         "tissue_mp_per_s",
