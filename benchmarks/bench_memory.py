@@ -4,8 +4,9 @@ For each size N, a synthetic slide ``histo synth --phenotype normal --size N --p
 is written once under ``OUT/slides/`` and reused (synthesis is slow: 1-2 s per 1000² field),
 then ``histo analyze SLIDE --out OUT/runs/... --model MODEL`` runs as a child process whose peak
 resident memory (``VmHWM`` of ``/proc/<pid>/status``, polled; ``ru_maxrss`` as a floor) and wall
-time are recorded. Throughput is megapixels of tissue (T.Ar at 1 µm/px) per second. Slides whose
-working-resolution map exceeds ``histo.pipeline.STREAMING_MIN_PX`` take the streaming path.
+time are recorded, with the child's CPU seconds. Throughput is megapixels of tissue (T.Ar at
+1 µm/px) per second. Slides whose working-resolution map exceeds
+``histo.pipeline.LABELS_ON_DISK_MIN_PX`` keep their label store on disk.
 
 Each finished run is appended to ``OUT/results.jsonl``; the table is printed at the end (and
 with ``--table`` alone, from the results recorded so far), followed by the median time and
