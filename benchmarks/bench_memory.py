@@ -4,8 +4,9 @@ For each size N, a synthetic slide ``histo synth --phenotype normal --size N --p
 is written once under ``OUT/slides/`` and reused (synthesis is slow: 1-2 s per 1000² field),
 then ``histo analyze SLIDE --out OUT/runs/... --model MODEL`` runs as a child process whose peak
 resident memory (``VmHWM`` of ``/proc/<pid>/status``, polled; ``ru_maxrss`` as a floor) and wall
-time are recorded. Throughput is megapixels of tissue (T.Ar at 1 µm/px) per second. Slides whose
-working-resolution map exceeds ``histo.pipeline.STREAMING_MIN_PX`` take the streaming path.
+time are recorded, with the child's CPU seconds. Throughput is megapixels of tissue (T.Ar at
+1 µm/px) per second. Slides whose working-resolution map exceeds
+``histo.pipeline.LABELS_ON_DISK_MIN_PX`` keep their label store on disk.
 
 Each finished run is appended to ``OUT/results.jsonl``; the table is printed at the end (and
 with ``--table`` alone, from the results recorded so far), followed by the median time and
@@ -112,6 +113,7 @@ def run_analyze(
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [*HISTO, "analyze", str(slide), "--out", str(run_dir), "--model", model]
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run_dir.mkdir(parents=True)
     log_path = out / "runs" / f"{run_dir.name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below; never a pipe (a full pipe blocks)
@@ -124,6 +126,7 @@ def run_analyze(
             break
         time.sleep(0.2)
     proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.close()
     stderr = log_path.read_text(errors="replace").replace("\r", "\n")
     seconds = time.perf_counter() - t0
@@ -136,6 +139,10 @@ def run_analyze(
         "status": proc.returncode,
         "seconds": round(seconds, 1),
         "peak_rss_mib": round(peak_kib / 1024),
+        # CPU of the child (all threads): steadier than wall time on a shared machine
+        "cpu_seconds": round(
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1
+        ),
     }
     try:
         with open(run_dir / "indices.csv", newline="") as f:
@@ -157,6 +164,7 @@ def print_table(results: list[dict]) -> None:
         "tree",
         "status",
         "seconds",
+        "cpu_seconds",
         "peak_rss_mib",
         "tissue_mp",
         "tissue_mp_per_s",

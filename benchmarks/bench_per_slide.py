@@ -12,6 +12,9 @@ round after round (interleaved).
 - marginal speed on fields: 2048² fields with the default network, tissue MP (T.Ar at 1 µm/px)
   per second of one slide in a process that analyses many.
 
+Each run also records the seconds between the pipeline's progress messages (opening, finding
+tissue, segmenting, measuring, writing).
+
     .venv/bin/python benchmarks/bench_per_slide.py --tree main=/work/main --tree new=. \\
         --out bench-out/per-slide --repeat 3
 """
@@ -35,19 +38,28 @@ from histo.pipeline import analyze_slide
 spec = json.loads(sys.argv[1])
 def run(path, model):
     out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
+    marks = []
+    def progress(fraction, message):
+        marks.append((time.perf_counter(), message.split(" ")[0]))
     try:
-        t0 = time.perf_counter()
-        r = analyze_slide(path, out_dir=out, model=model)
-        return r, time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = analyze_slide(path, out_dir=out, model=model, progress=progress)
+        t1 = time.perf_counter()
+        stages = {}
+        for (ta, stage), (tb, _) in zip(marks, marks[1:] + [(t1, "")]):
+            stages[stage] = stages.get(stage, 0.0) + tb - ta
+        return r, t1 - t0, time.process_time() - c0, stages
     finally:
         shutil.rmtree(out, ignore_errors=True)
 for path, model in spec["runs"]:
     run(path, model)
 for _ in range(spec["repeat"]):
     for path, model in spec["runs"]:
-        r, s = run(path, model)
+        r, s, cpu, stages = run(path, model)
         t_ar = r.measurement.indices["T.Ar"]
-        print(json.dumps({"slide": r.name, "model": model, "seconds": s, "t_ar": t_ar}), flush=True)
+        row = {"slide": r.name, "model": model, "seconds": s, "cpu_seconds": cpu, "t_ar": t_ar}
+        row["stages"] = stages
+        print(json.dumps(row), flush=True)
 """
 
 
@@ -75,18 +87,29 @@ def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) ->
 
 
 def summarise(rows: list[dict]) -> None:
-    """Median seconds and MP/s per (slide, model, tree)."""
+    """Median seconds and MP/s per (slide, model, tree); CPU seconds of the process (all its
+    threads) when recorded: on a loaded machine they vary far less than wall seconds."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["slide"], r["model"], r["tree"]), []).append(r)
-    print("slide  model  tree  runs  median s (range)  median MP/s")
+    print("slide  model  tree  runs  median s (range)  median MP/s  median CPU s (range)")
     for (slide, model, tree), runs in sorted(groups.items()):
         secs = [r["seconds"] for r in runs]
         rate = statistics.median(r["t_ar"] / r["seconds"] for r in runs)
+        cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+        cpu_text = f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})" if cpu else "-"
         print(
             f"{slide}  {model}  {tree}  {len(runs)}  {statistics.median(secs):.2f} "
-            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}"
+            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}  {cpu_text}"
         )
+        staged = [r["stages"] for r in runs if "stages" in r]
+        if staged:
+            names = sorted({k for st in staged for k in st}, key=lambda k: -staged[0].get(k, 0))
+            medians = {k: statistics.median(st.get(k, 0.0) for st in staged) for k in names}
+            print(
+                "    stages (median s): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in medians.items() if v >= 0.005)
+            )
 
 
 def main() -> int:

@@ -6,8 +6,9 @@ block at a time; :func:`measure` is its call on in-memory arrays.
 Modules: :mod:`~histo.measure.indices` (rules, the Measurement record, totals to indices),
 :mod:`~histo.measure.blocks` (the block-wise measurement), :mod:`~histo.measure.perimeter`
 (sub-pixel bone perimeter and surfaces), :mod:`~histo.measure.objects` (per-object statistics),
-:mod:`~histo.measure.labels` (instances), :mod:`~histo.measure.region` (the region of
-interest), :mod:`~histo.measure.compartments` (cortical and trabecular bone).
+:mod:`~histo.measure.labels` (instances), :mod:`~histo.measure.sums` (per-object sums over
+blocks), :mod:`~histo.measure.region` (the region of interest),
+:mod:`~histo.measure.compartments` (cortical and trabecular bone).
 
 Examples
 --------

@@ -64,6 +64,7 @@ from histo.measure.labels import ComponentLabels, GivenLabels, class_labels, gro
 from histo.measure.objects import count_nuclei_one
 from histo.measure.perimeter import BoundaryCells, boundary_cells, corner_labels, eroded_pits
 from histo.measure.region import Region
+from histo.measure.sums import Sums, label_boxes, per_label
 from histo.runtime import release_free_memory
 
 __all__ = [
@@ -96,87 +97,6 @@ _OD_LUT = od_lookup(10.0)
 
 
 @dataclass
-class _Sums:
-    """Per-label partial sums collected over blocks, reduced at the end."""
-
-    names: tuple[str, ...]
-    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = field(default_factory=list)
-
-    def add(self, labels: np.ndarray, **values: np.ndarray) -> None:
-        if labels.size:
-            self.parts.append((labels.astype(np.int64), values))
-
-    def reduce(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(labels with a positive area, sorted; the sums of each of them)."""
-        if not self.parts:
-            ids = np.zeros(0, np.int64)
-        else:
-            ids = np.unique(np.concatenate([labels for labels, _ in self.parts]))
-        out = {name: np.zeros(ids.size) for name in self.names}
-        for labels, values in self.parts:
-            pos = np.searchsorted(ids, labels)
-            ok = (pos < ids.size) & (ids[np.minimum(pos, ids.size - 1)] == labels)
-            for name, v in values.items():
-                out[name] += np.bincount(pos[ok], weights=v[ok], minlength=ids.size)
-        keep = out["area"] > 0
-        return ids[keep], {k: v[keep] for k, v in out.items()}
-
-
-def _per_label(
-    labels: np.ndarray,
-    weights: dict[str, np.ndarray],
-    count: str | None = None,
-    ids: np.ndarray | None = None,
-) -> tuple[np.ndarray, dict]:
-    """Sum ``weights`` per distinct value of ``labels`` (1-D): (unique labels, sums).
-
-    ``count`` names an extra sum: the number of pixels of each label. With ``ids``, ``labels``
-    are indices 1..n into ``ids`` (compact labels) and the labels returned are ``ids`` values.
-    Each sum adds the values in the order of ``labels`` (``np.bincount``), whatever the path.
-    """
-    if labels.size == 0:
-        names = [*weights, *([count] if count else [])]
-        return np.zeros(0, np.int64), {k: np.zeros(0) for k in names}
-    labels = labels.astype(np.int64, copy=False)
-    top = int(labels.max())
-    if ids is not None or top <= 4 * labels.size + 65536:
-        # labels small enough to index a bincount directly
-        n = np.bincount(labels, minlength=top + 1)
-        present = np.flatnonzero(n)
-        out = {
-            k: np.bincount(labels, weights=v, minlength=top + 1)[present]
-            for k, v in weights.items()
-        }
-        if count:
-            out[count] = n[present].astype(float)
-        u = present.astype(np.int64) if ids is None else ids[present - 1]
-        return u, out
-    u, inv = np.unique(labels, return_inverse=True)
-    out = {k: np.bincount(inv, weights=v, minlength=u.size) for k, v in weights.items()}
-    if count:
-        out[count] = np.bincount(inv, minlength=u.size).astype(float)
-    return u, out
-
-
-def _boxes(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, (n, 4) boxes y0 x0 y1 x1) of the pixels (rows, cols) of each label of ``vals``."""
-    order = np.argsort(vals, kind="stable")
-    v = vals[order]
-    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
-    r, c = rows[order], cols[order]
-    box = np.stack(
-        [
-            np.minimum.reduceat(r, starts),
-            np.minimum.reduceat(c, starts),
-            np.maximum.reduceat(r, starts) + 1,
-            np.maximum.reduceat(c, starts) + 1,
-        ],
-        axis=1,
-    )
-    return v[starts].astype(np.int64), box
-
-
-@dataclass
 class _Accumulator:
     """Everything summed over the blocks of one measurement."""
 
@@ -184,14 +104,12 @@ class _Accumulator:
     pit_px: float = 0.0  #: surface facing eroded pits (closing rule), pixels
     matrix_od_sum: float = 0.0  #: summed optical density of bone matrix pixels
     matrix_n: int = 0
-    oc: _Sums = field(
-        default_factory=lambda: _Sums(
+    oc: Sums = field(
+        default_factory=lambda: Sums(
             ("area", "sy", "sx", "trap", "contact", "contact_roi", "nopit")
         )
     )
-    ot: _Sums = field(
-        default_factory=lambda: _Sums(("area", "sy", "sx", "od", "ring_od", "ring_n"))
-    )
+    ot: Sums = field(default_factory=lambda: Sums(("area", "sy", "sx", "od", "ring_od", "ring_n")))
     oc_boxes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     nuclei: dict[int, float] = field(default_factory=dict)
 
@@ -369,7 +287,7 @@ def _add_surfaces(acc: _Accumulator, plan: _Plan, win: _Window, reg: np.ndarray 
         acc.pit_px += float((share_roi * pit_c).sum())
     sel = lab_c > 0
     k_roi = np.broadcast_to(share_roi, lab_c.shape)[sel]
-    u, s = _per_label(
+    u, s = per_label(
         lab_c[sel],
         {
             "contact": np.broadcast_to(share, lab_c.shape)[sel],
@@ -451,10 +369,10 @@ def _add_objects(acc: _Accumulator, win: _Window, image: _BlockImage | None) -> 
             weights["trap"] = (od_g - od_r).astype(float)
         elif image is not None:
             weights["od"] = image.core_od[rows, cols].astype(float)
-        u, s = _per_label(vals, weights, count="area")
+        u, s = per_label(vals, weights, count="area")
         sums.add(u, **s)
         if kind == "oc":
-            acc.oc_boxes.append(_boxes(vals, rows + b.y0, cols + b.x0))
+            acc.oc_boxes.append(label_boxes(vals, rows + b.y0, cols + b.x0))
 
 
 def _add_matrix(acc: _Accumulator, plan: _Plan, win: _Window, image: _BlockImage) -> None:
@@ -471,7 +389,7 @@ def _add_matrix(acc: _Accumulator, plan: _Plan, win: _Window, image: _BlockImage
     grown = grown[iy, ix]
     sel = matrix & ~win.ot_mask[iy, ix] & (grown > 0)
     if sel.any():
-        u, s = _per_label(
+        u, s = per_label(
             grown[sel],
             {"ring_od": image.core_od[sel].astype(float)},
             count="ring_n",
