@@ -108,8 +108,22 @@ class SectionForm(Container):
             nullable=True,
             tooltip="Optional: ranges.json of `histo calibrate` for your strain and lab.",
         )
+        self.out_dir = FileEdit(
+            label="Output folder",
+            mode="d",
+            nullable=True,
+            tooltip="Optional: write the slide's outputs here, as `histo analyze --out` does "
+            "(large slides are shown from their labels.ome.zarr).",
+        )
         super().__init__(
-            widgets=[self.image, self.model, self.pixel_size, self.region, self.ranges]
+            widgets=[
+                self.image,
+                self.model,
+                self.pixel_size,
+                self.region,
+                self.ranges,
+                self.out_dir,
+            ]
         )
         self._pixel_size_for: Layer | None = None
         self.image.changed.connect(self._fill_pixel_size)
@@ -125,8 +139,16 @@ class SectionForm(Container):
 
     def ranges_path(self) -> str | None:
         """The reference ranges file, or None for the built-in ranges."""
-        value = self.ranges.value
-        return str(value) if value and str(value) not in ("", ".") else None
+        return _path_or_none(self.ranges)
+
+    def out_dir_path(self) -> str | None:
+        """The output folder, or None (outputs are not kept)."""
+        return _path_or_none(self.out_dir)
+
+
+def _path_or_none(edit: FileEdit) -> str | None:
+    value = edit.value
+    return str(value) if value and str(value) not in ("", ".") else None
 
 
 class CorrectForm(Container):

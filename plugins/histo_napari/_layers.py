@@ -67,9 +67,12 @@ class ResultLayers:
         common = {"scale": place.scale, "translate": place.translate, "units": place.units}
         meta = {"pixel_size_um": float(r.pixel_size_um), "slide_name": r.name}
         meta["histo_run"] = id(output)
+        maps = _maps_to_show(output)
+        if output.levels is not None:
+            common["multiscale"] = True
         self.upsert(
             "osteocytes",
-            np.asarray(r.osteocyte_labels),
+            maps["osteocytes"],
             "labels",
             name=f"{r.name} osteocytes",
             opacity=0.7,
@@ -79,7 +82,7 @@ class ResultLayers:
         )
         osteoclasts = self.upsert(
             "osteoclasts",
-            np.asarray(r.osteoclast_labels),
+            maps["osteoclasts"],
             "labels",
             name=f"{r.name} osteoclasts",
             opacity=0.8,
@@ -89,7 +92,7 @@ class ResultLayers:
         osteoclasts.contour = 2
         cmap_layer = self.upsert(
             "class_map",
-            np.array(r.class_map, dtype=np.uint8, copy=True),  # painted by the user
+            maps["class_map"],
             "labels",
             name=f"{r.name} classes",
             opacity=0.45,
@@ -139,3 +142,18 @@ class ResultLayers:
             )
             out.append(np.asarray(layer.data) if same_run else None)
         return out[0], out[1]
+
+
+def _maps_to_show(output: AnalysisOutput) -> dict[str, Any]:
+    """Layer data of a run's maps: lazy pyramids from its store, or in-memory arrays.
+
+    The in-memory class map is a copy: the user paints it.
+    """
+    if output.levels is not None:
+        return {name: arrays for name, (arrays, _) in output.levels.items()}
+    r = output.result
+    return {
+        "class_map": np.array(r.class_map, dtype=np.uint8, copy=True),
+        "osteoclasts": np.asarray(r.osteoclast_labels),
+        "osteocytes": np.asarray(r.osteocyte_labels),
+    }

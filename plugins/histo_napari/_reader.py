@@ -230,27 +230,37 @@ def read_label_tiff(path: Path, kind: str) -> LayerData:
     return data, _clean_kwargs(kwargs), "labels"
 
 
-def read_labels_store(store: Path) -> list[LayerData]:
-    """The label images of a ``labels.ome.zarr`` store as (multiscale, lazy) labels layers."""
+def store_levels(store: str | Path) -> dict[str, tuple[list[Any], float | None]]:
+    """Every label image of a ``labels.ome.zarr`` as its pyramid of lazy zarr arrays.
+
+    Returns label name -> (arrays from full resolution down, level-0 pixel size in µm);
+    nothing is read until napari indexes an array.
+    """
     from histo.io.ome_zarr import read_labels
 
-    slide = store.parent.name if store.name == "labels.ome.zarr" else store.name
     levels: list[dict[str, tuple[Any, float | None]]] = []
-    k = 0
     while True:
         try:
-            levels.append(read_labels(store, level=k, lazy=True))
+            levels.append(read_labels(store, level=len(levels), lazy=True))
         except (IndexError, KeyError):
             break
-        k += 1
     if not levels:
         levels.append(read_labels(store, level=0, lazy=True))
+    return {
+        name: ([lv[name][0] for lv in levels if name in lv], levels[0][name][1])
+        for name in levels[0]
+    }
+
+
+def read_labels_store(store: Path) -> list[LayerData]:
+    """The label images of a ``labels.ome.zarr`` store as (multiscale, lazy) labels layers."""
+    slide = store.parent.name if store.name == "labels.ome.zarr" else store.name
+    stacks = store_levels(store)
     out: list[LayerData] = []
     order = ["class_map", "osteocytes", "osteoclasts"]
-    names = sorted(levels[0], key=lambda n: order.index(n) if n in order else len(order))
+    names = sorted(stacks, key=lambda n: order.index(n) if n in order else len(order))
     for name in names:
-        arrays = [lv[name][0] for lv in levels if name in lv]
-        px = levels[0][name][1]
+        arrays, px = stacks[name]
         data: Any = arrays if len(arrays) > 1 else arrays[0]
         meta = {"histo_path": str(store), "slide_name": slide}
         if name == "class_map":

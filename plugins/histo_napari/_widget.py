@@ -112,6 +112,16 @@ class HistoWidget(QWidget):
         worker.start()
         return worker
 
+    def _prepare(self, make_job: Any) -> Any:
+        """``make_job()``, or None when a job is running or the input is wrong (notified)."""
+        if self.running:
+            return None
+        try:
+            return make_job()
+        except HistoError as exc:
+            self._fail(exc)
+            return None
+
     def _on_progress(self, item: jobs.Progress) -> None:
         self.controls.progress.value = round(item.fraction * PROGRESS_STEPS)
         self.controls.status.value = item.message
@@ -176,16 +186,13 @@ class HistoWidget(QWidget):
             image_placement=Placement.of_layer(layer),
             region_world=region_polygons(self.section.region.value),
             ranges_path=self.section.ranges_path(),
+            out_dir=self.section.out_dir_path(),
         )
 
     def run(self) -> Any:
         """Start the analysis in a worker thread (returns at once)."""
-        if self.running:
-            return None
-        try:
-            job = self.make_job()
-        except HistoError as exc:
-            self._fail(exc)
+        job = self._prepare(self.make_job)
+        if job is None:
             return None
         self.job = job
         self.controls.progress.value = 0
@@ -239,9 +246,18 @@ class HistoWidget(QWidget):
         layer = self.correct.class_map.value
         if layer is None:
             raise HistoError("no class map: run the analysis or open a NAME.classes.tif")
-        if layer.multiscale:
+        if layer.multiscale and not self._is_stored_run(layer):
             raise HistoError(f"'{layer.name}' is too large to edit and re-measure here")
         return layer
+
+    def _is_stored_run(self, layer: Layer) -> bool:
+        """The class map of the last run, shown from its store (a lazy pyramid)."""
+        out = self.output
+        return (
+            out is not None
+            and out.levels is not None
+            and layer.metadata.get("histo_run") == id(out)
+        )
 
     def correction_job(self) -> jobs.CorrectionJob:
         """The chosen class map as the user left it, ready for a worker."""
@@ -254,12 +270,15 @@ class HistoWidget(QWidget):
             raise PixelSizeError(f"pixel size of '{layer.name}' unknown: enter it in the widget")
         out = self.output
         run = out if out is not None and layer.metadata.get("histo_run") == id(out) else None
-        if run is not None:
-            instances: Any = jobs.Instances(*self.layers.instances_of(layer))
+        if run is not None and run.levels is not None:
+            instances: Any = run.stored_instances()
+        elif run is not None:
+            instances = jobs.Instances(*self.layers.instances_of(layer))
         else:
             instances = _instances_beside(layer.metadata.get("histo_path"))
+        stored = layer.multiscale
         return jobs.CorrectionJob(
-            class_map=np.array(layer.data, copy=True),
+            class_map=layer.data[0] if stored else np.array(layer.data, copy=True),
             pixel_size_um=pixel_size,
             name=str(layer.metadata.get("slide_name") or layer.name.removesuffix(" classes")),
             instances=instances,
@@ -270,12 +289,8 @@ class HistoWidget(QWidget):
 
     def remeasure(self) -> Any:
         """Measure the (edited) class map again in a worker; the table follows when done."""
-        if self.running:
-            return None
-        try:
-            job = self.correction_job()
-        except HistoError as exc:
-            self._fail(exc)
+        job = self._prepare(self.correction_job)
+        if job is None:
             return None
         layer = self.correct.class_map.value
 
@@ -289,12 +304,8 @@ class HistoWidget(QWidget):
 
     def save_class_map(self, path: str | Path | None = None) -> Any:
         """Write ``NAME.classes.tif`` and the instance maps beside it, in a worker."""
-        if self.running:
-            return None
-        try:
-            job = self.correction_job()
-        except HistoError as exc:
-            self._fail(exc)
+        job = self._prepare(self.correction_job)
+        if job is None:
             return None
         if not path:
             path, _ = QFileDialog.getSaveFileName(

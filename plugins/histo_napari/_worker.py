@@ -7,8 +7,11 @@ keep editing); the functions here run in napari thread workers and touch no laye
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,7 @@ class AnalysisJob:
     image_placement: Placement  #: where the image layer lies in the world
     region_world: list[np.ndarray] = field(default_factory=list)  #: ROI polygons, world (y, x)
     ranges_path: str | None = None  #: reference ranges JSON (``histo calibrate``)
+    out_dir: str | None = None  #: where the slide's outputs go (None: only large slides, to a temp)
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -77,6 +81,30 @@ class AnalysisOutput:
     roi: np.ndarray | None  #: the region mask the run measured in (working pixels)
     seconds: float
     image: np.ndarray | None = None  #: RGB at the working resolution, once known
+    #: label name -> (lazy pyramid from full resolution down, µm/px) when shown from the store
+    levels: dict[str, tuple[list[Any], float | None]] | None = None
+
+    def attach_store(self, store: Path, temporary_dir: str | None) -> None:
+        """Show the maps from the slide's labels.ome.zarr: drop the in-memory arrays.
+
+        A temporary output folder lives as long as this output (the layers read from it).
+        """
+        from histo_napari._reader import store_levels
+
+        self.levels = store_levels(store)
+        r = self.result
+        r.class_map, r.osteoclast_labels, r.osteocyte_labels = (
+            self.levels[name][0][0] for name in ("class_map", "osteoclasts", "osteocytes")
+        )
+        if temporary_dir is not None:
+            weakref.finalize(self, shutil.rmtree, temporary_dir, True)
+
+    def stored_instances(self) -> Instances:
+        """The run's full-resolution instance maps in its store (zarr: read on indexing)."""
+        levels = self.levels or {}
+        return Instances(
+            *(levels[k][0][0] if k in levels else None for k in ("osteoclasts", "osteocytes"))
+        )
 
     def working_image(self) -> np.ndarray | None:
         """The RGB image the pipeline measured with (read from the slide on first need)."""
@@ -85,22 +113,20 @@ class AnalysisOutput:
         return self.image
 
 
-def _placement_of_run(job: AnalysisJob, working_px: float) -> Placement:
-    image = job.image_placement
-    return placement(image, job.pixel_size_um, working_px)
-
-
 def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = None):
     """Run the pipeline for ``job`` (worker thread); raises HistoError or Cancelled."""
     from histo.pipeline import analyze_slide
 
     t0 = time.perf_counter()
     working_px = working_pixel_size_um(job.model)
-    place = _placement_of_run(job, working_px)
+    place = placement(job.image_placement, job.pixel_size_um, working_px)
     shape = working_shape(job.level0_shape, job.pixel_size_um, working_px)
     roi = region_mask([place.world_to_px(p) for p in job.region_world], shape)
+    lazy = shape[0] * shape[1] >= LAZY_RESULTS_MIN_PX
+    temporary = None if job.out_dir or not lazy else tempfile.mkdtemp(prefix="histo-napari-")
     result = analyze_slide(
         job.source,
+        out_dir=job.out_dir or temporary,
         pixel_size_um=job.pixel_size_um,
         model=job.model,
         roi=roi,
@@ -112,7 +138,10 @@ def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = No
     image = getattr(result, "image", None)
     if image is None and _is_working_image(job.source, result.class_map.shape):
         image = job.source  # the layer already is the image at the working resolution
-    return AnalysisOutput(job, result, place, roi, time.perf_counter() - t0, image)
+    output = AnalysisOutput(job, result, place, roi, time.perf_counter() - t0, image)
+    if lazy:
+        output.attach_store(Path(result.out_dir) / "labels.ome.zarr", temporary)
+    return output
 
 
 def _is_working_image(source: Any, shape: tuple[int, ...]) -> bool:
@@ -125,6 +154,11 @@ def _is_working_image(source: Any, shape: tuple[int, ...]) -> bool:
 
 #: re-measuring gives the image to measure up to this size (as the pipeline does)
 MEASURE_IMAGE_MAX_PX = 40_000_000
+#: results of at least this many working pixels are shown from the slide's labels.ome.zarr as
+#: lazy pyramids (read on demand, not editable with the brush); smaller ones in memory
+LAZY_RESULTS_MIN_PX = 8 * 2**20
+#: block side (px) of re-measuring a stored class map block by block
+BLOCK_PX = 1536
 
 
 def read_working_image(job: AnalysisJob, result: Any) -> np.ndarray | None:
@@ -222,7 +256,7 @@ class Instances(NamedTuple):
 class CorrectionJob:
     """A class map as the user left it, and where its instances and image come from."""
 
-    class_map: np.ndarray  #: a copy: the user may keep painting
+    class_map: Any  #: a numpy copy (the user may keep painting), or the stored zarr map
     pixel_size_um: float
     name: str
     instances: Instances | Callable[[], Instances]  #: as they were before the edit
@@ -230,9 +264,16 @@ class CorrectionJob:
     region_px: Sequence[np.ndarray] = ()  #: ROI polygons in pixels of the class map
     ranges_path: str | None = None
 
+    @property
+    def stored(self) -> bool:
+        """True for a map read from the slide's store (too large to hold; not painted)."""
+        return not isinstance(self.class_map, np.ndarray)
+
     def edited_instances(self) -> Instances:
         """The instances made consistent with the edited class map."""
         raw = self.instances() if callable(self.instances) else self.instances
+        if self.stored:
+            return raw
         return Instances(
             class_map_instances(self.class_map, raw.osteoclasts, classes.OSTEOCLAST),
             class_map_instances(self.class_map, raw.osteocytes, classes.OSTEOCYTE),
@@ -259,17 +300,45 @@ def remeasure(job: CorrectionJob) -> Remeasured:
 
     t0 = time.perf_counter()
     instances = job.edited_instances()
-    image = job.run.working_image() if job.run is not None else None
-    measurement = measure(
-        job.class_map,
-        job.pixel_size_um,
-        osteoclast_labels=instances.osteoclasts,
-        osteocyte_labels=instances.osteocytes,
-        image=image,
-        roi=region_mask(list(job.region_px), job.class_map.shape),
-    )
+    roi = region_mask(list(job.region_px), job.class_map.shape)
+    if job.stored:
+        measurement = _measure_stored(job, instances, roi)
+    else:
+        measurement = measure(
+            job.class_map,
+            job.pixel_size_um,
+            osteoclast_labels=instances.osteoclasts,
+            osteocyte_labels=instances.osteocytes,
+            image=job.run.working_image() if job.run is not None else None,
+            roi=roi,
+        )
     call = call_phenotype(measurement.indices, load_reference_ranges(job.ranges_path))
     return Remeasured(measurement, call, time.perf_counter() - t0)
+
+
+def _measure_stored(job: CorrectionJob, instances: Instances, roi: np.ndarray | None) -> Any:
+    """Block-wise measurement of a stored class map, reading the slide block by block."""
+    from histo.io import open_slide
+    from histo.measure_blocks import measure_by_blocks
+
+    px = job.pixel_size_um
+    arguments = {
+        "osteoclast_labels": instances.osteoclasts,
+        "osteocyte_labels": instances.osteocytes,
+        "roi": roi,
+        "block_px": BLOCK_PX,
+    }
+    run = job.run
+    if run is None or isinstance(run.job.source, np.ndarray):
+        return measure_by_blocks(job.class_map, px, **arguments)
+    with open_slide(run.job.source, pixel_size_um=run.job.pixel_size_um) as slide:
+
+        def read(y: int, x: int, h: int, w: int) -> np.ndarray:
+            from histo.io import read_region
+
+            return np.asarray(read_region(slide, y * px, x * px, h, w, px))
+
+        return measure_by_blocks(job.class_map, px, image=read, **arguments)
 
 
 def save_corrections(job: CorrectionJob, path: str | Path) -> Path:
@@ -284,12 +353,13 @@ def save_corrections(job: CorrectionJob, path: str | Path) -> Path:
     path = Path(path)
     if not path.name.lower().endswith((".tif", ".tiff")):
         path = path.with_name(path.name + ".classes.tif")
-    cmap = validate_class_map(job.class_map).astype(np.uint8)
+    cmap = job.class_map if job.stored else validate_class_map(job.class_map).astype(np.uint8)
     instances = job.edited_instances()
     write_pyramidal_tiff(path, cmap, job.pixel_size_um, label=True)
     base = path.name[: -len(".classes.tif")] if path.name.endswith(".classes.tif") else path.stem
     for kind, labels in zip(instances._fields, instances, strict=True):
         if labels is not None:  # beside it, where `histo measure` looks for them
             target = path.with_name(f"{base}.{kind}.tif")
-            write_pyramidal_tiff(target, labels.astype(np.uint32), job.pixel_size_um, label=True)
+            labels = labels if job.stored else labels.astype(np.uint32)
+            write_pyramidal_tiff(target, labels, job.pixel_size_um, label=True)
     return path
