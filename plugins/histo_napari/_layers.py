@@ -89,7 +89,8 @@ class ResultLayers:
             metadata={**meta, "histo_kind": "osteoclasts"},
             **common,
         )
-        osteoclasts.contour = 2
+        if output.levels is None:  # outlines are computed on the GUI thread at every redraw
+            osteoclasts.contour = 2
         cmap_layer = self.upsert(
             "class_map",
             maps["class_map"],
