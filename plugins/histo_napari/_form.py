@@ -193,6 +193,8 @@ class RunControls(Container):
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
         self.status = Label(value="Pick an image and press Run.")
         self.status.native.setWordWrap(True)
+        # a fixed height: a status line that grows would resize (and redraw) the canvas
+        self.status.native.setFixedHeight(2 * self.status.native.fontMetrics().lineSpacing() + 4)
         super().__init__(widgets=[buttons, self.progress, self.status], labels=False)
 
     def set_busy(self, busy: bool, cancellable: bool = False) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from napari.qt.threading import create_worker
@@ -35,7 +35,7 @@ from histo.errors import Cancelled, HistoError, PixelSizeError
 from histo_napari import _worker as jobs
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
-from histo_napari._layers import ResultLayers
+from histo_napari._layers import ResultLayers, centres_layer, run_layers
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
@@ -51,6 +51,25 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, HistoError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Shown(NamedTuple):
+    """A result and the layers prepared for it in the worker."""
+
+    result: Any  #: AnalysisOutput or Remeasured
+    layers: dict[str, Layer]
+
+
+def analyze_and_prepare(job: jobs.AnalysisJob, progress: Any = None) -> Shown:
+    """Run the analysis and build its layers (worker thread)."""
+    output = jobs.analyze(job, progress)
+    return Shown(output, run_layers(output))
+
+
+def remeasure_and_prepare(job: jobs.CorrectionJob, place: Placement) -> Shown:
+    """Re-measure and build the osteoclast-centre layer (worker thread)."""
+    out = jobs.remeasure(job)
+    return Shown(out, {"points": centres_layer(out.measurement, place, job.name)})
 
 
 def _boxed(title: str, widget: QWidget) -> QGroupBox:
@@ -199,7 +218,7 @@ class HistoWidget(QWidget):
         message = f"analysing {job.name} with the {job.model} model…"
         return self._start(
             jobs.with_progress,
-            jobs.analyze,
+            analyze_and_prepare,
             job,
             done=self._on_run,
             message=message,
@@ -219,16 +238,16 @@ class HistoWidget(QWidget):
         self.wait(timeout_s)
         return self.output if self.last_error is None else None
 
-    def _on_run(self, output: jobs.AnalysisOutput) -> None:
-        self.output = output
+    def _on_run(self, shown: Shown) -> None:
+        output = self.output = shown.result
         try:
-            cmap_layer = self.layers.show_run(output)
-            self._show(output.result.measurement, output.result.phenotype, cmap_layer)
+            self.layers.show(shown.layers)
+            self._show(output.result.measurement, output.result.phenotype)
         except Exception as exc:  # noqa: BLE001 - never take the viewer down
             log.exception("showing the result failed")
             self._fail(exc)
             return
-        self.correct.class_map.value = cmap_layer
+        self.correct.class_map.value = shown.layers["class_map"]
         r = output.result
         self.controls.progress.value = PROGRESS_STEPS
         h, w = r.class_map.shape[:2]
@@ -236,10 +255,9 @@ class HistoWidget(QWidget):
             f"done in {output.seconds:.1f} s: {w} × {h} px at {r.pixel_size_um:g} µm/px"
         )
 
-    def _show(self, measurement: Any, call: Any, cmap_layer: Layer) -> None:
+    def _show(self, measurement: Any, call: Any) -> None:
         self.measurement, self.phenotype = measurement, call
         self.results.show_result(measurement, call)
-        self.layers.show_osteoclast_centres(measurement, cmap_layer)
 
     # ---- correct
     def _class_map_layer(self) -> Labels:
@@ -292,15 +310,17 @@ class HistoWidget(QWidget):
         job = self._prepare(self.correction_job)
         if job is None:
             return None
-        layer = self.correct.class_map.value
+        place = Placement.of_layer(self.correct.class_map.value)
 
-        def done(out: jobs.Remeasured) -> None:
+        def done(shown: Shown) -> None:
+            out = shown.result
             self.last_remeasure_seconds = out.seconds
-            self._show(out.measurement, out.phenotype, layer)
+            self._show(out.measurement, out.phenotype)
+            self.layers.show(shown.layers)
             n_oc = out.measurement.indices.get("N.Oc", 0)
             self.controls.status.value = f"re-measured in {out.seconds:.2f} s: N.Oc {n_oc:g}"
 
-        return self._start(jobs.remeasure, job, done=done, message="re-measuring…")
+        return self._start(remeasure_and_prepare, job, place, done=done, message="re-measuring…")
 
     def save_class_map(self, path: str | Path | None = None) -> Any:
         """Write ``NAME.classes.tif`` and the instance maps beside it, in a worker."""
