@@ -8,6 +8,8 @@ part); the GUI thread only puts them in the viewer, in place of the previous one
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 CENTRE_COLOR = "#ff2060"
 #: layer properties the user may have changed that survive a new run or re-measure
 KEPT_PROPERTIES = ("opacity", "visible", "blending")
+#: pause (ms) between putting two result layers in the viewer
+LAYER_STAGGER_MS = 25
 
 
 def class_colormap() -> Any:
@@ -59,8 +63,7 @@ def run_layers(output: AnalysisOutput) -> dict[str, Layer]:
     meta = {"pixel_size_um": float(r.pixel_size_um), "slide_name": r.name}
     meta["histo_run"] = id(output)
     common = {"scale": place.scale, "translate": place.translate, "multiscale": lazy}
-    if place.units is not None:
-        common["units"] = place.units
+    common.update(_units(place))
 
     def labels(key: str, suffix: str, **kwargs: Any) -> Labels:
         metadata = {**meta, "histo_kind": key}
@@ -87,7 +90,6 @@ def centres_layer(measurement: Any, place: Placement, slide_name: str) -> Points
         key: np.array([r.get(key, math.nan) for r in rows], float)
         for key in ("area_um2", "bone_contact_um", "nuclei")
     }
-    units = Placement((f, f), place.translate, f).units
     return Points(
         coords.reshape(-1, 2),
         name=f"{slide_name} osteoclast centres",
@@ -100,8 +102,24 @@ def centres_layer(measurement: Any, place: Placement, slide_name: str) -> Points
         border_color=CENTRE_COLOR,
         border_width=0.15,
         metadata={"histo_kind": "osteoclast_points"},
-        **({"units": units} if units else {}),
+        **_units(Placement((f, f), place.translate, f)),
     )
+
+
+def warm_up() -> None:
+    """Build a tiny result layer of each kind once, when the widget opens.
+
+    The first layers built import and initialise much (unit registry, data frames, colour
+    maps); in a worker that would compete with the GUI thread for the interpreter at the
+    moment results arrive.
+    """
+    place = Placement((1.0, 1.0), (0.0, 0.0))
+    Labels(np.zeros((2, 2), np.uint8), colormap=class_colormap(), **_units(place))
+    centres_layer(SimpleNamespace(osteoclasts=[], pixel_size_um=1.0), place, "warm-up")
+
+
+def _units(place: Placement) -> dict[str, Any]:
+    return {"units": place.units} if place.units is not None else {}
 
 
 class ResultLayers:
@@ -124,23 +142,43 @@ class ResultLayers:
         )
         return self.get(key) or next(same_name, None)
 
-    def show(self, layers: dict[str, Layer]) -> None:
-        """Put prepared layers in the viewer (GUI thread), each where its predecessor was."""
-        for key, new in layers.items():
-            old = self._previous(key, new)
-            if old is None:
-                self.viewer.layers.append(new)
-            elif isinstance(old, Points):  # cheaper than a new visual: take the new points
-                old.data, old.features = new.data, new.features
-                old.scale, old.translate = new.scale, new.translate
-                new = old
-            else:
-                for name in KEPT_PROPERTIES:
-                    setattr(new, name, getattr(old, name))
-                index = self.viewer.layers.index(old)
-                self.viewer.layers.remove(old)
-                self.viewer.layers.insert(index, new)
-            self._layers[key] = new
+    def show(self, layers: dict[str, Layer], then: Callable[[], None] | None = None) -> None:
+        """Put prepared layers in the viewer (GUI thread), each where its predecessor was.
+
+        One layer per turn of the event loop, starting at the next: napari builds a layer's
+        visual and controls on the GUI thread, so adding them all at once would block it that
+        much longer. ``then`` is called once the last one is in.
+        """
+        from qtpy.QtCore import QTimer
+
+        pending = list(layers.items())
+
+        def put_next() -> None:
+            if not pending:
+                if then is not None:
+                    then()
+                return
+            self._put(*pending.pop(0))
+            # a delay, not 0: other timers and input get their turn between two layers
+            QTimer.singleShot(LAYER_STAGGER_MS, put_next)
+
+        QTimer.singleShot(0, put_next)
+
+    def _put(self, key: str, new: Layer) -> None:
+        old = self._previous(key, new)
+        if old is None:
+            self.viewer.layers.append(new)
+        elif isinstance(old, Points):  # cheaper than a new visual: take the new points
+            old.data, old.features = new.data, new.features
+            old.scale, old.translate = new.scale, new.translate
+            new = old
+        else:
+            for name in KEPT_PROPERTIES:
+                setattr(new, name, getattr(old, name))
+            index = self.viewer.layers.index(old)
+            self.viewer.layers.remove(old)
+            self.viewer.layers.insert(index, new)
+        self._layers[key] = new
 
     def instances_of(self, cmap_layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The run's osteoclast and osteocyte instances shown beside ``cmap_layer``."""

@@ -35,7 +35,7 @@ from histo.errors import Cancelled, HistoError, PixelSizeError
 from histo_napari import _worker as jobs
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
-from histo_napari._layers import ResultLayers, centres_layer, run_layers
+from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class HistoWidget(QWidget):
         self.results = ResultsPanel()
         self.correct = CorrectForm(napari_viewer)
         self.layers = ResultLayers(napari_viewer)
+        warm_up()
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run
@@ -96,6 +97,7 @@ class HistoWidget(QWidget):
         self.phenotype: Any = None  #: the phenotype call shown
         self.last_error: BaseException | None = None
         self.last_remeasure_seconds: float | None = None
+        self._showing = False  #: result layers still being put in the viewer
         root = QVBoxLayout(self)
         root.addWidget(_boxed("Section", self.section.native))
         root.addWidget(self.controls.native)
@@ -111,7 +113,7 @@ class HistoWidget(QWidget):
     @property
     def running(self) -> bool:
         """True while a run, re-measure or save is going on."""
-        return self.worker is not None
+        return self.worker is not None or self._showing
 
     def table_indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""
@@ -171,7 +173,7 @@ class HistoWidget(QWidget):
         from qtpy.QtWidgets import QApplication
 
         t_end = time.monotonic() + timeout_s
-        while self.worker is not None and time.monotonic() < t_end:
+        while self.running and time.monotonic() < t_end:
             QApplication.processEvents()
             time.sleep(0.01)
 
@@ -239,14 +241,23 @@ class HistoWidget(QWidget):
         return self.output if self.last_error is None else None
 
     def _on_run(self, shown: Shown) -> None:
-        output = self.output = shown.result
+        self.output = shown.result
+        self._showing = True
+
+        def shown_all() -> None:
+            self._showing = False
+            self._finish_run(shown)
+
         try:
-            self.layers.show(shown.layers)
-            self._show(output.result.measurement, output.result.phenotype)
+            self.layers.show(shown.layers, then=shown_all)
         except Exception as exc:  # noqa: BLE001 - never take the viewer down
+            self._showing = False
             log.exception("showing the result failed")
             self._fail(exc)
-            return
+
+    def _finish_run(self, shown: Shown) -> None:
+        output = shown.result
+        self._show(output.result.measurement, output.result.phenotype)
         self.correct.class_map.value = shown.layers["class_map"]
         r = output.result
         self.controls.progress.value = PROGRESS_STEPS

@@ -180,13 +180,21 @@ class StallProbe:
         self.timer.setInterval(interval_ms)
         self.timer.timeout.connect(self._tick)
         self.last: float | None = None
-        self.longest_gap_s = 0.0
+        self.gaps_s: list[float] = []
         self.ticks = 0
+
+    @property
+    def longest_gap_s(self) -> float:
+        return max(self.gaps_s, default=0.0)
+
+    def gap_percentile_s(self, q: float) -> float:
+        """The q-th percentile of the gaps between ticks (s)."""
+        return float(np.percentile(self.gaps_s, q)) if self.gaps_s else 0.0
 
     def _tick(self) -> None:
         now = time.perf_counter()
         if self.last is not None:
-            self.longest_gap_s = max(self.longest_gap_s, now - self.last)
+            self.gaps_s.append(now - self.last)
         self.last = now
         self.ticks += 1
 

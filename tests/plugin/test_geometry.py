@@ -36,9 +36,8 @@ def test_overlapping_shapes_add_up_as_a_union():
 
 
 def test_ellipses_rectangles_and_lines_of_a_shapes_layer():
-    from napari.layers import Shapes
-
     from histo_napari._geometry import region_mask, region_polygons
+    from napari.layers import Shapes
 
     layer = Shapes(scale=(2.0, 2.0))  # world = 2 x data
     layer.add_ellipses(np.array([[100.0, 100.0], [40.0, 70.0]]))  # centre, radii (data)
