@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 UNIT = "micrometer"
+UNIT_DIMENSION = "[length]"
 #: shape types that enclose an area (lines and paths do not)
 AREA_SHAPES = ("polygon", "rectangle", "ellipse")
 #: vertices of the polygon that stands for an ellipse (sub-pixel up to ~4000 px radii)
@@ -41,17 +42,21 @@ def layer_pixel_size_um(layer: Any) -> float | None:
 class Placement:
     """Where a raster lies in the world: pixel (i, j) is centred on ``(i, j) * scale + translate``.
 
-    ``world_per_um`` is how many world units make a µm (1 when the image is scaled in µm).
+    ``world_per_um`` is how many world units make a µm (1 when the image is scaled in µm);
+    ``in_length_units`` says whether the world is in lengths at all (an image shown in
+    pixels is not, even when its pixel size is known).
     """
 
     scale: tuple[float, float]
     translate: tuple[float, float]
     world_per_um: float = 1.0
+    in_length_units: bool = True
 
     @property
     def units(self) -> tuple[str, str] | None:
-        """Layer units: µm when the world is in µm, else napari's default."""
-        return (UNIT, UNIT) if math.isclose(self.world_per_um, 1.0) else None
+        """Layer units: µm when the world is in µm, else napari's default (as the image)."""
+        in_um = self.in_length_units and math.isclose(self.world_per_um, 1.0)
+        return (UNIT, UNIT) if in_um else None
 
     def world_to_px(self, points: np.ndarray) -> np.ndarray:
         """(N, 2) world (y, x) -> (N, 2) pixel coordinates of this raster (centres at integers)."""
@@ -63,9 +68,8 @@ class Placement:
         """The placement of an existing layer (its last two axes)."""
         scale = tuple(float(s) for s in layer.scale[-2:])
         px = layer_pixel_size_um(layer)
-        return cls(
-            scale, tuple(float(t) for t in layer.translate[-2:]), scale[-1] / px if px else 1.0
-        )
+        translate = tuple(float(t) for t in layer.translate[-2:])
+        return cls(scale, translate, scale[-1] / px if px else 1.0, _has_length_units(layer))
 
 
 def placement(image_layer: Any, source_px: float, working_px: float) -> Placement:
@@ -79,7 +83,18 @@ def placement(image_layer: Any, source_px: float, working_px: float) -> Placemen
     f = float(image_layer.scale[-1]) / source_px
     t0 = np.asarray(image_layer.translate[-2:], float)
     shift = (working_px - source_px) / 2 * f
-    return Placement((working_px * f,) * 2, tuple(float(t) for t in t0 + shift), f)
+    length = getattr(image_layer, "in_length_units", None)
+    if length is None:
+        length = _has_length_units(image_layer)
+    return Placement((working_px * f,) * 2, tuple(float(t) for t in t0 + shift), f, length)
+
+
+def _has_length_units(layer: Any) -> bool:
+    """Whether a layer's world is in units of length (not napari's default pixels)."""
+    try:
+        return layer.units[-1].dimensionality == UNIT_DIMENSION
+    except Exception:  # noqa: BLE001 - no or unknown units
+        return False
 
 
 def working_shape(level0_shape: Sequence[int], source_px: float, working_px: float) -> tuple:
