@@ -103,11 +103,12 @@ class HistoWidget(QWidget):
         root.addWidget(self.controls.native)
         root.addWidget(self.results, stretch=1)
         root.addWidget(_boxed("Correct", self.correct.native))
-        self.controls.run_button.clicked.connect(self.run)
-        self.controls.cancel_button.clicked.connect(self.cancel)
-        self.correct.remeasure_button.clicked.connect(self.remeasure)
-        self.correct.save_button.clicked.connect(self.save_class_map)
-        self.correct.export_button.clicked.connect(self.export_csv)
+        # lambdas: a button's signal carries its checked state, which is no path
+        self.controls.run_button.clicked.connect(lambda: self.run())
+        self.controls.cancel_button.clicked.connect(lambda: self.cancel())
+        self.correct.remeasure_button.clicked.connect(lambda: self.remeasure())
+        self.correct.save_button.clicked.connect(lambda: self.save_class_map())
+        self.correct.export_button.clicked.connect(lambda: self.export_csv())
 
     # ---- state
     @property

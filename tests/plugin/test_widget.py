@@ -48,7 +48,7 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
 
     viewer, widget = viewer_widget
     progress = []
-    widget.run()
+    widget.controls.run_button.native.click()
     assert widget.running
     widget.worker.yielded.connect(progress.append)
     wait_for_run(qtbot, widget)
@@ -136,8 +136,8 @@ def test_remeasure_after_erasing_an_osteoclast(qtbot, viewer_widget, scripted_pi
     data = layer.data.copy()
     data[target & (data == classes.OSTEOCLAST)] = classes.MARROW
     layer.data = data
-    widget.remeasure()
-    assert widget.running  # in a worker: the call returns at once
+    widget.correct.remeasure_button.native.click()  # as the user does
+    assert widget.running  # in a worker: the click returns at once
     wait_for_run(qtbot, widget)
     after = widget.measurement
     assert errors == []
