@@ -183,6 +183,7 @@ class RunControls(Container):
 
     def __init__(self) -> None:
         from magicgui.widgets import ProgressBar
+        from qtpy.QtWidgets import QSizePolicy
 
         self.run_button = PushButton(text="Run", tooltip="Segment, measure and call the phenotype.")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -192,9 +193,11 @@ class RunControls(Container):
         buttons.margins = (0, 0, 0, 0)
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
         self.status = Label(value="Pick an image and press Run.")
-        self.status.native.setWordWrap(True)
+        status = self.status.native
+        status.setWordWrap(True)
         # a fixed height: a status line that grows would resize (and redraw) the canvas
-        self.status.native.setFixedHeight(2 * self.status.native.fontMetrics().lineSpacing() + 4)
+        status.setFixedHeight(3 * status.fontMetrics().lineSpacing() + 4)
+        status.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         super().__init__(widgets=[buttons, self.progress, self.status], labels=False)
 
     def set_busy(self, busy: bool, cancellable: bool = False) -> None:
