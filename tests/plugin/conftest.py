@@ -8,6 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from histo_napari._bench import StallProbe
+
+__all__ = ["ScriptedPipeline", "StallProbe", "wait_for_run"]
 
 SIZE_PX = 512
 
@@ -168,39 +171,3 @@ def scripted_pipeline(monkeypatch, oc_rich_section):
 def wait_for_run(qtbot, widget, timeout_ms: int = 60_000) -> None:
     """Wait until the widget's worker (run, re-measure or save) has finished."""
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
-
-
-class StallProbe:
-    """Longest gap between ticks of a 20 ms QTimer: how long the GUI thread was blocked."""
-
-    def __init__(self, interval_ms: int = 20) -> None:
-        from qtpy.QtCore import QTimer
-
-        self.timer = QTimer()
-        self.timer.setInterval(interval_ms)
-        self.timer.timeout.connect(self._tick)
-        self.last: float | None = None
-        self.gaps_s: list[float] = []
-        self.ticks = 0
-
-    @property
-    def longest_gap_s(self) -> float:
-        return max(self.gaps_s, default=0.0)
-
-    def gap_percentile_s(self, q: float) -> float:
-        """The q-th percentile of the gaps between ticks (s)."""
-        return float(np.percentile(self.gaps_s, q)) if self.gaps_s else 0.0
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.gaps_s.append(now - self.last)
-        self.last = now
-        self.ticks += 1
-
-    def __enter__(self) -> StallProbe:
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timer.stop()

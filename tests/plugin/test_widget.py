@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import wait_for_run
+from conftest import ScriptedPipeline, StallProbe, wait_for_run
 
 from histo import classes
 from histo.errors import Cancelled, EmptyTissueError
@@ -300,7 +300,6 @@ def test_a_shape_inside_another_cuts_a_hole(qtbot, viewer_widget, scripted_pipel
 
 def test_remeasure_keeps_the_gui_responsive(qtbot, make_napari_viewer, monkeypatch):
     """Re-measuring a 2048² field runs in a worker: the event loop never stalls 0.2 s."""
-    from conftest import ScriptedPipeline, StallProbe
     from histo_napari._widget import HistoWidget
 
     import histo.pipeline
