@@ -124,17 +124,22 @@ def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = No
     roi = region_mask([place.world_to_px(p) for p in job.region_world], shape)
     lazy = shape[0] * shape[1] >= LAZY_RESULTS_MIN_PX
     temporary = None if job.out_dir or not lazy else tempfile.mkdtemp(prefix="histo-napari-")
-    result = analyze_slide(
-        job.source,
-        out_dir=job.out_dir or temporary,
-        pixel_size_um=job.pixel_size_um,
-        model=job.model,
-        roi=roi,
-        name=job.name,
-        ranges=load_reference_ranges(job.ranges_path),
-        progress=progress,
-        cancel=job.cancel_event.is_set,
-    )
+    try:
+        result = analyze_slide(
+            job.source,
+            out_dir=job.out_dir or temporary,
+            pixel_size_um=job.pixel_size_um,
+            model=job.model,
+            roi=roi,
+            name=job.name,
+            ranges=load_reference_ranges(job.ranges_path),
+            progress=progress,
+            cancel=job.cancel_event.is_set,
+        )
+    except BaseException:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
     image = getattr(result, "image", None)
     if image is None and _is_working_image(job.source, result.class_map.shape):
         image = job.source  # the layer already is the image at the working resolution
