@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from histo import classes
 from histo.errors import HistoError
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -50,20 +49,9 @@ UNIT = "micrometer"
 MAX_EDITABLE_PX = 64 * 2**20
 
 
-def class_colormap() -> dict[int | None, tuple[float, float, float, float]]:
-    """Label value -> RGBA (0-1) of the class codes (histo.classes.COLORS); 0 transparent."""
-    cmap: dict[int | None, tuple[float, float, float, float]] = {
-        None: (0.0, 0.0, 0.0, 0.0),
-    }
-    for code, rgb in classes.COLORS.items():
-        alpha = 0.0 if code == classes.BACKGROUND else 1.0
-        cmap[code] = (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, alpha)
-    return cmap
-
-
 def class_map_kwargs(name: str, pixel_size_um: float | None, **extra: Any) -> dict[str, Any]:
     """Layer keyword arguments of a class-map labels layer (colours, scale, metadata)."""
-    from napari.utils.colormaps import DirectLabelColormap
+    from histo_napari._layers import class_colormap
 
     scale = pixel_size_um or 1.0
     meta = {"pixel_size_um": pixel_size_um, "histo_kind": "class_map"}
@@ -72,7 +60,7 @@ def class_map_kwargs(name: str, pixel_size_um: float | None, **extra: Any) -> di
         "name": name,
         "scale": (scale, scale),
         "units": (UNIT, UNIT) if pixel_size_um else None,
-        "colormap": DirectLabelColormap(color_dict=class_colormap()),
+        "colormap": class_colormap(),
         "opacity": 0.5,
         "metadata": meta,
         **extra,
@@ -242,27 +230,37 @@ def read_label_tiff(path: Path, kind: str) -> LayerData:
     return data, _clean_kwargs(kwargs), "labels"
 
 
-def read_labels_store(store: Path) -> list[LayerData]:
-    """The label images of a ``labels.ome.zarr`` store as (multiscale, lazy) labels layers."""
+def store_levels(store: str | Path) -> dict[str, tuple[list[Any], float | None]]:
+    """Every label image of a ``labels.ome.zarr`` as its pyramid of lazy zarr arrays.
+
+    Returns label name -> (arrays from full resolution down, level-0 pixel size in µm);
+    nothing is read until napari indexes an array.
+    """
     from histo.io.ome_zarr import read_labels
 
-    slide = store.parent.name if store.name == "labels.ome.zarr" else store.name
     levels: list[dict[str, tuple[Any, float | None]]] = []
-    k = 0
     while True:
         try:
-            levels.append(read_labels(store, level=k, lazy=True))
+            levels.append(read_labels(store, level=len(levels), lazy=True))
         except (IndexError, KeyError):
             break
-        k += 1
     if not levels:
         levels.append(read_labels(store, level=0, lazy=True))
+    return {
+        name: ([lv[name][0] for lv in levels if name in lv], levels[0][name][1])
+        for name in levels[0]
+    }
+
+
+def read_labels_store(store: Path) -> list[LayerData]:
+    """The label images of a ``labels.ome.zarr`` store as (multiscale, lazy) labels layers."""
+    slide = store.parent.name if store.name == "labels.ome.zarr" else store.name
+    stacks = store_levels(store)
     out: list[LayerData] = []
     order = ["class_map", "osteocytes", "osteoclasts"]
-    names = sorted(levels[0], key=lambda n: order.index(n) if n in order else len(order))
+    names = sorted(stacks, key=lambda n: order.index(n) if n in order else len(order))
     for name in names:
-        arrays = [lv[name][0] for lv in levels if name in lv]
-        px = levels[0][name][1]
+        arrays, px = stacks[name]
         data: Any = arrays if len(arrays) > 1 else arrays[0]
         meta = {"histo_path": str(store), "slide_name": slide}
         if name == "class_map":
@@ -283,3 +281,28 @@ def read_labels_store(store: Path) -> list[LayerData]:
             }
         out.append((data, _clean_kwargs(kwargs), "labels"))
     return out
+
+
+def instance_maps(path: str | Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Osteoclast and osteocyte instances stored with a class map (None where there are none).
+
+    Beside ``NAME.classes.tif``: ``NAME.osteoclasts.tif`` and ``NAME.osteocytes.tif``; in a
+    ``labels.ome.zarr``: its ``osteoclasts`` and ``osteocytes`` label images (as
+    ``histo measure`` reads them).
+    """
+    import tifffile
+
+    path = Path(path)
+    kinds = ("osteoclasts", "osteocytes")
+    stores = _labels_stores(path)
+    if stores:
+        from histo.io.ome_zarr import read_labels
+
+        labels = read_labels(stores[0])
+        return tuple(np.asarray(labels[k][0]) if k in labels else None for k in kinds)
+    if _label_tiff_kind(path) != "class_map":
+        return None, None
+    name = path.name
+    stem, suffix = name[: name.lower().rindex(".classes.")], name[name.lower().rindex(".tif") :]
+    beside = [path.with_name(f"{stem}.{kind}{suffix}") for kind in kinds]
+    return tuple(tifffile.imread(p) if p.is_file() else None for p in beside)

@@ -33,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = HistoWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Histomorphometry", area="right")
-    index = widget.model_combo.findText(args.model)
-    if index < 0:
+    if args.model not in widget.section.model.choices:
         print(f"unknown model {args.model!r}", file=sys.stderr)
         return 2
-    widget.model_combo.setCurrentIndex(index)
+    widget.section.model.value = args.model
     output = widget.run_blocking()
     if output is None:
         print(f"analysis failed: {widget.last_error}", file=sys.stderr)

@@ -8,6 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from histo_napari._bench import StallProbe
+
+__all__ = ["ScriptedPipeline", "StallProbe", "wait_for_run"]
 
 SIZE_PX = 512
 
@@ -31,7 +34,6 @@ def slide_section():
 def synthetic_slide(tmp_path_factory, slide_section):
     """A two-level pyramidal OME-TIFF at 0.5 µm/px (SubIFDs), and its class map beside it."""
     import tifffile
-    from histo_napari._widget import write_class_map_tiff
 
     path = tmp_path_factory.mktemp("slides") / "rich.ome.tif"
     image = slide_section.image
@@ -54,7 +56,10 @@ def synthetic_slide(tmp_path_factory, slide_section):
                 subfiletype=1 if i else 0,
                 metadata=meta if i == 0 else None,
             )
-    write_class_map_tiff(path.with_name("rich.classes.tif"), slide_section.class_map, 0.5)
+    from histo.synth import write_pyramidal_tiff
+
+    classes_tif = path.with_name("rich.classes.tif")
+    write_pyramidal_tiff(classes_tif, slide_section.class_map, 0.5, label=True)
     return path
 
 
@@ -74,7 +79,7 @@ def viewer_widget(make_napari_viewer, oc_rich_section):
         metadata={"pixel_size_um": 1.0, "slide_name": "section"},
     )
     widget = HistoWidget(viewer)
-    widget.model_combo.setCurrentText("classical")  # no weights needed
+    widget.section.model.value = "classical"  # no weights needed
     viewer.window.add_dock_widget(widget, name="Histomorphometry")
     return viewer, widget
 
@@ -164,5 +169,5 @@ def scripted_pipeline(monkeypatch, oc_rich_section):
 
 
 def wait_for_run(qtbot, widget, timeout_ms: int = 60_000) -> None:
-    """Wait until the widget's worker has finished."""
+    """Wait until the widget's worker (run, re-measure or save) has finished."""
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import wait_for_run
+from conftest import ScriptedPipeline, StallProbe, wait_for_run
 
 from histo import classes
 from histo.errors import Cancelled, EmptyTissueError
@@ -23,21 +23,24 @@ def assert_same_indices(a: dict, b: dict) -> None:
 
 def test_widget_fills_pixel_size_and_models(viewer_widget):
     viewer, widget = viewer_widget
-    assert widget.image_combo.layer() is viewer.layers["section"]
-    assert widget.pixel_size.value() == pytest.approx(1.0)
-    models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
-    assert models[:2] == ["default", "classical"]
+    form = widget.section
+    assert form.image.value is viewer.layers["section"]
+    assert form.pixel_size.value == pytest.approx(1.0)
+    assert list(form.model.choices[:2]) == ["default", "classical"]
     # a typed pixel size survives other layers coming and going
-    widget.pixel_size.setValue(0.5)
+    form.pixel_size.value = 0.5
     viewer.add_labels(np.zeros((8, 8), np.uint8), name="other")
     viewer.add_image(np.zeros((8, 8), np.uint8), name="grey")
-    assert widget.image_combo.layer().name == "grey" and widget.pixel_size.value() == 0
-    widget.image_combo.set_layer(viewer.layers["section"])
-    assert widget.pixel_size.value() == pytest.approx(1.0)
+    assert form.image.value.name == "grey" and form.pixel_size.value == 0
+    form.image.value = viewer.layers["section"]
+    assert form.pixel_size.value == pytest.approx(1.0)
     viewer.layers.remove("grey")
-    widget.pixel_size.setValue(0.5)
+    form.pixel_size.value = 0.5
     viewer.layers.remove("other")
-    assert widget.pixel_size.value() == pytest.approx(0.5)
+    assert form.pixel_size.value == pytest.approx(0.5)
+    # a renamed layer is offered under its new name
+    viewer.layers["section"].name = "tibia"
+    assert "tibia" in [form.image.native.itemText(i) for i in range(len(form.image))]
 
 
 def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, errors):
@@ -45,7 +48,7 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
 
     viewer, widget = viewer_widget
     progress = []
-    widget.run()
+    widget.controls.run_button.native.click()
     assert widget.running
     widget.worker.yielded.connect(progress.append)
     wait_for_run(qtbot, widget)
@@ -75,12 +78,14 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
     points = viewer.layers["section osteoclast centres"]
     assert len(points.data) == expected["N.Oc"] > 0
     assert {"area_um2", "bone_contact_um", "nuclei"} <= set(points.features.columns)
-    assert "oc-rich" in widget.phenotype_label.text()
-    assert "N.Oc/B.Pm high" in widget.evidence_label.text()
-    assert "Ma.Ar/T.Ar 41% &lt; 65%" in widget.evidence_label.text()  # shown, not a tag
-    assert widget.progress.value() == widget.progress.maximum()
+    assert "oc-rich" in widget.results.phenotype_label.text()
+    assert "N.Oc/B.Pm high" in widget.results.evidence_label.text()
+    assert "Ma.Ar/T.Ar 41% &lt; 65%" in widget.results.evidence_label.text()  # shown, not a tag
+    assert widget.controls.progress.value == widget.controls.progress.max
     # re-measuring the unedited map gives the run's numbers
-    assert_same_indices(widget.remeasure().indices, expected)
+    widget.remeasure()
+    wait_for_run(qtbot, widget)
+    assert_same_indices(widget.measurement.indices, expected)
 
 
 def test_cancel_stops_the_run(qtbot, viewer_widget, scripted_pipeline, errors):
@@ -94,12 +99,12 @@ def test_cancel_stops_the_run(qtbot, viewer_widget, scripted_pipeline, errors):
     assert isinstance(widget.last_error, Cancelled)
     assert len(viewer.layers) == n_layers
     assert widget.output is None and errors == []
-    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.controls.run_button.enabled and not widget.controls.cancel_button.enabled
 
 
 def test_unknown_pixel_size_is_a_notification(viewer_widget, scripted_pipeline, errors):
     viewer, widget = viewer_widget
-    widget.pixel_size.setValue(0.0)
+    widget.section.pixel_size.value = 0.0
     widget.run()
     assert not widget.running
     assert len(errors) == 1 and "pixel size" in errors[0]
@@ -114,7 +119,7 @@ def test_pipeline_error_is_a_notification(qtbot, viewer_widget, scripted_pipelin
     wait_for_run(qtbot, widget)
     assert errors == ["histo: section: no tissue found on the slide"]
     assert len(viewer.layers) == n_layers
-    assert widget.run_button.isEnabled()
+    assert widget.controls.run_button.enabled
 
 
 def test_remeasure_after_erasing_an_osteoclast(qtbot, viewer_widget, scripted_pipeline, errors):
@@ -131,7 +136,10 @@ def test_remeasure_after_erasing_an_osteoclast(qtbot, viewer_widget, scripted_pi
     data = layer.data.copy()
     data[target & (data == classes.OSTEOCLAST)] = classes.MARROW
     layer.data = data
-    after = widget.remeasure()
+    widget.correct.remeasure_button.native.click()  # as the user does
+    assert widget.running  # in a worker: the click returns at once
+    wait_for_run(qtbot, widget)
+    after = widget.measurement
     assert errors == []
     assert after.indices["N.Oc"] == before["N.Oc"] - 1
     assert widget.table_indices()["N.Oc"] == before["N.Oc"] - 1
@@ -140,7 +148,7 @@ def test_remeasure_after_erasing_an_osteoclast(qtbot, viewer_widget, scripted_pi
 
 
 def test_remeasure_counts_a_painted_osteoclast(qtbot, viewer_widget, scripted_pipeline):
-    from histo_napari._widget import class_map_instances
+    from histo_napari._worker import class_map_instances
 
     cmap = np.ones((40, 60), np.uint8)
     cmap[20:, :] = classes.BONE
@@ -165,7 +173,9 @@ def test_save_and_export(tmp_path, qtbot, viewer_widget, scripted_pipeline, erro
     viewer, widget = viewer_widget
     widget.run()
     wait_for_run(qtbot, widget)
-    path = widget.save_class_map(tmp_path / "section.classes.tif")
+    widget.save_class_map(tmp_path / "section.classes.tif")
+    wait_for_run(qtbot, widget)
+    path = tmp_path / "section.classes.tif"
     assert errors == [] and path.exists()
     saved = tifffile.imread(path)
     assert saved.dtype == np.uint8
@@ -195,8 +205,8 @@ def test_sample_data_and_widget_from_the_plugin(make_napari_viewer):
     assert layer.metadata["pixel_size_um"] == 1.0
     assert layer.metadata["truth"]["N.Oc"] == 0
     dock, widget = viewer.window.add_plugin_dock_widget("histo", "Histomorphometry")
-    assert widget.image_combo.layer() is layer
-    assert widget.pixel_size.value() == pytest.approx(1.0)
+    assert widget.section.image.value is layer
+    assert widget.section.pixel_size.value == pytest.approx(1.0)
 
 
 def test_remeasure_of_a_saved_class_map_equals_histo_measure(
@@ -208,10 +218,14 @@ def test_remeasure_of_a_saved_class_map_equals_histo_measure(
     viewer, widget = viewer_widget
     widget.run()
     wait_for_run(qtbot, widget)
-    path = widget.save_class_map(tmp_path / "edited.classes.tif")
+    path = tmp_path / "edited.classes.tif"
+    widget.save_class_map(path)
+    wait_for_run(qtbot, widget)
     (layer,) = viewer.open(str(path), plugin="histo")
-    assert widget.class_map_combo.layer() is layer
-    shown = widget.remeasure().indices
+    assert widget.correct.class_map.value is layer
+    widget.remeasure()
+    wait_for_run(qtbot, widget)
+    shown = widget.measurement.indices
     cmap, oc, ot, px = load_class_map(path)
     expected = measure(cmap, px, osteoclast_labels=oc, osteocyte_labels=ot).indices
     assert_same_indices(shown, expected)
@@ -224,12 +238,90 @@ def test_region_polygon_limits_the_measurement(qtbot, viewer_widget, scripted_pi
     # the left half of the section, drawn in world coordinates (µm)
     polygon = np.array([[0.0, 0.0], [0.0, 255.5], [511.5, 255.5], [511.5, 0.0]])
     viewer.add_shapes([polygon], shape_type="polygon", name="trabecular ROI")
-    assert widget.region_combo.layer().name == "trabecular ROI"
+    assert widget.section.region.value.name == "trabecular ROI"
     widget.run()
     wait_for_run(qtbot, widget)
     assert errors == []
-    np.testing.assert_allclose(scripted_pipeline.calls[-1]["roi"], polygon)
+    roi = scripted_pipeline.calls[-1]["roi"]
+    assert roi.shape == (512, 512) and roi[:, :256].all() and not roi[:, 256:].any()
     t_ar = widget.table_indices()["T.Ar"]
     assert 0 < t_ar < full.truth["T.Ar"]
     # re-measuring keeps the region
-    assert widget.remeasure().indices["T.Ar"] == t_ar
+    widget.remeasure()
+    wait_for_run(qtbot, widget)
+    assert widget.measurement.indices["T.Ar"] == t_ar
+
+
+#: two rectangles (y0, x0, y1, x1) in µm, inside the tissue of the oc-rich section
+RECTANGLES = ((120.0, 100.0, 200.0, 180.0), (300.0, 250.0, 360.0, 400.0))
+
+
+def test_all_shapes_of_the_region_layer_are_measured(
+    qtbot, viewer_widget, scripted_pipeline, errors
+):
+    viewer, widget = viewer_widget
+    cmap = scripted_pipeline.section.class_map
+    for y0, x0, y1, x1 in RECTANGLES:  # the rectangles hold tissue only: T.Ar is their area
+        assert (cmap[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] != classes.BACKGROUND).all()
+    shapes = [np.array([[y0, x0], [y1, x1]]) for y0, x0, y1, x1 in RECTANGLES]
+    viewer.add_shapes(shapes[:1], shape_type="rectangle", name="ROI")
+    viewer.layers["ROI"].add_polygons(
+        [np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]) for y0, x0, y1, x1 in RECTANGLES[1:]]
+    )
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert errors == []
+    area_um2 = sum((y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in RECTANGLES)
+    edge_um2 = sum(2 * ((y1 - y0) + (x1 - x0)) for y0, x0, y1, x1 in RECTANGLES)  # 1 px rim
+    t_ar = widget.table_indices()["T.Ar"]  # mm²
+    assert t_ar * 1e6 == pytest.approx(area_um2, abs=edge_um2)
+    widget.remeasure()
+    wait_for_run(qtbot, widget)
+    assert widget.measurement.indices["T.Ar"] == t_ar
+
+
+def test_a_shape_inside_another_cuts_a_hole(qtbot, viewer_widget, scripted_pipeline, errors):
+    viewer, widget = viewer_widget
+    y0, x0, y1, x1 = 100.0, 100.0, 400.0, 400.0
+    hole = (200.0, 200.0, 300.0, 260.0)
+    viewer.add_shapes(
+        [np.array([[y0, x0], [y1, x1]]), np.array([hole[:2], hole[2:]])],
+        shape_type="rectangle",
+        name="ROI with a hole",
+    )
+    widget.run()
+    wait_for_run(qtbot, widget)
+    roi = scripted_pipeline.calls[-1]["roi"]
+    expected = (y1 - y0) * (x1 - x0) - (hole[2] - hole[0]) * (hole[3] - hole[1])
+    rim = 2 * ((y1 - y0) + (x1 - x0)) + 2 * ((hole[2] - hole[0]) + (hole[3] - hole[1]))
+    assert roi.sum() == pytest.approx(expected, abs=rim)
+    assert not roi[250, 230] and roi[150, 150]
+
+
+def test_remeasure_keeps_the_gui_responsive(qtbot, make_napari_viewer, monkeypatch):
+    """Re-measuring a 2048² field runs in a worker: the event loop never stalls 0.2 s."""
+    from histo_napari._widget import HistoWidget
+
+    import histo.pipeline
+    from histo.synth import make_section
+
+    section = make_section("oc-rich", size=2048, pixel_size_um=1.0, seed=7)
+    monkeypatch.setattr(histo.pipeline, "analyze_slide", ScriptedPipeline(section, steps=1))
+    viewer = make_napari_viewer()
+    viewer.add_image(section.image, name="field", rgb=True, metadata={"pixel_size_um": 1.0})
+    widget = HistoWidget(viewer)
+    widget.section.model.value = "classical"
+    widget.run()
+    wait_for_run(qtbot, widget, 120_000)
+    assert widget.last_error is None
+    layer = viewer.layers["field classes"]
+    data = layer.data.copy()
+    data[data == classes.OSTEOCLAST] = classes.MARROW  # erase every osteoclast
+    layer.data = data
+    with StallProbe() as probe:
+        widget.remeasure()
+        wait_for_run(qtbot, widget, 120_000)
+    assert widget.last_error is None and widget.measurement.indices["N.Oc"] == 0
+    assert widget.last_remeasure_seconds > 0.2  # long enough for the probe to mean something
+    assert probe.ticks > 5
+    assert probe.longest_gap_s < 0.2, probe.longest_gap_s

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def classical(viewer_widget):
     viewer, widget = viewer_widget
-    widget.model_combo.setCurrentIndex(widget.model_combo.findText("classical"))
+    widget.section.model.value = "classical"
     return viewer, widget
 
 
@@ -45,7 +45,7 @@ def test_run_to_completion_matches_histo_measure(qtbot, classical, errors, oc_ri
     assert shown.keys() == expected.keys()
     for key, value in expected.items():
         assert (math.isnan(value) and math.isnan(shown[key])) or shown[key] == value, key
-    assert result.phenotype.phenotype in widget.phenotype_label.text()
+    assert result.phenotype.phenotype in widget.results.phenotype_label.text()
     assert len(viewer.layers["section osteoclast centres"].data) == expected["N.Oc"]
 
 
@@ -67,7 +67,7 @@ def test_image_without_tissue_is_a_notification(qtbot, classical, errors):
         rgb=True,
         metadata={"pixel_size_um": 1.0},
     )
-    assert widget.image_combo.layer().name == "glass"
+    assert widget.section.image.value.name == "glass"
     n_layers = len(viewer.layers)
     widget.run()
     wait_for_run(qtbot, widget)
@@ -84,8 +84,8 @@ def test_run_on_a_slide_file_places_results_over_it(
     viewer = make_napari_viewer()
     (image,) = viewer.open(str(synthetic_slide), plugin="histo")
     widget = HistoWidget(viewer)
-    widget.model_combo.setCurrentText("classical")
-    assert widget.pixel_size.value() == pytest.approx(0.5)
+    widget.section.model.value = "classical"
+    assert widget.section.pixel_size.value == pytest.approx(0.5)
     job = widget.make_job()
     assert job.source == str(synthetic_slide)  # read from the file, level by level
     widget.run()
@@ -96,7 +96,9 @@ def test_run_on_a_slide_file_places_results_over_it(
     assert tuple(cmap.scale) == (1.0, 1.0)
     # working pixel j spans [j, j+1) µm; image pixel i is centred on 0.5 i µm
     assert tuple(cmap.translate) == pytest.approx((0.25, 0.25))
-    assert widget.output.image.shape == (384, 384, 3)
-    assert widget.remeasure().indices == pytest.approx(
+    widget.remeasure()
+    wait_for_run(qtbot, widget)
+    assert widget.output.image.shape == (384, 384, 3)  # read for re-measure, in the worker
+    assert widget.measurement.indices == pytest.approx(
         widget.output.result.measurement.indices, nan_ok=True
     )

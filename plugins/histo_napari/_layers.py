@@ -1,0 +1,192 @@
+"""Result layers: the class map, instances and osteoclast centres of a run, over its image.
+
+The layers are built in the worker that produced the result (napari layers are models
+without Qt: building them, with the imports and validation that come with it, is the slow
+part); the GUI thread only puts them in the viewer, in place of the previous ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Labels, Layer, Points
+
+from histo import classes
+from histo.palette import class_rgba
+from histo_napari._geometry import Placement
+
+if TYPE_CHECKING:
+    import napari
+
+    from histo_napari._worker import AnalysisOutput
+
+#: outline colour of the osteoclast-centre rings
+CENTRE_COLOR = "#ff2060"
+#: layer properties the user may have changed that survive a new run or re-measure
+KEPT_PROPERTIES = ("opacity", "visible", "blending")
+#: pause (ms) between putting two result layers in the viewer
+LAYER_STAGGER_MS = 25
+
+
+def class_colormap() -> Any:
+    """napari colormap of the class codes (the project's palette; background clear)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict=class_rgba())
+
+
+def _maps_to_show(output: AnalysisOutput) -> dict[str, Any]:
+    """Layer data of a run's maps: lazy pyramids from its store, or in-memory arrays.
+
+    The in-memory class map is a copy: the user paints it.
+    """
+    if output.levels is not None:
+        return {name: arrays for name, (arrays, _) in output.levels.items()}
+    r = output.result
+    return {
+        "class_map": np.array(r.class_map, dtype=np.uint8, copy=True),
+        "osteoclasts": np.asarray(r.osteoclast_labels),
+        "osteocytes": np.asarray(r.osteocyte_labels),
+    }
+
+
+def run_layers(output: AnalysisOutput) -> dict[str, Layer]:
+    """The layers of a run (worker thread): instances, class map and osteoclast centres."""
+    r = output.result
+    place = output.placement
+    maps = _maps_to_show(output)
+    lazy = output.levels is not None
+    meta = {"pixel_size_um": float(r.pixel_size_um), "slide_name": r.name}
+    meta["histo_run"] = id(output)
+    common = {"scale": place.scale, "translate": place.translate, "multiscale": lazy}
+    common.update(_units(place))
+
+    def labels(key: str, suffix: str, **kwargs: Any) -> Labels:
+        metadata = {**meta, "histo_kind": key}
+        return Labels(maps[key], name=f"{r.name} {suffix}", metadata=metadata, **common, **kwargs)
+
+    layers = {
+        "osteocytes": labels("osteocytes", "osteocytes", opacity=0.7, visible=False),
+        "osteoclasts": labels("osteoclasts", "osteoclasts", opacity=0.8),
+        "class_map": labels("class_map", "classes", opacity=0.45, colormap=class_colormap()),
+    }
+    if not lazy:  # outlines are computed on the GUI thread at every redraw
+        layers["osteoclasts"].contour = 2
+    layers["class_map"].selected_label = classes.MARROW
+    layers["points"] = centres_layer(r.measurement, place, r.name)
+    return layers
+
+
+def centres_layer(measurement: Any, place: Placement, slide_name: str) -> Points:
+    """A point per counted osteoclast, with its features, over maps placed at ``place``."""
+    rows = measurement.osteoclasts
+    f = place.scale[-1] / float(measurement.pixel_size_um)  # world units per µm
+    coords = np.array([[r["centroid_y_um"], r["centroid_x_um"]] for r in rows], float)
+    features = {
+        key: np.array([r.get(key, math.nan) for r in rows], float)
+        for key in ("area_um2", "bone_contact_um", "nuclei")
+    }
+    return Points(
+        coords.reshape(-1, 2),
+        name=f"{slide_name} osteoclast centres",
+        features=features,
+        scale=(f, f),
+        translate=place.translate,
+        size=12.0,
+        symbol="ring",
+        face_color="transparent",
+        border_color=CENTRE_COLOR,
+        border_width=0.15,
+        metadata={"histo_kind": "osteoclast_points"},
+        **_units(Placement((f, f), place.translate, f)),
+    )
+
+
+def warm_up() -> None:
+    """Build a tiny result layer of each kind once, when the widget opens.
+
+    The first layers built import and initialise much (unit registry, data frames, colour
+    maps); in a worker that would compete with the GUI thread for the interpreter at the
+    moment results arrive.
+    """
+    place = Placement((1.0, 1.0), (0.0, 0.0))
+    Labels(np.zeros((2, 2), np.uint8), colormap=class_colormap(), **_units(place))
+    centres_layer(SimpleNamespace(osteoclasts=[], pixel_size_um=1.0), place, "warm-up")
+
+
+def _units(place: Placement) -> dict[str, Any]:
+    return {"units": place.units} if place.units is not None else {}
+
+
+class ResultLayers:
+    """The result layers in the viewer: a new run or re-measure takes the old ones' places."""
+
+    def __init__(self, viewer: napari.Viewer) -> None:
+        self.viewer = viewer
+        self._layers: dict[str, Layer] = {}
+
+    def get(self, key: str) -> Layer | None:
+        """The result layer ``key`` if it is still in the viewer."""
+        layer = self._layers.get(key)
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def _previous(self, key: str, new: Layer) -> Layer | None:
+        same_name = (
+            lyr
+            for lyr in self.viewer.layers
+            if lyr.name == new.name and lyr._type_string == new._type_string
+        )
+        return self.get(key) or next(same_name, None)
+
+    def show(self, layers: dict[str, Layer], then: Callable[[], None] | None = None) -> None:
+        """Put prepared layers in the viewer (GUI thread), each where its predecessor was.
+
+        One layer per turn of the event loop, starting at the next: napari builds a layer's
+        visual and controls on the GUI thread, so adding them all at once would block it that
+        much longer. ``then`` is called once the last one is in.
+        """
+        from qtpy.QtCore import QTimer
+
+        pending = list(layers.items())
+
+        def put_next() -> None:
+            if not pending:
+                if then is not None:
+                    then()
+                return
+            self._put(*pending.pop(0))
+            # a delay, not 0: other timers and input get their turn between two layers
+            QTimer.singleShot(LAYER_STAGGER_MS, put_next)
+
+        QTimer.singleShot(0, put_next)
+
+    def _put(self, key: str, new: Layer) -> None:
+        old = self._previous(key, new)
+        if old is None:
+            self.viewer.layers.append(new)
+        elif isinstance(old, Points):  # cheaper than a new visual: take the new points
+            old.data, old.features = new.data, new.features
+            old.scale, old.translate = new.scale, new.translate
+            new = old
+        else:
+            for name in KEPT_PROPERTIES:
+                setattr(new, name, getattr(old, name))
+            index = self.viewer.layers.index(old)
+            self.viewer.layers.remove(old)
+            self.viewer.layers.insert(index, new)
+        self._layers[key] = new
+
+    def instances_of(self, cmap_layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The run's osteoclast and osteocyte instances shown beside ``cmap_layer``."""
+        out = []
+        for key in ("osteoclasts", "osteocytes"):
+            layer = self.get(key)
+            same_run = layer is not None and (
+                layer.metadata.get("histo_run") == cmap_layer.metadata.get("histo_run")
+            )
+            out.append(np.asarray(layer.data) if same_run else None)
+        return out[0], out[1]

@@ -1,0 +1,108 @@
+"""The result panel: the phenotype call with its evidence, and the table of ASBMR indices."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QGroupBox,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from histo.palette import phenotype_color
+
+#: the indices shown first in the table (the rest follow in histo.measure order)
+HEADLINE = ("BV/TV", "N.Oc/B.Pm", "Oc.S/BS", "N.Oc", "Ma.Ar/T.Ar", "N.Ot/B.Ar")
+VALUE_ROLE = Qt.ItemDataRole.UserRole
+
+
+def format_value(value: Any) -> str:
+    """Table text of an index value (counts as integers, others to 4 significant digits)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "–"
+    if isinstance(value, int | np.integer) or (v.is_integer() and abs(v) >= 1):
+        return f"{int(v):d}"
+    return f"{v:.4g}"
+
+
+def call_banner(call: Any) -> tuple[str, str]:
+    """Rich text of a phenotype call and of its evidence (one bullet a line)."""
+    if call is None:
+        return "no phenotype call", ""
+    colour = phenotype_color(call.phenotype)
+    banner = (
+        f"<b style='font-size:14pt;color:{colour}'>{html.escape(call.phenotype)}</b>"
+        f"&nbsp;&nbsp;confidence {call.confidence:.0%}"
+    )
+    return banner, "<br>".join(f"• {html.escape(e)}" for e in call.evidence)
+
+
+def ordered_indices(indices: dict[str, Any]) -> list[str]:
+    """Index names with the headline indices first."""
+    order = [k for k in HEADLINE if k in indices]
+    return order + [k for k in indices if k not in order]
+
+
+class ResultsPanel(QGroupBox):
+    """Phenotype banner, evidence and the indices table (name, value, unit)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Result", parent)
+        box = QVBoxLayout(self)
+        self.phenotype_label = QLabel("no result yet")
+        self.phenotype_label.setTextFormat(Qt.TextFormat.RichText)
+        self.evidence_label = QLabel("")
+        self.evidence_label.setWordWrap(True)
+        self.evidence_label.setTextFormat(Qt.TextFormat.RichText)
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["Index", "Value", "Unit"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in (1, 2):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        box.addWidget(self.phenotype_label)
+        box.addWidget(self.evidence_label)
+        box.addWidget(self.table, stretch=1)
+
+    def show_result(self, measurement: Any, call: Any) -> None:
+        """Fill the banner and the table from a measurement and its phenotype call."""
+        from histo.measure import INDEX_UNITS
+
+        indices = measurement.indices
+        order = ordered_indices(indices)
+        self.table.setRowCount(len(order))
+        right = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+        for i, key in enumerate(order):
+            value = indices[key]
+            name, shown = QTableWidgetItem(key), QTableWidgetItem(format_value(value))
+            shown.setTextAlignment(right)
+            shown.setData(VALUE_ROLE, value)
+            self.table.setItem(i, 0, name)
+            self.table.setItem(i, 1, shown)
+            self.table.setItem(i, 2, QTableWidgetItem(INDEX_UNITS.get(key, "")))
+        banner, evidence = call_banner(call)
+        self.phenotype_label.setText(banner)
+        self.evidence_label.setText(evidence)
+
+    def indices(self) -> dict[str, float]:
+        """The indices shown in the table (name -> value)."""
+        return {
+            self.table.item(i, 0).text(): self.table.item(i, 1).data(VALUE_ROLE)
+            for i in range(self.table.rowCount())
+        }

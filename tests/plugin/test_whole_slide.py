@@ -1,0 +1,71 @@
+"""A large slide in the widget: lazy multiscale results read from the store, a live GUI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import StallProbe, wait_for_run
+
+pytestmark = [pytest.mark.gui, pytest.mark.slow]
+
+#: side of the synthetic slide (px at 1 µm/px): above the widget's lazy-results threshold
+SLIDE_PX = 4096
+#: the longest the GUI thread may be blocked (s), for 99 % of the 20 ms ticks of the probe
+STALL_LIMIT_S = 0.2
+#: the longest any single tick may come late (s): on a machine shared by many jobs the GUI
+#: thread also waits for a core, and napari builds each new layer's visual and controls on
+#: the GUI thread (the widget adds one layer per turn of the event loop)
+OUTLIER_LIMIT_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def large_slide(tmp_path_factory):
+    """A 4096² pyramidal OME-TIFF at 1 µm/px: a 1024² synthetic oc-rich field, 4 x 4 times."""
+    from histo.synth import make_section, write_pyramidal_tiff
+
+    field = make_section("oc-rich", size=1024, pixel_size_um=1.0, seed=7).image
+    image = np.tile(field, (SLIDE_PX // 1024, SLIDE_PX // 1024, 1))
+    path = tmp_path_factory.mktemp("large") / "large.ome.tif"
+    return write_pyramidal_tiff(path, image, 1.0)
+
+
+def test_large_slide_results_are_lazy_pyramids_and_the_gui_stays_live(
+    qtbot, make_napari_viewer, large_slide, tmp_path
+):
+    from histo_napari._widget import HistoWidget
+
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(large_slide), plugin="histo")
+    widget = HistoWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.section.model.value = "classical"
+    widget.section.out_dir.value = tmp_path / "out"
+    with StallProbe() as run_probe:
+        widget.run()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    with StallProbe() as display_probe:
+        wait_for_run(qtbot, widget, 60_000)
+    assert widget.last_error is None, widget.last_error
+    store = tmp_path / "out" / "large" / "labels.ome.zarr"
+    assert store.is_dir()  # the slide's outputs, as `histo analyze --out` writes them
+    for suffix in ("classes", "osteoclasts", "osteocytes"):
+        layer = viewer.layers[f"large {suffix}"]
+        assert layer.multiscale and len(layer.data) >= 3
+        assert layer.data[0].shape == (SLIDE_PX, SLIDE_PX)
+        assert not isinstance(layer.data[0], np.ndarray)  # read on demand from the store
+        # aligned with the image in µm: same extent, working pixels at 1 µm
+        assert tuple(layer.scale) == pytest.approx(tuple(image.scale))
+    result = widget.output.result
+    assert not isinstance(result.class_map, np.ndarray)  # no full-resolution map held
+    run_indices = dict(result.measurement.indices)
+    with StallProbe() as remeasure_probe:
+        widget.remeasure()
+        wait_for_run(qtbot, widget, 600_000)
+    assert widget.last_error is None, widget.last_error
+    assert widget.measurement.indices == pytest.approx(run_indices, nan_ok=True)
+    assert len(viewer.layers["large osteoclast centres"].data) == run_indices["N.Oc"]
+    assert run_probe.ticks > 100 and remeasure_probe.ticks > 5
+    for probe in (run_probe, remeasure_probe):
+        assert probe.gap_percentile_s(99) < STALL_LIMIT_S
+    for probe in (run_probe, display_probe, remeasure_probe):
+        assert probe.longest_gap_s < OUTLIER_LIMIT_S
