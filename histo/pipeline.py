@@ -136,7 +136,8 @@ def analyze_slide(
           (polygons without holes);
         - the path of a GeoJSON file (Polygon, MultiPolygon; holes as inner rings) in level-0
           pixels of the slide (QuPath's convention, as histo's own outlines), scaled by the
-          slide's pixel size.
+          slide's pixel size;
+        - a boolean mask on the grid of the working resolution (napari's shapes, rasterised).
 
         Areas count the region's pixels, perimeters the bone boundary inside it, objects
         whose centroid lies in it.
@@ -272,6 +273,8 @@ def _as_roi(roi, slide):
 
     if roi is None or isinstance(roi, Roi):
         return roi
+    if isinstance(roi, np.ndarray) and roi.dtype == bool:
+        return roi  # a mask on the grid of the working resolution (napari's shapes, rasterised)
     if isinstance(roi, (str, os.PathLike)):
         return read_roi_geojson(roi, float(slide.pixel_size_um))
     if isinstance(roi, np.ndarray) and roi.ndim == 2:

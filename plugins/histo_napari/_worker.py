@@ -324,7 +324,7 @@ def remeasure(job: CorrectionJob) -> Remeasured:
 def _measure_stored(job: CorrectionJob, instances: Instances, roi: np.ndarray | None) -> Any:
     """Block-wise measurement of a stored class map, reading the slide block by block."""
     from histo.io import open_slide
-    from histo.measure_blocks import measure_by_blocks
+    from histo.measure import measure_by_blocks
 
     px = job.pixel_size_um
     arguments = {
