@@ -10,6 +10,7 @@ import numpy as np
 
 from histo import classes
 from histo.io.atomic import write_atomic, write_text_atomic
+from histo.palette import PHENOTYPE_COLORS, phenotype_color
 
 #: longest side of overlay.png in pixels
 OVERLAY_MAX_PX = 2048
@@ -69,7 +70,6 @@ def write_overlay(path: str | os.PathLike, class_map, thumbnail: np.ndarray | No
     return write_atomic(path, lambda tmp: tmp.write_bytes(png.tobytes()))
 
 
-PHENOTYPE_COLORS = {"normal": "#2b8cbe", "oc-rich": "#e34a33", "oc-poor": "#756bb1"}
 #: indices shown in the report's table (name, unit), in this order
 REPORT_COLUMNS = (
     ("T.Ar", "mm²"),
@@ -337,8 +337,7 @@ def _report_header(rows: list[dict], failures: list[dict]) -> list[str]:
 
     calls = Counter(str(r.get("phenotype")) for r in rows)
     call_text = ", ".join(
-        f"<span class='call' style='background:{PHENOTYPE_COLORS.get(k, '#555')}'>{esc(k)}</span>"
-        f" {n}"
+        f"<span class='call' style='background:{phenotype_color(k)}'>{esc(k)}</span> {n}"
         for k, n in sorted(calls.items())
     )
     return [
@@ -370,7 +369,7 @@ def _indices_section(rows: list[dict], groups: dict[str, str] | None, base: Path
     for r in rows:
         slide = str(r["slide"])
         phenotype = str(r.get("phenotype"))
-        color = PHENOTYPE_COLORS.get(phenotype, "#555")
+        color = phenotype_color(phenotype)
         label = esc(slide)
         if (base / slide / "overlay.png").exists():
             href = esc(f"{slide}/overlay.png", quote=True)

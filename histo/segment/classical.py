@@ -20,11 +20,14 @@ Touching osteoclasts are split like a classical pipeline does, by the distance t
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
 from histo.classes import BACKGROUND, BONE, MARROW, OSTEOCLAST, OSTEOCYTE
+from histo.io.color import optical_density
 from histo.segment import Segmenter
 
 
@@ -88,7 +91,7 @@ class ClassicalSegmenter(Segmenter):
     def classify(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W) uint8 class map of one RGB field at the working resolution."""
         rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3], dtype=np.uint8)
-        od_sum = (-np.log((rgb.astype(np.float32) + 1.0) / 256.0)).sum(-1)  # optical density
+        od_sum = optical_density(rgb, base=math.e).sum(-1)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
         hue = hsv[..., 0].astype(np.int16) * 2  # degrees
         sat = hsv[..., 1].astype(np.float32) / 255.0

@@ -295,7 +295,7 @@ def register_weights(
         .get("description", "compact U-Net trained on synthetic sections"),
     }
     registry["models"][name] = entry
-    tmp = reg_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(registry, indent=2) + "\n")
-    tmp.replace(reg_path)
+    from histo.io.atomic import write_text_atomic
+
+    write_text_atomic(reg_path, json.dumps(registry, indent=2) + "\n")
     return entry

@@ -354,8 +354,7 @@ class HistoWidget(QWidget):
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the table as one row of indices.csv (a small file: written at once)."""
-        from histo.io.tables import write_indices_csv
-        from histo.pipeline import indices_row
+        from histo.io.tables import indices_row, write_indices_csv
 
         if self.measurement is None or self.phenotype is None:
             self._fail(HistoError("nothing to export: run or re-measure first"))
