@@ -8,7 +8,7 @@ from pathlib import Path
 
 from histo.cli._options import add_pixel_size, add_roi_and_ranges
 from histo.errors import HistoError, PixelSizeError
-from histo.io.class_maps import load_class_map  # noqa: F401 (re-exported: the plugin reads it here)
+from histo.io.class_maps import load_class_map
 
 HELP = "ASBMR indices and object tables from class maps alone"
 DESCRIPTION = """\

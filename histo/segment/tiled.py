@@ -492,7 +492,7 @@ class TileFeed:
 
 def _write_block(*arrays: Any) -> tuple[int, int]:
     """(rows, columns) on whose multiples writes into ``arrays`` should start to fill whole
-    chunks: a sink's ``block_px`` (:class:`histo.block_outputs.LabelsSink`) or a zarr array's
+    chunks: a sink's ``block_px`` (:class:`histo.io.label_store.LabelsSink`) or a zarr array's
     ``chunks``; (1, 1) for numpy arrays."""
     rows = cols = 1
     for a in arrays:

@@ -177,7 +177,7 @@ def test_streamed_labels_write_each_chunk_once(drawn_shapes, tmp_path, monkeypat
 
     from zarr.storage import LocalStore
 
-    from histo.block_outputs import LabelsSink
+    from histo.io.label_store import LabelsSink
     from histo.io.ome_zarr import LabelsWriter, read_labels
 
     img, n_discs, _ = drawn_shapes
