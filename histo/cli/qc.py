@@ -17,7 +17,6 @@ range, pass / warn / fail and, when outside, a one-line reason:
 
   tissue.area_mm2         enough tissue to measure
   focus.blur_um           apparent blur of edges (Gaussian sigma, µm): out of focus?
-  tissue.bone_matrix      share of tissue that looks like bone matrix: a bone section at all?
   stain.counterstain_deg  counterstain hue vs hematoxylin, fast green, methyl green
   stain.second_deg        second stain hue vs TRAP (fast red violet, pararosaniline)
   stain.separation_deg    hue difference of the two stains: washed out or greyscale?

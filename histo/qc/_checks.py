@@ -16,29 +16,27 @@ from histo.qc._sample import SlideSample, sample_slide
 from histo.qc._scale import nucleus_diameter_um
 from histo.qc._signals import QCReport, Range, Signal, grade
 from histo.qc._stain import StainEstimate, estimate_stains
-from histo.qc._tissue import blur_um, matrix_fraction
+from histo.qc._tissue import blur_um
 
 INF = math.inf
 
 #: signal name -> Range(accepted, tolerated); outside tolerated fails
 RANGES = {
     "tissue.area_mm2": Range((0.02, INF), (0.005, INF)),
-    "tissue.bone_matrix": Range((0.03, INF), (0.01, INF)),
-    "focus.blur_um": Range((0.0, 2.0), (0.0, 3.0)),
-    "stain.counterstain_deg": Range((0.0, 14.0), (0.0, 20.0)),
-    "stain.second_deg": Range((0.0, 14.0), (0.0, 20.0)),
-    "stain.separation_deg": Range((18.0, INF), (12.0, INF)),
-    "stain.second_share": Range((0.0, 0.45), (0.0, 0.6)),
-    "scale.nucleus_um": Range((4.6, 9.2), (3.9, 11.0)),
+    "focus.blur_um": Range((0.0, 1.2), (0.0, 1.8)),
+    "stain.counterstain_deg": Range((0.0, 14.0), (0.0, 18.0)),
+    "stain.second_deg": Range((0.0, 15.0), (0.0, 19.0)),
+    "stain.separation_deg": Range((30.0, INF), (20.0, INF)),
+    "stain.second_share": Range((0.0, 0.55), (0.0, 0.7)),
+    "scale.nucleus_um": Range((3.8, 9.0), (3.0, 11.0)),
 }
 #: marrow nucleus diameter (µm) expected at the true pixel size, as the checks measure it
-NUCLEUS_EXPECTED_UM = 6.5
+NUCLEUS_EXPECTED_UM = 6.0
 
 
 def _tissue_signals(sample: SlideSample) -> list[Signal]:
     area = sample.tissue.tissue_area_mm2
     blur = blur_um(sample.tiles, sample.pixel_size_um) if sample.tiles else math.nan
-    matrix = matrix_fraction(sample.tiles, sample.pixel_size_um) if sample.tiles else math.nan
     return [
         grade(
             "tissue.area_mm2",
@@ -52,17 +50,7 @@ def _tissue_signals(sample: SlideSample) -> list[Signal]:
             blur,
             "µm",
             RANGES["focus.blur_um"],
-            lambda v: f"out of focus: edges blurred over {v:.1f} µm (sigma), sharp scans <= 2 µm",
-        ),
-        grade(
-            "tissue.bone_matrix",
-            matrix,
-            "fraction",
-            RANGES["tissue.bone_matrix"],
-            lambda v: (
-                f"little or no bone matrix: {100 * v:.1f} % of tissue "
-                "(a culture or soft tissue? histo measures bone sections)"
-            ),
+            lambda v: f"out of focus: edges blurred over {v:.1f} µm (sigma), sharp scans <= 1.2 µm",
         ),
     ]
 
@@ -151,7 +139,7 @@ def check_slide(slide: Slide) -> QCReport:
     Returns
     -------
     QCReport
-        Signals in the order tissue, focus, bone matrix, stain, scale; ``status`` and
+        Signals in the order tissue, focus, stain, scale; ``status`` and
         ``reasons`` give the verdict. Reads at most a few Mpx whatever the slide size.
     """
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tissue checks that need no segmentation: how much tissue, focus, and bone matrix present."""
+"""Focus of the tissue, and where it is smooth matrix (left out of the nucleus search)."""
 
 from __future__ import annotations
 
@@ -69,13 +69,3 @@ def matrix_mask(tile: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.
     stained = mean > OD_FLOOR
     smooth = (stained & (cv < MATRIX_MAX_CV)).astype(np.uint8)
     return cv2.morphologyEx(smooth, cv2.MORPH_OPEN, disk).astype(bool), stained
-
-
-def matrix_fraction(tiles: list[np.ndarray], pixel_size_um: float) -> float:
-    """Fraction (0-1) of the sampled stained tissue that looks like bone matrix (NaN: none)."""
-    matrix, tissue = 0, 0
-    for tile in tiles:
-        m, stained = matrix_mask(tile, pixel_size_um)
-        matrix += int(m.sum())
-        tissue += int(stained.sum())
-    return matrix / tissue if tissue else float("nan")
