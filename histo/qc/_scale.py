@@ -48,9 +48,8 @@ def _blob_peaks(
         sigma = d_um / (2.0 * np.sqrt(2.0)) / pixel_size_um
         smooth = cv2.GaussianBlur(amount, (0, 0), sigma)
         response = -(sigma**2) * cv2.Laplacian(smooth, cv2.CV_32F, ksize=1)
-        better = response > best
-        best[better] = response[better]
-        best_k[better] = k
+        best_k = np.where(response > best, np.int16(k), best_k)
+        best = np.maximum(best, response)
     sep = max(1, int(round(MIN_SEPARATION_UM / pixel_size_um)))
     border = int(np.ceil(DIAMETERS_UM[-1] / 2 / pixel_size_um)) if min(amount.shape) > 64 else 0
     peaks = peak_local_max(best, min_distance=sep, threshold_abs=1e-3, exclude_border=border)

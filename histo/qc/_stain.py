@@ -68,9 +68,13 @@ class StainEstimate:
     n_pixels: int
 
 
+#: OD of each 8-bit intensity: a table lookup instead of a logarithm per pixel
+_OD_OF_INTENSITY = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """Per-channel OD ``-log10((I + 1) / 256)`` of uint8 RGB, float32 (..., 3)."""
-    return -np.log10((rgb.astype(np.float32) + 1.0) / 256.0)
+    return _OD_OF_INTENSITY[rgb]
 
 
 def _unit(v) -> np.ndarray:
