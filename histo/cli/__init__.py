@@ -22,6 +22,7 @@ COMMANDS = {
     "calibrate": "learn reference ranges from a lab's own control slides",
     "train": "train the segmentation network on synthetic slides",
     "evaluate": "score the network and the classical baseline on held-out synthetic slides",
+    "qc": "quality checks that need no segmentation: tissue, focus, stain, scale",
 }
 
 

@@ -1,0 +1,41 @@
+"""Per-slide quality control: named signals, their accepted ranges and the verdict.
+
+Public surface::
+
+    check_slide(slide) -> QCReport        every check that needs no segmentation
+    check_image(image, pixel_size_um) -> QCReport
+    QCReport.status / .reasons / .signals / .to_dict()
+    Signal(name, value, unit, accepted, status, reason)
+    verdict(signals), join_reasons(signals)
+
+Each signal passes, warns or fails against its range (see ``RANGES`` and docs/qc.md); the
+verdict is the worst status, its reasons the one-liners of the signals outside their range.
+"""
+
+from histo.qc._checks import RANGES, check_image, check_slide
+from histo.qc._signals import (
+    FAIL,
+    PASS,
+    WARN,
+    QCReport,
+    Range,
+    Signal,
+    grade,
+    join_reasons,
+    verdict,
+)
+
+__all__ = [
+    "FAIL",
+    "PASS",
+    "RANGES",
+    "WARN",
+    "QCReport",
+    "Range",
+    "Signal",
+    "check_image",
+    "check_slide",
+    "grade",
+    "join_reasons",
+    "verdict",
+]
