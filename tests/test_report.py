@@ -15,6 +15,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from histo.errors import HistoError
+from histo.palette import PHENOTYPE_COLORS
 from histo.report import group_statistics, read_sample_sheet, write_report_html
 
 
@@ -172,7 +173,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         )
     img = cv2.imread(str(shot))[..., ::-1].astype(int)
     assert img.shape[:2] == (1600, 1200)
-    for color in ("#2b8cbe", "#e34a33", "#756bb1"):
+    for color in (PHENOTYPE_COLORS[k] for k in ("normal", "oc-rich", "oc-poor")):
         rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
         close = np.abs(img - rgb).sum(axis=-1) < 30
         assert close.sum() > 50, f"{color} not drawn"

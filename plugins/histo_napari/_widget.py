@@ -368,7 +368,9 @@ class HistoWidget(QWidget):
             if not path:
                 return None
         try:
-            path = write_indices_csv(path, [indices_row(name, self.measurement, self.phenotype)])
+            path = write_indices_csv(
+                path, [indices_row(name, self.measurement.indices, self.phenotype)]
+            )
         except (HistoError, OSError) as exc:
             self._fail(exc)
             return None
