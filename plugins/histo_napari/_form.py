@@ -24,8 +24,10 @@ def model_names() -> list[str]:
         from histo.segment.registry import read_registry
 
         registry = read_registry()
+        from histo.segment.registry import user_model_names
+
         extra = sorted(set(registry.get("models", {})) | set(registry.get("aliases", {})))
-        names += [n for n in extra if n not in names]
+        names += [n for n in [*extra, *user_model_names()] if n not in names]
     except Exception:  # noqa: BLE001 - no registry: offer the defaults
         pass
     return names
@@ -82,6 +84,14 @@ class SectionForm(Container):
             choices=model_names(),
             tooltip="default: the shipped network; classical: colour rules (fast, no weights).",
         )
+        from histo.device import DEVICES
+
+        self.device = ComboBox(
+            label="Device",
+            choices=list(DEVICES),
+            value="auto",
+            tooltip="Where the network runs: auto takes a CUDA GPU, then Apple MPS, then the CPU.",
+        )
         self.pixel_size = FloatSpinBox(
             label="Pixel size",
             min=0.0,
@@ -119,6 +129,7 @@ class SectionForm(Container):
             widgets=[
                 self.image,
                 self.model,
+                self.device,
                 self.pixel_size,
                 self.region,
                 self.ranges,

@@ -209,6 +209,7 @@ class HistoWidget(QWidget):
             region_world=region_polygons(self.section.region.value),
             ranges_path=self.section.ranges_path(),
             out_dir=self.section.out_dir_path(),
+            device=str(self.section.device.value),
         )
 
     def run(self) -> Any:

@@ -68,6 +68,7 @@ class AnalysisJob:
     region_world: list[np.ndarray] = field(default_factory=list)  #: ROI polygons, world (y, x)
     ranges_path: str | None = None  #: reference ranges JSON (``histo calibrate``)
     out_dir: str | None = None  #: where the slide's outputs go (None: only large slides, to a temp)
+    device: str = "auto"  #: where the network runs (histo.device)
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -130,6 +131,7 @@ def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = No
             out_dir=job.out_dir or temporary,
             pixel_size_um=job.pixel_size_um,
             model=job.model,
+            device=job.device,
             roi=roi,
             name=job.name,
             ranges=load_reference_ranges(job.ranges_path),

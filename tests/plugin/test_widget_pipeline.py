@@ -102,3 +102,27 @@ def test_run_on_a_slide_file_places_results_over_it(
     assert widget.measurement.indices == pytest.approx(
         widget.output.result.measurement.indices, nan_ok=True
     )
+
+
+def test_device_choice_reaches_the_pipeline(qtbot, viewer_widget, errors):
+    """The widget's device goes to the pipeline: the CPU runs; a GPU missing here is the
+    one-line error of the command line, shown as a notification."""
+    import torch
+
+    from histo.device import DeviceError
+
+    viewer, widget = viewer_widget
+    widget.section.model.value = "default"
+    assert "cuda" in widget.section.device.choices
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    widget.section.device.value = "cuda"
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert isinstance(widget.last_error, DeviceError)
+    assert len(errors) == 1 and "cuda" in errors[0]
+    widget.section.device.value = "cpu"
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.output.result.provenance["device"] == "cpu"
