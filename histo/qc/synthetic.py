@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from histo.synth._geometry import PHENOTYPES, Field, build_field
+from histo.synth._field import build_field
+from histo.synth._geometry import PHENOTYPES, Field
 from histo.synth._render import COUNTERSTAINS, render, sample_style
 
 #: eosin Y (skimage rgb_from_hed)
