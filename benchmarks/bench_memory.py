@@ -23,7 +23,7 @@ invocation, their runs interleaved slide by slide.
     .venv/bin/python benchmarks/bench_memory.py --sizes 8192 --models default --repeat 5
     nohup .venv/bin/python benchmarks/bench_memory.py --sizes 32768 > bench-out/memory/32k.log &
     .venv/bin/python benchmarks/bench_memory.py --sizes 2048 8192 --models default --repeat 3 \
-        --tree main=/work/main --tree new=.
+        --tree main=../before --tree new=.
     .venv/bin/python benchmarks/bench_memory.py --table
 """
 

@@ -15,7 +15,7 @@ round after round (interleaved).
 Each run also records the seconds between the pipeline's progress messages (opening, finding
 tissue, segmenting, measuring, writing).
 
-    .venv/bin/python benchmarks/bench_per_slide.py --tree main=/work/main --tree new=. \\
+    .venv/bin/python benchmarks/bench_per_slide.py --tree main=../before --tree new=. \\
         --out bench-out/per-slide --repeat 3
 """
 
