@@ -129,6 +129,12 @@ def section_spec(config: TrainConfig, section_id: int) -> dict:
 LONG_BONE_MIN_UM = (1500.0, 1000.0)
 
 
+def _px_at_least(extent_um: float, pixel_size_um: float) -> int:
+    """``extent_um`` in pixels, rounded, but never below the extent (the generator's minimum)."""
+    n = round(extent_um / pixel_size_um)
+    return n if n * pixel_size_um >= extent_um else n + 1
+
+
 def long_bone_spec(config: TrainConfig, section_id: int) -> dict:
     """Generator parameters of long-bone pool section ``section_id`` (pure function of seed, id).
 
@@ -149,7 +155,7 @@ def long_bone_spec(config: TrainConfig, section_id: int) -> dict:
         "phenotype": PHENOTYPES[int(rng.integers(len(PHENOTYPES)))],
         "counterstain": COUNTERSTAINS[int(rng.integers(len(COUNTERSTAINS)))],
         "source_pixel_size_um": source_px,
-        "shape": [round(long_um / source_px), round(across_um / source_px)],
+        "shape": [_px_at_least(long_um, source_px), _px_at_least(across_um, source_px)],
         "synth_seed": LONG_BONE_SEED_BASE + TRAIN_SEED_STRIDE * config.seed + section_id,
         "jpeg_quality": int(rng.integers(55, 100)) if rng.random() < 0.7 else None,
         "anatomy": "long-bone",
