@@ -211,9 +211,7 @@ class Measurement:
 #: cartilage share of B.Ar (%, non-standard), reported when the map holds long-bone codes
 CARTILAGE_SHARE = "Cg.Ar/B.Ar"
 #: what the codes of a class map mean, for error messages
-CODES_TEXT = (
-    "0 background, 1 marrow, 2 bone, 3 osteoclast, 4 osteocyte, 5 cartilage, 6 soft tissue"
-)
+CODES_TEXT = "0 background, 1 marrow, 2 bone, 3 osteoclast, 4 osteocyte, 5 cartilage, 6 soft tissue"
 
 
 def validate_class_map(class_map) -> np.ndarray:
