@@ -58,12 +58,21 @@ class SlideResult:
     thumbnail: np.ndarray | None = field(default=None, repr=False)
     #: histo version, model name and sha256, device (:meth:`histo.segment.Segmenter.provenance`)
     provenance: dict = field(default_factory=dict)
+    #: which region the indices are for (histo.measure.regional.MeasuredRegion)
+    region: object = None
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
         from histo.io.tables import indices_row
 
-        return indices_row(self.name, self.measurement.indices, self.phenotype)
+        region = self.region
+        return indices_row(
+            self.name,
+            self.measurement.indices,
+            self.phenotype,
+            region=None if region is None else region.name,
+            extra=None if region is None else region.extra,
+        )
 
 
 class _Steps:
@@ -245,7 +254,8 @@ def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideRes
     )
     release_free_memory()
     step(0.86, "measuring")
-    measurement = measure_slide(slide, seg, run.roi, step.sub(0.86, 0.9))
+    regional = measure_slide_regions(slide, seg, run.roi, step.sub(0.86, 0.9))
+    measurement = regional.measurement
     release_free_memory()
     if measurement.indices.get("B.Ar", 0) == 0:
         raise EmptyTissueError(f"{run.name}: tissue found but no bone: nothing to measure")
@@ -264,6 +274,7 @@ def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideRes
         tissue_megapixels=tissue_mp / 1e6,
         thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
         provenance=segmenter.provenance(),
+        region=regional.region,
     )
 
 
@@ -356,6 +367,23 @@ def measure_slide(slide, seg, roi=None, progress: ProgressFn | None = None):
         block_px=MEASURE_BLOCK_PX,
         progress=progress,
     )
+
+
+def measure_slide_regions(slide, seg, roi=None, progress: ProgressFn | None = None):
+    """:func:`measure_slide` in the region the indices are for
+    (:func:`histo.measure.regional.measure_by_region`): a user's ROI; on a long bone without
+    one, the standard region (with the whole section, cortex and primary spongiosa beside it);
+    otherwise the whole section.
+
+    Returns a :class:`histo.measure.regional.RegionalMeasurement`.
+    """
+    from histo.measure.regional import measure_by_region
+
+    def measure_roi(region_roi):
+        # progress restarts for each region measured (one on a field, four on a long bone)
+        return measure_slide(slide, seg, region_roi, progress)
+
+    return measure_by_region(seg.class_map, seg.pixel_size_um, measure_roi, roi=roi)
 
 
 class LabelStore:
@@ -582,6 +610,8 @@ def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict |
         "source_pixel_size_um": result.source_pixel_size_um,
         **result.provenance,
     }
+    if result.region is not None:
+        meta["region"] = result.region.as_dict()
     if record is not None:
         meta["input"] = record
     (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=_json_value))

@@ -32,7 +32,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from histo.classes import BONE, MARROW, N_CLASSES, OSTEOCLAST
+from histo.classes import (
+    BONE,
+    CARTILAGE,
+    MARROW,
+    N_ALL_CLASSES,
+    N_CLASSES,
+    OSTEOCLAST,
+    OSTEOCYTE,
+    SOFT_TISSUE,
+)
 from histo.errors import HistoError
 from histo.segment.instances import centre_target
 from histo.segment.network import HistoUNet, NetworkConfig, count_parameters
@@ -45,6 +54,8 @@ COUNTERSTAINS = ("hematoxylin", "fast-green", "methyl-green")
 #: first synthetic seed of training run ``s`` is TRAIN_SEED_BASE + TRAIN_SEED_STRIDE * s
 TRAIN_SEED_BASE = 100_000
 TRAIN_SEED_STRIDE = 10_000
+#: first long-bone seed of training run ``s`` is LONG_BONE_SEED_BASE + TRAIN_SEED_STRIDE * s
+LONG_BONE_SEED_BASE = 300_000
 
 
 @dataclass
@@ -74,6 +85,17 @@ class TrainConfig:
     #: share of crops centred on the bone surface (marrow touching bone), where osteoclasts sit
     #: and where clusters of marrow cells are mistaken for them (hard negatives on oc-poor bone)
     surface_crop_fraction: float = 0.0
+    #: classes the network learns: 5 (codes 0-4, field sections) or 7 (with cartilage and soft
+    #: tissue outside bone, codes 5 and 6, learnt from long-bone sections)
+    n_classes: int = N_CLASSES
+    #: share of the crops taken from long-bone sections (needs ``n_classes`` 7)
+    long_bone_fraction: float = 0.0
+    long_bone_pool_size: int = 4  #: long-bone sections held
+    long_bone_refresh_every: int = 40  #: steps per replaced long-bone section
+    #: largest extent of a long-bone pool section (µm, along and across the bone); a section is
+    #: drawn smaller when its source pixel size would need more than ``long_bone_max_source_px``
+    long_bone_um: list[float] = field(default_factory=lambda: [3000.0, 2000.0])
+    long_bone_max_source_px: int = 3000
 
 
 # --------------------------------------------------------------------------- data
@@ -103,6 +125,43 @@ def section_spec(config: TrainConfig, section_id: int) -> dict:
     }
 
 
+#: smallest long-bone section the generator draws (µm): growth plate, spongiosa and cortices
+LONG_BONE_MIN_UM = (1500.0, 1000.0)
+
+
+def _px_at_least(extent_um: float, pixel_size_um: float) -> int:
+    """``extent_um`` in pixels, rounded, but never below the extent (the generator's minimum)."""
+    n = round(extent_um / pixel_size_um)
+    return n if n * pixel_size_um >= extent_um else n + 1
+
+
+def long_bone_spec(config: TrainConfig, section_id: int) -> dict:
+    """Generator parameters of long-bone pool section ``section_id`` (pure function of seed, id).
+
+    The source pixel size is log-uniform in the training range, but no finer than the size at
+    which the smallest section (1.5 mm x 1 mm) fits ``long_bone_max_source_px`` (0.5 µm/px at
+    3000 px): the finer textures are learnt from the field sections.
+    """
+    rng = np.random.default_rng([config.seed, section_id, 13])
+    finest = max(
+        config.min_source_pixel_size_um, LONG_BONE_MIN_UM[0] / config.long_bone_max_source_px
+    )
+    lo, hi = math.log(finest), math.log(max(finest, config.max_source_pixel_size_um))
+    source_px = float(math.exp(rng.uniform(lo, hi)))
+    long_um = min(config.long_bone_um[0], config.long_bone_max_source_px * source_px)
+    long_um = float(rng.uniform(LONG_BONE_MIN_UM[0], max(LONG_BONE_MIN_UM[0], long_um)))
+    across_um = max(LONG_BONE_MIN_UM[1], long_um * config.long_bone_um[1] / config.long_bone_um[0])
+    return {
+        "phenotype": PHENOTYPES[int(rng.integers(len(PHENOTYPES)))],
+        "counterstain": COUNTERSTAINS[int(rng.integers(len(COUNTERSTAINS)))],
+        "source_pixel_size_um": source_px,
+        "shape": [_px_at_least(long_um, source_px), _px_at_least(across_um, source_px)],
+        "synth_seed": LONG_BONE_SEED_BASE + TRAIN_SEED_STRIDE * config.seed + section_id,
+        "jpeg_quality": int(rng.integers(55, 100)) if rng.random() < 0.7 else None,
+        "anatomy": "long-bone",
+    }
+
+
 def resample(image: np.ndarray, scale: float, labels: bool = False) -> np.ndarray:
     """Resample by ``scale`` (output/input size) as slide reading does: area when shrinking,
     linear when enlarging; nearest for labels."""
@@ -115,20 +174,25 @@ def resample(image: np.ndarray, scale: float, labels: bool = False) -> np.ndarra
     return cv2.resize(image, size, interpolation=interp)
 
 
-def make_pool_section(config: TrainConfig, section_id: int) -> PoolSection:
-    """Render one synthetic section and bring it to the working resolution."""
+def make_pool_section(config: TrainConfig, section_id: int, long_bone: bool = False) -> PoolSection:
+    """Render one synthetic section (a field, or a long-bone section) and bring it to the
+    working resolution."""
     from histo.synth import make_section
 
-    spec = section_spec(config, section_id)
+    spec = long_bone_spec(config, section_id) if long_bone else section_spec(config, section_id)
     p = spec["source_pixel_size_um"]
     scale = p / config.working_pixel_size_um  # source px -> working px
-    source_size = int(min(config.max_source_px, round(config.field_px / scale)))
+    if long_bone:
+        size, anatomy = tuple(spec["shape"]), "long-bone"
+    else:
+        size, anatomy = int(min(config.max_source_px, round(config.field_px / scale))), "field"
     sec = make_section(
         spec["phenotype"],
-        size=source_size,
+        size=size,
         pixel_size_um=p,
         seed=spec["synth_seed"],
         counterstain=spec["counterstain"],
+        anatomy=anatomy,
     )
     image = sec.image
     if spec["jpeg_quality"]:
@@ -150,20 +214,35 @@ def make_pool_section(config: TrainConfig, section_id: int) -> PoolSection:
 
 
 class SectionPool:
-    """A pool of sections replaced gradually; its content is a pure function of the step."""
+    """A pool of sections replaced gradually; its content is a pure function of the step.
 
-    def __init__(self, config: TrainConfig, step: int = 0, progress: Callable | None = None):
+    With ``long_bone`` the pool holds ``long_bone_pool_size`` long-bone sections, one replaced
+    every ``long_bone_refresh_every`` steps.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        step: int = 0,
+        progress: Callable | None = None,
+        long_bone: bool = False,
+    ):
         self.config = config
-        self.ids = [self.slot_id(j, step) for j in range(config.pool_size)]
+        self.long_bone = long_bone
+        if long_bone:
+            self.size, self.refresh = config.long_bone_pool_size, config.long_bone_refresh_every
+        else:
+            self.size, self.refresh = config.pool_size, config.refresh_every
+        self.ids = [self.slot_id(j, step) for j in range(self.size)]
         self.sections: list[PoolSection] = []
         for j, sid in enumerate(self.ids):
-            self.sections.append(make_pool_section(config, sid))
+            self.sections.append(make_pool_section(config, sid, long_bone))
             if progress:
-                progress(j + 1, config.pool_size)
+                progress(j + 1, self.size)
 
     def slot_id(self, slot: int, step: int) -> int:
         """Section id held by ``slot`` at ``step``."""
-        p, r = self.config.pool_size, self.config.refresh_every
+        p, r = self.size, self.refresh
         n = step // r  # replacements done so far; replacement k (1-based) fills slot (k-1) % p
         if n <= slot:
             return slot
@@ -172,10 +251,10 @@ class SectionPool:
 
     def advance(self, step: int) -> None:
         """Bring the pool to the state of ``step`` (replaces at most a few sections)."""
-        for j in range(self.config.pool_size):
+        for j in range(self.size):
             sid = self.slot_id(j, step)
             if sid != self.ids[j]:
-                self.sections[j] = make_pool_section(self.config, sid)
+                self.sections[j] = make_pool_section(self.config, sid, self.long_bone)
                 self.ids[j] = sid
 
 
@@ -224,52 +303,81 @@ def bone_surface_points(class_map: np.ndarray, step: int = 4) -> np.ndarray:
     return np.argwhere(hit) * step
 
 
-def sample_batch(
-    pool: SectionPool, config: TrainConfig, step: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random augmented crops: images (N,3,h,w) float, classes (N,h,w) long, centre (N,h,w)."""
-    rng = np.random.default_rng([config.seed, step, 11])
+def _pick_centre(
+    cm: np.ndarray, config: TrainConfig, rng: np.random.Generator, long_bone: bool
+) -> tuple[int, int] | None:
+    """Where to centre a crop: on an osteoclast or lacuna half of the time; on the bone surface
+    ``surface_crop_fraction`` of the time; on a long-bone section a further quarter on cartilage
+    (growth plate, calcified cores: where lacunae must not become osteocytes); else None."""
+    w = cm.shape[1]
+    u = rng.random()
+    if u < 0.5:
+        rare = np.flatnonzero(np.isin(cm.ravel()[::97], (OSTEOCLAST, OSTEOCYTE)))
+        if rare.size:
+            return divmod(int(rare[int(rng.integers(rare.size))]) * 97, w)
+    elif u < 0.5 + config.surface_crop_fraction:
+        surface = bone_surface_points(cm)
+        if len(surface):
+            return tuple(surface[int(rng.integers(len(surface)))])
+    elif long_bone and u < 0.75 + config.surface_crop_fraction / 2:
+        cart = np.flatnonzero(cm.ravel()[::97] == CARTILAGE)
+        if cart.size:
+            return divmod(int(cart[int(rng.integers(cart.size))]) * 97, w)
+    return None
+
+
+def _crop(
+    sec: PoolSection, config: TrainConfig, rng: np.random.Generator, long_bone: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented crop of a pool section: image (3, c, c), classes (c, c), centre (c, c)."""
     c = config.crop_px
+    h, w = sec.class_map.shape
+    if h < c or w < c:  # pad small sections with glass-like white / background
+        ph, pw = max(0, c - h), max(0, c - w)
+        img = np.pad(sec.image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        cm = np.pad(sec.class_map, ((0, ph), (0, pw)), mode="reflect")
+        ce = np.pad(sec.centre, ((0, ph), (0, pw)), mode="reflect")
+        h, w = cm.shape
+    else:
+        img, cm, ce = sec.image, sec.class_map, sec.centre
+    y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+    centre = _pick_centre(cm, config, rng, long_bone)
+    if centre is not None:
+        cy, cx = centre
+        y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
+        x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
+    crop = img[y0 : y0 + c, x0 : x0 + c]
+    cmc = cm[y0 : y0 + c, x0 : x0 + c]
+    cec = ce[y0 : y0 + c, x0 : x0 + c].astype(np.float32)
+    k = int(rng.integers(4))
+    flip = rng.random() < 0.5
+    crop, cmc, cec = (np.rot90(a, k) for a in (crop, cmc, cec))
+    if flip:
+        crop, cmc, cec = crop[:, ::-1], cmc[:, ::-1], cec[:, ::-1]
+    image = augment(np.ascontiguousarray(crop), rng).transpose(2, 0, 1)
+    return image, np.ascontiguousarray(cmc), np.ascontiguousarray(cec)
+
+
+def sample_batch(
+    pool: SectionPool,
+    config: TrainConfig,
+    step: int,
+    long_bone_pool: SectionPool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random augmented crops: images (N,3,h,w) float, classes (N,h,w) long, centre (N,h,w).
+
+    With ``long_bone_pool`` each crop comes from it with probability ``long_bone_fraction``.
+    """
+    rng = np.random.default_rng([config.seed, step, 11])
     xs, ys, zs = [], [], []
     for _ in range(config.batch_size):
-        sec = pool.sections[int(rng.integers(len(pool.sections)))]
-        h, w = sec.class_map.shape
-        if h < c or w < c:  # pad small sections with glass-like white / background
-            ph, pw = max(0, c - h), max(0, c - w)
-            img = np.pad(sec.image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-            cm = np.pad(sec.class_map, ((0, ph), (0, pw)), mode="reflect")
-            ce = np.pad(sec.centre, ((0, ph), (0, pw)), mode="reflect")
-            h, w = cm.shape
-        else:
-            img, cm, ce = sec.image, sec.class_map, sec.centre
-        # favour crops that contain osteoclasts or osteocytes half of the time, and (when
-        # surface_crop_fraction > 0) crops centred on the bone surface
-        y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        u = rng.random()
-        centre = None
-        if u < 0.5:
-            rare = np.flatnonzero(cm.ravel()[::97] >= OSTEOCLAST)
-            if rare.size:
-                centre = divmod(int(rare[int(rng.integers(rare.size))]) * 97, w)
-        elif u < 0.5 + config.surface_crop_fraction:
-            surface = bone_surface_points(cm)
-            if len(surface):
-                centre = tuple(surface[int(rng.integers(len(surface)))])
-        if centre is not None:
-            cy, cx = centre
-            y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
-            x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
-        crop = img[y0 : y0 + c, x0 : x0 + c]
-        cmc = cm[y0 : y0 + c, x0 : x0 + c]
-        cec = ce[y0 : y0 + c, x0 : x0 + c].astype(np.float32)
-        k = int(rng.integers(4))
-        flip = rng.random() < 0.5
-        crop, cmc, cec = (np.rot90(a, k) for a in (crop, cmc, cec))
-        if flip:
-            crop, cmc, cec = crop[:, ::-1], cmc[:, ::-1], cec[:, ::-1]
-        xs.append(augment(np.ascontiguousarray(crop), rng).transpose(2, 0, 1))
-        ys.append(np.ascontiguousarray(cmc))
-        zs.append(np.ascontiguousarray(cec))
+        long_bone = long_bone_pool is not None and rng.random() < config.long_bone_fraction
+        source = long_bone_pool if long_bone else pool
+        sec = source.sections[int(rng.integers(len(source.sections)))]
+        x, y, z = _crop(sec, config, rng, long_bone)
+        xs.append(x)
+        ys.append(y)
+        zs.append(z)
     return (
         torch.from_numpy(np.stack(xs)),
         torch.from_numpy(np.stack(ys).astype(np.int64)),
@@ -291,17 +399,18 @@ def segmentation_loss(
     The centre map is weighted 5x inside osteoclasts, where the split of touching cells is
     decided.
     """
-    logits = out[:, :N_CLASSES]
+    n = config.n_classes
+    logits = out[:, :n]
     weights = torch.tensor(config.class_weights, dtype=out.dtype, device=out.device)
     ce = F.cross_entropy(logits, classes, weight=weights)
     probs = logits.softmax(1)
-    onehot = F.one_hot(classes, N_CLASSES).permute(0, 3, 1, 2).to(out.dtype)
+    onehot = F.one_hot(classes, n).permute(0, 3, 1, 2).to(out.dtype)
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = 1 - (2 * inter + 1.0) / (denom + 1.0)
     dice = dice.mean()
     pix_w = 1.0 + 4.0 * (classes == OSTEOCLAST).to(out.dtype)
-    bce = F.binary_cross_entropy_with_logits(out[:, N_CLASSES], centre, weight=pix_w)
+    bce = F.binary_cross_entropy_with_logits(out[:, n], centre, weight=pix_w)
     loss = ce + config.dice_weight * dice + config.centre_weight * bce
     return loss, {"ce": ce.item(), "dice": dice.item(), "centre": bce.item()}
 
@@ -315,6 +424,49 @@ def _lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warm
     t = (step - warm) / max(1, config.steps - warm)
     return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def network_config(config: TrainConfig) -> NetworkConfig:
+    """The architecture a run trains: its widths, ``n_classes`` class logits + the centre map."""
+    return NetworkConfig(widths=list(config.widths), n_outputs=config.n_classes + 1)
+
+
+def grow_head(state: dict[str, torch.Tensor], n_classes: int) -> dict[str, torch.Tensor]:
+    """Weights of a network with ``n_classes`` classes from those of one with fewer.
+
+    The old class channels and the centre channel keep their weights (moved to their new
+    places: the centre map is always the last output). A new cartilage channel starts from
+    bone's weights and a new soft-tissue channel from marrow's (the tissues they were taken for),
+    each with its bias lowered by 2 so the old classes win until training says otherwise.
+    Everything but the head is returned as is.
+    """
+    w, b = state["head.weight"], state["head.bias"]
+    old = w.shape[0] - 1
+    if old == n_classes:
+        return state
+    if old > n_classes:
+        raise HistoError(f"cannot shrink a {old}-class network to {n_classes} classes")
+    like = {CARTILAGE: BONE, SOFT_TISSUE: MARROW}
+    rows = list(range(old)) + [like.get(c, MARROW) for c in range(old, n_classes)] + [old]
+    new_w, new_b = w[rows].clone(), b[rows].clone()
+    new_b[old:n_classes] -= 2.0
+    return {**state, "head.weight": new_w, "head.bias": new_b}
+
+
+def _check_config(config: TrainConfig) -> None:
+    if not 0.0 <= config.surface_crop_fraction <= 0.5:
+        raise HistoError(
+            f"surface crop fraction {config.surface_crop_fraction:g} is outside 0-0.5 "
+            "(half of the crops are already centred on osteoclasts and lacunae)"
+        )
+    if config.n_classes not in (N_CLASSES, N_ALL_CLASSES):
+        raise HistoError(f"n_classes is {config.n_classes}; 5 (fields) or 7 (long bones)")
+    if len(config.class_weights) != config.n_classes:
+        raise HistoError(
+            f"{len(config.class_weights)} class weights for {config.n_classes} classes"
+        )
+    if config.long_bone_fraction > 0 and config.n_classes != N_ALL_CLASSES:
+        raise HistoError("long-bone crops need 7 classes (cartilage and soft tissue)")
 
 
 def save_weights(model: HistoUNet, path: Path, meta: dict) -> str:
@@ -406,11 +558,7 @@ def train(
 
     config = config or TrainConfig()
     dev = resolve_device(device)
-    if not 0.0 <= config.surface_crop_fraction <= 0.5:
-        raise HistoError(
-            f"surface crop fraction {config.surface_crop_fraction:g} is outside 0-0.5 "
-            "(half of the crops are already centred on osteoclasts and lacunae)"
-        )
+    _check_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -420,7 +568,7 @@ def train(
         config = TrainConfig(**state["config"])
     torch.set_num_threads(max(1, config.threads))
     torch.manual_seed(config.seed)
-    model = HistoUNet(NetworkConfig(widths=list(config.widths))).to(dev)
+    model = HistoUNet(network_config(config)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     amp = _MixedPrecision(dev)
     step = 0
@@ -429,7 +577,7 @@ def train(
     if state is None and config.init_weights:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(config.init_weights))
+        model.load_state_dict(grow_head(load_file(config.init_weights), config.n_classes))
         log.info("initialised from %s", config.init_weights)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -450,6 +598,16 @@ def train(
             "pool section %d/%d ready (%.0f s)", i, n, time.perf_counter() - t0
         ),
     )
+    long_bone_pool = None
+    if config.long_bone_fraction > 0:
+        long_bone_pool = SectionPool(
+            config,
+            step,
+            progress=lambda i, n: log.info(
+                "long-bone section %d/%d ready (%.0f s)", i, n, time.perf_counter() - t0
+            ),
+            long_bone=True,
+        )
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -477,7 +635,9 @@ def train(
             log.info("stopping at step %d as asked", step)
             break
         pool.advance(step)
-        x, y, z = sample_batch(pool, config, step)
+        if long_bone_pool is not None:
+            long_bone_pool.advance(step)
+        x, y, z = sample_batch(pool, config, step, long_bone_pool)
         if dev.type != "cpu":
             x, y, z = (t.to(dev, non_blocking=True) for t in (x, y, z))
         x = x.to(memory_format=torch.channels_last)
@@ -512,7 +672,7 @@ def train(
     model = model.to("cpu").eval()
     meta = {
         "architecture": "HistoUNet",
-        "config": NetworkConfig(widths=list(config.widths)).to_dict(),
+        "config": network_config(config).to_dict(),
         "working_pixel_size_um": config.working_pixel_size_um,
         "train_config": asdict(config),
         "steps": step,
@@ -534,7 +694,7 @@ def export_checkpoint(out_dir: str | Path) -> tuple[Path, str]:
     out = Path(out_dir)
     state = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     config = TrainConfig(**state["config"])
-    model = HistoUNet(NetworkConfig(widths=list(config.widths)))
+    model = HistoUNet(network_config(config))
     model.load_state_dict(state["model"])
     meta = {
         "architecture": "HistoUNet",

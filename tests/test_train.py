@@ -137,3 +137,47 @@ def test_bone_surface_points_and_the_fraction_check(tmp_path):
     with pytest.raises(HistoError, match="surface crop fraction 0.6"):
         train(tmp_path / "bad", TrainConfig(surface_crop_fraction=0.6))
     assert not (tmp_path / "bad").exists()
+
+
+def test_grown_head_keeps_the_old_channels_outputs():
+    """8 outputs from 6-output weights: classes 0-4 and the centre map unchanged; the new
+    classes start below the old ones (bias offset), so the argmax is the old one."""
+    from histo.segment.network import HistoUNet
+    from histo.train import grow_head
+
+    torch.manual_seed(0)
+    widths = [4, 8, 8, 16, 16]
+    old = HistoUNet(NetworkConfig(widths=widths)).eval()
+    new = HistoUNet(NetworkConfig(widths=widths, n_outputs=8)).eval()
+    new.load_state_dict(grow_head(old.state_dict(), 7))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = old(x), new(x)
+    torch.testing.assert_close(b[:, :5], a[:, :5])
+    torch.testing.assert_close(b[:, 7], a[:, 5])
+    # cartilage starts as bone minus 2, soft tissue as marrow minus 2
+    torch.testing.assert_close(b[:, 5], a[:, 2] - 2.0)
+    torch.testing.assert_close(b[:, 6], a[:, 1] - 2.0)
+    assert torch.equal(b[:, :7].argmax(1), a[:, :5].argmax(1))
+
+
+def test_long_bone_crops_carry_cartilage_and_soft_tissue():
+    """A 7-class run's batches mix field and long-bone crops; their labels hold codes 5 and 6."""
+    config = _tiny(
+        n_classes=7,
+        class_weights=[1, 1, 1, 2, 4, 2, 1],
+        long_bone_fraction=1.0,
+        long_bone_pool_size=1,
+        long_bone_um=[1500.0, 1000.0],
+        long_bone_max_source_px=800,
+        batch_size=6,
+        crop_px=128,
+    )
+    pool = SectionPool(config)
+    long_bone = SectionPool(config, long_bone=True)
+    assert long_bone.sections[0].meta["anatomy"] == "long-bone"
+    codes = set()
+    for step in range(3):
+        _, y, _ = sample_batch(pool, config, step, long_bone)
+        codes |= set(torch.unique(y).tolist())
+    assert {5, 6} <= codes

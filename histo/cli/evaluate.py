@@ -50,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="network arithmetic (default: $HISTO_PRECISION or auto = bfloat16 where the CPU "
         "has it natively)",
     )
+    parser.add_argument(
+        "--long-bone",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="UM",
+        help="evaluate on held-out long-bone sections at these source pixel sizes (µm/px, "
+        "e.g. 1 2; seeds 950000+): the standard region's indices, region edges, calls and "
+        "chondrocyte lacunae taken for osteocytes; writes OUT/long-bone.md and .json",
+    )
     add_device(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -75,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message)
             bar.refresh()
 
+    if args.long_bone:
+        return _run_long_bone(args, progress, bar)
     try:
         report = evaluate(
             args.models,
@@ -93,4 +105,27 @@ def run(args: argparse.Namespace) -> int:
     md, js = write_report(report, args.out)
     print(markdown_table(report))
     print(f"\nwrote {md} and {js}")
+    return 0
+
+
+def _run_long_bone(args: argparse.Namespace, progress, bar) -> int:
+    import json
+    from pathlib import Path
+
+    from histo.evaluate_long_bone import evaluate_long_bone, markdown_long_bone
+
+    try:
+        report = evaluate_long_bone(
+            args.models, pixel_sizes=args.long_bone, progress=progress, device=args.device
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_long_bone(report)
+    (out / "long-bone.md").write_text("# Long-bone evaluation\n\n" + table + "\n")
+    (out / "long-bone.json").write_text(json.dumps(report, indent=1, default=float))
+    print(table)
+    print(f"\nwrote {out / 'long-bone.md'} and {out / 'long-bone.json'}")
     return 0

@@ -67,9 +67,18 @@ def measure_file(path: Path, args: argparse.Namespace, ranges) -> tuple[dict, ob
         raise PixelSizeError(
             f"{path.name}: no pixel size in the file; give it with --pixel-size UM"
         )
+    from histo.measure.regional import measure_by_region
+
     roi = read_roi_mask(args.roi, cmap.shape[:2]) if args.roi else None
-    m = measure(cmap, pixel_size, osteoclast_labels=oc, osteocyte_labels=ot, roi=roi)
-    return indices_row(slide_name_of(path), m.indices, call_phenotype(m.indices, ranges)), m
+
+    def measure_roi(region):
+        return measure(cmap, pixel_size, osteoclast_labels=oc, osteocyte_labels=ot, roi=region)
+
+    # a long-bone map without --roi is measured in its standard region (histo.regions)
+    found = measure_by_region(cmap, pixel_size, measure_roi, roi=roi)
+    m, region = found.measurement, found.region
+    call = call_phenotype(m.indices, ranges)
+    return indices_row(slide_name_of(path), m.indices, call, region.name, region.extra), m
 
 
 def run(args: argparse.Namespace) -> int:

@@ -75,11 +75,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-weights",
         type=float,
-        nargs=5,
-        default=d.class_weights,
+        nargs="+",
+        default=None,
         metavar="W",
         help="cross-entropy weights of background, marrow, bone, osteoclast, osteocyte "
-        "(default %(default)s)",
+        f"(default {d.class_weights}), then cartilage and soft tissue when the network learns "
+        "7 classes (default 1 1)",
+    )
+    parser.add_argument(
+        "--long-bone-crops",
+        type=float,
+        default=d.long_bone_fraction,
+        metavar="F",
+        help="share of the crops taken from long-bone sections; above 0 the network learns 7 "
+        "classes (cartilage 5 and soft tissue 6 besides codes 0-4; --init weights with 5 "
+        "classes grow their head) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--long-bone-pool",
+        type=int,
+        default=d.long_bone_pool_size,
+        help="long-bone sections held (default %(default)s)",
+    )
+    parser.add_argument(
+        "--long-bone-refresh-every",
+        type=int,
+        default=d.long_bone_refresh_every,
+        help="steps per replaced long-bone section (default %(default)s)",
     )
     parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -99,7 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from histo.classes import N_ALL_CLASSES, N_CLASSES
     from histo.device import resolve_device
+    from histo.errors import HistoError
     from histo.train import TrainConfig, train
 
     resolve_device(args.device)  # before any output: a missing device is exit status 2
@@ -117,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
     logger = logging.getLogger("histo.train")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    n_classes = N_ALL_CLASSES if args.long_bone_crops > 0 else N_CLASSES
+    weights = args.class_weights
+    if weights is None:
+        weights = TrainConfig().class_weights + [1.0] * (n_classes - N_CLASSES)
+    if len(weights) != n_classes:
+        raise HistoError(f"--class-weights takes {n_classes} weights, got {len(weights)}")
     config = TrainConfig(
         seed=args.seed,
         steps=args.steps,
@@ -129,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         init_weights=str(Path(args.init).resolve()) if args.init else None,
         surface_crop_fraction=args.surface_crops,
-        class_weights=list(args.class_weights),
+        class_weights=[float(w) for w in weights],
+        n_classes=n_classes,
+        long_bone_fraction=args.long_bone_crops,
+        long_bone_pool_size=args.long_bone_pool,
+        long_bone_refresh_every=args.long_bone_refresh_every,
     )
     bar = None
     if not args.quiet:

@@ -56,7 +56,13 @@ def format_cell(value) -> str:
         return str(value)
 
 
-def indices_row(slide: str, indices: Mapping, call=None) -> dict:
+def indices_row(
+    slide: str,
+    indices: Mapping,
+    call=None,
+    region: str | None = None,
+    extra: Mapping | None = None,
+) -> dict:
     """One row of indices.csv: slide, phenotype, the indices, confidence, evidence.
 
     The one builder of the row, for ``histo analyze``, ``histo batch``, ``histo measure`` and
@@ -70,11 +76,19 @@ def indices_row(slide: str, indices: Mapping, call=None) -> dict:
         Index name -> value (:attr:`histo.measure.Measurement.indices`).
     call : histo.phenotype.PhenotypeCall, optional
         The phenotype call; without it ``phenotype``, ``confidence`` and ``evidence`` are empty.
+    region : str, optional
+        Which region the indices are for ("standard", "whole section", "user ROI";
+        :mod:`histo.measure.regional`), in a ``region`` column after ``evidence``.
+    extra : mapping, optional
+        Columns after ``region``: indices of other regions (``section:BV/TV``, ...).
     """
     row = {"slide": slide, "phenotype": None if call is None else call.phenotype}
     row.update(indices)
     row["confidence"] = None if call is None else call.confidence
     row["evidence"] = None if call is None else "; ".join(call.evidence)
+    if region is not None:
+        row["region"] = region
+    row.update(extra or {})
     return row
 
 

@@ -50,6 +50,7 @@ from histo.errors import ClassMapError
 from histo.io.blocks import Block, Prefetch, iter_blocks, read_2d, shape_2d
 from histo.io.color import od_lookup, optical_density
 from histo.measure.indices import (
+    CODES_TEXT,
     CountingRules,
     Lacunae,
     Measurement,
@@ -68,6 +69,7 @@ from histo.measure.sums import Sums, label_boxes, per_label
 from histo.runtime import release_free_memory
 
 __all__ = [
+    "bone_and_tissue",
     "DEFAULT_BLOCK_PX",
     "MARGIN_UM",
     "PERIMETER_MARGIN_PX",
@@ -169,14 +171,17 @@ def _fetch(plan: _Plan, b: Block) -> _BlockArrays:
     )
 
 
-def _check_codes(core_cm: np.ndarray, b: Block) -> None:
-    if core_cm.size and (int(core_cm.min()) < 0 or int(core_cm.max()) >= classes.N_CLASSES):
-        lo, hi = int(core_cm.min()), int(core_cm.max())
+def _check_codes(core_cm: np.ndarray, b: Block) -> bool:
+    """Raise on codes outside 0-6; True when the core holds long-bone codes (5, 6)."""
+    if not core_cm.size:
+        return False
+    lo, hi = int(core_cm.min()), int(core_cm.max())
+    if lo < 0 or hi >= classes.N_ALL_CLASSES:
         raise ClassMapError(
             f"class map holds codes {lo}..{hi} (block at row {b.y0}, column {b.x0}); "
-            f"expected 0-{classes.N_CLASSES - 1} (0 background, 1 marrow, 2 bone, "
-            "3 osteoclast, 4 osteocyte)"
+            f"expected 0-{classes.N_ALL_CLASSES - 1} ({CODES_TEXT})"
         )
+    return hi >= classes.CARTILAGE
 
 
 # --------------------------------------------------------------------------- one block
@@ -194,12 +199,13 @@ class _Window(NamedTuple):
     ot_mask: np.ndarray  #: labelled lacuna pixels over the core grown by the ring
     ot_pixels: tuple[np.ndarray, np.ndarray, np.ndarray]  #: of ot_mask
     ot_core: tuple[slice, slice]  #: the core in ot_mask
+    long_bone: bool = False  #: the core holds codes 5 or 6
 
 
 def _window(plan: _Plan, b: Block, arrays: _BlockArrays) -> _Window:
     cm = arrays.class_map
     cy, cx = b.core
-    _check_codes(cm[cy, cx], b)
+    long_bone = _check_codes(cm[cy, cx], b)
     oc_w, oc_rc = class_labels(cm, classes.OSTEOCLAST, arrays.osteoclasts)
     gyy, gxx = b.grown(plan.ring_px)
     ot_mask, ot_rc = class_labels(cm[gyy, gxx], classes.OSTEOCYTE, arrays.osteocytes, image=False)
@@ -207,9 +213,19 @@ def _window(plan: _Plan, b: Block, arrays: _BlockArrays) -> _Window:
         slice(b.y0 - b.wy0 - gyy.start, b.y1 - b.wy0 - gyy.start),
         slice(b.x0 - b.wx0 - gxx.start, b.x1 - b.wx0 - gxx.start),
     )
-    bone = (cm == classes.BONE) | (cm == classes.OSTEOCYTE)
-    tissue = cm != classes.BACKGROUND
-    return _Window(b, cm, bone, tissue, oc_w, oc_rc, ot_mask, ot_rc, ot_core)
+    bone, tissue = bone_and_tissue(cm)
+    return _Window(b, cm, bone, tissue, oc_w, oc_rc, ot_mask, ot_rc, ot_core, long_bone)
+
+
+def bone_and_tissue(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bone (B.Ar: classes 2, 4 and 5) and tissue (T.Ar: classes 1-5) masks of a class map.
+
+    Calcified cartilage counts with bone matrix (Parfitt et al. 1987); soft tissue outside bone
+    (6) is outside T.Ar like glass. On codes 0-4 these are bone = 2 or 4, tissue = not 0.
+    """
+    bone = (cm == classes.BONE) | (cm == classes.OSTEOCYTE) | (cm == classes.CARTILAGE)
+    tissue = (cm != classes.BACKGROUND) & (cm != classes.SOFT_TISSUE)
+    return bone, tissue
 
 
 def _add_areas(acc: _Accumulator, plan: _Plan, win: _Window, reg: np.ndarray | None) -> None:
@@ -226,6 +242,12 @@ def _add_areas(acc: _Accumulator, plan: _Plan, win: _Window, reg: np.ndarray | N
         tissue, bone = tissue & inside, bone & inside
     acc.totals.tissue_px += int(np.count_nonzero(tissue))
     acc.totals.bone_px += int(np.count_nonzero(bone))
+    if win.long_bone:
+        acc.totals.long_bone_codes = True
+        cartilage = win.class_map[cy, cx] == classes.CARTILAGE
+        if reg is not None:
+            cartilage &= inside
+        acc.totals.cartilage_px += int(np.count_nonzero(cartilage))
 
 
 def _core_cells(plan: _Plan, win: _Window) -> BoundaryCells:
@@ -629,7 +651,7 @@ def _check_class_map(class_map: Any) -> tuple[int, int]:
     shape = shape_2d(class_map)
     dtype = np.dtype(getattr(class_map, "dtype", np.asarray(class_map[:1, :1]).dtype))
     if dtype.kind == "b" or not np.issubdtype(dtype, np.integer):
-        raise ClassMapError(f"class map must hold integer codes 0-4, got dtype {dtype}")
+        raise ClassMapError(f"class map must hold integer codes 0-6, got dtype {dtype}")
     if shape[0] * shape[1] == 0:
         raise ClassMapError("class map is empty (0 pixels)")
     return shape
@@ -656,7 +678,8 @@ def measure_by_blocks(
     Parameters
     ----------
     class_map : array_like of int, shape (H, W)
-        Numpy, zarr or any array-like supporting ``a[y0:y1, x0:x1]``. Codes 0-4.
+        Numpy, zarr or any array-like supporting ``a[y0:y1, x0:x1]``. Codes 0-6
+        (:mod:`histo.classes`).
     pixel_size_um : float
         Pixel size in µm.
     osteoclast_labels, osteocyte_labels : array_like of int, shape (H, W), optional
@@ -778,7 +801,7 @@ def measure(
     Raises
     ------
     ClassMapError
-        The class map is not 2-D integer with codes 0-4, or a companion array has another shape.
+        The class map is not 2-D integer with codes 0-6, or a companion array has another shape.
     PixelSizeError
         The pixel size is ≤ 0, NaN or > 100 µm.
 

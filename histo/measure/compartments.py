@@ -6,8 +6,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from histo import classes
-from histo.measure.blocks import measure
+from histo.measure.blocks import bone_and_tissue, measure
 from histo.measure.indices import Measurement, validate_class_map, validate_pixel_size
 from histo.measure.objects import EIGHT
 from histo.measure.perimeter import disk
@@ -37,13 +36,13 @@ def cortical_trabecular_split(
     Returns
     -------
     cortical, trabecular : ndarray of bool, shape (H, W)
-        Disjoint masks covering the tissue (classes 1-4). Without background pixels (a field
+        Disjoint masks covering the tissue (classes 1-5). Without background pixels (a field
         inside the section) there is no periosteal edge and the cortex is empty.
     """
     cmap = validate_class_map(class_map)
     px = validate_pixel_size(pixel_size_um)
-    tissue = cmap != classes.BACKGROUND
-    bone = ((cmap == classes.BONE) | (cmap == classes.OSTEOCYTE)).astype(np.uint8)
+    bone_mask, tissue = bone_and_tissue(cmap)
+    bone = bone_mask.astype(np.uint8)
     background = ~tissue
     if not background.any() or not bone.any():
         return np.zeros(cmap.shape, bool), tissue.copy()

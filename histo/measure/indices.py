@@ -1,9 +1,13 @@
 """The indices and the rules: counting rules, the Measurement record, pixel totals -> indices.
 
 The class map contract (DESIGN.md): 0 background, 1 marrow, 2 bone, 3 osteoclast, 4 osteocyte
-lacuna. Areas follow from the codes: T.Ar is classes 1-4, B.Ar classes 2 and 4 (lacunae are
-part of bone), Ma.Ar = T.Ar - B.Ar. B.Pm is the perimeter of the bone region (2 and 4
-together): lacunae add no perimeter, marrow-filled holes in bone do.
+lacuna, and on long-bone sections 5 cartilage and 6 soft tissue outside bone. Areas follow from
+the codes: T.Ar is classes 1-5, B.Ar classes 2, 4 and 5 (lacunae are part of bone; calcified
+cartilage counts with bone matrix, Parfitt et al. 1987), Ma.Ar = T.Ar - B.Ar. Soft tissue (6)
+is outside T.Ar, as glass is. B.Pm is the perimeter of the bone region (2, 4 and 5 together):
+lacunae add no perimeter, marrow-filled holes in bone do. A map holding codes 5 or 6 also
+reports Cg.Ar/B.Ar, the cartilage share of B.Ar (%); a map of codes 0-4 measures as it always
+did.
 
 Nomenclature and units follow Dempster et al., J Bone Miner Res 2013;28:2-17
 (doi:10.1002/jbmr.1805). See ``docs/measure.md`` for the estimators and their accuracy.
@@ -100,6 +104,9 @@ class PixelTotals:
     perimeter_px: float = 0.0  #: B.Pm
     oc_surface_px: float = 0.0  #: Oc.S
     eroded_px: float = 0.0  #: ES
+    cartilage_px: int = 0  #: cartilage (class 5), part of B.Ar
+    #: the map held long-bone codes (5 cartilage, 6 soft tissue): Cg.Ar/B.Ar is reported
+    long_bone_codes: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,8 +208,14 @@ class Measurement:
         return out
 
 
+#: cartilage share of B.Ar (%, non-standard), reported when the map holds long-bone codes
+CARTILAGE_SHARE = "Cg.Ar/B.Ar"
+#: what the codes of a class map mean, for error messages
+CODES_TEXT = "0 background, 1 marrow, 2 bone, 3 osteoclast, 4 osteocyte, 5 cartilage, 6 soft tissue"
+
+
 def validate_class_map(class_map) -> np.ndarray:
-    """Return ``class_map`` as a 2-D integer array with codes 0-4, or raise ClassMapError."""
+    """Return ``class_map`` as a 2-D integer array with codes 0-6, or raise ClassMapError."""
     arr = np.asarray(class_map)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -213,10 +226,10 @@ def validate_class_map(class_map) -> np.ndarray:
     if arr.size == 0:
         raise ClassMapError("class map is empty (0 pixels)")
     lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= classes.N_CLASSES:
+    if lo < 0 or hi >= classes.N_ALL_CLASSES:
         raise ClassMapError(
-            f"class map holds codes {lo}..{hi}; expected 0-{classes.N_CLASSES - 1} "
-            "(0 background, 1 marrow, 2 bone, 3 osteoclast, 4 osteocyte)"
+            f"class map holds codes {lo}..{hi}; expected 0-{classes.N_ALL_CLASSES - 1} "
+            f"({CODES_TEXT})"
         )
     return arr
 
@@ -338,6 +351,8 @@ def indices_from_totals(
         "Empty lacunae (non-standard)": n_empty,
         "N.TRAP+ off bone": len(osteoclasts.off_bone),
     }
+    if totals.long_bone_codes:
+        indices[CARTILAGE_SHARE] = _divide(totals.cartilage_px * px_area_mm2, b_ar, 100.0)
     return Measurement(
         indices=indices,
         osteoclasts=osteoclasts.counted,

@@ -7,8 +7,11 @@ Public surface::
     result = segment_slide(slide, model, tile_px=768, overlap_px=64, progress=..., cancel=...)
 
 Every segmenter has ``name``, ``working_pixel_size_um`` (µm/px of its input and output),
-``n_outputs`` (5 class scores + 1 osteoclast centre map) and ``predict_scores(rgb) -> (6, h, w)``
-float32 (class probabilities summing to 1, then the centre map in [0, 1]).
+``n_outputs`` (``n_outputs - 1`` class scores + 1 osteoclast centre map: 6 for networks of
+codes 0-4, 8 for networks that also segment cartilage 5 and soft tissue 6) and
+``predict_scores(rgb) -> (n_outputs, h, w)`` float32 (class probabilities summing to 1, then the
+centre map in [0, 1]). Osteocytes are class-4 regions only: chondrocyte lacunae, which a
+7-class network labels cartilage, never become osteocytes.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Segmenter:
     n_outputs: int = 6
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
-        """(6, h, w) float32: 5 class probabilities, then the osteoclast centre map."""
+        """(n_outputs, h, w) float32: class probabilities, then the osteoclast centre map."""
         raise NotImplementedError
 
     def predict(self, rgb: np.ndarray, tile_px: int = 1024, overlap_px: int = 64) -> Prediction:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from histo.classes import BONE, OSTEOCLAST, OSTEOCYTE
+from histo.classes import BONE, CARTILAGE, OSTEOCLAST, OSTEOCYTE
 
 #: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 120.0
@@ -814,7 +814,8 @@ def _kept_osteoclast_ids(
         y0, y1 = max(0, rows.start - r), min(class_map.shape[0], rows.stop + r)
         x0, x1 = max(0, cols.start - r), min(band.width, cols.stop + r)
         cmc = _classes(class_map[y0:y1, x0:x1], band.packed)
-        bone = ((cmc == BONE) | (cmc == OSTEOCYTE)).astype(np.uint8)
+        # calcified cartilage is a resorbed surface too (TRAP+ cells at the junction sit on it)
+        bone = ((cmc == BONE) | (cmc == OSTEOCYTE) | (cmc == CARTILAGE)).astype(np.uint8)
         near = cv2.dilate(bone, disk) > 0
         near = near[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0]
         keep &= np.isin(ids, lab[near & comp])

@@ -39,7 +39,8 @@ class NetworkConfig:
     widths
         Channels at full resolution, then at 1/2, 1/4, 1/8 and 1/16 of the working resolution.
     n_outputs
-        5 class logits + 1 centre-map logit.
+        Class logits + 1 centre-map logit: 6 (codes 0-4) or 8 (with cartilage 5 and soft
+        tissue 6, networks trained with long-bone sections).
     """
 
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 96])
@@ -70,7 +71,7 @@ class HistoUNet(nn.Module):
     """Compact U-Net: full-res stem, four stride-2 stages, bilinear-upsampling decoder.
 
     Input: (N, 3, H, W) float in [0, 1] with H and W multiples of 16.
-    Output: (N, 6, H, W) logits (5 classes + centre map).
+    Output: (N, n_outputs, H, W) logits (classes, then the centre map).
     """
 
     def __init__(self, config: NetworkConfig | None = None) -> None:
