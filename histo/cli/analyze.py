@@ -12,6 +12,7 @@ from histo.cli._options import (
     add_pixel_size,
     add_roi_and_ranges,
     check_roi_and_ranges,
+    slide_analysis_kwargs,
 )
 from histo.cli._progress import progress_bar
 
@@ -62,16 +63,7 @@ def run(args: argparse.Namespace) -> int:
     with output_lock(out):
         for i, path in enumerate(args.slides, 1):
             with progress_bar(f"[{i}/{len(args.slides)}] {Path(path).name}") as progress:
-                outcome = analyze_one(
-                    path,
-                    out,
-                    pixel_size_um=args.pixel_size,
-                    model=args.model,
-                    roi=args.roi,
-                    ranges=args.ranges,
-                    progress=progress,
-                    device=args.device,
-                )
+                outcome = analyze_one(path, out, progress=progress, **slide_analysis_kwargs(args))
             outcomes.append(outcome)
             if outcome.ok:
                 row = outcome.row

@@ -14,6 +14,7 @@ from histo.cli._options import (
     add_pixel_size,
     add_roi_and_ranges,
     check_roi_and_ranges,
+    slide_analysis_kwargs,
 )
 from histo.io.formats import SLIDE_SUFFIXES
 
@@ -186,13 +187,9 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         resume=args.resume,
-        pixel_size_um=args.pixel_size,
-        model=args.model,
-        roi=args.roi,
-        ranges=args.ranges,
         groups=groups,
         reporter=_Bars(),
-        device=args.device,
+        **slide_analysis_kwargs(args),
     )
     out = Path(args.out)
     if not result.outcomes:
