@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 
 from histo.cli._options import (
-    add_device,
-    add_model,
-    add_pixel_size,
-    add_roi_and_ranges,
+    add_slide_options,
     check_roi_and_ranges,
     slide_analysis_kwargs,
 )
@@ -45,10 +42,7 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to analyse")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    add_pixel_size(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
-    add_model(parser)
-    add_roi_and_ranges(parser)
-    add_device(parser)
+    add_slide_options(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
 
 
 def run(args: argparse.Namespace) -> int:
