@@ -607,12 +607,11 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     HistoError
         The scheduler cannot be reached.
     """
-    import logging
-
     import dask
-    from distributed import Client, LocalCluster
 
-    from histo.runtime import WORKER_ENV
+    # distributed puts its config defaults into dask's on import: they must be there before
+    # the overrides below, whose exit would otherwise drop them
+    import distributed  # noqa: F401
 
     # worker-saturation 1.0: a worker holds only the slides it is running (one per thread), so
     # a worker that dies takes no queued slide down with it (each task on a dead worker counts
@@ -624,49 +623,69 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
             "distributed.admin.tick.limit": "1h",
         }
     ):
-        if scheduler:
-            try:
-                if Path(scheduler).is_file():
-                    client = Client(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT)
-                else:
-                    client = Client(scheduler, timeout=CONNECT_TIMEOUT)
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise HistoError(
-                    f"cannot reach the dask scheduler at {scheduler}: {_one_line(str(exc))}"
-                ) from None
-            try:
-                yield client
-            finally:
-                client.close()
-            return
-        n = workers or default_workers()
-        threads = max(1, (os.cpu_count() or 1) // n)
-        # the workers' environment, set before they start (replacing dask's default, whose
-        # MALLOC_TRIM_THRESHOLD_ makes every array a fresh mmap: 2x slower, histo.runtime)
-        environ = {
-            **WORKER_ENV,
-            **{f"{lib}_NUM_THREADS": str(threads) for lib in ("OMP", "MKL", "OPENBLAS")},
-        }
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-            cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                # the scheduler's health routes on any free port, not 8787: another cluster
-                # (a second batch, a notebook's dashboard) may hold that one
-                scheduler_kwargs={"dashboard_address": ":0"},
-                silence_logs=logging.ERROR,
-                memory_limit="auto",
-            )
-        try:
-            with Client(cluster) as client:
-                from histo._dask_worker import TuneWorker
+        clients = _remote_client(scheduler) if scheduler else _local_client(workers)
+        with clients as client:
+            yield client
 
-                client.register_plugin(TuneWorker(threads))
-                yield client
-        finally:
-            cluster.close()
+
+@contextlib.contextmanager
+def _remote_client(scheduler: str) -> Iterator:
+    """A client of the scheduler at an address or in a scheduler file."""
+    from distributed import Client
+
+    try:
+        if Path(scheduler).is_file():
+            client = Client(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT)
+        else:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise HistoError(
+            f"cannot reach the dask scheduler at {scheduler}: {_one_line(str(exc))}"
+        ) from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _local_client(workers: int | None) -> Iterator:
+    """A client of a local cluster of ``workers`` one-thread processes."""
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from histo.runtime import WORKER_ENV
+
+    n = workers or default_workers()
+    threads = max(1, (os.cpu_count() or 1) // n)
+    # the workers' environment, set before they start (replacing dask's default, whose
+    # MALLOC_TRIM_THRESHOLD_ makes every array a fresh mmap: 2x slower, histo.runtime)
+    environ = {
+        **WORKER_ENV,
+        **{f"{lib}_NUM_THREADS": str(threads) for lib in ("OMP", "MKL", "OPENBLAS")},
+    }
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            # the scheduler's health routes on any free port, not 8787: another cluster
+            # (a second batch, a notebook's dashboard) may hold that one
+            scheduler_kwargs={"dashboard_address": ":0"},
+            silence_logs=logging.ERROR,
+            memory_limit="auto",
+        )
+    try:
+        with Client(cluster) as client:
+            from histo._dask_worker import TuneWorker
+
+            client.register_plugin(TuneWorker(threads))
+            yield client
+    finally:
+        cluster.close()
 
 
 def run_batch(
@@ -731,38 +750,56 @@ def run_batch(
     t0, reporter = time.perf_counter(), reporter or BatchReporter()
     folder, out_dir = Path(folder), Path(out_dir)
     slides = find_slides(folder, exclude=[out_dir])
-    names = unique_names(slides, folder)
     # fail fast (exit 5 or 2) on missing or tampered weights, or a device missing here; the
     # workers of a remote scheduler have devices of their own, and check them themselves
     load_model(model, device="cpu" if scheduler else device)
     settings = BatchSettings.make(model, pixel_size_um, roi, ranges)
     with output_lock(out_dir):
         cleaned = clean_stale_partials(out_dir)
+        names = unique_names(slides, folder)
         outcomes, todo = _resumed_and_todo(slides, names, out_dir, settings, resume)
         resumed = len(outcomes)
         reporter.start(len(slides), resumed)
-        try:
-            if todo and workers == 0 and not scheduler:
-                _run_here(todo, out_dir, settings, outcomes, reporter, device)
-            elif todo:
-                _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device)
-        except (OutputError, ModelError, DeviceError):
-            _summarise_before_stopping(
-                out_dir, [outcomes[p] for p in slides if p in outcomes], groups
-            )
-            raise
-        finally:
-            reporter.close()
-        ordered = [outcomes[p] for p in slides if p in outcomes]
-        paths = write_summary(out_dir, ordered, groups)
-    return BatchResult(ordered, paths, resumed, cleaned, time.perf_counter() - t0)
+        run = _BatchRun(out_dir, settings, slides, outcomes, reporter, groups, device)
+        _run_todo(run, todo, workers, scheduler)
+        paths = write_summary(out_dir, run.ordered(), groups)
+    return BatchResult(run.ordered(), paths, resumed, cleaned, time.perf_counter() - t0)
 
 
-def _summarise_before_stopping(out_dir: Path, finished: list[SlideOutcome], groups) -> None:
-    """The batch stops (the error concerns every slide), but the slides finished so far keep
-    their rows: write the summary tables of those, if the folder still allows it."""
-    with contextlib.suppress(OutputError):
-        write_summary(out_dir, finished, groups)
+@dataclass
+class _BatchRun:
+    """What the slide runners of one batch share; ``outcomes`` fills in as slides finish."""
+
+    out_dir: Path
+    settings: BatchSettings
+    slides: list[Path]
+    outcomes: dict[Path, SlideOutcome]
+    reporter: BatchReporter
+    groups: dict[str, str] | None
+    device: str | None
+
+    def ordered(self) -> list[SlideOutcome]:
+        """The outcomes so far, in path order."""
+        return [self.outcomes[p] for p in self.slides if p in self.outcomes]
+
+
+def _run_todo(run: _BatchRun, todo: list[SlideJob], workers, scheduler) -> None:
+    """Run ``todo`` here (``workers == 0``, no scheduler) or on dask.
+
+    An error that concerns every slide stops the batch, but the slides finished so far keep
+    their rows: the summary tables of those are written first, if the folder still allows it.
+    """
+    try:
+        if todo and workers == 0 and not scheduler:
+            _run_here(run, todo)
+        elif todo:
+            _run_dask(run, todo, workers, scheduler)
+    except (OutputError, ModelError, DeviceError):
+        with contextlib.suppress(OutputError):
+            write_summary(run.out_dir, run.ordered(), run.groups)
+        raise
+    finally:
+        run.reporter.close()
 
 
 def _resumed_and_todo(
@@ -780,27 +817,28 @@ def _resumed_and_todo(
     return outcomes, todo
 
 
-def _run_here(todo, out_dir, settings, outcomes, reporter, device=None) -> None:
+def _run_here(run: _BatchRun, todo: list[SlideJob]) -> None:
     for job in todo:
 
         def progress(fraction: float, message: str, _name: str = job.name) -> None:
-            reporter.slide_progress(_name, fraction, message)
+            run.reporter.slide_progress(_name, fraction, message)
 
         outcome = run_slide(
             str(job.path),
-            str(out_dir),
+            str(run.out_dir),
             job.name,
-            asdict(settings),
+            asdict(run.settings),
             progress=progress,
-            device=device,
+            device=run.device,
         )
-        outcomes[job.path] = outcome
-        reporter.slide_done(outcome)
+        run.outcomes[job.path] = outcome
+        run.reporter.slide_done(outcome)
 
 
-def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, device=None) -> None:
+def _run_dask(run: _BatchRun, todo: list[SlideJob], workers, scheduler) -> None:
     from distributed import as_completed
 
+    reporter, settings = run.reporter, run.settings
     with dask_client(workers, scheduler) as client:
         client.subscribe_topic(
             PROGRESS_TOPIC,
@@ -814,11 +852,11 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, d
             fut = client.submit(
                 run_slide,
                 str(job.path.resolve()),
-                str(out_dir.resolve()),
+                str(run.out_dir.resolve()),
                 job.name,
                 s,
                 True,
-                device=device,
+                device=run.device,
                 key=f"histo-slide-{job.name}-{settings.digest()}-{os.getpid()}",
                 pure=False,
                 retries=0,
@@ -828,7 +866,7 @@ def _run_dask(todo, out_dir, settings, outcomes, reporter, workers, scheduler, d
             for fut in as_completed(list(futures)):
                 job = futures[fut]
                 outcome = _outcome_of(fut, job)
-                outcomes[job.path] = outcome
+                run.outcomes[job.path] = outcome
                 reporter.slide_done(outcome)
         except BaseException:
             client.cancel(list(futures))

@@ -47,6 +47,26 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_slide_options(parser: argparse.ArgumentParser, pixel_size_help: str) -> None:
+    """The options of the commands that analyse slides: --pixel-size, --model, --roi, --ranges
+    and --device (read back with :func:`slide_analysis_kwargs`)."""
+    add_pixel_size(parser, pixel_size_help)
+    add_model(parser)
+    add_roi_and_ranges(parser)
+    add_device(parser)
+
+
+def slide_analysis_kwargs(args: argparse.Namespace) -> dict:
+    """The analysis arguments of --pixel-size, --model, --roi, --ranges and --device."""
+    return {
+        "pixel_size_um": args.pixel_size,
+        "model": args.model,
+        "roi": args.roi,
+        "ranges": args.ranges,
+        "device": args.device,
+    }
+
+
 def check_roi_and_ranges(args: argparse.Namespace) -> None:
     """Fail before any slide runs when the --roi GeoJSON or the --ranges file is unusable."""
     if args.roi:

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 from histo.cli._options import (
-    add_device,
-    add_model,
-    add_pixel_size,
-    add_roi_and_ranges,
+    add_slide_options,
     check_roi_and_ranges,
+    slide_analysis_kwargs,
 )
 from histo.cli._progress import progress_bar
 
@@ -44,10 +42,7 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to analyse")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    add_pixel_size(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
-    add_model(parser)
-    add_roi_and_ranges(parser)
-    add_device(parser)
+    add_slide_options(parser, "level-0 pixel size in µm/px (overrides the file's metadata)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,16 +57,7 @@ def run(args: argparse.Namespace) -> int:
     with output_lock(out):
         for i, path in enumerate(args.slides, 1):
             with progress_bar(f"[{i}/{len(args.slides)}] {Path(path).name}") as progress:
-                outcome = analyze_one(
-                    path,
-                    out,
-                    pixel_size_um=args.pixel_size,
-                    model=args.model,
-                    roi=args.roi,
-                    ranges=args.ranges,
-                    progress=progress,
-                    device=args.device,
-                )
+                outcome = analyze_one(path, out, progress=progress, **slide_analysis_kwargs(args))
             outcomes.append(outcome)
             if outcome.ok:
                 row = outcome.row

@@ -9,11 +9,9 @@ from pathlib import Path
 
 from histo.batch import BatchReporter
 from histo.cli._options import (
-    add_device,
-    add_model,
-    add_pixel_size,
-    add_roi_and_ranges,
+    add_slide_options,
     check_roi_and_ranges,
+    slide_analysis_kwargs,
 )
 from histo.io.formats import SLIDE_SUFFIXES
 
@@ -81,18 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip slides whose outputs are complete for the same input and settings",
     )
-    add_pixel_size(
-        parser, "level-0 pixel size in µm/px for every slide (overrides the files' metadata)"
-    )
-    add_model(parser)
     parser.add_argument(
         "--sample-sheet",
         default=None,
         metavar="CSV",
         help="CSV with columns slide,group: the report compares the groups",
     )
-    add_roi_and_ranges(parser)
-    add_device(parser)
+    add_slide_options(
+        parser, "level-0 pixel size in µm/px for every slide (overrides the files' metadata)"
+    )
 
 
 class _Bars(BatchReporter):
@@ -186,13 +181,9 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         resume=args.resume,
-        pixel_size_um=args.pixel_size,
-        model=args.model,
-        roi=args.roi,
-        ranges=args.ranges,
         groups=groups,
         reporter=_Bars(),
-        device=args.device,
+        **slide_analysis_kwargs(args),
     )
     out = Path(args.out)
     if not result.outcomes:

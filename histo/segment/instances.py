@@ -298,14 +298,22 @@ def _flood(
     return True
 
 
-def _watershed_components(
-    centre: np.ndarray | list[np.ndarray],
-    comps: list[np.ndarray],
-    n_cc: int,
-    boxes: list[Box],
-    markers: list[np.ndarray],
-    width: int,
-) -> list[np.ndarray]:
+class _FloodJob(NamedTuple):
+    """Class-3 components to flood, each in its box of a window ``width`` pixels wide.
+
+    ``centre`` is the window's centre map or a list of each component's box of it; index 0 of
+    the lists is the background and is never flooded.
+    """
+
+    centre: np.ndarray | list[np.ndarray]
+    comps: list[np.ndarray]
+    n_cc: int
+    boxes: list[Box]
+    markers: list[np.ndarray]
+    width: int
+
+
+def _watershed_components(job: _FloodJob) -> list[np.ndarray]:
     """skimage's watershed of ``-centre`` from ``markers`` inside the class-3 components, run
     on the components' boxes packed side by side instead of on the whole window.
 
@@ -314,11 +322,11 @@ def _watershed_components(
     the priority queue (raster order of the window, kept here) and on the 4-neighbourhoods
     inside the mask (kept: boxes are separated by a zero gutter). All components are flooded in
     one queue, as on the window, so ties between equal priorities resolve the same way.
-    ``centre`` is the window's centre map or a list of each component's box of it.
     """
+    centre, comps, n_cc, boxes, markers, width = job
     ids = list(range(1, n_cc))
     if not PACKED_WATERSHED or not ids:
-        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
+        return _watershed_window(job)
     sizes = [
         (boxes[i][0].stop - boxes[i][0].start, boxes[i][1].stop - boxes[i][1].start) for i in ids
     ]
@@ -341,25 +349,19 @@ def _watershed_components(
     loc_c = np.concatenate(loc_canvas).astype(np.intp)
     order = np.argsort(np.concatenate(loc_window), kind="stable")
     if not _flood(image, loc_c[order], mask, output):
-        return _watershed_window(centre, comps, n_cc, boxes, markers, width)
+        return _watershed_window(job)
     out = [np.zeros(0, np.int32)] * n_cc
     for i, (py, px_), (h, w) in zip(ids, places, sizes, strict=True):
         out[i] = output[py : py + h, px_ : px_ + w].copy()
     return out
 
 
-def _watershed_window(
-    centre: np.ndarray | list[np.ndarray],
-    comps: list[np.ndarray],
-    n_cc: int,
-    boxes: list[Box],
-    markers: list[np.ndarray],
-    width: int,
-) -> list[np.ndarray]:
+def _watershed_window(job: _FloodJob) -> list[np.ndarray]:
     """``_watershed_components`` with skimage's public watershed on the whole window (the
     reference result; costs several bytes per window pixel)."""
     from skimage.segmentation import watershed
 
+    centre, comps, n_cc, boxes, markers, width = job
     ids = range(1, n_cc)
     height = max((boxes[i][0].stop for i in ids), default=0)
     shape = (height, width)
@@ -406,7 +408,9 @@ def split_osteoclasts(
     comps = _crops(cc, n_cc, boxes)
     del cc
     markers = _osteoclast_markers(class_map, centre, comps, n_cc, boxes, min_seed_px)
-    local = _watershed_components(centre, comps, n_cc, boxes, markers, class_map.shape[1])
+    local = _watershed_components(
+        _FloodJob(centre, comps, n_cc, boxes, markers, class_map.shape[1])
+    )
     for i in range(1, n_cc):
         rows, cols = boxes[i]
         np.copyto(out[rows, cols], local[i], where=comps[i])
@@ -839,7 +843,9 @@ def _decide_osteoclasts(
     comps = [np.zeros((0, 0), bool)] + [region.comp for region in regions]
     markers = [np.zeros(0, np.int32)] + [region.markers for region in regions]
     crops = [np.zeros(0, np.float32)] + [region.centre for region in regions]
-    local = _watershed_components(crops, comps, len(regions) + 1, boxes, markers, band.width)
+    local = _watershed_components(
+        _FloodJob(crops, comps, len(regions) + 1, boxes, markers, band.width)
+    )
     del markers, crops
     kept = []
     for j, region in enumerate(regions, start=1):

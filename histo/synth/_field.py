@@ -205,24 +205,10 @@ def build_field(
         p,
     )
     class_map = class_map_of(tissue, bone, res, ots)
-    marrow = class_map == classes.MARROW
-    paint_osteoclasts(rng, res, layers, pp.oc_nuclei, p)
-    populate_marrow(rng, MarrowSpace(marrow, distance_to(bone, p), res.keepout, p), layers, params)
-    finish_layers(layers, tissue, bone, res, ots)
-    params.update(
-        {
-            "n_osteoclasts": res.n_osteoclasts,
-            "n_lacunae": len(ots.occupied),
-            "n_empty_lacunae": int(sum(not v for v in ots.occupied.values())),
-            "periosteum_um": float(periost_um),
-        }
-    )
-    return assemble_field(
-        FieldGeometry(phenotype, p, tissue, bone_sdf, outline.depth_um, class_map, params),
-        res,
-        ots,
-        layers,
-    )
+    geo = FieldGeometry(phenotype, p, tissue, bone_sdf, outline.depth_um, class_map, params)
+    paint_cells(rng, geo, bone, res, ots, layers)
+    params.update(cell_counts(res, ots, float(periost_um)))
+    return assemble_field(geo, res, ots, layers)
 
 
 @dataclass
@@ -236,6 +222,35 @@ class FieldGeometry:
     depth_um: np.ndarray
     class_map: np.ndarray
     params: dict
+
+
+def paint_cells(
+    rng: np.random.Generator,
+    geo: FieldGeometry,
+    hard: np.ndarray,
+    res: Resorption,
+    ots: Osteocytes,
+    layers: CellLayers,
+) -> None:
+    """Paint the osteoclasts and the marrow cells into ``layers``, then clip them.
+
+    ``hard`` is the hard tissue (bone, and cartilage on a long bone) the marrow cells keep off.
+    """
+    p = geo.pixel_size_um
+    paint_osteoclasts(rng, res, layers, PHENOTYPE_PARAMS[geo.phenotype].oc_nuclei, p)
+    space = MarrowSpace(geo.class_map == classes.MARROW, distance_to(hard, p), res.keepout, p)
+    populate_marrow(rng, space, layers, geo.params)
+    finish_layers(layers, geo.tissue, hard, res, ots)
+
+
+def cell_counts(res: Resorption, ots: Osteocytes, periosteum_um: float) -> dict:
+    """The cell counts a section's parameters record."""
+    return {
+        "n_osteoclasts": res.n_osteoclasts,
+        "n_lacunae": len(ots.occupied),
+        "n_empty_lacunae": int(sum(not v for v in ots.occupied.values())),
+        "periosteum_um": periosteum_um,
+    }
 
 
 def assemble_field(

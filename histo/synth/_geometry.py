@@ -170,21 +170,6 @@ def _unit_gradient_sdf(f: np.ndarray, pixel_size_um: float) -> np.ndarray:
     return f / np.maximum(g, 1e-3)
 
 
-def _tissue(rng, shape, p):
-    """A rounded section outline with a glass margin; returns (tissue mask, depth µm)."""
-    h, w = shape
-    yy = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
-    xx = (np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1
-    ry = rng.uniform(0.78, 0.9)
-    rx = rng.uniform(0.78, 0.9)
-    n = rng.uniform(3.0, 6.0)  # superellipse exponent: rounded rectangle
-    r = (np.abs(yy[:, None] / ry) ** n + np.abs(xx[None, :] / rx) ** n) ** (1.0 / n)
-    wobble = smooth_noise(rng, shape, p, scale_um=max(h, w) * p / 6) * 0.03
-    tissue = (r + wobble) < 1.0
-    depth = cv2.distanceTransform(tissue.astype(np.uint8), cv2.DIST_L2, 5) * p
-    return tissue, depth.astype(np.float32)
-
-
 def _draw_ellipse(target: np.ndarray, e: Ellipse, value, soft: bool = False) -> None:
     sl = e.bbox(target.shape)
     if sl[0].stop <= sl[0].start or sl[1].stop <= sl[1].start:

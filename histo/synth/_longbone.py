@@ -22,17 +22,14 @@ import numpy as np
 from histo import classes
 from histo.regions import Region, RegionBox, RegionRules
 from histo.synth._cells import (
-    MarrowSpace,
     Osteocytes,
     Resorption,
     bone_surface,
     carve_empty_pits,
-    paint_osteoclasts,
     place_osteoclasts,
     place_osteocytes,
-    populate_marrow,
 )
-from histo.synth._field import FieldGeometry, assemble_field, distance_to, finish_layers
+from histo.synth._field import FieldGeometry, assemble_field, cell_counts, paint_cells
 from histo.synth._geometry import (
     PHENOTYPE_PARAMS,
     PHENOTYPES,
@@ -524,24 +521,16 @@ def build_long_bone(
     spacing, empty = params["osteocyte_spacing_um"], params["empty_lacuna_fraction"]
     ots = place_osteocytes(rng, bone, host, layers, spacing, empty, p)
     class_map = _class_map(lay, bone, cartilage, res, ots)
-    paint_osteoclasts(rng, res, layers, PHENOTYPE_PARAMS[phenotype].oc_nuclei, p)
-    marrow = MarrowSpace(class_map == classes.MARROW, distance_to(hard_mask, p), res.keepout, p)
-    populate_marrow(rng, marrow, layers, params)
-    finish_layers(layers, lay.tissue, hard_mask, res, ots)
+    geo = FieldGeometry(
+        phenotype, p, lay.tissue, hard.sdf, np.zeros(shape, np.float32), class_map, params
+    )
+    paint_cells(rng, geo, hard_mask, res, ots, layers)
     chondro = _paint_cartilage(rng, lay, cartilage, layers, p)
     _paint_soft_tissue(rng, lay, class_map == classes.SOFT_TISSUE, layers, p)
     junction = _junction_um(lay)
     box = _truth_box(lay, junction, rules or RegionRules())
     standard = box.mask(shape, p) & lay.envelope
-    params.update(
-        n_osteoclasts=res.n_osteoclasts,
-        n_lacunae=len(ots.occupied),
-        n_empty_lacunae=int(sum(not v for v in ots.occupied.values())),
-        periosteum_um=lay.periosteum_um,
-    )
-    geo = FieldGeometry(
-        phenotype, p, lay.tissue, hard.sdf, np.zeros(shape, np.float32), class_map, params
-    )
+    params.update(cell_counts(res, ots, lay.periosteum_um))
     fld = assemble_field(geo, res, ots, layers, cartilage=chondro.matrix)
     return LongBone(fld, _region_map(lay, params), standard, box, junction, chondro.lacunae)
 
