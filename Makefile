@@ -61,10 +61,6 @@ train: install
 	$(BIN)/histo train --out runs/histo-unet-ft4 --seed 4 \
 		--init runs/histo-unet-ft3/model.safetensors --lr 7e-4 --steps 1500 \
 		--surface-crops 0.4 --class-weights 1 1 1 2 4
-	# stage 6: 7 classes (cartilage, soft tissue): 35 % of the crops from long-bone sections
-	$(BIN)/histo train --out runs/histo-unet-lb --seed 5 \
-		--init runs/histo-unet-ft4/model.safetensors --lr 5e-4 --steps 400 \
-		--surface-crops 0.3 --class-weights 1 1 1 2 4 2 1 --long-bone-crops 0.35
 	cp runs/histo-unet-ft4/model.safetensors histo/models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
 		register_weights('unet', 'histo/models/histo-unet/model.safetensors')"
