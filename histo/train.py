@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -522,6 +523,117 @@ class TrainResult:
     history: list[dict]
 
 
+@dataclass
+class _TrainState:
+    """What a run carries from step to step, and what its checkpoint holds."""
+
+    config: TrainConfig
+    model: Any
+    optimizer: Any
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    elapsed0: float = 0.0  #: seconds of the run before this process resumed it
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def save_checkpoint(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "config": asdict(self.config),
+                "history": self.history,
+                "elapsed_s": self.elapsed(),
+            },
+            tmp,
+        )
+        tmp.replace(path)
+
+
+def _start(ckpt_path: Path, config: TrainConfig, resume: bool, dev) -> _TrainState:
+    """The network and optimiser: from the checkpoint (``resume``), ``--init`` or scratch."""
+    saved = None
+    if resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        config = TrainConfig(**saved["config"])
+    torch.manual_seed(config.seed)
+    model = HistoUNet(network_config(config)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = _TrainState(config, model, opt)
+    if saved is None and config.init_weights:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(grow_head(load_file(config.init_weights), config.n_classes))
+        log.info("initialised from %s", config.init_weights)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state.step = int(saved["step"])
+        state.history = list(saved["history"])
+        state.elapsed0 = float(saved.get("elapsed_s", 0.0))
+        log.info("resumed from %s at step %d", ckpt_path, state.step)
+    state.model = model.to(memory_format=torch.channels_last)
+    return state
+
+
+def _pools(config: TrainConfig, step: int, t0: float) -> tuple[SectionPool, SectionPool | None]:
+    """The pool of field sections and, when long-bone crops are asked for, of long bones."""
+
+    def ready(kind: str):
+        return lambda i, n: log.info(
+            "%s %d/%d ready (%.0f s)", kind, i, n, time.perf_counter() - t0
+        )
+
+    pool = SectionPool(config, step, progress=ready("pool section"))
+    long_bone_pool = None
+    if config.long_bone_fraction > 0:
+        long_bone_pool = SectionPool(
+            config, step, progress=ready("long-bone section"), long_bone=True
+        )
+    return pool, long_bone_pool
+
+
+def _log_step(state: _TrainState, loss: float, running: float, parts: dict, progress) -> None:
+    """Record and report one logged step (every 10 steps and the last)."""
+    config, step = state.config, state.step
+    state.history.append(
+        {"step": step, "loss": loss, "smoothed": running, **parts, "lr": _lr_at(step - 1, config)}
+    )
+    msg = (
+        f"step {step}/{config.steps} loss {loss:.4f} (smoothed {running:.4f}) "
+        f"ce {parts['ce']:.3f} dice {parts['dice']:.3f} centre {parts['centre']:.3f} "
+        f"{state.elapsed() / 60:.1f} min"
+    )
+    log.info(msg)
+    if progress:
+        progress(step / config.steps, msg)
+
+
+def _finish(state: _TrainState, out: Path, last_loss: float) -> TrainResult:
+    """Write the final weights, history and model.json; the run's result."""
+    config, step, wall = state.config, state.step, state.elapsed()
+    model = state.model.to("cpu").eval()
+    meta = {
+        "architecture": "HistoUNet",
+        "config": network_config(config).to_dict(),
+        "working_pixel_size_um": config.working_pixel_size_um,
+        "train_config": asdict(config),
+        "steps": step,
+        "wall_time_s": round(wall, 1),
+    }
+    weights = out / "model.safetensors"
+    sha = save_weights(model.to(memory_format=torch.contiguous_format), weights, meta)
+    (out / "history.json").write_text(json.dumps(state.history, indent=1))
+    (out / "model.json").write_text(json.dumps({**meta, "sha256": sha}, indent=1))
+    log.info("wrote %s (sha256 %s) after %d steps, %.1f min", weights, sha, step, wall / 60)
+    parameters = count_parameters(model)
+    return TrainResult(weights, sha, step, last_loss, wall, parameters, state.history)
+
+
 def train(
     out_dir: str | Path,
     config: TrainConfig | None = None,
@@ -553,137 +665,60 @@ def train(
         (:func:`histo.device.resolve_device`). On CUDA the forward pass runs under float16
         autocast with a gradient scaler; on the CPU and MPS in float32. Checkpoints and
         weights are saved from CPU copies, so a run can resume on another device.
+
+    Notes
+    -----
+    Torch's thread count is process-wide: the entry point sets it (``histo train`` uses
+    ``config.threads``), not this function.
     """
     from histo.device import device_name, resolve_device
 
-    config = config or TrainConfig()
     dev = resolve_device(device)
-    _check_config(config)
+    _check_config(config or TrainConfig())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    state = None
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        config = TrainConfig(**state["config"])
-    torch.set_num_threads(max(1, config.threads))
-    torch.manual_seed(config.seed)
-    model = HistoUNet(network_config(config)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    amp = _MixedPrecision(dev)
-    step = 0
-    history: list[dict] = []
-    elapsed0 = 0.0
-    if state is None and config.init_weights:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(grow_head(load_file(config.init_weights), config.n_classes))
-        log.info("initialised from %s", config.init_weights)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        history = list(state["history"])
-        elapsed0 = float(state.get("elapsed_s", 0.0))
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    model = model.to(memory_format=torch.channels_last)
+    state = _start(ckpt_path, config or TrainConfig(), resume, dev)
+    config = state.config
     log.info("config %s", json.dumps(asdict(config)))
-    log.info("network parameters: %d", count_parameters(model))
+    log.info("network parameters: %d", count_parameters(state.model))
     log.info("device %s (%s)", dev, device_name(dev))
-    t0 = time.perf_counter()
-    pool = SectionPool(
-        config,
-        step,
-        progress=lambda i, n: log.info(
-            "pool section %d/%d ready (%.0f s)", i, n, time.perf_counter() - t0
-        ),
-    )
-    long_bone_pool = None
-    if config.long_bone_fraction > 0:
-        long_bone_pool = SectionPool(
-            config,
-            step,
-            progress=lambda i, n: log.info(
-                "long-bone section %d/%d ready (%.0f s)", i, n, time.perf_counter() - t0
-            ),
-            long_bone=True,
-        )
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "config": asdict(config),
-                "history": history,
-                "elapsed_s": elapsed0 + time.perf_counter() - t0,
-            },
-            tmp,
-        )
-        tmp.replace(ckpt_path)
-
-    model.train()
-    running = None
-    last_loss = float("nan")
-    while step < config.steps:
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-            log.info("time limit reached at step %d", step)
+    pool, long_bone_pool = _pools(config, state.step, state.t0)
+    amp = _MixedPrecision(dev)
+    state.model.train()
+    running, last_loss = None, float("nan")
+    while state.step < config.steps:
+        if time_limit_s is not None and time.perf_counter() - state.t0 > time_limit_s:
+            log.info("time limit reached at step %d", state.step)
             break
-        if stop_at_step is not None and step >= stop_at_step:
-            log.info("stopping at step %d as asked", step)
+        if stop_at_step is not None and state.step >= stop_at_step:
+            log.info("stopping at step %d as asked", state.step)
             break
-        pool.advance(step)
-        if long_bone_pool is not None:
-            long_bone_pool.advance(step)
-        x, y, z = sample_batch(pool, config, step, long_bone_pool)
-        if dev.type != "cpu":
-            x, y, z = (t.to(dev, non_blocking=True) for t in (x, y, z))
-        x = x.to(memory_format=torch.channels_last)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, config)
-        loss, parts = amp.step(model, opt, x, y, z, config)
-        step += 1
-        last_loss = loss.item()
+        last_loss, parts = _train_step(state, pool, long_bone_pool, amp, dev)
         running = last_loss if running is None else 0.95 * running + 0.05 * last_loss
-        if step % 10 == 0 or step == config.steps:
-            rec = {
-                "step": step,
-                "loss": last_loss,
-                "smoothed": running,
-                **parts,
-                "lr": _lr_at(step - 1, config),
-            }
-            history.append(rec)
-            el = elapsed0 + time.perf_counter() - t0
-            msg = (
-                f"step {step}/{config.steps} loss {last_loss:.4f} (smoothed {running:.4f}) "
-                f"ce {parts['ce']:.3f} dice {parts['dice']:.3f} centre {parts['centre']:.3f} "
-                f"{el / 60:.1f} min"
-            )
-            log.info(msg)
-            if progress:
-                progress(step / config.steps, msg)
-        if step % config.checkpoint_every == 0:
-            save_checkpoint()
-    save_checkpoint()
-    wall = elapsed0 + time.perf_counter() - t0
-    model = model.to("cpu").eval()
-    meta = {
-        "architecture": "HistoUNet",
-        "config": network_config(config).to_dict(),
-        "working_pixel_size_um": config.working_pixel_size_um,
-        "train_config": asdict(config),
-        "steps": step,
-        "wall_time_s": round(wall, 1),
-    }
-    weights = out / "model.safetensors"
-    sha = save_weights(model.to(memory_format=torch.contiguous_format), weights, meta)
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    (out / "model.json").write_text(json.dumps({**meta, "sha256": sha}, indent=1))
-    log.info("wrote %s (sha256 %s) after %d steps, %.1f min", weights, sha, step, wall / 60)
-    return TrainResult(weights, sha, step, last_loss, wall, count_parameters(model), history)
+        if state.step % 10 == 0 or state.step == config.steps:
+            _log_step(state, last_loss, running, parts, progress)
+        if state.step % config.checkpoint_every == 0:
+            state.save_checkpoint(ckpt_path)
+    state.save_checkpoint(ckpt_path)
+    return _finish(state, out, last_loss)
+
+
+def _train_step(state: _TrainState, pool, long_bone_pool, amp, dev) -> tuple[float, dict]:
+    """One optimiser step on a fresh batch; advances ``state.step``."""
+    config, step = state.config, state.step
+    pool.advance(step)
+    if long_bone_pool is not None:
+        long_bone_pool.advance(step)
+    x, y, z = sample_batch(pool, config, step, long_bone_pool)
+    if dev.type != "cpu":
+        x, y, z = (t.to(dev, non_blocking=True) for t in (x, y, z))
+    x = x.to(memory_format=torch.channels_last)
+    for g in state.optimizer.param_groups:
+        g["lr"] = _lr_at(step, config)
+    loss, parts = amp.step(state.model, state.optimizer, x, y, z, config)
+    state.step += 1
+    return loss.item(), parts
 
 
 def export_checkpoint(out_dir: str | Path) -> tuple[Path, str]:

@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message.split(" (")[0])
             bar.refresh()
 
+    import torch
+
+    # torch's thread count is process-wide: set here, at the entry point
+    torch.set_num_threads(max(1, config.threads))
     try:
         result = train(
             out,
