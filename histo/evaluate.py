@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -246,6 +247,76 @@ def _call(indices: dict) -> str:
 INDEX_KEYS = ("BV/TV", "Oc.S/BS", "N.Oc/B.Pm", "N.Ot/B.Ar", "N.Oc", "N.Ot")
 
 
+class _Resampled(NamedTuple):
+    """A test slide and its truth at a model's working resolution."""
+
+    image: np.ndarray
+    class_map: np.ndarray
+    osteoclasts: np.ndarray
+    osteocytes: np.ndarray
+
+
+def _resampled(sec, scale: float) -> _Resampled:
+    return _Resampled(
+        np.ascontiguousarray(_resample(sec.image, scale)),
+        _resample(sec.class_map, scale, labels=True),
+        _resample(sec.osteoclast_labels, scale, labels=True),
+        _resample(sec.osteocyte_labels, scale, labels=True),
+    )
+
+
+def _measure(class_map, pixel_size_um: float, osteoclasts, osteocytes, image):
+    from histo.measure import measure
+
+    return measure(
+        class_map,
+        pixel_size_um,
+        osteoclast_labels=np.asarray(osteoclasts),
+        osteocyte_labels=np.asarray(osteocytes),
+        image=image,
+    )
+
+
+def _score_slide(
+    s: ModelScores, seg, data: _Resampled, spec, sec, tile_px: int, overlap_px: int
+) -> None:
+    """Segment one test slide with ``seg`` and add its pixels, objects and indices to ``s``."""
+    from histo.segment import segment_slide
+
+    t0 = time.perf_counter()
+    res = segment_slide(data.image, seg, tile_px=tile_px, overlap_px=overlap_px)
+    s.seconds += time.perf_counter() - t0
+    s.megapixels += data.image.shape[0] * data.image.shape[1] / 1e6
+    cm = np.asarray(res.class_map)
+    for c in range(N_CLASSES):
+        a, b = cm == c, data.class_map == c
+        s.inter[c] += float((a & b).sum())
+        s.sizes[c] += float(a.sum() + b.sum())
+    for key, tl, pl in (
+        ("osteoclast", data.osteoclasts, res.osteoclast_labels),
+        ("osteocyte", data.osteocytes, res.osteocyte_labels),
+    ):
+        for suffix, fn_match in (("", match_objects), (" (centroid)", match_centroids)):
+            tp, fp, fn = fn_match(tl, np.asarray(pl))
+            s.objects[key + suffix][0] += tp
+            s.objects[key + suffix][1] += fp
+            s.objects[key + suffix][2] += fn
+    wp = float(seg.working_pixel_size_um)
+    meas = _measure(cm, wp, res.osteoclast_labels, res.osteocyte_labels, data.image)
+    s.slides.append(
+        {
+            "slide": spec.index,
+            "phenotype": spec.phenotype,
+            "counterstain": spec.counterstain,
+            "pixel_size_um": spec.pixel_size_um,
+            "seed": spec.seed,
+            "indices": {key: float(meas.indices.get(key, float("nan"))) for key in INDEX_KEYS},
+            "truth": {key: float(sec.truth[key]) for key in INDEX_KEYS},
+            "call": _call(meas.indices),
+        }
+    )
+
+
 def evaluate(
     models: Sequence[str] = ("default", "classical"),
     n_slides: int | None = None,
@@ -284,8 +355,7 @@ def evaluate(
         Where the networks run: "auto" (default), "cpu", "cuda" or "mps"
         (:func:`histo.device.resolve_device`).
     """
-    from histo.measure import measure
-    from histo.segment import load_model, segment_slide
+    from histo.segment import load_model
 
     segmenters = {m: load_model(m, precision=precision, device=device) for m in models}
     scores = {m: ModelScores(m) for m in models}
@@ -293,63 +363,15 @@ def evaluate(
     specs = slide_specs(n_slides, field_um, max_px, seed_base)
     for k, spec in enumerate(specs):
         sec = _section(spec, cache_dir)
-        per_px = {}
+        per_px: dict[float, _Resampled] = {}
         for m, seg in segmenters.items():
             wp = float(seg.working_pixel_size_um)
             if wp not in per_px:
-                scale = spec.pixel_size_um / wp
-                per_px[wp] = (
-                    np.ascontiguousarray(_resample(sec.image, scale)),
-                    _resample(sec.class_map, scale, labels=True),
-                    _resample(sec.osteoclast_labels, scale, labels=True),
-                    _resample(sec.osteocyte_labels, scale, labels=True),
-                )
-            image, cm_true, oc_true, ot_true = per_px[wp]
-            t0 = time.perf_counter()
-            res = segment_slide(image, seg, tile_px=tile_px, overlap_px=overlap_px)
-            s = scores[m]
-            s.seconds += time.perf_counter() - t0
-            s.megapixels += image.shape[0] * image.shape[1] / 1e6
-            cm = np.asarray(res.class_map)
-            for c in range(N_CLASSES):
-                a, b = cm == c, cm_true == c
-                s.inter[c] += float((a & b).sum())
-                s.sizes[c] += float(a.sum() + b.sum())
-            for key, tl, pl in (
-                ("osteoclast", oc_true, res.osteoclast_labels),
-                ("osteocyte", ot_true, res.osteocyte_labels),
-            ):
-                for suffix, fn_match in (("", match_objects), (" (centroid)", match_centroids)):
-                    tp, fp, fn = fn_match(tl, np.asarray(pl))
-                    s.objects[key + suffix][0] += tp
-                    s.objects[key + suffix][1] += fp
-                    s.objects[key + suffix][2] += fn
-            meas = measure(
-                cm,
-                wp,
-                osteoclast_labels=np.asarray(res.osteoclast_labels),
-                osteocyte_labels=np.asarray(res.osteocyte_labels),
-                image=image,
-            )
-            ind = {key: float(meas.indices.get(key, float("nan"))) for key in INDEX_KEYS}
-            s.slides.append(
-                {
-                    "slide": spec.index,
-                    "phenotype": spec.phenotype,
-                    "counterstain": spec.counterstain,
-                    "pixel_size_um": spec.pixel_size_um,
-                    "seed": spec.seed,
-                    "indices": ind,
-                    "truth": {key: float(sec.truth[key]) for key in INDEX_KEYS},
-                    "call": _call(meas.indices),
-                }
-            )
+                per_px[wp] = _resampled(sec, spec.pixel_size_um / wp)
+            _score_slide(scores[m], seg, per_px[wp], spec, sec, tile_px, overlap_px)
         # the truth class map measured by the same engine: the floor of index errors
-        image, cm_true, oc_true, ot_true = next(iter(per_px.values()))
-        wp = next(iter(per_px))
-        meas = measure(
-            cm_true, wp, osteoclast_labels=oc_true, osteocyte_labels=ot_true, image=image
-        )
+        wp, data = next(iter(per_px.items()))
+        meas = _measure(data.class_map, wp, data.osteoclasts, data.osteocytes, data.image)
         truth_rows.append(
             {
                 "slide": spec.index,
