@@ -32,39 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--seed", type=int, default=d.seed, help="random seed (default %(default)s)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="crops per step (default %(default)s)"
-    )
-    parser.add_argument(
-        "--crop", type=int, default=d.crop_px, help="crop size in px (default %(default)s)"
-    )
-    parser.add_argument(
-        "--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
-    )
-    parser.add_argument(
-        "--pool-size", type=int, default=d.pool_size, help="sections held (default %(default)s)"
-    )
-    parser.add_argument(
-        "--refresh-every",
-        type=int,
-        default=d.refresh_every,
-        help="steps per replaced section (default %(default)s)",
-    )
-    parser.add_argument(
-        "--field",
-        type=int,
-        default=d.field_px,
-        help="section size in working px (default %(default)s)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=d.threads, help="torch threads (default %(default)s)"
-    )
+    for flag, kind, default, what in (
+        ("--seed", int, d.seed, "random seed"),
+        ("--steps", int, d.steps, "optimiser steps"),
+        ("--batch-size", int, d.batch_size, "crops per step"),
+        ("--crop", int, d.crop_px, "crop size in px"),
+        ("--lr", float, d.lr, "peak learning rate"),
+        ("--pool-size", int, d.pool_size, "sections held"),
+        ("--refresh-every", int, d.refresh_every, "steps per replaced section"),
+        ("--field", int, d.field_px, "section size in working px"),
+        ("--threads", int, d.threads, "torch threads"),
+        ("--long-bone-pool", int, d.long_bone_pool_size, "long-bone sections held"),
+        (
+            "--long-bone-refresh-every",
+            int,
+            d.long_bone_refresh_every,
+            "steps per replaced long-bone section",
+        ),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
     parser.add_argument(
         "--surface-crops",
         type=float,
@@ -91,18 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classes (cartilage 5 and soft tissue 6 besides codes 0-4; --init weights with 5 "
         "classes grow their head) (default %(default)s)",
     )
-    parser.add_argument(
-        "--long-bone-pool",
-        type=int,
-        default=d.long_bone_pool_size,
-        help="long-bone sections held (default %(default)s)",
-    )
-    parser.add_argument(
-        "--long-bone-refresh-every",
-        type=int,
-        default=d.long_bone_refresh_every,
-        help="steps per replaced long-bone section (default %(default)s)",
-    )
     parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
@@ -121,10 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histo.classes import N_ALL_CLASSES, N_CLASSES
     from histo.device import resolve_device
-    from histo.errors import HistoError
-    from histo.train import TrainConfig, train
+    from histo.train import train
 
     resolve_device(args.device)  # before any output: a missing device is exit status 2
     out = Path(args.out)
@@ -141,30 +113,7 @@ def run(args: argparse.Namespace) -> int:
     logger = logging.getLogger("histo.train")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
-    n_classes = N_ALL_CLASSES if args.long_bone_crops > 0 else N_CLASSES
-    weights = args.class_weights
-    if weights is None:
-        weights = TrainConfig().class_weights + [1.0] * (n_classes - N_CLASSES)
-    if len(weights) != n_classes:
-        raise HistoError(f"--class-weights takes {n_classes} weights, got {len(weights)}")
-    config = TrainConfig(
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        crop_px=args.crop,
-        lr=args.lr,
-        pool_size=args.pool_size,
-        refresh_every=args.refresh_every,
-        field_px=args.field,
-        threads=args.threads,
-        init_weights=str(Path(args.init).resolve()) if args.init else None,
-        surface_crop_fraction=args.surface_crops,
-        class_weights=[float(w) for w in weights],
-        n_classes=n_classes,
-        long_bone_fraction=args.long_bone_crops,
-        long_bone_pool_size=args.long_bone_pool,
-        long_bone_refresh_every=args.long_bone_refresh_every,
-    )
+    config = _config(args)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -202,6 +151,38 @@ def run(args: argparse.Namespace) -> int:
         + (f", registered as '{register}'" if register else "")
     )
     return 0
+
+
+def _config(args: argparse.Namespace):
+    """The run's TrainConfig from the command line (class weights checked against the classes)."""
+    from histo.classes import N_ALL_CLASSES, N_CLASSES
+    from histo.errors import HistoError
+    from histo.train import TrainConfig
+
+    n_classes = N_ALL_CLASSES if args.long_bone_crops > 0 else N_CLASSES
+    weights = args.class_weights
+    if weights is None:
+        weights = TrainConfig().class_weights + [1.0] * (n_classes - N_CLASSES)
+    if len(weights) != n_classes:
+        raise HistoError(f"--class-weights takes {n_classes} weights, got {len(weights)}")
+    return TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop_px=args.crop,
+        lr=args.lr,
+        pool_size=args.pool_size,
+        refresh_every=args.refresh_every,
+        field_px=args.field,
+        threads=args.threads,
+        init_weights=str(Path(args.init).resolve()) if args.init else None,
+        surface_crop_fraction=args.surface_crops,
+        class_weights=[float(w) for w in weights],
+        n_classes=n_classes,
+        long_bone_fraction=args.long_bone_crops,
+        long_bone_pool_size=args.long_bone_pool,
+        long_bone_refresh_every=args.long_bone_refresh_every,
+    )
 
 
 def _register(args: argparse.Namespace, out: Path, weights: Path) -> str | None:
