@@ -317,6 +317,18 @@ def _score_slide(
     )
 
 
+def _truth_row(spec, sec, pixel_size_um: float, data: _Resampled) -> dict:
+    """The true class map measured by the same engine: the floor of the index errors."""
+    meas = _measure(data.class_map, pixel_size_um, data.osteoclasts, data.osteocytes, data.image)
+    return {
+        "slide": spec.index,
+        "phenotype": spec.phenotype,
+        "indices": {key: float(meas.indices.get(key, float("nan"))) for key in INDEX_KEYS},
+        "truth": {key: float(sec.truth[key]) for key in INDEX_KEYS},
+        "call": _call(meas.indices),
+    }
+
+
 def evaluate(
     models: Sequence[str] = ("default", "classical"),
     n_slides: int | None = None,
@@ -369,18 +381,7 @@ def evaluate(
             if wp not in per_px:
                 per_px[wp] = _resampled(sec, spec.pixel_size_um / wp)
             _score_slide(scores[m], seg, per_px[wp], spec, sec, tile_px, overlap_px)
-        # the truth class map measured by the same engine: the floor of index errors
-        wp, data = next(iter(per_px.items()))
-        meas = _measure(data.class_map, wp, data.osteoclasts, data.osteocytes, data.image)
-        truth_rows.append(
-            {
-                "slide": spec.index,
-                "phenotype": spec.phenotype,
-                "indices": {key: float(meas.indices.get(key, float("nan"))) for key in INDEX_KEYS},
-                "truth": {key: float(sec.truth[key]) for key in INDEX_KEYS},
-                "call": _call(meas.indices),
-            }
-        )
+        truth_rows.append(_truth_row(spec, sec, *next(iter(per_px.items()))))
         if progress is not None:
             progress(
                 (k + 1) / len(specs),

@@ -156,8 +156,7 @@ def analyze_slide(
     progress
         ``progress(fraction, message)`` called as work advances.
     cancel
-        ``cancel() -> bool``; when it returns True the run stops with
-        :class:`histo.errors.Cancelled`.
+        ``cancel() -> bool``; True stops the run with :class:`histo.errors.Cancelled`.
     record
         Stored as ``input`` in the slide's indices.json (``histo batch --resume`` records the
         input path, size, mtime and a settings hash there).
@@ -165,11 +164,9 @@ def analyze_slide(
         Where the network runs: "auto" (default: CUDA, then MPS, then the CPU), "cpu", "cuda"
         or "mps" (:func:`histo.device.resolve_device`); recorded in indices.json.
     """
-    from histo.runtime import release_free_memory
-
     t0 = time.perf_counter()
     if model != "classical":
-        import_in_background("torch")  # ~1.3 s, while the slide is opened and tissue found
+        import_in_background("torch")  # while the slide is opened and its tissue found
     step = _Steps(progress, cancel)
     step(0.0, "opening")
     slide = _open(source, pixel_size_um, name)
@@ -179,9 +176,6 @@ def analyze_slide(
         ranges = _as_ranges(ranges)
         step(0.02, "finding tissue")
         tissue, segmenter = _prepare(slide, model, name, device)
-        # tissue detection's temporaries (tens of MB on a large slide) are not held through
-        # the segmentation
-        release_free_memory()
         run = _Run(name, str(model), step, region, ranges, tile_px)
         result = _run_with_store(slide, segmenter, tissue, run, out_dir, record)
         result.seconds = time.perf_counter() - t0
@@ -223,6 +217,7 @@ def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> Sli
 def _prepare(slide, model: str, name: str, device: str | None = None):
     """The slide's tissue mask and the segmenter, after the checks that need no segmentation."""
     from histo.io import detect_tissue
+    from histo.runtime import release_free_memory
     from histo.segment import load_model
 
     tissue = detect_tissue(slide)
@@ -231,6 +226,9 @@ def _prepare(slide, model: str, name: str, device: str | None = None):
     _check_colour(slide, tissue, name)
     segmenter = load_model(model, device=device)
     _check_resolution(slide, segmenter, name)
+    # tissue detection's temporaries (tens of MB on a large slide) are not held through the
+    # segmentation
+    release_free_memory()
     return tissue, segmenter
 
 
