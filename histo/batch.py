@@ -353,14 +353,12 @@ class BatchSettings:
 
 def _sha256(path: Path) -> str:
     """sha256 of a file's content; HistoError (one line) if it cannot be read."""
-    h = hashlib.sha256()
+    from histo.segment.registry import file_sha256
+
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise HistoError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return h.hexdigest()
 
 
 def model_fingerprint(model: str) -> str:
