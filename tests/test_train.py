@@ -181,3 +181,18 @@ def test_long_bone_crops_carry_cartilage_and_soft_tissue():
         _, y, _ = sample_batch(pool, config, step, long_bone)
         codes |= set(torch.unique(y).tolist())
     assert {5, 6} <= codes
+
+
+def test_dice_leaves_out_classes_absent_from_the_batch():
+    """Uniform scores on a batch that is all marrow: the Dice term is marrow's alone,
+    1 - (2 P/n + 1) / (P/n + P + 1) with P pixels and n classes; the six absent classes,
+    each near 1, would otherwise lift the mean towards 1."""
+    config = TrainConfig(n_classes=7, class_weights=[1.0] * 7)
+    h = w = 8
+    p, n = h * w, 7
+    out = torch.zeros(1, n + 1, h, w)
+    classes = torch.ones(1, h, w, dtype=torch.long)
+    _, parts = segmentation_loss(out, classes, torch.zeros(1, h, w), config)
+    expected = 1 - (2 * p / n + 1) / (p / n + p + 1)
+    assert abs(parts["dice"] - expected) < 1e-6
+    assert parts["dice"] < 0.8
