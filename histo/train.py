@@ -304,8 +304,19 @@ def bone_surface_points(class_map: np.ndarray, step: int = 4) -> np.ndarray:
     return np.argwhere(hit) * step
 
 
-#: share of long-bone crops centred on cartilage, a few percent of a section's area
-LONG_BONE_CARTILAGE_CROPS = 0.3
+#: shares of long-bone crops centred on cartilage (a few percent of a section's area) and on
+#: soft tissue outside bone (muscle and periosteum, which the field sections never show)
+LONG_BONE_TISSUE_CROPS = {CARTILAGE: 0.3, SOFT_TISSUE: 0.2}
+
+
+def _long_bone_tissue(rng: np.random.Generator) -> int | None:
+    """The tissue a long-bone crop is centred on (``LONG_BONE_TISSUE_CROPS``), or None."""
+    u = rng.random()
+    for code, share in LONG_BONE_TISSUE_CROPS.items():
+        if u < share:
+            return code
+        u -= share
+    return None
 
 
 def _pick_centre(
@@ -313,13 +324,15 @@ def _pick_centre(
 ) -> tuple[int, int] | None:
     """Where to centre a crop: on an osteoclast or lacuna half of the time; on the bone surface
     ``surface_crop_fraction`` of the time; else None. On a long-bone section
-    ``LONG_BONE_CARTILAGE_CROPS`` of the crops are first centred on cartilage (growth plate,
-    calcified cores: where lacunae must not become osteocytes)."""
+    ``LONG_BONE_TISSUE_CROPS`` of the crops are first centred on cartilage (growth plate,
+    calcified cores: where lacunae must not become osteocytes) or soft tissue."""
     w = cm.shape[1]
-    if long_bone and rng.random() < LONG_BONE_CARTILAGE_CROPS:
-        cart = np.flatnonzero(cm.ravel()[::97] == CARTILAGE)
-        if cart.size:
-            return divmod(int(cart[int(rng.integers(cart.size))]) * 97, w)
+    if long_bone:
+        tissue = _long_bone_tissue(rng)
+        if tissue is not None:
+            hits = np.flatnonzero(cm.ravel()[::97] == tissue)
+            if hits.size:
+                return divmod(int(hits[int(rng.integers(hits.size))]) * 97, w)
     u = rng.random()
     if u < 0.5:
         rare = np.flatnonzero(np.isin(cm.ravel()[::97], (OSTEOCLAST, OSTEOCYTE)))
