@@ -190,22 +190,36 @@ class _Cortices:
 
 
 def _cortices(envelope, bone, first_row: int, q: float) -> _Cortices:
-    """Cortical runs from both periosteal surfaces, thickness a running low quantile.
+    """Cortical runs from the outermost bone on both sides, thickness a running low quantile.
 
+    A run starts at the row's first bone inside the envelope rather than at the envelope's
+    edge, so soft tissue outside the periosteum taken for marrow does not empty the cortex.
     Trabeculae joining the endocortex lengthen a run and pits shorten it; the 10th percentile
-    over +-200 µm of rows follows the cortex and ignores most of both.
+    over +-200 µm of rows follows the cortex and ignores most of both; a running median of the
+    periosteal column bridges short gaps in the cortex.
     """
     rows = np.array([r for r in range(first_row, envelope.shape[0]) if envelope[r].any()], int)
     if len(rows) == 0:
         return _Cortices(rows, rows, rows, rows, rows)
     left = np.array([np.flatnonzero(envelope[r])[0] for r in rows])
     right = np.array([np.flatnonzero(envelope[r])[-1] + 1 for r in rows])
-    run_l = np.array([_bone_run(bone[r], c, 1) for r, c in zip(rows, left, strict=True)])
-    run_r = np.array([_bone_run(bone[r], c - 1, -1) for r, c in zip(rows, right, strict=True)])
     window = max(int(round(400.0 / q)), 3)
+    outer_l = np.array([_first_bone(bone[r], c, 1) for r, c in zip(rows, left, strict=True)])
+    outer_r = np.array([_first_bone(bone[r], c - 1, -1) for r, c in zip(rows, right, strict=True)])
+    run_l = np.array([_bone_run(bone[r], c, 1) for r, c in zip(rows, outer_l, strict=True)])
+    run_r = np.array([_bone_run(bone[r], c, -1) for r, c in zip(rows, outer_r, strict=True)])
     th_l = ndi.percentile_filter(run_l, 10, size=window, mode="nearest")
     th_r = ndi.percentile_filter(run_r, 10, size=window, mode="nearest")
-    return _Cortices(rows, left, right, left + th_l, right - th_r)
+    peri_l = ndi.median_filter(outer_l, size=window, mode="nearest")
+    peri_r = ndi.median_filter(outer_r, size=window, mode="nearest")
+    return _Cortices(rows, left, right, peri_l + th_l, peri_r + 1 - th_r)
+
+
+def _first_bone(row: np.ndarray, start: int, step: int) -> int:
+    """Column of the first bone pixel from ``start`` walking by ``step`` (``start`` if none)."""
+    seg = row[start::step] if step > 0 else row[start::-1]
+    hit = np.flatnonzero(seg)
+    return start + step * int(hit[0]) if len(hit) else start
 
 
 @dataclass
