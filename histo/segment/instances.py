@@ -669,6 +669,23 @@ def _block_osteoclasts(
     return _BlockOsteoclasts(regions, keys, next_id)
 
 
+def _in_cartilage(cc: np.ndarray, classes_w: np.ndarray, n_cc: int) -> np.ndarray:
+    """Per component of ``cc``: True where its rim (2 px around it) holds more cartilage than
+    bone. A lacuna in cartilage is a chondrocyte's, not an osteocyte's (Parfitt 1987: osteocytes
+    are cells in bone matrix), so it is removed like a speck."""
+    out = np.zeros(n_cc, bool)
+    cartilage = classes_w == CARTILAGE
+    if n_cc <= 1 or not cv2.countNonZero(cartilage.view(np.uint8)):
+        return out  # a field without cartilage: nothing to do
+    # the largest label within 2 px; float32 holds labels exactly up to 2**24
+    near = cv2.dilate(cc.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
+    rim = cc == 0
+    n_cart = np.bincount(near[rim & cartilage], minlength=n_cc)
+    n_bone = np.bincount(near[rim & (classes_w == BONE)], minlength=n_cc)
+    out[1:] = n_cart[1:] > n_bone[1:]
+    return out
+
+
 def _block_osteocytes(cmw: np.ndarray, band: _Band, win: _BlockWindow) -> _BlockOsteocytes | None:
     """The owned lacunae the block holds: order keys of the kept ones, their labels (sparse,
     1..n in key order), the removed specks and the owned pixels; None if the window must be
@@ -691,6 +708,7 @@ def _block_osteocytes(cmw: np.ndarray, band: _Band, win: _BlockWindow) -> _Block
     owned[ids] = True
     keep = np.zeros(n_cc, bool)
     keep[ids] = stats[ids, cv2.CC_STAT_AREA] * band.pixel_size_um**2 >= MIN_OSTEOCYTE_AREA_UM2
+    keep &= ~_in_cartilage(cc, _classes(cmw[s0:], band.packed), n_cc)
     lut = np.zeros(n_cc, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     speck_lut = owned & ~keep

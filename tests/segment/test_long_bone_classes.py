@@ -53,3 +53,32 @@ def test_cartilage_and_soft_tissue_survive_and_lacunae_in_cartilage_are_not_oste
         np.unique(np.asarray(res.osteoclast_labels)[np.asarray(res.osteoclast_labels) > 0])
     )
     assert n_found >= 0.9 * n_true
+
+
+def _blobs_inside(cm: np.ndarray, code: int, n: int, rng) -> list[tuple[int, int]]:
+    """Centres of ``n`` 5x5 blobs whose 9x9 surroundings are all ``code``."""
+    from scipy import ndimage as ndi
+
+    inner = ndi.binary_erosion(cm == code, np.ones((9, 9), bool))
+    ys, xs = np.nonzero(inner[::12, ::12])
+    pick = rng.choice(len(ys), n, replace=False)
+    return [(int(ys[i]) * 12, int(xs[i]) * 12) for i in pick]
+
+
+def test_a_lacuna_in_cartilage_is_not_an_osteocyte_but_one_in_bone_is(tibia):
+    """Class-4 blobs (100 µm² at 2 µm/px) painted inside cartilage are chondrocyte lacunae
+    and are dropped; the same blobs inside bone are counted, one osteocyte each."""
+    rng = np.random.default_rng(0)
+    cm = tibia.class_map.copy()
+    cm[cm == classes.OSTEOCYTE] = classes.BONE  # only the painted lacunae remain
+    in_cart = _blobs_inside(cm, classes.CARTILAGE, 20, rng)
+    in_bone = _blobs_inside(cm, classes.BONE, 20, rng)
+    for y, x in in_cart + in_bone:
+        cm[y - 2 : y + 3, x - 2 : x + 3] = classes.OSTEOCYTE
+    rgb = np.zeros(cm.shape + (3,), np.uint8)
+    rgb[..., 0] = cm
+    res = segment_slide(rgb, _TruthEncoded(), tile_px=256, overlap_px=32)
+    ot = np.asarray(res.osteocyte_labels)
+    assert sum(ot[y, x] > 0 for y, x in in_bone) == 20
+    assert sum(ot[y, x] > 0 for y, x in in_cart) == 0
+    assert len(np.unique(ot[ot > 0])) == 20
