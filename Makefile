@@ -61,7 +61,16 @@ train: install
 	$(BIN)/histo train --out runs/histo-unet-ft4 --seed 4 \
 		--init runs/histo-unet-ft3/model.safetensors --lr 7e-4 --steps 1500 \
 		--surface-crops 0.4 --class-weights 1 1 1 2 4
-	cp runs/histo-unet-ft4/model.safetensors histo/models/histo-unet/model.safetensors
+	$(BIN)/histo train --out runs/histo-unet-lb --seed 7 \
+		--init runs/histo-unet-ft4/model.safetensors --lr 1e-3 --steps 1200 \
+		--surface-crops 0.3 --class-weights 1 1 1 2 4 2 1 --long-bone-crops 0.5
+	$(BIN)/histo train --out runs/histo-unet-lb2 --seed 8 \
+		--init runs/histo-unet-lb/model.safetensors --lr 7e-4 --steps 1000 \
+		--surface-crops 0.3 --class-weights 1 1 1 2 4 2 2 --long-bone-crops 0.5
+	$(BIN)/histo train --out runs/histo-unet-lb3 --seed 9 \
+		--init runs/histo-unet-lb2/model.safetensors --lr 5e-4 --steps 1000 \
+		--surface-crops 0.4 --class-weights 1 1 1 2 4 2 2 --long-bone-crops 0.35
+	cp runs/histo-unet-lb3/model.safetensors histo/models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
 		register_weights('unet', 'histo/models/histo-unet/model.safetensors')"
 
