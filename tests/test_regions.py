@@ -68,17 +68,14 @@ def test_field_has_no_growth_plate():
     assert found.reason == "no growth plate found: measuring the whole field"
 
 
-def test_measurable_map_counts_cartilage_as_bone_and_leaves_old_maps_alone(sections):
-    from histo.measure import measure
-    from histo.regions import cartilage_fraction, measurable_class_map
-
-    field_map = make_section("oc-rich", 300, 1.0, seed=2).class_map
-    assert measurable_class_map(field_map) is field_map  # codes 0-4: measured as before
+def test_truth_counts_cartilage_with_bone_and_soft_tissue_outside(sections):
+    """The generator's truth is histo.measure on the true map in the true region: B.Ar is the
+    pixels of bone, osteocytes and cartilage there, T.Ar leaves soft tissue out."""
     s = sections["oc-poor", 2.0]
-    cm = measurable_class_map(s.class_map)
-    assert cm.max() <= 4
-    assert (cm[s.class_map == 5] == 2).all() and (cm[s.class_map == 6] == 0).all()
-    m = measure(cm, 2.0, roi=s.standard_region)
-    assert m.indices["B.Ar"] == pytest.approx(s.truth["B.Ar"])
-    cg = cartilage_fraction(s.class_map, s.standard_region)
-    assert cg == pytest.approx(s.truth["Cg.Ar/B.Ar"]) and cg > 5
+    cm, mm2 = s.class_map[s.standard_region], 4e-6  # mm² of a 2 µm pixel
+    bone_px = np.isin(cm, (2, 4, 5)).sum()
+    assert s.truth["B.Ar"] == pytest.approx(bone_px * mm2)
+    assert s.truth["T.Ar"] == pytest.approx(np.isin(cm, (1, 2, 3, 4, 5)).sum() * mm2)
+    cartilage = 100.0 * (cm == 5).sum() / bone_px
+    assert s.truth["Cg.Ar/B.Ar"] == pytest.approx(cartilage) and cartilage > 5
+
