@@ -70,6 +70,8 @@ class ResultsPanel(QGroupBox):
         self.evidence_label.setTextFormat(Qt.TextFormat.RichText)
         self.region_label = QLabel("")  #: which region the indices are for
         self.region_label.setWordWrap(True)
+        # a fixed height: a label that grows would resize (and redraw) the canvas
+        self.region_label.setFixedHeight(2 * self.region_label.fontMetrics().lineSpacing() + 4)
         self.region: str | None = None
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["Index", "Value", "Unit"])
