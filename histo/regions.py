@@ -26,7 +26,6 @@ field). The core never imports napari or Qt.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -43,8 +42,6 @@ __all__ = [
     "SectionRegions",
     "RegionSearch",
     "find_regions",
-    "measurable_class_map",
-    "cartilage_fraction",
 ]
 
 
@@ -361,32 +358,3 @@ def _full_regions(placed: _Placed, canon, shape, p: float, q: float, side: str, 
         junction_um=placed.junction_um,
         rules=rules,
     )
-
-
-def measurable_class_map(class_map: np.ndarray) -> np.ndarray:
-    """The class map in the codes 0-4 that :func:`histo.measure.measure` takes.
-
-    Cartilage (5) becomes bone matrix (2): B.Ar includes calcified cartilage (Parfitt et al.
-    1987; docs/measure.md, "Long-bone sections"). Soft tissue outside bone (6) becomes
-    background (0): muscle and periosteum are not tissue of the bone section. A map without
-    codes 5 and 6 is returned unchanged (the same array).
-    """
-    cm = np.asarray(class_map)
-    if not np.isin(cm, (classes.CARTILAGE, classes.SOFT_TISSUE)).any():
-        return cm
-    out = cm.copy()
-    out[cm == classes.CARTILAGE] = classes.BONE
-    out[cm == classes.SOFT_TISSUE] = classes.BACKGROUND
-    return out
-
-
-def cartilage_fraction(class_map: np.ndarray, region: np.ndarray | None = None) -> float:
-    """Cg.Ar/B.Ar (%, non-standard): cartilage share of bone area (classes 2, 4, 5) in ``region``.
-
-    NaN where the region holds no bone.
-    """
-    cm = np.asarray(class_map)
-    if region is not None:
-        cm = cm[np.asarray(region, bool)]
-    hard = np.count_nonzero(np.isin(cm, (classes.BONE, classes.OSTEOCYTE, classes.CARTILAGE)))
-    return 100.0 * np.count_nonzero(cm == classes.CARTILAGE) / hard if hard else math.nan

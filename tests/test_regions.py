@@ -68,17 +68,49 @@ def test_field_has_no_growth_plate():
     assert found.reason == "no growth plate found: measuring the whole field"
 
 
-def test_measurable_map_counts_cartilage_as_bone_and_leaves_old_maps_alone(sections):
-    from histo.measure import measure
-    from histo.regions import cartilage_fraction, measurable_class_map
-
-    field_map = make_section("oc-rich", 300, 1.0, seed=2).class_map
-    assert measurable_class_map(field_map) is field_map  # codes 0-4: measured as before
+def test_truth_counts_cartilage_with_bone_and_soft_tissue_outside(sections):
+    """The generator's truth is histo.measure on the true map in the true region: B.Ar is the
+    pixels of bone, osteocytes and cartilage there, T.Ar leaves soft tissue out."""
     s = sections["oc-poor", 2.0]
-    cm = measurable_class_map(s.class_map)
-    assert cm.max() <= 4
-    assert (cm[s.class_map == 5] == 2).all() and (cm[s.class_map == 6] == 0).all()
-    m = measure(cm, 2.0, roi=s.standard_region)
-    assert m.indices["B.Ar"] == pytest.approx(s.truth["B.Ar"])
-    cg = cartilage_fraction(s.class_map, s.standard_region)
-    assert cg == pytest.approx(s.truth["Cg.Ar/B.Ar"]) and cg > 5
+    cm, mm2 = s.class_map[s.standard_region], 4e-6  # mm² of a 2 µm pixel
+    bone_px = np.isin(cm, (2, 4, 5)).sum()
+    assert s.truth["B.Ar"] == pytest.approx(bone_px * mm2)
+    assert s.truth["T.Ar"] == pytest.approx(np.isin(cm, (1, 2, 3, 4, 5)).sum() * mm2)
+    cartilage = 100.0 * (cm == 5).sum() / bone_px
+    assert s.truth["Cg.Ar/B.Ar"] == pytest.approx(cartilage) and cartilage > 5
+
+
+def test_measured_regions_are_the_found_regions_as_um_polygons(sections):
+    """What viewers draw (MeasuredRegion.rois, µm): the standard box within half a pixel, the
+    growth plate, cortices and primary spongiosa within a search-grid pixel of their masks."""
+    import cv2
+
+    from histo.io.blocks import downsample_nearest
+    from histo.io.roi import polygons_mask
+    from histo.measure import measure
+    from histo.measure.regional import measure_by_region, search_grid
+
+    s, p = sections["normal", 2.0], 2.0
+    found = measure_by_region(s.class_map, p, lambda roi: measure(s.class_map, p, roi=roi))
+    rois = found.region.rois
+    small_shape, grid = search_grid(s.class_map.shape, p)
+    regions = find_regions(downsample_nearest(s.class_map, small_shape), grid).regions
+    ring = rois["standard"].polygons[0][0]
+    t, b, left, right = regions.box.edges()
+    # Roi vertices sit on pixel centres (pixel i centred on i p): edges move by half a pixel
+    got = [ring[:, 0].min(), ring[:, 0].max(), ring[:, 1].min(), ring[:, 1].max()]
+    assert got == pytest.approx([t - p / 2, b - p / 2, left - p / 2, right - p / 2], abs=1e-9)
+    r = int(round(grid / p)) + 1
+    band_disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    for key, mask in (
+        ("growth_plate", regions.growth_plate),
+        ("cortex", regions.cortex),
+        ("primary", regions.primary_spongiosa),
+    ):
+        full = cv2.resize(
+            mask.astype(np.uint8), s.class_map.shape[::-1], interpolation=cv2.INTER_NEAREST
+        )
+        drawn = polygons_mask(rois[key].in_pixels(p), s.class_map.shape)
+        band = cv2.dilate(full, band_disk) > cv2.erode(full, band_disk)
+        assert not ((drawn ^ (full > 0)) & ~band).any(), key
+        assert (drawn & (full > 0)).sum() / (drawn | (full > 0)).sum() > 0.9, key

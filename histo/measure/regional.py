@@ -64,7 +64,8 @@ class MeasuredRegion:
         Columns beside the main indices: ``section:``, ``cortex:``, ``primary:`` prefixed
         indices and ``N.Oc.junction``.
     rois
-        The regions in µm (standard, cortex, primary, junction), for outlines and viewers.
+        The regions in µm (standard, growth_plate, cortex, primary, junction), for outlines
+        and viewers.
     box_um
         The standard region's (top, bottom, left, right) in µm.
     growth_plate_side, junction_um
@@ -205,6 +206,7 @@ def measure_by_region(
     regions = search.regions
     rois = {"standard": _box_roi(regions.box, px)}
     for key, mask in (
+        ("growth_plate", regions.growth_plate),
         ("cortex", regions.cortex),
         ("primary", regions.primary_spongiosa),
         ("junction", _junction_zone(regions, grid)),

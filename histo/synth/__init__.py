@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import find_contours
 
-from histo.regions import Region, RegionBox, cartilage_fraction, measurable_class_map
+from histo.regions import Region, RegionBox
 from histo.synth._field import build_field
 from histo.synth._geometry import PHENOTYPE_PARAMS, PHENOTYPES, Field
 from histo.synth._longbone import SECTION_UM, LongBone, build_long_bone
@@ -261,18 +261,18 @@ def _build_long_bone(phenotype, shape, pixel_size_um, rng, overrides) -> LongBon
 def long_bone_truth(lb: LongBone) -> dict[str, float]:
     """Truth indices of a long-bone section's standard region (names of indices.csv).
 
-    Measured by :func:`histo.measure.measure` with the standard region as ROI on
-    :func:`histo.regions.measurable_class_map` (cartilage counted as bone matrix: B.Ar includes
-    calcified cartilage, as in Parfitt et al. 1987). Osteocyte counts use the generator's lacuna
-    occupancy. ``Cg.Ar/B.Ar`` (%, non-standard) is :func:`histo.regions.cartilage_fraction` of
-    the region.
+    :func:`histo.measure.measure` on the true class map (codes 0-6) inside the true standard
+    region, the one implementation the pipeline measures with: cartilage counts with bone
+    matrix (B.Ar includes calcified cartilage, Parfitt et al. 1987) and ``Cg.Ar/B.Ar`` is its
+    share; soft tissue (6) lies outside T.Ar. Osteocyte counts use the generator's lacuna
+    occupancy, which the class map does not hold.
     """
     from histo.measure import measure
 
     fld = lb.field
     region = lb.standard
     m = measure(
-        measurable_class_map(fld.class_map),
+        fld.class_map,
         fld.pixel_size_um,
         osteoclast_labels=fld.osteoclast_labels,
         osteocyte_labels=fld.osteocyte_labels,
@@ -287,7 +287,6 @@ def long_bone_truth(lb: LongBone) -> dict[str, float]:
             "N.Ot/B.Ar": occupied / b_ar if b_ar > 0 else math.nan,
             "Empty lacunae (non-standard)": float(empty),
             "N.TRAP+ off bone": 0.0,
-            "Cg.Ar/B.Ar": cartilage_fraction(fld.class_map, region),
         }
     )
     return indices

@@ -105,7 +105,10 @@ class SectionForm(Container):
         self.pixel_size.native.setSpecialValueText("unknown: enter µm/px")
         self.region = LayerChoice(
             viewer,
-            lambda layer: isinstance(layer, Shapes),
+            # not a run's regions layer: its standard region is re-measured on its own
+            lambda layer: (
+                isinstance(layer, Shapes) and layer.metadata.get("histo_kind") != "regions"
+            ),
             none_text="whole section",
             label="Region",
             tooltip="Measure only inside the shapes of a shapes layer (all of them; a shape "

@@ -68,6 +68,11 @@ class ResultsPanel(QGroupBox):
         self.evidence_label = QLabel("")
         self.evidence_label.setWordWrap(True)
         self.evidence_label.setTextFormat(Qt.TextFormat.RichText)
+        self.region_label = QLabel("")  #: which region the indices are for
+        self.region_label.setWordWrap(True)
+        # a fixed height: a label that grows would resize (and redraw) the canvas
+        self.region_label.setFixedHeight(2 * self.region_label.fontMetrics().lineSpacing() + 4)
+        self.region: str | None = None
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["Index", "Value", "Unit"])
         self.table.verticalHeader().setVisible(False)
@@ -78,6 +83,7 @@ class ResultsPanel(QGroupBox):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         box.addWidget(self.phenotype_label)
         box.addWidget(self.evidence_label)
+        box.addWidget(self.region_label)
         box.addWidget(self.table, stretch=1)
 
     def show_result(self, measurement: Any, call: Any) -> None:
@@ -99,6 +105,13 @@ class ResultsPanel(QGroupBox):
         banner, evidence = call_banner(call)
         self.phenotype_label.setText(banner)
         self.evidence_label.setText(evidence)
+
+    def show_region(self, name: str | None, reason: str = "") -> None:
+        """Say which region the indices are for (:mod:`histo.measure.regional` names)."""
+        from histo_napari._regions_layer import region_text
+
+        self.region = name
+        self.region_label.setText(region_text(name, reason))
 
     def indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""

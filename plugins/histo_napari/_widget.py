@@ -36,6 +36,7 @@ from histo_napari import _worker as jobs
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
+from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Shown(NamedTuple):
 def analyze_and_prepare(job: jobs.AnalysisJob, progress: Any = None) -> Shown:
     """Run the analysis and build its layers (worker thread)."""
     output = jobs.analyze(job, progress)
-    return Shown(output, run_layers(output))
+    return Shown(output, {**run_layers(output), **regions_layers(output)})
 
 
 def remeasure_and_prepare(job: jobs.CorrectionJob, place: Placement) -> Shown:
@@ -260,6 +261,7 @@ class HistoWidget(QWidget):
     def _finish_run(self, shown: Shown) -> None:
         output = shown.result
         self._show(output.result.measurement, output.result.phenotype)
+        self.results.show_region(*run_region(output.result))
         self.correct.class_map.value = shown.layers["class_map"]
         r = output.result
         self.controls.progress.value = PROGRESS_STEPS
@@ -324,11 +326,15 @@ class HistoWidget(QWidget):
         if job is None:
             return None
         place = Placement.of_layer(self.correct.class_map.value)
+        job, region = remeasure_region(
+            job, self.layers.get("regions"), self.correct.class_map.value
+        )
 
         def done(shown: Shown) -> None:
             out = shown.result
             self.last_remeasure_seconds = out.seconds
             self._show(out.measurement, out.phenotype)
+            self.results.show_region(region)
             self.layers.show(shown.layers)
             n_oc = out.measurement.indices.get("N.Oc", 0)
             self.controls.status.value = f"re-measured in {out.seconds:.2f} s: N.Oc {n_oc:g}"
@@ -370,7 +376,8 @@ class HistoWidget(QWidget):
                 return None
         try:
             path = write_indices_csv(
-                path, [indices_row(name, self.measurement.indices, self.phenotype)]
+                path,
+                [indices_row(name, self.measurement.indices, self.phenotype, self.results.region)],
             )
         except (HistoError, OSError) as exc:
             self._fail(exc)
