@@ -16,6 +16,7 @@ from histo.measure.regional import (
     REGION_WHOLE,
     measure_by_region,
 )
+from tests.helpers import measure_truth
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +27,8 @@ def tibia():
 
 
 def _measurer(sec):
-    def measure_roi(roi):
-        return measure(
-            sec.class_map,
-            sec.pixel_size_um,
-            osteoclast_labels=sec.osteoclast_labels,
-            osteocyte_labels=sec.osteocyte_labels,
-            roi=roi,
-        )
-
-    return measure_roi
+    """``measure_roi(roi)`` of the section's true class map, as the pipeline passes it."""
+    return lambda roi: measure_truth(sec, roi=roi)
 
 
 def test_a_long_bone_is_measured_in_its_standard_region(tibia):
