@@ -19,13 +19,6 @@ from histo.measure.regional import (
 from tests.helpers import measure_truth
 
 
-@pytest.fixture(scope="module")
-def tibia():
-    from histo.synth import make_section
-
-    return make_section("oc-rich", pixel_size_um=2.0, seed=4, anatomy="long-bone")
-
-
 def _measurer(sec):
     """``measure_roi(roi)`` of the section's true class map, as the pipeline passes it."""
     return lambda roi: measure_truth(sec, roi=roi)
