@@ -24,7 +24,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +57,69 @@ class _NullSink:
         pass
 
 
+class Workload(NamedTuple):
+    """What a child times: ``run()`` returns the object counts; ``rows`` is its height (px)."""
+
+    rows: int
+    run: Callable[[], Any]
+
+
+def _label_workload(model: Any, base: Any, width: int) -> Workload:
+    """``label_band`` on one band of network scores, tiled to ``width`` px."""
+    import numpy as np
+
+    from histo.segment.instances import label_band
+
+    n_cls = int(getattr(model, "n_outputs", 6)) - 1
+    h = 1216
+    scores = model.predict_scores(base[:h])
+    cm0 = np.argmax(scores[:n_cls], axis=0).astype(np.uint8)
+    alt0 = np.argmax(scores[:3], axis=0).astype(np.uint8)
+    ce0 = np.asarray(scores[n_cls], np.float32)
+    del scores
+    reps = -(-width // cm0.shape[1])
+
+    def tile(a):
+        return np.ascontiguousarray(np.tile(a, (1, reps))[:, :width])
+
+    cm, ce, alt = tile(cm0), tile(ce0), tile(alt0)
+    out = (np.zeros((h, width), np.int32), np.zeros((h, width), np.int32))
+
+    def run():
+        try:
+            return label_band(cm, ce, alt, 256, 960, 1.0, into=out)[3:]
+        except TypeError:  # an implementation without ``into``
+            return label_band(cm, ce, alt, 256, 960, 1.0)[3:]
+
+    return Workload(h, run)
+
+
+def _slide_workload(model: Any, base: Any, width: int) -> Workload:
+    """``segment_slide`` of a 2048-row slide ``width`` px wide (the field repeated), outputs
+    discarded."""
+    import numpy as np
+
+    from histo.segment import segment_slide
+
+    h, bw = 2048, base.shape[1]
+
+    def read(y, x, hh, ww):
+        return np.take(base[y : y + hh], np.arange(x, x + ww) % bw, axis=1)
+
+    sink = {"class_map": _NullSink(), "osteoclasts": _NullSink(), "osteocytes": _NullSink()}
+
+    def run():
+        r = segment_slide(read, model, sink=sink, shape=(h, width))
+        return r.n_osteoclasts, r.n_osteocytes
+
+    return Workload(h, run)
+
+
 def child(mode: str, width: int, model_name: str) -> dict:
     import tracemalloc
 
-    import numpy as np
-
     from histo.runtime import tune_gc, tune_malloc
-    from histo.segment import load_model, segment_slide
-    from histo.segment.instances import label_band
+    from histo.segment import load_model
     from histo.synth import make_section
 
     # the process settings of the ``histo`` command (the child is an entry point too)
@@ -70,53 +127,21 @@ def child(mode: str, width: int, model_name: str) -> dict:
     tune_gc()
 
     model = load_model(model_name)
-    n_cls = int(getattr(model, "n_outputs", 6)) - 1
     base = make_section("normal", 2048, 1.0, seed=0).image
-    if mode == "label":
-        h = 1216
-        scores = model.predict_scores(base[:h])
-        cm0 = np.argmax(scores[:n_cls], axis=0).astype(np.uint8)
-        alt0 = np.argmax(scores[:3], axis=0).astype(np.uint8)
-        ce0 = np.asarray(scores[n_cls], np.float32)
-        del scores
-        reps = -(-width // cm0.shape[1])
-
-        def tile(a):
-            return np.ascontiguousarray(np.tile(a, (1, reps))[:, :width])
-
-        cm, ce, alt = tile(cm0), tile(ce0), tile(alt0)
-        out = (np.zeros((h, width), np.int32), np.zeros((h, width), np.int32))
-
-        def run():
-            try:
-                return label_band(cm, ce, alt, 256, 960, 1.0, into=out)[3:]
-            except TypeError:  # an implementation without ``into``
-                return label_band(cm, ce, alt, 256, 960, 1.0)[3:]
-    else:
-        h = 2048
-        bw = base.shape[1]
-
-        def read(y, x, hh, ww):
-            return np.take(base[y : y + hh], np.arange(x, x + ww) % bw, axis=1)
-
-        sink = {"class_map": _NullSink(), "osteoclasts": _NullSink(), "osteocytes": _NullSink()}
-
-        def run():
-            r = segment_slide(read, model, sink=sink, shape=(h, width))
-            return r.n_osteoclasts, r.n_osteocytes
-
+    make = _label_workload if mode == "label" else _slide_workload
+    work = make(model, base, width)
     rss0 = _rss_kib()
     _reset_hwm()
     tracemalloc.start()
     t0 = time.perf_counter()
-    counts = run()
+    counts = work.run()
     dt = time.perf_counter() - t0
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return {
         "mode": mode,
         "width": width,
-        "rows": h,
+        "rows": work.rows,
         "traced_peak_mib": round(traced / 2**20, 1),
         "rss_growth_mib": round((_hwm_kib() - rss0) / 1024, 1),
         "seconds": round(dt, 1),

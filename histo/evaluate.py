@@ -329,6 +329,25 @@ def _truth_row(spec, sec, pixel_size_um: float, data: _Resampled) -> dict:
     }
 
 
+def _evaluate_slide(
+    spec: SlideSpec,
+    sec: _Section,
+    segmenters: dict,
+    scores: dict[str, ModelScores],
+    tile_px: int,
+    overlap_px: int,
+) -> dict:
+    """Score each segmenter on one slide, resampled once per working pixel size; returns the
+    truth map's row (measured at the first working pixel size)."""
+    per_px: dict[float, _Resampled] = {}
+    for m, seg in segmenters.items():
+        wp = float(seg.working_pixel_size_um)
+        if wp not in per_px:
+            per_px[wp] = _resampled(sec, spec.pixel_size_um / wp)
+        _score_slide(scores[m], seg, per_px[wp], spec, sec, tile_px, overlap_px)
+    return _truth_row(spec, sec, *next(iter(per_px.items())))
+
+
 def evaluate(
     models: Sequence[str] = ("default", "classical"),
     n_slides: int | None = None,
@@ -375,13 +394,7 @@ def evaluate(
     specs = slide_specs(n_slides, field_um, max_px, seed_base)
     for k, spec in enumerate(specs):
         sec = _section(spec, cache_dir)
-        per_px: dict[float, _Resampled] = {}
-        for m, seg in segmenters.items():
-            wp = float(seg.working_pixel_size_um)
-            if wp not in per_px:
-                per_px[wp] = _resampled(sec, spec.pixel_size_um / wp)
-            _score_slide(scores[m], seg, per_px[wp], spec, sec, tile_px, overlap_px)
-        truth_rows.append(_truth_row(spec, sec, *next(iter(per_px.items()))))
+        truth_rows.append(_evaluate_slide(spec, sec, segmenters, scores, tile_px, overlap_px))
         if progress is not None:
             progress(
                 (k + 1) / len(specs),

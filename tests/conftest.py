@@ -22,3 +22,11 @@ def synthetic_section():
         return _section(phenotype, size, pixel_size_um, seed, counterstain)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tibia():
+    """An oc-rich long-bone section (growth plate, cortex, marrow) at 2 µm/px, seed 4."""
+    from histo.synth import make_section
+
+    return make_section("oc-rich", pixel_size_um=2.0, seed=4, anatomy="long-bone")

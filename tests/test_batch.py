@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -242,101 +244,74 @@ def _start(cmd: list[str], **kw) -> subprocess.Popen:
     )
 
 
-def test_batch_on_a_distributed_cluster(tmp_path, slides, reference):
-    """A real scheduler and worker on loopback, started as processes; the batch runs there."""
-    bin_dir = Path(sys.executable).parent
+def _stop(*procs: subprocess.Popen | None) -> None:
+    """Terminate the processes, then wait for each (killing one that does not exit in 30 s)."""
+    running = [p for p in procs if p is not None]
+    for p in running:
+        p.terminate()
+    for p in running:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _scheduler_address(scheduler: subprocess.Popen, sched_file: Path, timeout_s=60.0) -> str:
+    """The address a starting ``dask scheduler`` writes to its scheduler file."""
+    deadline = time.monotonic() + timeout_s
+    while not sched_file.exists() or not sched_file.read_text().strip():
+        assert scheduler.poll() is None, scheduler.stderr.read()
+        assert time.monotonic() < deadline, "scheduler did not start"
+        time.sleep(0.2)
+    time.sleep(0.2)  # the file can be seen before its JSON is complete
+    return json.loads(sched_file.read_text())["address"]
+
+
+class DaskCluster(NamedTuple):
+    """A dask scheduler on loopback and the file it wrote its address to."""
+
+    address: str
+    scheduler_file: Path
+
+
+@pytest.fixture
+def dask_cluster(tmp_path) -> Iterator[DaskCluster]:
+    """A real scheduler and one single-threaded worker on loopback, started as processes."""
+    dask = str(Path(sys.executable).parent / "dask")
     sched_file = tmp_path / "scheduler.json"
+    loopback = ["--host", "127.0.0.1", "--no-dashboard"]
     scheduler = _start(
-        [
-            str(bin_dir / "dask"),
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-dashboard",
-            "--scheduler-file",
-            str(sched_file),
-        ]
+        [dask, "scheduler", *loopback, "--port", "0", "--scheduler-file", str(sched_file)]
     )
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists() or not sched_file.read_text().strip():
-            assert scheduler.poll() is None, scheduler.stderr.read()
-            assert time.monotonic() < deadline, "scheduler did not start"
-            time.sleep(0.2)
-        time.sleep(0.2)
-        address = json.loads(sched_file.read_text())["address"]
+        address = _scheduler_address(scheduler, sched_file)
         assert address.startswith("tcp://127.0.0.1:")
-        worker = _start(
-            [
-                str(bin_dir / "dask"),
-                "worker",
-                address,
-                "--nworkers",
-                "1",
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--host",
-                "127.0.0.1",
-            ]
-        )
-        out = tmp_path / "out"
-        proc = subprocess.run(
-            [
-                *HISTO,
-                "batch",
-                str(slides),
-                "--out",
-                str(out),
-                "--scheduler",
-                address,
-                "--model",
-                "classical",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=_env(),
-        )
-        assert proc.returncode == 0, proc.stderr
-        rows = read_csv(out / "indices.csv")
-        assert rows == reference
-        assert all((out / r["slide"] / "overlay.png").exists() for r in rows)
-        # the scheduler file works as the address too, and --resume reuses everything
-        proc = subprocess.run(
-            [
-                *HISTO,
-                "batch",
-                str(slides),
-                "--out",
-                str(out),
-                "--scheduler",
-                str(sched_file),
-                "--model",
-                "classical",
-                "--resume",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=_env(),
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "3 analysed (3 reused), 0 failed" in proc.stderr
+        worker = _start([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", *loopback])
+        yield DaskCluster(address, sched_file)
     finally:
-        for p in (worker, scheduler):
-            if p is not None:
-                p.terminate()
-        for p in (worker, scheduler):
-            if p is not None:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        _stop(worker, scheduler)
+
+
+def _histo_batch(slides: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """``histo batch SLIDES --out OUT --model classical OPTIONS`` in a child process."""
+    cmd = [*HISTO, "batch", str(slides), "--out", str(out), "--model", "classical", *options]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def test_batch_on_a_distributed_cluster(tmp_path, slides, reference, dask_cluster):
+    """The batch runs on a scheduler given by address or by scheduler file."""
+    out = tmp_path / "out"
+    proc = _histo_batch(slides, out, "--scheduler", dask_cluster.address)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(out / "indices.csv")
+    assert rows == reference
+    assert all((out / r["slide"] / "overlay.png").exists() for r in rows)
+    # the scheduler file works as the address too, and --resume reuses everything
+    proc = _histo_batch(slides, out, "--scheduler", str(dask_cluster.scheduler_file), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 analysed (3 reused), 0 failed" in proc.stderr
 
 
 def test_unreachable_scheduler_is_a_clear_error(monkeypatch):

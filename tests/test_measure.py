@@ -19,6 +19,7 @@ from histo.measure import (
     measure,
     measure_compartments,
 )
+from tests.helpers import measure_truth
 
 
 def disk(shape, cy, cx, r):
@@ -397,13 +398,7 @@ PERIMETER_BASED = ("B.Pm", "N.Oc/B.Pm", "Oc.S/BS", "Tb.Th", "Tb.Sp", "Tb.N")
 @pytest.mark.parametrize("phenotype", ["normal", "oc-rich", "oc-poor"])
 def test_synthetic_truth(synthetic_section, phenotype, pixel_size):
     s = synthetic_section(phenotype, size=1024, pixel_size_um=pixel_size, seed=11)
-    m = measure(
-        s.class_map,
-        pixel_size,
-        osteoclast_labels=s.osteoclast_labels,
-        osteocyte_labels=s.osteocyte_labels,
-        image=s.image,
-    )
+    m = measure_truth(s, image=s.image)
     got, truth = m.indices, s.truth
     for key in COUNTS:
         assert got[key] == truth[key], key

@@ -7,6 +7,7 @@ import pytest
 
 from histo import classes
 from histo.measure import measure
+from tests.helpers import measure_truth
 
 
 def _bar_map() -> np.ndarray:
@@ -43,19 +44,10 @@ def test_a_long_bone_map_without_cartilage_in_the_region_reports_a_zero_share():
     assert not math.isnan(m.indices["BV/TV"])
 
 
-def test_measure_on_the_raw_long_bone_map_is_the_generators_truth():
+def test_measure_on_the_raw_long_bone_map_is_the_generators_truth(tibia):
     """One rule: measuring the class map with codes 5 and 6 in the standard region gives the
     synthetic truth (which N.Ot aside is the same measurement)."""
-    from histo.synth import make_section
-
-    sec = make_section("oc-rich", pixel_size_um=2.0, seed=4, anatomy="long-bone")
-    m = measure(
-        sec.class_map,
-        2.0,
-        osteoclast_labels=sec.osteoclast_labels,
-        osteocyte_labels=sec.osteocyte_labels,
-        roi=sec.standard_region,
-    )
+    m = measure_truth(tibia, roi=tibia.standard_region)
     for name in ("BV/TV", "B.Pm", "N.Oc/B.Pm", "Oc.S/BS", "ES/BS", "Cg.Ar/B.Ar"):
-        assert m.indices[name] == pytest.approx(sec.truth[name], rel=1e-9), name
+        assert m.indices[name] == pytest.approx(tibia.truth[name], rel=1e-9), name
     assert m.indices["Cg.Ar/B.Ar"] > 1.0  # osteopetrotic cores persist in the region

@@ -16,26 +16,12 @@ from histo.measure.regional import (
     REGION_WHOLE,
     measure_by_region,
 )
-
-
-@pytest.fixture(scope="module")
-def tibia():
-    from histo.synth import make_section
-
-    return make_section("oc-rich", pixel_size_um=2.0, seed=4, anatomy="long-bone")
+from tests.helpers import measure_truth
 
 
 def _measurer(sec):
-    def measure_roi(roi):
-        return measure(
-            sec.class_map,
-            sec.pixel_size_um,
-            osteoclast_labels=sec.osteoclast_labels,
-            osteocyte_labels=sec.osteocyte_labels,
-            roi=roi,
-        )
-
-    return measure_roi
+    """``measure_roi(roi)`` of the section's true class map, as the pipeline passes it."""
+    return lambda roi: measure_truth(sec, roi=roi)
 
 
 def test_a_long_bone_is_measured_in_its_standard_region(tibia):

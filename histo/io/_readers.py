@@ -181,15 +181,10 @@ def _check_tiff_page(page: Any, name: str, fsize: int) -> None:
         raise SlideReadError(f"{name}: truncated (less uncompressed data than the image needs)")
 
 
-def open_tiff(path: Path) -> Opened:
-    """Open a TIFF-family file (OME-TIFF, SVS, NDPI, generic tiled or strip TIFF)."""
-    import logging
-
+def _open_tifffile(path: Path) -> Any:
+    """A ``tifffile.TiffFile`` of ``path``; SlideReadError if it is not a readable TIFF."""
     import tifffile
-    import zarr
 
-    name = path.name
-    logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:
         tf = tifffile.TiffFile(path)
         if len(tf.pages) == 0 and path.suffix.lower() == ".ndpi":
@@ -198,7 +193,57 @@ def open_tiff(path: Path) -> Opened:
             tf.close()
             tf = tifffile.TiffFile(path, is_ndpi=False)
     except Exception as exc:
-        raise SlideReadError(f"{name}: not a readable TIFF ({one_line(exc, 120)})") from None
+        raise SlideReadError(f"{path.name}: not a readable TIFF ({one_line(exc, 120)})") from None
+    return tf
+
+
+def _tiff_level(series: Any, k: int, name: str, fsize: int) -> LevelArray:
+    """Level ``k`` of a tifffile series as a lazy zarr array, its pages checked first."""
+    import zarr
+
+    level = series.levels[k]
+    page = level.keyframe
+    where = f"{name} level {k}"
+    _check_tiff_page(page, name, fsize)
+    if hasattr(page, "init_decode"):
+        page.init_decode()  # not thread-safe on first use: do it here, once
+    try:
+        array = zarr.open(series.aszarr(level=k), mode="r")
+    except SlideReadError:
+        raise
+    except Exception as exc:
+        raise SlideReadError(f"{where}: cannot read ({one_line(exc, 120)})") from None
+    axes = level.get_axes(True) if hasattr(level, "get_axes") else level.axes
+    shape = tuple(array.shape)
+    if len(axes) != len(shape):
+        axes = level.axes
+    # an alpha sample (extrasamples) stays in the layout: it is composited on white
+    layout = layout_from_axes(axes, shape, array.dtype, page.bitspersample, where)
+    return LevelArray(array, layout, where)
+
+
+def _tiff_pixel_size(tf: Any, series: Any, is_ndpi: bool) -> tuple[float | None, str | None]:
+    """µm per pixel at level 0 and its source: OME-XML, then Aperio MPP, then the resolution."""
+    ps, source = None, None
+    if tf.is_ome and tf.ome_metadata:
+        ps, source = _ome_physical_size(tf.ome_metadata, 0)
+    if ps is None and tf.is_svs:
+        ps = _aperio_mpp(tf.pages[0].description)
+        source = "Aperio MPP" if ps is not None else None
+    if ps is None:
+        ps = _tiff_resolution(series.levels[0].keyframe)
+        if ps is not None:
+            source = "NDPI resolution" if is_ndpi else "TIFF resolution"
+    return ps, source
+
+
+def open_tiff(path: Path) -> Opened:
+    """Open a TIFF-family file (OME-TIFF, SVS, NDPI, generic tiled or strip TIFF)."""
+    import logging
+
+    name = path.name
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    tf = _open_tifffile(path)
     try:
         try:
             series_list = tf.series
@@ -206,46 +251,14 @@ def open_tiff(path: Path) -> Opened:
             raise SlideReadError(f"{name}: corrupt TIFF ({one_line(exc, 120)})") from None
         if not series_list:
             raise SlideReadError(f"{name}: no image in the TIFF (truncated or corrupt)")
-        index = 0
         series = series_list[0]
         is_ndpi = 65420 in tf.pages.first.tags  # Hamamatsu FileFormat tag
         fmt = "NDPI" if is_ndpi else "SVS" if tf.is_svs else "OME-TIFF" if tf.is_ome else "TIFF"
         fsize = os.path.getsize(path)
-        levels: list[LevelArray] = []
-        for k, level in enumerate(series.levels):
-            page = level.keyframe
-            where = f"{name} level {k}"
-            _check_tiff_page(page, name, fsize)
-            if hasattr(page, "init_decode"):
-                page.init_decode()  # not thread-safe on first use: do it here, once
-            try:
-                store = series.aszarr(level=k)
-                array = zarr.open(store, mode="r")
-            except SlideReadError:
-                raise
-            except Exception as exc:
-                raise SlideReadError(f"{where}: cannot read ({one_line(exc, 120)})") from None
-            axes = level.get_axes(True) if hasattr(level, "get_axes") else level.axes
-            shape = tuple(array.shape)
-            if len(axes) != len(shape):
-                axes = level.axes
-            layout = layout_from_axes(axes, shape, array.dtype, page.bitspersample, where)
-            if layout.channel_axis == "last" and page.extrasamples and layout.n_channels in (2, 4):
-                pass  # alpha is the last sample: composited on white
-            levels.append(LevelArray(array, layout, where))
+        levels = [_tiff_level(series, k, name, fsize) for k in range(len(series.levels))]
         if levels and levels[0].shape[0] * levels[0].shape[1] == 0:
             raise SlideReadError(f"{name}: image has zero size")
-        page0 = series.levels[0].keyframe
-        ps, source = None, None
-        if tf.is_ome and tf.ome_metadata:
-            ps, source = _ome_physical_size(tf.ome_metadata, index)
-        if ps is None and tf.is_svs:
-            ps = _aperio_mpp(tf.pages[0].description)
-            source = "Aperio MPP" if ps is not None else None
-        if ps is None:
-            ps = _tiff_resolution(page0)
-            if ps is not None:
-                source = "NDPI resolution" if is_ndpi else "TIFF resolution"
+        ps, source = _tiff_pixel_size(tf, series, is_ndpi)
         return Opened(levels=levels, pixel_size_um=ps, pixel_size_source=source, handle=tf, fmt=fmt)
     except BaseException:
         tf.close()
@@ -279,6 +292,35 @@ def _ngff_scale(transforms: list | None, ndim: int) -> list[float]:
     return scale
 
 
+def _ngff_level_pixel_size(
+    ms: dict, ds: dict, axes: str, units: list[str | None], ndim: int
+) -> tuple[float | None, str | None]:
+    """µm per pixel along X of one NGFF dataset and its source; None without a scale
+    transform or with a unit histo does not know."""
+    ix = axes.index("X")
+    own, top = ds.get("coordinateTransformations"), ms.get("coordinateTransformations")
+    if not (own or top):
+        return None, None
+    unit = units[ix]
+    if unit is None:
+        factor, source = 1.0, "NGFF scale (no unit, taken as micrometer)"
+    elif unit in UNIT_TO_UM:
+        factor, source = UNIT_TO_UM[unit], "NGFF scale"
+    else:
+        return None, None
+    return _ngff_scale(own, ndim)[ix] * _ngff_scale(top, ndim)[ix] * factor, source
+
+
+def _zarr_array_image(node: Any, name: str) -> Opened:
+    """A bare zarr array (no NGFF metadata): (Y, X), (Y, X, S) or (C, Y, X)."""
+    shape = tuple(node.shape)
+    axes = {2: "YX", 3: "YXS" if shape[-1] <= 4 else "CYX"}.get(len(shape))
+    if axes is None:
+        raise SlideReadError(f"{name}: zarr array of shape {shape} is not an image")
+    layout = layout_from_axes(axes, shape, node.dtype, None, name)
+    return Opened(levels=[LevelArray(node, layout, name)], fmt="zarr")
+
+
 def open_zarr(path: Path) -> Opened:
     """Open an OME-Zarr image (NGFF multiscales, zarr v2 or v3) or a bare zarr array."""
     import zarr
@@ -289,23 +331,16 @@ def open_zarr(path: Path) -> Opened:
     except Exception as exc:
         raise SlideReadError(f"{name}: not a readable zarr store ({one_line(exc, 120)})") from None
     if isinstance(node, zarr.Array):
-        shape = tuple(node.shape)
-        axes = {2: "YX", 3: "YXS" if shape[-1] <= 4 else "CYX"}.get(len(shape))
-        if axes is None:
-            raise SlideReadError(f"{name}: zarr array of shape {shape} is not an image")
-        layout = layout_from_axes(axes, shape, node.dtype, None, name)
-        return Opened(levels=[LevelArray(node, layout, name)], fmt="zarr")
+        return _zarr_array_image(node, name)
     attrs = dict(node.attrs)
-    meta = attrs.get("ome", attrs)
-    multiscales = meta.get("multiscales")
+    multiscales = attrs.get("ome", attrs).get("multiscales")
     if not multiscales:
         raise SlideReadError(f"{name}: zarr group without NGFF 'multiscales' metadata")
     ms = multiscales[0]
     datasets = ms.get("datasets") or []
     if not datasets:
         raise SlideReadError(f"{name}: NGFF multiscales lists no datasets")
-    levels, sizes = [], []
-    unit_scale, source = None, None
+    levels, sizes, source = [], [], None
     for k, ds in enumerate(datasets):
         where = f"{name} level {k}"
         try:
@@ -314,24 +349,14 @@ def open_zarr(path: Path) -> Opened:
             raise SlideReadError(f"{where}: dataset {ds.get('path')!r} missing") from None
         shape = tuple(array.shape)
         axes, units = _ngff_axes(ms, len(shape))
-        layout = layout_from_axes(axes, shape, array.dtype, None, where)
-        levels.append(LevelArray(array, layout, where))
-        scale = _ngff_scale(ds.get("coordinateTransformations"), len(shape))
-        top = _ngff_scale(ms.get("coordinateTransformations"), len(shape))
-        ix = axes.index("X")
-        value = scale[ix] * top[ix]
-        if ds.get("coordinateTransformations") or ms.get("coordinateTransformations"):
-            unit = units[ix]
-            if unit is None:
-                factor, source = 1.0, "NGFF scale (no unit, taken as micrometer)"
-            elif unit in UNIT_TO_UM:
-                factor, source = UNIT_TO_UM[unit], "NGFF scale"
-            else:
-                factor = None
-            if factor is not None:
-                sizes.append(value * factor)
-                unit_scale = True
-    ps = sizes[0] if unit_scale and len(sizes) == len(levels) else None
+        levels.append(
+            LevelArray(array, layout_from_axes(axes, shape, array.dtype, None, where), where)
+        )
+        size, size_source = _ngff_level_pixel_size(ms, ds, axes, units, len(shape))
+        if size is not None:
+            sizes.append(size)
+            source = size_source
+    ps = sizes[0] if sizes and len(sizes) == len(levels) else None
     return Opened(
         levels=levels,
         pixel_size_um=ps,

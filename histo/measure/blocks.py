@@ -721,13 +721,7 @@ def measure_by_blocks(
             (osteoclast_labels, classes.OSTEOCLAST, "osteoclast_labels"),
             (osteocyte_labels, classes.OSTEOCYTE, "osteocyte_labels"),
         ):
-            sources.append(
-                GivenLabels(given, shape, name)
-                if given is not None
-                else ComponentLabels(
-                    class_map, code, shape, block_px, not isinstance(class_map, np.ndarray)
-                )
-            )
+            sources.append(_label_source(class_map, shape, given, code, name, block_px))
         region = None if roi is None else Region(roi, shape, px)
         plan = _plan(class_map, shape, px, rules, sources, region, _image_reader(image, shape))
         margin = max(margin_px, plan.per_margin, plan.ring_px + 1, _pit_margin(rules, px))
@@ -736,6 +730,16 @@ def measure_by_blocks(
         for source in sources:
             if isinstance(source, ComponentLabels):
                 source.close()
+
+
+def _label_source(
+    class_map: Any, shape: tuple[int, int], given: Any, code: int, name: str, block_px: int
+) -> GivenLabels | ComponentLabels:
+    """The instances of class ``code``: the ``given`` labels, else the class's 8-connected
+    components, labelled slide-wide (in a temporary zarr unless the map is in memory)."""
+    if given is not None:
+        return GivenLabels(given, shape, name)
+    return ComponentLabels(class_map, code, shape, block_px, not isinstance(class_map, np.ndarray))
 
 
 def _plan(class_map, shape, px, rules, sources, region, read_rgb) -> _Plan:

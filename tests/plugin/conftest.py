@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
-from histo_napari._bench import StallProbe
+
+# re-exported for test modules that import them from conftest; import from tests.plugin.helpers
+from tests.plugin.helpers import ScriptedPipeline, StallProbe, wait_for_run
 
 __all__ = ["ScriptedPipeline", "StallProbe", "wait_for_run"]
 
@@ -94,71 +91,6 @@ def errors(monkeypatch):
     return shown
 
 
-class ScriptedPipeline:
-    """Stands in for histo.pipeline.analyze_slide: the synthetic truth as the segmentation.
-
-    Honours ``progress`` and ``cancel`` like the real pipeline, in ``steps`` steps of
-    ``step_s`` seconds, and can be told to raise an error.
-    """
-
-    def __init__(self, section, steps: int = 5, step_s: float = 0.01):
-        self.section, self.steps, self.step_s = section, steps, step_s
-        self.raise_error: Exception | None = None
-        self.started = threading.Event()
-        self.calls: list[dict] = []
-
-    def __call__(
-        self,
-        source,
-        *,
-        pixel_size_um=None,
-        model="default",
-        roi=None,
-        name=None,
-        progress=None,
-        cancel=None,
-        **kwargs,
-    ):
-        from histo.errors import Cancelled
-        from histo.measure import measure
-
-        self.calls.append({"pixel_size_um": pixel_size_um, "model": model, "roi": roi})
-        self.started.set()
-        for k in range(self.steps):
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled")
-            if progress is not None:
-                progress(k / self.steps, f"step {k + 1}/{self.steps}")
-            time.sleep(self.step_s)
-        if self.raise_error is not None:
-            raise self.raise_error
-        s = self.section
-        image = np.asarray(source)
-        m = measure(
-            s.class_map,
-            s.pixel_size_um,
-            osteoclast_labels=s.osteoclast_labels,
-            osteocyte_labels=s.osteocyte_labels,
-            image=image,
-            roi=roi,
-        )
-        call = SimpleNamespace(
-            phenotype="oc-rich", confidence=0.9, evidence=["N.Oc/B.Pm high", "Ma.Ar/T.Ar 41% < 65%"]
-        )
-        return SimpleNamespace(
-            name=name or "image",
-            pixel_size_um=s.pixel_size_um,
-            source_pixel_size_um=pixel_size_um,
-            class_map=s.class_map.copy(),
-            osteoclast_labels=s.osteoclast_labels.copy(),
-            osteocyte_labels=s.osteocyte_labels.copy(),
-            measurement=m,
-            phenotype=call,
-            model=model,
-            seconds=0.0,
-        )
-
-
 @pytest.fixture
 def scripted_pipeline(monkeypatch, oc_rich_section):
     import histo.pipeline
@@ -166,8 +98,3 @@ def scripted_pipeline(monkeypatch, oc_rich_section):
     fake = ScriptedPipeline(oc_rich_section)
     monkeypatch.setattr(histo.pipeline, "analyze_slide", fake)
     return fake
-
-
-def wait_for_run(qtbot, widget, timeout_ms: int = 60_000) -> None:
-    """Wait until the widget's worker (run, re-measure or save) has finished."""
-    qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)

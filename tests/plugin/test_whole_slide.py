@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import StallProbe, wait_for_run
+
+from tests.plugin.helpers import StallProbe, wait_for_run
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 

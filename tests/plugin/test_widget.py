@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import ScriptedPipeline, StallProbe, wait_for_run
 
 from histo import classes
 from histo.errors import Cancelled, EmptyTissueError
+from tests.plugin.helpers import ScriptedPipeline, StallProbe, wait_for_run
 
 pytestmark = pytest.mark.gui
 

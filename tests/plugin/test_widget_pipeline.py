@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import wait_for_run
 
 from histo.errors import Cancelled
+from tests.plugin.helpers import wait_for_run
 
 pytest.importorskip("histo.phenotype")
 

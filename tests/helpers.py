@@ -1,0 +1,31 @@
+"""Helpers shared by the tests, imported as ``tests.helpers``.
+
+pytest puts the project root on ``sys.path`` (``pythonpath`` in pyproject.toml), so these
+import the same way whichever folders a run collects; ``conftest`` modules are for fixtures.
+"""
+
+from __future__ import annotations
+
+from histo.measure import Measurement, measure
+
+
+def measure_truth(section, pixel_size_um: float | None = None, **kwargs) -> Measurement:
+    """:func:`histo.measure.measure` of a synthetic section's true class map and instances.
+
+    Parameters
+    ----------
+    section : histo.synth.SyntheticSection
+        A section from :func:`histo.synth.make_section` (its class map, osteoclast and
+        osteocyte labels are measured).
+    pixel_size_um : float, optional
+        µm per pixel; the section's own by default.
+    **kwargs
+        ``image``, ``roi``, ``rules``: passed to :func:`histo.measure.measure`.
+    """
+    return measure(
+        section.class_map,
+        section.pixel_size_um if pixel_size_um is None else pixel_size_um,
+        osteoclast_labels=section.osteoclast_labels,
+        osteocyte_labels=section.osteocyte_labels,
+        **kwargs,
+    )
