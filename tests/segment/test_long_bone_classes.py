@@ -2,7 +2,6 @@
 instance labelling, and chondrocyte lacunae (cartilage) never become osteocytes."""
 
 import numpy as np
-import pytest
 
 from histo import classes
 from histo.segment import segment_slide
@@ -23,13 +22,6 @@ class _TruthEncoded:
             scores[c] = codes == c
         scores[7] = rgb[..., 1] / 255.0
         return scores
-
-
-@pytest.fixture(scope="module")
-def tibia():
-    from histo.synth import make_section
-
-    return make_section("oc-rich", pixel_size_um=2.0, seed=4, anatomy="long-bone")
 
 
 def test_cartilage_and_soft_tissue_survive_and_lacunae_in_cartilage_are_not_osteocytes(tibia):
