@@ -49,6 +49,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
+from histo.qc._confidence import ConfidenceSummary, MarginTally
 from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
@@ -96,6 +97,9 @@ class SegmentationResult:
         µm per pixel of these arrays (the model's working resolution).
     n_osteoclasts, n_osteocytes
         Number of labelled objects.
+    confidence
+        The network's margins (top class probability minus the second) over the slide:
+        histograms per class and a coarse map (:class:`histo.qc.ConfidenceSummary`).
     """
 
     class_map: Any
@@ -104,6 +108,7 @@ class SegmentationResult:
     pixel_size_um: float
     n_osteoclasts: int
     n_osteocytes: int
+    confidence: ConfidenceSummary | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -602,13 +607,23 @@ class RowBlender:
     their blending weights are not carried but summed again in the same order (they depend
     only on the tiling). Every pixel sums the same terms in the same order as a full-width
     accumulator would, so the result is identical.
+
+    A ``tally`` (:class:`histo.qc._confidence.MarginTally`) is given each final pixel of the
+    strip's owned columns with its class and margin (top probability minus the second).
     """
 
     def __init__(
-        self, schedule: TileSchedule, strip: Strip, n_outputs: int, rows: FinalRows
+        self,
+        schedule: TileSchedule,
+        strip: Strip,
+        n_outputs: int,
+        rows: FinalRows,
+        tally: MarginTally | None = None,
     ) -> None:
         self.schedule = schedule
         self.rows = rows
+        self.tally = tally
+        self.x0, self.own = strip.x0, (strip.own0 - strip.x0, strip.own1 - strip.x0)
         self.n_cls = n_outputs - 1
         self.width = strip.x1 - strip.x0
         self.xs = [x - strip.x0 for x in strip.xs]
@@ -714,6 +729,10 @@ class RowBlender:
         best = np.divide(win[0, :n, a:b], wsum)
         score = np.empty_like(best)
         gt = np.empty(best.shape, bool)
+        # the second-best score, for the margin (only when it is tallied)
+        second = low = None
+        if self.tally is not None:
+            second, low = np.zeros_like(best), np.empty_like(best)
         cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
         cm[...] = 0
         alt = None
@@ -723,9 +742,13 @@ class RowBlender:
             np.divide(win[k, :n, a:b], wsum, out=score)
             np.greater(score, best, out=gt)
             np.copyto(cm, np.uint8(k), where=gt)
+            if second is not None:
+                np.maximum(second, np.minimum(best, score, out=low), out=second)
             np.maximum(best, score, out=best)
         if alt is None:
             alt = cm << np.uint8(ALT_SHIFT)
+        if second is not None:
+            self._tally(cm, np.subtract(best, second, out=second), d0)
         # the centre map at the class-3 pixels only (the only ones label_band reads)
         ce = np.divide(win[self.n_cls, :n, a:b], wsum, out=score)
         np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
@@ -734,6 +757,13 @@ class RowBlender:
             piece = SparsePiece(self.acc_y0, d0, b - a, idx.astype(np.int32), ce.ravel()[idx])
             self.rows.centre.append(piece)
         cm |= alt
+
+    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int) -> None:
+        """Give the tally the owned columns of blended columns from strip column ``d0``."""
+        lo, hi = max(d0, self.own[0]), min(d0 + classes.shape[1], self.own[1])
+        if lo < hi:
+            cols = slice(lo - d0, hi - d0)
+            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0, self.x0 + lo)
 
 
 # ----------------------------------------------------------------------------- labelling
@@ -917,9 +947,10 @@ def _segment_strip(
     labeller: BandLabeller,
     n_outputs: int,
     ticker: _TileTicker,
+    tally: MarginTally | None = None,
 ) -> None:
     """Blend the strip's tiles row of tiles by row of tiles; label and write as rows finish."""
-    blender = RowBlender(schedule, strip, n_outputs, labeller.rows)
+    blender = RowBlender(schedule, strip, n_outputs, labeller.rows, tally)
     for iy in range(len(schedule.ys)):
         blender.start_row(iy)
         for ix in range(len(strip.xs)):
@@ -940,6 +971,7 @@ def _segment_strips(
     pixel_size_um: float,
     n_outputs: int,
     ticker: _TileTicker,
+    tally: MarginTally | None = None,
 ) -> ObjectCounts:
     """Segment the schedule's strips one after the other, each handing the next what its
     objects left in the next one's columns; returns the numbers of objects labelled."""
@@ -954,7 +986,7 @@ def _segment_strips(
         rows = FinalRows(capacity, strip.x1 - strip.x0)
         export = k + 1 < len(s.strips)
         labeller = BandLabeller(rows, strip, s, pixel_size_um, outputs, counts, handover, export)
-        _segment_strip(strip, s, feed, labeller, n_outputs, ticker)
+        _segment_strip(strip, s, feed, labeller, n_outputs, ticker, tally)
         handover = labeller.handover or StripHandover()
         del rows, labeller
         release_free_memory()  # the strip's buffers
@@ -1034,9 +1066,10 @@ def segment_slide(
     schedule = TileSchedule.plan(slide_shape, tile_px, overlap_px, px, strip_cols, align)
     ticker = _TileTicker(progress, cancel, schedule.n_tiles)
     feed = TileFeed(read, model, schedule, tissue)
+    n_outputs = int(getattr(model, "n_outputs", 6))
+    tally = MarginTally(n_outputs - 1, slide_shape, px)
     try:
-        n_outputs = int(getattr(model, "n_outputs", 6))
-        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker)
+        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker, tally)
     finally:
         feed.close()
     return SegmentationResult(
@@ -1046,4 +1079,5 @@ def segment_slide(
         px,
         counts.osteoclasts,
         counts.osteocytes,
+        tally.summary(),
     )
