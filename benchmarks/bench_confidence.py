@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         for j in _plan(args.split, args.n)
         if not args.kinds or j["kind"] in args.kinds
     ]
+    rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        rows = list(pool.map(_run_case, jobs))
+        for row in pool.map(_run_case, jobs):
+            rows.append(row)
+            print(", ".join(f"{k}={v}" for k, v in list(row.items())[:10]), flush=True)
     if args.csv:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(args.csv, "w", newline="") as f:

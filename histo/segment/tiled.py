@@ -11,6 +11,9 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below (:class:`BandLabeller`): every object belongs to
 the band that holds its top row, so it is labelled exactly once, whole, with a slide-wide
 label, whatever the tile size. Finished rows go to the output arrays (:class:`LabelOutputs`).
+While a pixel's class is chosen, the margin between its two best blended probabilities is
+counted per class and summed per block of a coarse map (:class:`histo.qc._confidence.MarginTally`;
+the model-confidence check of :mod:`histo.qc`).
 
 Slides wider than ``STRIP_COLS`` are segmented in column strips (:func:`strip_layout`), one
 after the other, each top to bottom on the slide's own tile grid with a few tiles of context
