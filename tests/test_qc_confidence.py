@@ -43,16 +43,15 @@ def test_shipped_model_carries_a_reference_for_its_own_weights(shipped):
     assert 0 < reference["max_share"] < reference["warn_above"] < reference["fail_above"] < 1
 
 
-@pytest.mark.parametrize(
-    ("kind", "seed", "status"), [("in-domain", 123, "pass"), ("h-and-e", 456, "fail")]
-)
-def test_signal_passes_in_domain_and_flags_h_and_e(shipped, kind, seed, status):
+@pytest.mark.parametrize(("kind", "seed"), [("in-domain", 123), ("h-and-e", 456)])
+def test_signal_passes_in_domain_and_flags_h_and_e(shipped, kind, seed):
     model, reference = shipped
     case = make_case(kind, seed, 640, 1.0, counterstain="hematoxylin")
     signal = confidence_signal(slide_summary(case.image, 1.0, model), reference)
-    assert signal.status == status
-    if status == "fail":
-        assert signal.value > reference["fail_above"]
+    if kind == "in-domain":
+        assert signal.status == "pass" and signal.value <= reference["max_share"] * 1.5
+    else:
+        assert signal.status in ("warn", "fail") and signal.value > reference["warn_above"]
         assert "unsure on" in signal.reason and "in-domain slides: at most" in signal.reason
 
 

@@ -30,6 +30,8 @@ MARGIN_BINS = 20
 LOW_MARGIN = 0.5
 #: side of the blocks of the coarse margin map (working px)
 MAP_BLOCK_PX = 8
+#: rows counted at a time (bounds the tally's temporaries)
+TALLY_ROWS = 128
 #: the reference's warn and fail limits on the unsure share: the largest share over its
 #: in-domain slides times these (chosen on validation slides, docs/qc.md; a factor rather
 #: than a fixed slack, so a model unsure on more pixels in-domain gets limits to match)
@@ -154,6 +156,12 @@ class MarginTally:
     def add(self, classes: np.ndarray, margin: np.ndarray, y0: int, x0: int) -> None:
         """Count a block of pixels: ``classes`` (h, w) class codes, ``margin`` (h, w) float32
         in [0, 1]; their top-left pixel is slide row ``y0``, column ``x0`` (working px)."""
+        # a few rows at a time: the temporaries stay small beside the blender's
+        for r in range(0, margin.shape[0], TALLY_ROWS):
+            rows = slice(r, r + TALLY_ROWS)
+            self._add_rows(classes[rows], margin[rows], y0 + r, x0)
+
+    def _add_rows(self, classes: np.ndarray, margin: np.ndarray, y0: int, x0: int) -> None:
         code = np.multiply(margin, self.bins - 1e-3, dtype=np.float32).astype(np.uint8)
         if self.n_classes * self.bins < 256:
             code += classes * np.uint8(self.bins)

@@ -733,9 +733,7 @@ class RowBlender:
         score = np.empty_like(best)
         gt = np.empty(best.shape, bool)
         # the second-best score, for the margin (only when it is tallied)
-        second = low = None
-        if self.tally is not None:
-            second, low = np.zeros_like(best), np.empty_like(best)
+        second = np.zeros_like(best) if self.tally is not None else None
         cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
         cm[...] = 0
         alt = None
@@ -746,7 +744,10 @@ class RowBlender:
             np.greater(score, best, out=gt)
             np.copyto(cm, np.uint8(k), where=gt)
             if second is not None:
-                np.maximum(second, np.minimum(best, score, out=low), out=second)
+                # max(second, min(best, score)) in place: second <= best, so it equals
+                # min(best, max(second, score)) (no temporary array)
+                np.maximum(second, score, out=second)
+                np.minimum(second, best, out=second)
             np.maximum(best, score, out=best)
         if alt is None:
             alt = cm << np.uint8(ALT_SHIFT)
