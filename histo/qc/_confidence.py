@@ -350,7 +350,7 @@ def _reference_dict(model, shares, pooled, n_slides, seed, size) -> dict:
         "max_share": round(most, 4),
         "warn_above": round(WARN_FACTOR * max(most, MIN_SHARE), 4),
         "fail_above": round(FAIL_FACTOR * max(most, MIN_SHARE), 4),
-        "shares": [round(v, 4) for v in shares],
+        "shares": [_finite_or_none(round(v, 4)) for v in shares],  # None: no tissue found
         "tissue_histogram": (pooled_summary.tissue_histogram / max(1, pooled[1:].sum()))
         .round(5)
         .tolist(),
