@@ -38,7 +38,7 @@ def shipped():
 
 def test_shipped_model_carries_a_reference_for_its_own_weights(shipped):
     model, reference = shipped
-    assert reference is not None
+    assert reference is not None and model.qc_reference == reference
     assert reference["model_sha256"] == model.sha256
     assert 0 < reference["max_share"] < reference["warn_above"] < reference["fail_above"] < 1
 
@@ -92,6 +92,7 @@ def test_reference_is_read_back_from_model_json_and_a_registry(tmp_path):
     assert read_qc_reference(locate_model(folder)) is None
     assert write_qc_reference(locate_model(folder), ref) == (folder / MODEL_JSON).resolve()
     assert read_qc_reference(locate_model(folder)) == ref
+    assert load_model(folder).qc_reference == ref
     assert json.loads((folder / MODEL_JSON).read_text())["sha256"] == sha  # kept
     # a registry entry
     reg = read_registry()
