@@ -102,7 +102,7 @@ class SegmentationResult:
         Number of labelled objects.
     confidence
         The network's margins (top class probability minus the second) over the slide:
-        histograms per class and a coarse map (:class:`histo.qc.ConfidenceSummary`).
+        histograms per class and a coarse map (:class:`histo.qc._confidence.ConfidenceSummary`).
     """
 
     class_map: Any
