@@ -57,7 +57,8 @@ class ConfidenceSummary:
         ``[i / bins, (i + 1) / bins)``, the last bin includes 1).
     margin_map : ndarray or None
         (ceil(H / block), ceil(W / block)) uint8: the mean margin of each block of
-        ``map_block_px`` x ``map_block_px`` working pixels, times 255 (glass is near 255).
+        ``map_block_px`` x ``map_block_px`` working pixels, times 255 (glass is near 255);
+        None unless asked for (``segment_slide(..., margin_map=True)``).
     map_block_px : int
         Block side of ``margin_map`` in working pixels.
     pixel_size_um : float

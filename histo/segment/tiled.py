@@ -52,7 +52,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
-from histo.qc._confidence import ConfidenceSummary, MarginTally
+from histo.qc._confidence import MAP_BLOCK_PX, ConfidenceSummary, MarginTally
 from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
@@ -1018,6 +1018,7 @@ def segment_slide(
     shape: tuple[int, int] | None = None,
     tissue: Any = None,
     strip_cols: int | None = None,
+    margin_map: bool = False,
 ) -> SegmentationResult:
     """Segment a whole slide tile by tile at the model's working resolution.
 
@@ -1052,6 +1053,11 @@ def segment_slide(
         slide is cut into strips of about equal width, so memory does not grow with the
         slide's width (see :func:`strip_layout`). The result is the same, but for the
         numbering of the objects (strip by strip).
+    margin_map
+        Also keep a map of the mean margin (top class probability minus the second) per
+        block of 8 x 8 px in ``result.confidence.margin_map`` (for a low-confidence layer).
+        It is an output that grows with the slide's area (4 bytes per block while summed);
+        the margin histograms are always kept (constant memory).
 
     Returns
     -------
@@ -1071,7 +1077,7 @@ def segment_slide(
     ticker = _TileTicker(progress, cancel, schedule.n_tiles)
     feed = TileFeed(read, model, schedule, tissue)
     n_outputs = int(getattr(model, "n_outputs", 6))
-    tally = MarginTally(n_outputs - 1, slide_shape, px)
+    tally = MarginTally(n_outputs - 1, slide_shape, px, block_px=MAP_BLOCK_PX if margin_map else 0)
     try:
         counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker, tally)
     finally:

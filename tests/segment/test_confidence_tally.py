@@ -41,7 +41,8 @@ def _image(shape, seed=0):
 def test_margin_histogram_and_map_match_the_known_margins():
     # two column strips and several rows of overlapping tiles: each pixel counted once
     image, red, green = _image((300, 2200))
-    res = segment_slide(image, _MarginFromColour(), tile_px=256, overlap_px=64, strip_cols=1100)
+    model = _MarginFromColour()
+    res = segment_slide(image, model, tile_px=256, overlap_px=64, strip_cols=1100, margin_map=True)
     hist = res.confidence.class_histograms
     assert hist.shape == (5, 20)
     margin = red / 255.0
@@ -60,6 +61,10 @@ def test_margin_histogram_and_map_match_the_known_margins():
     padded = np.pad(margin, ((0, 4), (0, 0)), constant_values=np.nan)
     block_mean = np.nanmean(padded.reshape(38, 8, 275, 8), axis=(1, 3))
     np.testing.assert_allclose(m / 255.0, block_mean, atol=1 / 255 + 1e-6)
+    # without the map (the default): the same histograms
+    plain = segment_slide(image, model, tile_px=256, overlap_px=64, strip_cols=1100)
+    assert plain.confidence.margin_map is None
+    np.testing.assert_array_equal(plain.confidence.class_histograms, hist)
 
 
 def test_tally_without_map_counts_only():
