@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "train the segmentation network on synthetic slides",
     "evaluate": "score the network and the classical baseline on held-out synthetic slides",
     "qc": "quality checks that need no segmentation: tissue, focus, stain, scale",
+    "qc-reference": "measure a model's in-domain confidence and store it with the model",
 }
 
 
@@ -43,7 +44,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name != chosen:
             sub.add_parser(name, help=help_line)
             continue
-        module = importlib.import_module(f"histo.cli.{name}")
+        module = importlib.import_module(f"histo.cli.{name.replace('-', '_')}")
         p = sub.add_parser(
             name,
             help=help_line,

@@ -74,6 +74,8 @@ class Segmenter:
     name: str = "segmenter"
     working_pixel_size_um: float = 1.0
     n_outputs: int = 6
+    #: the model-confidence reference stored with the model (None: not measured)
+    qc_reference: dict | None = None
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         """(n_outputs, h, w) float32: class probabilities, then the osteoclast centre map."""
@@ -315,7 +317,9 @@ def load_model(
     Returns
     -------
     Segmenter
-        With ``sha256`` set to the weights' checksum (None for the classical baseline).
+        With ``sha256`` set to the weights' checksum (None for the classical baseline) and
+        ``qc_reference`` to the model-confidence reference stored with it (None when it has
+        none; :func:`histo.segment.registry.read_qc_reference`).
 
     Raises
     ------
@@ -325,7 +329,7 @@ def load_model(
         The device asked for is not available.
     """
     from histo.segment.classical import ClassicalSegmenter
-    from histo.segment.registry import locate_model
+    from histo.segment.registry import locate_model, read_qc_reference
 
     if isinstance(name_or_path, Segmenter):
         return name_or_path
@@ -341,4 +345,5 @@ def load_model(
     entry = source.entry if source.entry.get("config") else None
     model = _load_safetensors(source.weights, entry, source.name, precision, device)
     model.sha256 = sha256
+    model.qc_reference = read_qc_reference(source)
     return model

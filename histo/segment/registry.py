@@ -159,6 +159,10 @@ class ModelSource:
         ``working_pixel_size_um``.
     recorded_in
         Where :attr:`sha256` was read ("registry" or "model.json").
+    described_in
+        The file holding :attr:`entry` (the registry JSON or the model folder's
+        ``model.json``; None for a bare weights file), where :func:`write_qc_reference`
+        stores the model's confidence reference.
     """
 
     name: str
@@ -166,6 +170,7 @@ class ModelSource:
     sha256: str | None
     entry: dict = field(default_factory=dict)
     recorded_in: str = "registry"  #: where :attr:`sha256` comes from, for messages
+    described_in: Path | None = None
 
     def verify(self) -> str:
         """Check the weights against :attr:`sha256` (when recorded); returns their sha256."""
@@ -216,13 +221,13 @@ def locate_model(name_or_path: str | Path, registry: str | Path | None = None) -
 def _from_registry(key: str, reg_path: Path, reg: dict | None = None) -> ModelSource:
     real, entry = resolve(key, reg if reg is not None else read_registry(reg_path))
     if entry.get("architecture") == "classical":
-        return ModelSource(real, None, None, entry)
+        return ModelSource(real, None, None, entry, described_in=reg_path.resolve())
     if "file" not in entry:
         raise ModelError(f"model {real!r} has no weights file in the registry")
     if not entry.get("sha256"):
         raise ModelError(f"model {real!r} has no sha256 in the registry; refusing to load it")
     weights = (reg_path.resolve().parent / entry["file"]).resolve()
-    return ModelSource(real, weights, entry["sha256"], entry)
+    return ModelSource(real, weights, entry["sha256"], entry, described_in=reg_path.resolve())
 
 
 def _from_path(path: Path) -> ModelSource:
@@ -243,7 +248,10 @@ def _from_path(path: Path) -> ModelSource:
             "file" in entry
             and (DEFAULT_REGISTRY.parent / entry["file"]).resolve() == path.resolve()
         ):
-            return ModelSource(name, path.resolve(), entry.get("sha256"), entry)
+            reg_file = DEFAULT_REGISTRY.resolve()
+            return ModelSource(
+                name, path.resolve(), entry.get("sha256"), entry, "registry", reg_file
+            )
     return ModelSource(path.stem, path.resolve(), None, {})
 
 
@@ -258,7 +266,10 @@ def _from_model_dir(folder: Path) -> ModelSource:
             raise ModelError(f"{folder / MODEL_JSON} is unreadable: {exc}") from None
         if not isinstance(meta, dict):
             raise ModelError(f"{folder / MODEL_JSON} is not a JSON object")
-    return ModelSource(folder.resolve().name, weights, meta.get("sha256"), meta, MODEL_JSON)
+    described = (folder / MODEL_JSON).resolve()
+    return ModelSource(
+        folder.resolve().name, weights, meta.get("sha256"), meta, MODEL_JSON, described
+    )
 
 
 def register_weights(
@@ -299,3 +310,52 @@ def register_weights(
 
     write_text_atomic(reg_path, json.dumps(registry, indent=2) + "\n")
     return entry
+
+
+#: key of a model's confidence reference in its registry entry or model.json
+QC_REFERENCE_KEY = "qc_reference"
+
+
+def read_qc_reference(source: ModelSource) -> dict | None:
+    """The model-confidence reference stored with a model (registry entry or model.json).
+
+    None when there is none, or when it was measured on other weights (its ``model_sha256``
+    differs from the model's): a retrained model must be measured again.
+    """
+    ref = source.entry.get(QC_REFERENCE_KEY)
+    if not isinstance(ref, dict):
+        return None
+    measured_on = ref.get("model_sha256")
+    if measured_on and source.sha256 and measured_on != source.sha256:
+        return None
+    return ref
+
+
+def write_qc_reference(source: ModelSource, reference: dict) -> Path:
+    """Store ``reference`` with the model: in its registry entry (``qc_reference``) or in its
+    folder's ``model.json``. Rewrites the file atomically; returns its path.
+
+    Raises
+    ------
+    histo.errors.ModelError
+        A bare weights file (no registry entry, no model.json) has nowhere to keep it.
+    """
+    from histo.io.atomic import write_text_atomic
+
+    path = source.described_in
+    if path is None:
+        raise ModelError(
+            f"model {source.name!r} is a bare weights file: put it in a model folder with a "
+            f"{MODEL_JSON} (or register it) to store its confidence reference"
+        )
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is unreadable: {exc}") from None
+    if source.recorded_in == MODEL_JSON:
+        data[QC_REFERENCE_KEY] = reference
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    else:
+        data["models"][source.name][QC_REFERENCE_KEY] = reference
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return path

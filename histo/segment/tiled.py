@@ -11,6 +11,9 @@ Rows of pixels become final as soon as the next row of tiles has been added. Obj
 ``MARGIN_UM`` µm of context above and below (:class:`BandLabeller`): every object belongs to
 the band that holds its top row, so it is labelled exactly once, whole, with a slide-wide
 label, whatever the tile size. Finished rows go to the output arrays (:class:`LabelOutputs`).
+While a pixel's class is chosen, the margin between its two best blended probabilities is
+counted per class and summed per block of a coarse map (:class:`histo.qc._confidence.MarginTally`;
+the model-confidence check of :mod:`histo.qc`).
 
 Slides wider than ``STRIP_COLS`` are segmented in column strips (:func:`strip_layout`), one
 after the other, each top to bottom on the slide's own tile grid with a few tiles of context
@@ -49,6 +52,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
+from histo.qc._confidence import MAP_BLOCK_PX, ConfidenceSummary, MarginTally
 from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
@@ -96,6 +100,9 @@ class SegmentationResult:
         µm per pixel of these arrays (the model's working resolution).
     n_osteoclasts, n_osteocytes
         Number of labelled objects.
+    confidence
+        The network's margins (top class probability minus the second) over the slide:
+        histograms per class and a coarse map (:class:`histo.qc._confidence.ConfidenceSummary`).
     """
 
     class_map: Any
@@ -104,6 +111,7 @@ class SegmentationResult:
     pixel_size_um: float
     n_osteoclasts: int
     n_osteocytes: int
+    confidence: ConfidenceSummary | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -602,13 +610,23 @@ class RowBlender:
     their blending weights are not carried but summed again in the same order (they depend
     only on the tiling). Every pixel sums the same terms in the same order as a full-width
     accumulator would, so the result is identical.
+
+    A ``tally`` (:class:`histo.qc._confidence.MarginTally`) is given each final pixel of the
+    strip's owned columns with its class and margin (top probability minus the second).
     """
 
     def __init__(
-        self, schedule: TileSchedule, strip: Strip, n_outputs: int, rows: FinalRows
+        self,
+        schedule: TileSchedule,
+        strip: Strip,
+        n_outputs: int,
+        rows: FinalRows,
+        tally: MarginTally | None = None,
     ) -> None:
         self.schedule = schedule
         self.rows = rows
+        self.tally = tally
+        self.x0, self.own = strip.x0, (strip.own0 - strip.x0, strip.own1 - strip.x0)
         self.n_cls = n_outputs - 1
         self.width = strip.x1 - strip.x0
         self.xs = [x - strip.x0 for x in strip.xs]
@@ -714,6 +732,8 @@ class RowBlender:
         best = np.divide(win[0, :n, a:b], wsum)
         score = np.empty_like(best)
         gt = np.empty(best.shape, bool)
+        # the second-best score, for the margin (only when it is tallied)
+        second = np.zeros_like(best) if self.tally is not None else None
         cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
         cm[...] = 0
         alt = None
@@ -723,9 +743,16 @@ class RowBlender:
             np.divide(win[k, :n, a:b], wsum, out=score)
             np.greater(score, best, out=gt)
             np.copyto(cm, np.uint8(k), where=gt)
+            if second is not None:
+                # max(second, min(best, score)) in place: second <= best, so it equals
+                # min(best, max(second, score)) (no temporary array)
+                np.maximum(second, score, out=second)
+                np.minimum(second, best, out=second)
             np.maximum(best, score, out=best)
         if alt is None:
             alt = cm << np.uint8(ALT_SHIFT)
+        if second is not None:
+            self._tally(cm, np.subtract(best, second, out=second), d0)
         # the centre map at the class-3 pixels only (the only ones label_band reads)
         ce = np.divide(win[self.n_cls, :n, a:b], wsum, out=score)
         np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
@@ -734,6 +761,13 @@ class RowBlender:
             piece = SparsePiece(self.acc_y0, d0, b - a, idx.astype(np.int32), ce.ravel()[idx])
             self.rows.centre.append(piece)
         cm |= alt
+
+    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int) -> None:
+        """Give the tally the owned columns of blended columns from strip column ``d0``."""
+        lo, hi = max(d0, self.own[0]), min(d0 + classes.shape[1], self.own[1])
+        if lo < hi:
+            cols = slice(lo - d0, hi - d0)
+            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0, self.x0 + lo)
 
 
 # ----------------------------------------------------------------------------- labelling
@@ -917,9 +951,10 @@ def _segment_strip(
     labeller: BandLabeller,
     n_outputs: int,
     ticker: _TileTicker,
+    tally: MarginTally | None = None,
 ) -> None:
     """Blend the strip's tiles row of tiles by row of tiles; label and write as rows finish."""
-    blender = RowBlender(schedule, strip, n_outputs, labeller.rows)
+    blender = RowBlender(schedule, strip, n_outputs, labeller.rows, tally)
     for iy in range(len(schedule.ys)):
         blender.start_row(iy)
         for ix in range(len(strip.xs)):
@@ -940,6 +975,7 @@ def _segment_strips(
     pixel_size_um: float,
     n_outputs: int,
     ticker: _TileTicker,
+    tally: MarginTally | None = None,
 ) -> ObjectCounts:
     """Segment the schedule's strips one after the other, each handing the next what its
     objects left in the next one's columns; returns the numbers of objects labelled."""
@@ -954,7 +990,7 @@ def _segment_strips(
         rows = FinalRows(capacity, strip.x1 - strip.x0)
         export = k + 1 < len(s.strips)
         labeller = BandLabeller(rows, strip, s, pixel_size_um, outputs, counts, handover, export)
-        _segment_strip(strip, s, feed, labeller, n_outputs, ticker)
+        _segment_strip(strip, s, feed, labeller, n_outputs, ticker, tally)
         handover = labeller.handover or StripHandover()
         del rows, labeller
         release_free_memory()  # the strip's buffers
@@ -982,6 +1018,7 @@ def segment_slide(
     shape: tuple[int, int] | None = None,
     tissue: Any = None,
     strip_cols: int | None = None,
+    margin_map: bool = False,
 ) -> SegmentationResult:
     """Segment a whole slide tile by tile at the model's working resolution.
 
@@ -1016,6 +1053,11 @@ def segment_slide(
         slide is cut into strips of about equal width, so memory does not grow with the
         slide's width (see :func:`strip_layout`). The result is the same, but for the
         numbering of the objects (strip by strip).
+    margin_map
+        Also keep a map of the mean margin (top class probability minus the second) per
+        block of 8 x 8 px in ``result.confidence.margin_map`` (for a low-confidence layer).
+        It is an output that grows with the slide's area (4 bytes per block while summed);
+        the margin histograms are always kept (constant memory).
 
     Returns
     -------
@@ -1034,9 +1076,10 @@ def segment_slide(
     schedule = TileSchedule.plan(slide_shape, tile_px, overlap_px, px, strip_cols, align)
     ticker = _TileTicker(progress, cancel, schedule.n_tiles)
     feed = TileFeed(read, model, schedule, tissue)
+    n_outputs = int(getattr(model, "n_outputs", 6))
+    tally = MarginTally(n_outputs - 1, slide_shape, px, block_px=MAP_BLOCK_PX if margin_map else 0)
     try:
-        n_outputs = int(getattr(model, "n_outputs", 6))
-        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker)
+        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker, tally)
     finally:
         feed.close()
     return SegmentationResult(
@@ -1046,4 +1089,5 @@ def segment_slide(
         px,
         counts.osteoclasts,
         counts.osteocytes,
+        tally.summary(),
     )
