@@ -27,15 +27,19 @@ from histo.errors import EmptyTissueError, HistoError
 
 __all__ = [
     "PHENOTYPES",
+    "UNCERTAIN",
     "PhenotypeCall",
     "ReferenceRanges",
     "calibrate",
     "call_phenotype",
     "load_ranges",
     "save_ranges",
+    "withhold_call",
 ]
 
 PHENOTYPES = ("normal", "oc-rich", "oc-poor")
+#: the call of a slide whose quality control failed: the indices cannot be trusted
+UNCERTAIN = "uncertain"
 
 _DEFAULT_SOURCE = (
     "histo defaults: normal mouse proximal tibia BV/TV about 10-21% (DOMAIN.md; Dempster et al. "
@@ -190,6 +194,31 @@ def call_phenotype(indices: Mapping, ranges: ReferenceRanges | None = None) -> P
         f"N.Oc/B.Pm {n_oc:.2f}/mm < {ranges.n_oc_b_pm_lower:g}/mm (osteoclasts absent: oc-poor)"
     )
     return PhenotypeCall("oc-poor", p_op * (1.0 - p_rich), evidence)
+
+
+def withhold_call(call: PhenotypeCall, qc_reasons: str) -> PhenotypeCall:
+    """The call of a slide whose quality control failed: ``uncertain``, no confidence.
+
+    Parameters
+    ----------
+    call : PhenotypeCall
+        The call the indices would give.
+    qc_reasons : str
+        Why quality control failed (``QCReport.reasons``).
+
+    Returns
+    -------
+    PhenotypeCall
+        ``uncertain`` with NaN confidence; the evidence says why and keeps what the indices
+        would have called, so a person who checks the slide can still see it.
+    """
+    evidence = [
+        f"quality control failed: {qc_reasons}" if qc_reasons else "quality control failed",
+        f"the indices alone would call {call.phenotype} (confidence {call.confidence:.2f}); "
+        "not called because they cannot be trusted on this slide",
+        *call.evidence,
+    ]
+    return PhenotypeCall(UNCERTAIN, math.nan, evidence)
 
 
 def calibrate(

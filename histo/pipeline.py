@@ -60,6 +60,8 @@ class SlideResult:
     provenance: dict = field(default_factory=dict)
     #: which region the indices are for (histo.measure.regional.MeasuredRegion)
     region: object = None
+    #: quality control of the slide and of what was found (histo.qc.QCReport)
+    qc: object = None
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
@@ -72,6 +74,7 @@ class SlideResult:
             self.phenotype,
             region=None if region is None else region.name,
             extra=None if region is None else region.extra,
+            qc=self.qc,
         )
 
 
@@ -175,9 +178,9 @@ def analyze_slide(
         region = _as_roi(roi, slide)
         ranges = _as_ranges(ranges)
         step(0.02, "finding tissue")
-        tissue, segmenter = _prepare(slide, model, name, device)
+        prepared = _prepare(slide, model, name, device, step)
         run = _Run(name, str(model), step, region, ranges, tile_px)
-        result = _run_with_store(slide, segmenter, tissue, run, out_dir, record)
+        result = _run_with_store(slide, prepared, run, out_dir, record)
         result.seconds = time.perf_counter() - t0
         step(1.0, f"{result.phenotype.phenotype} in {result.seconds:.1f} s")
         return result
@@ -197,11 +200,12 @@ class _Run:
     tile_px: int | None
 
 
-def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> SlideResult:
+def _run_with_store(slide, prepared: _Prepared, run: _Run, out_dir, record) -> SlideResult:
     """Analyse into a label store and write the outputs; the store is removed on failure."""
+    segmenter = prepared.segmenter
     store = LabelStore(out_dir, run.name, _working_shape(slide, segmenter), segmenter)
     try:
-        result = _analyze(slide, segmenter, tissue, store, run)
+        result = _analyze(slide, prepared, store, run)
         if out_dir is not None:
             run.step(0.9, "writing")
             result.out_dir = write_slide_outputs(
@@ -214,30 +218,51 @@ def _run_with_store(slide, segmenter, tissue, run: _Run, out_dir, record) -> Sli
     return result
 
 
-def _prepare(slide, model: str, name: str, device: str | None = None):
-    """The slide's tissue mask and the segmenter, after the checks that need no segmentation."""
-    from histo.io import detect_tissue
+@dataclass(frozen=True)
+class _Prepared:
+    """What is known of a slide before segmentation."""
+
+    tissue: object  #: histo.io.TissueMask
+    segmenter: object  #: histo.segment.Segmenter
+    qc: object  #: histo.qc.QCReport of the checks that need no segmentation
+
+
+def _prepare(slide, model: str, name: str, device: str | None, step: _Steps) -> _Prepared:
+    """The slide's tissue mask, its quality checks and the segmenter.
+
+    The thumbnail the tissue is found on also gives the colour check and the quality
+    checks' white point, so the slide is searched for tissue once.
+    """
+    from histo.io import read_thumbnail
+    from histo.io.tissue import tissue_mask_from_rgb
+    from histo.qc import check_slide
+    from histo.qc._sample import TISSUE_MASK_UM
     from histo.runtime import release_free_memory
     from histo.segment import load_model
 
-    tissue = detect_tissue(slide)
+    thumb = read_thumbnail(slide, TISSUE_MASK_UM)
+    tissue = tissue_mask_from_rgb(thumb, TISSUE_MASK_UM)  # as histo.io.detect_tissue
     if not tissue.mask.any():
         raise EmptyTissueError(f"{name}: no tissue found on the slide")
-    _check_colour(slide, tissue, name)
+    _check_colour(thumb, tissue, name)
+    step(0.03, "quality checks")
+    qc = check_slide(slide, tissue=tissue, thumbnail=thumb)
     segmenter = load_model(model, device=device)
     _check_resolution(slide, segmenter, name)
-    # tissue detection's temporaries (tens of MB on a large slide) are not held through the
-    # segmentation
+    # tissue detection's and the checks' temporaries (tens of MB on a large slide) are not
+    # held through the segmentation
+    del thumb
     release_free_memory()
-    return tissue, segmenter
+    return _Prepared(tissue, segmenter, qc)
 
 
-def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideResult:
-    """Segment into the label store, measure it block by block, call the phenotype."""
-    from histo.phenotype import call_phenotype
+def _analyze(slide, prepared: _Prepared, store: LabelStore, run: _Run) -> SlideResult:
+    """Segment into the label store, measure it block by block, judge what was found and call
+    the phenotype."""
     from histo.runtime import release_free_memory
     from histo.segment import segment_slide
 
+    segmenter, tissue = prepared.segmenter, prepared.tissue
     step = run.step
     step(0.05, "segmenting")
     tiling = {"tile_px": int(run.tile_px)} if run.tile_px else {}
@@ -258,6 +283,7 @@ def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideRes
     if measurement.indices.get("B.Ar", 0) == 0:
         raise EmptyTissueError(f"{run.name}: tissue found but no bone: nothing to measure")
     tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
+    qc, call = _judge(prepared.qc, measurement, run.ranges)
     return SlideResult(
         name=run.name,
         pixel_size_um=seg.pixel_size_um,
@@ -266,14 +292,28 @@ def _analyze(slide, segmenter, tissue, store: LabelStore, run: _Run) -> SlideRes
         osteoclast_labels=seg.osteoclast_labels,
         osteocyte_labels=seg.osteocyte_labels,
         measurement=measurement,
-        phenotype=call_phenotype(measurement.indices, run.ranges),
+        phenotype=call,
         model=run.model,
         seconds=0.0,
         tissue_megapixels=tissue_mp / 1e6,
         thumbnail=_thumbnail(slide, seg.class_map.shape, seg.pixel_size_um),
         provenance=segmenter.provenance(),
         region=regional.region,
+        qc=qc,
     )
+
+
+def _judge(slide_qc, measurement, ranges):
+    """(QCReport, PhenotypeCall): the slide's checks completed with the plausibility of what
+    was found; a failed report withholds the call (``uncertain``), a warning keeps it."""
+    from histo.phenotype import call_phenotype, withhold_call
+    from histo.qc import FAIL, check_analysis
+
+    qc = check_analysis(slide_qc, measurement)
+    call = call_phenotype(measurement.indices, ranges)
+    if qc.status == FAIL:
+        call = withhold_call(call, qc.reasons)
+    return qc, call
 
 
 def _as_roi(roi, slide):
@@ -469,12 +509,11 @@ def _partial_dir(out_dir: Path, name: str) -> Path:
 GRAYSCALE_SPREAD = 6
 
 
-def _check_colour(slide, tissue, name: str) -> None:
-    """Refuse grayscale slides: TRAP is told from its counterstain by colour alone."""
+def _check_colour(thumb: np.ndarray, tissue, name: str) -> None:
+    """Refuse grayscale slides: TRAP is told from its counterstain by colour alone
+    (``thumb``: the RGB thumbnail ``tissue`` was found on)."""
     from histo.errors import SlideReadError
-    from histo.io import read_thumbnail
 
-    thumb = read_thumbnail(slide, tissue.pixel_size_um)
     mask = tissue.mask[: thumb.shape[0], : thumb.shape[1]]
     pixels = thumb[: mask.shape[0], : mask.shape[1]][mask].astype(np.int16)
     if len(pixels) and np.percentile(np.ptp(pixels, axis=1), 99) < GRAYSCALE_SPREAD:
@@ -610,6 +649,8 @@ def _write_tables(result: SlideResult, partial: Path, maps: dict, record: dict |
     }
     if result.region is not None:
         meta["region"] = result.region.as_dict()
+    if result.qc is not None:
+        meta["qc"] = result.qc.to_dict()
     if record is not None:
         meta["input"] = record
     (partial / "indices.json").write_text(json.dumps(meta, indent=1, default=_json_value))

@@ -85,6 +85,8 @@ REPORT_COLUMNS = (
     ("Tb.Th", "µm"),
     ("Tb.N", "/mm"),
 )
+#: colour of each quality-control verdict (indices.csv ``qc``)
+QC_COLORS = {"pass": "#3a9d5d", "warn": "#d9a400", "fail": "#c23030"}
 #: indices compared between groups (box plots and Mann-Whitney tests)
 GROUP_COLUMNS = ("BV/TV", "N.Oc/B.Pm", "Oc.S/BS", "N.Ot/B.Ar")
 
@@ -260,6 +262,9 @@ td.l,th.l{text-align:left}tr:nth-child(even) td{background:#fafafa}
 .call{display:inline-block;padding:0 .5em;border-radius:.6em;color:#fff;font-weight:600}
 .fail td{text-align:left;white-space:normal}.fail td.err{white-space:nowrap;color:#a00}
 .note{color:#666;font-size:12px}.counts b{font-size:1.1em}
+tr.qc-warn td{background:#fff6d6}tr.qc-fail td{background:#fbe3e3}
+td.why{text-align:left;white-space:normal;min-width:22em}
+.qcflag td{text-align:left;white-space:normal;vertical-align:top}.qcflag img{width:160px}
 a{color:#1a5fb4}img{max-width:100%}
 """
 
@@ -305,9 +310,10 @@ def write_report_html(
 
     Notes
     -----
-    Sections (with element ids for tests): ``summary``, ``scatter`` (N.Oc/B.Pm against BV/TV
-    coloured by phenotype call), ``indices`` (table), ``groups`` and ``tests`` (with a sample
-    sheet), ``failures``, ``provenance`` (footer).
+    Sections (with element ids for tests): ``summary``, ``qc-counts``, ``scatter``
+    (N.Oc/B.Pm against BV/TV coloured by phenotype call), ``indices`` (table), ``groups``
+    and ``tests`` (with a sample sheet), ``qc`` (slides warned about or failed, with reasons
+    and overlays), ``failures``, ``provenance`` (footer).
     """
     path = Path(path)
     base = Path(out_dir) if out_dir is not None else path.parent
@@ -316,6 +322,8 @@ def write_report_html(
         parts += _indices_section(rows, groups, base)
     if rows and groups:
         parts += _groups_section(rows, groups)
+    if any(r.get("qc") in ("warn", "fail") for r in rows):
+        parts += _qc_section(rows, base)
     if failures:
         parts += _failures_section(failures)
     parts.append(
@@ -349,7 +357,39 @@ def _report_header(rows: list[dict], failures: list[dict]) -> list[str]:
         f"{datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
         f"<p id='summary' class='counts'><b>{len(rows)}</b> slides analysed, "
         f"<b>{len(failures)}</b> failed." + (f" Calls: {call_text}." if rows else "") + "</p>",
+        _qc_counts(rows),
     ]
+
+
+def qc_counts(rows: list[dict]) -> dict[str, int]:
+    """``{"pass": n, "warn": n, "fail": n}`` over rows of indices.csv (rows without a
+    verdict, from a class map alone, are not counted)."""
+    counts = dict.fromkeys(QC_COLORS, 0)
+    for r in rows:
+        if r.get("qc") in counts:
+            counts[r["qc"]] += 1
+    return counts
+
+
+def _qc_badge(status: str) -> str:
+    from html import escape as esc
+
+    color = QC_COLORS.get(status, "#555555")
+    return f"<span class='call' style='background:{color}'>{esc(status)}</span>"
+
+
+def _qc_row_class(status: str) -> str:
+    """The class attribute that colours a warned or failed slide's table row."""
+    return f" class='qc-{status}'" if status in ("warn", "fail") else ""
+
+
+def _qc_counts(rows: list[dict]) -> str:
+    counts = qc_counts(rows)
+    text = ", ".join(f"{_qc_badge(k)} {n}" for k, n in counts.items())
+    return (
+        f"<p id='qc-counts' class='counts'>Quality control: {text}. A failed slide gets no "
+        "phenotype call (<i>uncertain</i>); a warned one keeps it: check the reasons.</p>"
+    )
 
 
 def _indices_section(rows: list[dict], groups: dict[str, str] | None, base: Path) -> list[str]:
@@ -365,24 +405,28 @@ def _indices_section(rows: list[dict], groups: dict[str, str] | None, base: Path
     if groups:
         parts.append("<th class='l'>group</th>")
     parts.extend(f"<th>{esc(c)}<br><small>{esc(u)}</small></th>" for c, u in REPORT_COLUMNS)
-    parts.append("<th>confidence</th></tr></thead><tbody>")
+    parts.append("<th>confidence</th><th class='l'>qc</th><th class='l'>qc reasons</th>")
+    parts.append("</tr></thead><tbody>")
     for r in rows:
         slide = str(r["slide"])
         phenotype = str(r.get("phenotype"))
+        qc = str(r.get("qc") or "")
         color = phenotype_color(phenotype)
         label = esc(slide)
         if (base / slide / "overlay.png").exists():
             href = esc(f"{slide}/overlay.png", quote=True)
             label = f"<a href='{href}' title='QC overlay'>{label}</a>"
         parts.append(
-            f"<tr><td class='l'>{label}</td><td class='l'>"
+            f"<tr{_qc_row_class(qc)}><td class='l'>{label}</td><td class='l'>"
             f"<span class='call' style='background:{color}'>{esc(phenotype)}</span></td>"
         )
         if groups:
             parts.append(f"<td class='l'>{esc(groups.get(slide, '–'))}</td>")
         for c, _ in REPORT_COLUMNS:
             parts.append(_cell(r.get(c), 0 if c in ("N.Oc", "N.Ot") else 2))
-        parts.append(_cell(r.get("confidence")) + "</tr>")
+        parts.append(_cell(r.get("confidence")))
+        parts.append(f"<td class='l'>{_qc_badge(qc) if qc else '–'}</td>")
+        parts.append(f"<td class='why'>{esc(str(r.get('qc_reasons') or ''))}</td></tr>")
     parts.append("</tbody></table>")
     return parts
 
@@ -412,6 +456,34 @@ def _groups_section(rows: list[dict], groups: dict[str, str]) -> list[str]:
         "comparisons; pairs with fewer than 2 slides per group are not tested."
         + (f" Slides not in the sample sheet: {esc(', '.join(ungrouped))}." if ungrouped else "")
         + "</p>"
+    )
+    return parts
+
+
+def _qc_section(rows: list[dict], base: Path) -> list[str]:
+    """The slides quality control warned about or failed: verdict, reasons, overlay."""
+    from html import escape as esc
+
+    parts = [
+        "<h2>Quality control</h2><table id='qc' class='qcflag'><thead><tr>"
+        "<th class='l'>slide</th><th class='l'>qc</th><th class='l'>reasons</th>"
+        "<th class='l'>overlay</th></tr></thead><tbody>"
+    ]
+    flagged = [r for r in rows if r.get("qc") in ("warn", "fail")]
+    for r in sorted(flagged, key=lambda r: r["qc"] != "fail"):  # fails first
+        slide = str(r["slide"])
+        thumb = "–"
+        if (base / slide / "overlay.png").exists():
+            src = esc(f"{slide}/overlay.png", quote=True)
+            thumb = f"<a href='{src}'><img src='{src}' alt='overlay of {esc(slide)}'></a>"
+        reasons = "<br>".join(esc(x) for x in str(r.get("qc_reasons") or "").split("; "))
+        parts.append(
+            f"<tr{_qc_row_class(r['qc'])}><td>{esc(slide)}</td><td>{_qc_badge(r['qc'])}</td>"
+            f"<td>{reasons}</td><td>{thumb}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    parts.append(
+        "<p class='note'>What each check means and what to do when it fires: docs/qc.md.</p>"
     )
     return parts
 

@@ -424,3 +424,41 @@ def test_a_worker_that_dies_becomes_a_failure_row(tmp_path):
     assert [f["slide"] for f in failures] == ["big-3"]
     assert "the worker analysing this slide died" in failures[0]["reason"]
     assert sorted(r["slide"] for r in read_csv(out / "indices.csv")) == ["normal-0", "oc-rich-1"]
+
+
+def test_a_slide_failing_quality_control_is_a_result_and_batch_exits_0(
+    tmp_path, slides, reference, monkeypatch, capsys
+):
+    import histo.qc
+    from histo.cli import main
+    from histo.qc import FAIL, Signal
+
+    real = histo.qc.check_slide
+
+    def failing_for_oc_rich(slide, **kwargs):
+        report = real(slide, **kwargs)
+        if slide.name.startswith("oc-rich"):
+            bad = Signal("stain.second_deg", 30.0, "deg", "0-15", FAIL, "eosin, not TRAP")
+            return report.extended([bad])
+        return report
+
+    monkeypatch.setattr(histo.qc, "check_slide", failing_for_oc_rich)
+    out = tmp_path / "out"
+    code = main(["batch", str(slides), "--out", str(out), "--workers", "0", "--model", "classical"])
+    err = capsys.readouterr().err
+    assert code == 0
+    rows = {r["slide"]: r for r in read_csv(out / "indices.csv")}
+    failed = rows["oc-rich-1"]
+    assert failed["qc"] == FAIL and failed["phenotype"] == "uncertain"
+    assert failed["qc_reasons"].startswith("eosin, not TRAP") and failed["confidence"] == ""
+    assert "would call" in failed["evidence"]
+    assert failed["BV/TV"] == next(r for r in reference if r["slide"] == "oc-rich-1")["BV/TV"]
+    verdicts = [rows[s]["qc"] for s in ("normal-0", "oc-poor-2")]
+    assert FAIL not in verdicts
+    assert (
+        f"quality control: {verdicts.count('pass')} pass, {verdicts.count('warn')} warn, 1 fail"
+        in err
+    )
+    assert "oc-rich-1: uncertain" in err and "qc fail: eosin, not TRAP" in err
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "id='qc'" in html and "class='qc-fail'" in html

@@ -261,3 +261,36 @@ def test_measure_of_analyze_labels_has_analyze_columns_and_areas(tmp_path, slide
     assert remeasured[0]["slide"] == "S1"
     for key in ("T.Ar", "B.Ar", "B.Pm", "N.Oc", "Oc.S/BS"):
         assert float(remeasured[0][key]) == pytest.approx(float(analysed[0][key]), rel=1e-9)
+
+
+def test_analyze_withholds_the_call_on_an_h_and_e_section_and_exits_0(tmp_path, slide, capsys):
+    """An eosin-stained section fails quality control: a result (exit 0), phenotype uncertain,
+    every signal in indices.json; the in-domain slide beside it keeps its call."""
+    import tifffile
+
+    from histo.qc.synthetic import make_case
+
+    case = make_case("h-and-e", 12, 512, 1.0, counterstain="hematoxylin", phenotype="normal")
+    he = tmp_path / "HE.tif"
+    tifffile.imwrite(he, case.image)
+    out = tmp_path / "out"
+    args = ["analyze", str(slide), str(he), "--out", str(out), "--pixel-size", "1"]
+    assert main([*args, "--model", "classical"]) == 0
+    err = capsys.readouterr().err
+    rows = {r["slide"]: r for r in read_csv(out / "indices.csv")}
+    assert rows["HE"]["qc"] == "fail" and rows["HE"]["phenotype"] == "uncertain"
+    assert "TRAP" in rows["HE"]["qc_reasons"] and rows["HE"]["confidence"] == ""
+    assert rows["S1"]["qc"] != "fail" and rows["S1"]["phenotype"] != "uncertain"
+    meta = json.loads((out / "HE" / "indices.json").read_text())
+    signals = {s["name"]: s for s in meta["qc"]["signals"]}
+    assert {"stain.second_deg", "scale.nucleus_um", "osteoclast.thickness_um"} <= set(signals)
+    assert set(signals["stain.second_deg"]) == {
+        "name",
+        "value",
+        "unit",
+        "accepted",
+        "status",
+        "reason",
+    }
+    assert meta["qc"]["qc"] == "fail" and meta["row"]["qc"] == "fail"
+    assert "HE: uncertain" in err and "quality control:" in err and "1 fail" in err

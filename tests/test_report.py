@@ -205,3 +205,26 @@ def test_overlay_outlines_the_classes_of_a_map_of_any_size(tmp_path):
         # the square's outline at half the size: rows and columns 500-700, 1000-1200
         assert 495 <= ys.min() <= 502 and 697 <= ys.max() <= 702
         assert 995 <= xs.min() <= 1002 and 1197 <= xs.max() <= 1202
+
+
+def test_report_marks_and_counts_warned_and_failed_slides(tmp_path):
+    rows, _ = _rows(2)  # 6 slides
+    verdicts = ["pass", "warn", "fail", "pass", "fail", ""]
+    for r, qc in zip(rows, verdicts, strict=True):
+        r["qc"] = qc
+        r["qc_reasons"] = {"warn": "out of focus", "fail": "eosin; scale <wrong>"}.get(qc, "")
+    rows[2]["phenotype"] = rows[4]["phenotype"] = "uncertain"
+    (tmp_path / rows[2]["slide"]).mkdir()
+    (tmp_path / rows[2]["slide"] / "overlay.png").write_bytes(b"png")
+    text = write_report_html(tmp_path / "r.html", rows, [], out_dir=tmp_path).read_text("utf-8")
+    counts = re.search(r"<p id='qc-counts'.*?</p>", text).group(0)
+    assert re.sub(r"<[^>]+>", "", counts).startswith("Quality control: pass 2, warn 1, fail 2.")
+    # each flagged slide's row is coloured in the indices table and listed with its reasons
+    indices = text[text.index("id='indices'") : text.index("id='qc'")]
+    assert indices.count("<tr class='qc-fail'>") == 2 and indices.count("<tr class='qc-warn'>") == 1
+    flagged = text[text.index("id='qc'") : text.index("</table>", text.index("id='qc'"))]
+    assert flagged.count("<tr class=") == 3
+    assert flagged.index(rows[2]["slide"]) < flagged.index(rows[1]["slide"])  # fails first
+    assert "eosin<br>scale &lt;wrong&gt;" in flagged
+    assert f"<img src='{rows[2]['slide']}/overlay.png'" in flagged
+    assert PHENOTYPE_COLORS["uncertain"] in indices

@@ -12,6 +12,7 @@ from histo.cli._options import (
     slide_analysis_kwargs,
 )
 from histo.cli._progress import progress_bar
+from histo.cli._qc_text import qc_note, qc_summary
 
 HELP = "analyse slides end to end: segment, measure, call the phenotype"
 DESCRIPTION = """\
@@ -24,6 +25,10 @@ osteocytes.csv, *.geojson (QuPath outlines) and overlay.png.
 
 The pixel size comes from the file (OME PhysicalSizeX, Aperio MPP, TIFF resolution) or from
 --pixel-size, which wins. Without either a slide fails: indices without a scale are meaningless.
+
+Quality control (docs/qc.md) judges each slide's stain, scale, tissue and focus and what was
+found; indices.csv gets its verdict (qc: pass, warn, fail) and reasons (qc_reasons). When it
+fails, the phenotype is 'uncertain'. A failed check is a result: the exit status is the same.
 
 exit status: 0 all slides analysed, 1 some failed (see failures.csv), 2 usage error,
 4 output folder unusable, 5 model weights missing or corrupt.
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"{outcome.slide}: {row['phenotype']}  BV/TV {row['BV/TV']:.1f}%  "
                     f"N.Oc/B.Pm {row['N.Oc/B.Pm']:.2f}/mm  N.Ot/B.Ar {row['N.Ot/B.Ar']:.0f}/mm²  "
-                    f"({outcome.seconds:.1f} s)",
+                    f"({outcome.seconds:.1f} s)" + qc_note(row),
                     file=sys.stderr,
                 )
             else:
@@ -75,4 +80,6 @@ def run(args: argparse.Namespace) -> int:
         f"{len(outcomes) - failed} analysed, {failed} failed; indices in {paths['indices']}",
         file=sys.stderr,
     )
+    if len(outcomes) > failed:
+        print(qc_summary([o.row for o in outcomes if o.ok]), file=sys.stderr)
     return 1 if failed else 0

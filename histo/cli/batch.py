@@ -13,6 +13,7 @@ from histo.cli._options import (
     check_roi_and_ranges,
     slide_analysis_kwargs,
 )
+from histo.cli._qc_text import qc_note, qc_summary
 from histo.io.formats import SLIDE_SUFFIXES
 
 HELP = "analyse a folder of slides in parallel (dask), with resume"
@@ -36,6 +37,10 @@ analysed again; their rows are reused. Leftovers of a killed run are removed at 
 
 Writes DIR/indices.csv, DIR/failures.csv, DIR/report.html and per slide DIR/<slide>/ (see
 'histo analyze --help'). Two runs cannot share DIR: the second is refused (exit status 4).
+
+Each slide gets a quality-control verdict (pass, warn, fail; columns qc and qc_reasons of
+indices.csv); the counts are printed at the end. A slide that fails quality control is still
+analysed (phenotype 'uncertain') and does not change the exit status.
 
 exit status: 0 all slides analysed, 1 some failed (see failures.csv), 2 usage error, 3 FOLDER
 or the sample sheet unusable or the scheduler unreachable, 4 output folder unusable (read-only,
@@ -149,6 +154,7 @@ class _Bars(BatchReporter):
             line = (
                 f"{outcome.slide}: {row.get('phenotype')}  BV/TV {row.get('BV/TV', 0):.1f}%  "
                 f"N.Oc/B.Pm {row.get('N.Oc/B.Pm', 0):.2f}/mm  ({outcome.seconds:.1f} s)"
+                + qc_note(row)
             )
         else:
             line = f"{outcome.slide}: failed: {outcome.reason}"
@@ -195,4 +201,6 @@ def run(args: argparse.Namespace) -> int:
         + (f", failures in {out / 'failures.csv'}" if result.failed else ""),
         file=sys.stderr,
     )
+    if result.succeeded:
+        print(qc_summary([o.row for o in result.outcomes if o.ok]), file=sys.stderr)
     return 1 if result.failed else 0

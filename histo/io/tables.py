@@ -30,8 +30,8 @@ __all__ = [
 
 #: columns before the indices in indices.csv
 INDICES_LEADING_COLUMNS = ("slide", "phenotype")
-#: columns after the indices in indices.csv
-INDICES_TRAILING_COLUMNS = ("confidence", "evidence")
+#: columns after the indices in indices.csv: the quality-control verdict first (DESIGN.md)
+INDICES_TRAILING_COLUMNS = ("qc", "qc_reasons", "confidence", "evidence")
 
 
 def format_cell(value) -> str:
@@ -62,8 +62,10 @@ def indices_row(
     call=None,
     region: str | None = None,
     extra: Mapping | None = None,
+    qc=None,
 ) -> dict:
-    """One row of indices.csv: slide, phenotype, the indices, confidence, evidence.
+    """One row of indices.csv: slide, phenotype, the indices, qc, qc_reasons, confidence,
+    evidence.
 
     The one builder of the row, for ``histo analyze``, ``histo batch``, ``histo measure`` and
     the napari plugin.
@@ -81,9 +83,14 @@ def indices_row(
         :mod:`histo.measure.regional`), in a ``region`` column after ``evidence``.
     extra : mapping, optional
         Columns after ``region``: indices of other regions (``section:BV/TV``, ...).
+    qc : histo.qc.QCReport, optional
+        The slide's quality control: ``qc`` (``pass``, ``warn``, ``fail``) and
+        ``qc_reasons`` (one-liners joined by ``"; "``); empty without it (a class map alone).
     """
     row = {"slide": slide, "phenotype": None if call is None else call.phenotype}
     row.update(indices)
+    row["qc"] = None if qc is None else qc.status
+    row["qc_reasons"] = None if qc is None else qc.reasons
     row["confidence"] = None if call is None else call.confidence
     row["evidence"] = None if call is None else "; ".join(call.evidence)
     if region is not None:
@@ -93,7 +100,8 @@ def indices_row(
 
 
 def indices_columns(rows: Sequence[Mapping]) -> list[str]:
-    """Column order of indices.csv: slide, phenotype, INDEX_COLUMNS, confidence, evidence, rest."""
+    """Column order of indices.csv: slide, phenotype, INDEX_COLUMNS, qc, qc_reasons,
+    confidence, evidence, then the rest in order of first appearance."""
     columns = [*INDICES_LEADING_COLUMNS, *INDEX_COLUMNS, *INDICES_TRAILING_COLUMNS]
     seen = set(columns)
     for row in rows:
@@ -167,7 +175,7 @@ def read_indices_csv(path: str | os.PathLike) -> list[dict]:
             for key, text in raw.items():
                 if key is None:
                     continue
-                if key in ("slide", "phenotype", "evidence"):
+                if key in ("slide", "phenotype", "evidence", "qc", "qc_reasons"):
                     row[key] = text
                     continue
                 try:

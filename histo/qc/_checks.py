@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from histo.io import Slide, require_pixel_size, slide_from_array
+from histo.io import Slide, TissueMask, require_pixel_size, slide_from_array
+from histo.qc._plausible import plausibility_signals
 from histo.qc._sample import SlideSample, sample_slide
 from histo.qc._scale import nucleus_diameter_um
 from histo.qc._signals import QCReport, Range, Signal, grade
@@ -119,37 +121,70 @@ def _scale_reason(measured_um: float) -> str:
     )
 
 
-def _scale_signal(sample: SlideSample, stains: StainEstimate | None) -> Signal:
+def _scale_signal(sample: SlideSample) -> Signal:
     diameter, _ = (
-        nucleus_diameter_um(sample.tiles, sample.pixel_size_um, stains)
-        if sample.tiles
-        else (math.nan, 0)
+        nucleus_diameter_um(sample.tiles, sample.pixel_size_um) if sample.tiles else (math.nan, 0)
     )
     return grade("scale.nucleus_um", diameter, "µm", RANGES["scale.nucleus_um"], _scale_reason)
 
 
-def check_slide(slide: Slide) -> QCReport:
+def check_slide(
+    slide: Slide,
+    *,
+    tissue: TissueMask | None = None,
+    thumbnail: np.ndarray | None = None,
+    extra_signals: Sequence[Signal] = (),
+) -> QCReport:
     """Run every check that needs no segmentation on an opened slide.
 
     Parameters
     ----------
     slide : Slide
         Opened with the pixel size to judge (from the file or the user).
+    tissue : TissueMask, optional
+        The slide's tissue mask when the caller already found it (the analysis does), so
+        the slide is not searched for tissue twice.
+    thumbnail : ndarray, optional
+        The RGB thumbnail ``tissue`` was made from, at the mask's resolution.
+    extra_signals : sequence of Signal
+        Further signals computed elsewhere (the analysis's plausibility checks, the model's
+        confidence), appended after these and counted in the verdict.
 
     Returns
     -------
     QCReport
-        Signals in the order tissue, focus, stain, scale; ``status`` and
-        ``reasons`` give the verdict. Reads at most a few Mpx whatever the slide size.
+        Signals in the order tissue, focus, stain, scale, then ``extra_signals``; ``status``
+        and ``reasons`` give the verdict. Reads at most a few Mpx whatever the slide size.
     """
     start = time.perf_counter()
     ps = require_pixel_size(slide)
-    sample = sample_slide(slide)
+    sample = sample_slide(slide, tissue=tissue, thumbnail=thumbnail)
     stains = estimate_stains(sample.tiles) if sample.tiles else None
-    signals = _tissue_signals(sample) + _stain_signals(stains) + [_scale_signal(sample, stains)]
+    signals = _tissue_signals(sample) + _stain_signals(stains) + [_scale_signal(sample)]
+    signals += list(extra_signals)
     return QCReport(slide.name, ps, signals, time.perf_counter() - start)
 
 
 def check_image(image: np.ndarray, pixel_size_um: float, name: str = "image") -> QCReport:
     """:func:`check_slide` on an in-memory RGB image with the given pixel size (µm/px)."""
     return check_slide(slide_from_array(image, pixel_size_um, name))
+
+
+def check_analysis(report: QCReport, measurement, extra_signals: Sequence[Signal] = ()) -> QCReport:
+    """The slide's report completed with the checks on what the analysis found.
+
+    Parameters
+    ----------
+    report : QCReport
+        From :func:`check_slide` on the same slide.
+    measurement : histo.measure.Measurement
+        The slide's measurement (indices and counted osteoclasts).
+    extra_signals : sequence of Signal
+        Further signals (the model's confidence), appended last.
+
+    Returns
+    -------
+    QCReport
+        ``report``'s signals, then the plausibility signals, then ``extra_signals``.
+    """
+    return report.extended([*plausibility_signals(measurement), *extra_signals])

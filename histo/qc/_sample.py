@@ -18,6 +18,8 @@ TILE_PX = 512
 MAX_TILES = 8
 #: a tile is sampled only where the tissue mask covers at least this fraction of it
 MIN_TILE_TISSUE = 0.5
+#: resolution of the tissue mask (µm/px): that of the analysis (histo.io.detect_tissue)
+TISSUE_MASK_UM = 16.0
 #: the glass is at least this share of the thumbnail for its colour to be the white point
 MIN_GLASS_FRACTION = 0.01
 
@@ -43,20 +45,23 @@ class SlideSample:
     white: np.ndarray
 
 
-def _mask_resolution(slide: Slide) -> float:
-    """Tissue-mask pixel size: 16 µm/px, finer for small fields (at least ~128 px across).
+def slide_tissue(slide: Slide) -> tuple[TissueMask, np.ndarray]:
+    """The slide's tissue mask as the analysis finds it, and the thumbnail it was made from.
 
-    Not finer than 4 µm/px: at finer resolutions pale bone and marrow between nuclei fall
-    below the tissue threshold.
+    The same mask as :func:`histo.io.detect_tissue` (16 µm/px, specks under 0.02 mm²
+    dropped): a small field's mask is coarse, but pale marrow and bone average into tissue at
+    this resolution where finer masks lose them.
     """
-    ps0 = require_pixel_size(slide)
-    extent_um = max(slide.shape[:2]) * ps0
-    return float(np.clip(extent_um / 128.0, 4.0, 16.0))
+    thumb = read_thumbnail(slide, TISSUE_MASK_UM)
+    return tissue_mask_from_rgb(thumb, TISSUE_MASK_UM), thumb
 
 
 def _white_point(thumb: np.ndarray, tissue: TissueMask) -> np.ndarray:
     """Colour of the glass (R, G, B): the median outside the tissue, else the brightest 1 %."""
-    glass = thumb[~tissue.mask]
+    h = min(thumb.shape[0], tissue.mask.shape[0])
+    w = min(thumb.shape[1], tissue.mask.shape[1])
+    thumb = thumb[:h, :w]
+    glass = thumb[~tissue.mask[:h, :w]]
     if len(glass) >= MIN_GLASS_FRACTION * tissue.mask.size and len(glass) > 0:
         white = np.median(glass, axis=0)
     else:
@@ -97,7 +102,13 @@ def _tile_origins(tissue: TissueMask, tile_um: float, max_tiles: int) -> list[tu
 
 
 def sample_slide(
-    slide: Slide, working_um: float = WORKING_UM, tile_px: int = TILE_PX, max_tiles: int = MAX_TILES
+    slide: Slide,
+    working_um: float = WORKING_UM,
+    tile_px: int = TILE_PX,
+    max_tiles: int = MAX_TILES,
+    *,
+    tissue: TissueMask | None = None,
+    thumbnail: np.ndarray | None = None,
 ) -> SlideSample:
     """Read up to ``max_tiles`` tiles of tissue at ``working_um`` µm/px.
 
@@ -111,6 +122,12 @@ def sample_slide(
         Tile side in pixels.
     max_tiles : int
         Upper bound on the tiles read, so time and memory do not grow with the slide.
+    tissue : TissueMask, optional
+        The slide's tissue mask when the caller has it (the analysis does); found with
+        :func:`slide_tissue` otherwise.
+    thumbnail : ndarray, optional
+        The RGB thumbnail ``tissue`` was made from (its glass gives the white point); read
+        at the mask's resolution when not given.
 
     Returns
     -------
@@ -118,10 +135,11 @@ def sample_slide(
         No tiles when the slide holds no tissue.
     """
     ps0 = require_pixel_size(slide)
-    mask_um = _mask_resolution(slide)
-    thumb = read_thumbnail(slide, mask_um)
-    tissue = tissue_mask_from_rgb(thumb, mask_um, min_tissue_um2=2_000.0)
-    white = _white_point(thumb, tissue)
+    if tissue is None:
+        tissue, thumbnail = slide_tissue(slide)
+    elif thumbnail is None:
+        thumbnail = read_thumbnail(slide, tissue.pixel_size_um)
+    white = _white_point(thumbnail, tissue)
     h_um, w_um = slide.shape[0] * ps0, slide.shape[1] * ps0
     tile_um = tile_px * working_um
     if h_um <= tile_um and w_um <= tile_um:  # a small field: read it whole

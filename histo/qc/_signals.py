@@ -112,6 +112,10 @@ class QCReport:
         """Reasons of the signals that did not pass, joined by ``"; "`` (fails first)."""
         return join_reasons(self.signals)
 
+    def extended(self, signals: Sequence[Signal]) -> QCReport:
+        """A copy of this report with ``signals`` appended (they join the verdict)."""
+        return QCReport(self.slide, self.pixel_size_um, [*self.signals, *signals], self.seconds)
+
     def values(self) -> dict[str, float]:
         """``{signal name: value}``, e.g. for indices.json."""
         return {s.name: s.value for s in self.signals}

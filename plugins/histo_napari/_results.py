@@ -44,11 +44,27 @@ def call_banner(call: Any) -> tuple[str, str]:
     if call is None:
         return "no phenotype call", ""
     colour = phenotype_color(call.phenotype)
-    banner = (
-        f"<b style='font-size:14pt;color:{colour}'>{html.escape(call.phenotype)}</b>"
-        f"&nbsp;&nbsp;confidence {call.confidence:.0%}"
-    )
+    banner = f"<b style='font-size:14pt;color:{colour}'>{html.escape(call.phenotype)}</b>"
+    if math.isfinite(call.confidence):  # a call withheld by quality control has none
+        banner += f"&nbsp;&nbsp;confidence {call.confidence:.0%}"
     return banner, "<br>".join(f"• {html.escape(e)}" for e in call.evidence)
+
+
+#: background of the quality-control banner per verdict (as in report.html)
+QC_BACKGROUND = {"warn": "#fff0c2", "fail": "#f7d4d4"}
+
+
+def qc_banner(report: Any) -> str:
+    """Rich text of a slide's quality-control verdict and its reasons (one a line)."""
+    if report is None:
+        return ""
+    head = {
+        "pass": "quality control: pass",
+        "warn": "quality control: <b>warn</b>: check the slide",
+        "fail": "quality control: <b>fail</b>: no phenotype call, the indices cannot be trusted",
+    }[report.status]
+    reasons = [f"• {html.escape(r)}" for r in report.reasons.split("; ") if r]
+    return "<br>".join([head, *reasons])
 
 
 def ordered_indices(indices: dict[str, Any]) -> list[str]:
@@ -63,6 +79,11 @@ class ResultsPanel(QGroupBox):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Result", parent)
         box = QVBoxLayout(self)
+        self.qc_label = QLabel("")
+        self.qc_label.setWordWrap(True)
+        self.qc_label.setTextFormat(Qt.TextFormat.RichText)
+        self.qc_label.setVisible(False)
+        box.addWidget(self.qc_label)
         self.phenotype_label = QLabel("no result yet")
         self.phenotype_label.setTextFormat(Qt.TextFormat.RichText)
         self.evidence_label = QLabel("")
@@ -112,6 +133,17 @@ class ResultsPanel(QGroupBox):
 
         self.region = name
         self.region_label.setText(region_text(name, reason))
+
+    def show_qc(self, report: Any) -> None:
+        """Show a slide's quality-control verdict above the result (hidden when it passes)."""
+        self.qc_label.setText(qc_banner(report))
+        status = None if report is None else report.status
+        self.qc_label.setStyleSheet(
+            f"background:{QC_BACKGROUND[status]};color:#222;padding:4px"
+            if status in QC_BACKGROUND
+            else ""
+        )
+        self.qc_label.setVisible(status in QC_BACKGROUND)
 
     def indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""

@@ -262,6 +262,7 @@ class HistoWidget(QWidget):
         output = shown.result
         self._show(output.result.measurement, output.result.phenotype)
         self.results.show_region(*run_region(output.result))
+        self.results.show_qc(getattr(output.result, "qc", None))
         self.correct.class_map.value = shown.layers["class_map"]
         r = output.result
         self.controls.progress.value = PROGRESS_STEPS
