@@ -283,7 +283,7 @@ def _analyze(slide, prepared: _Prepared, store: LabelStore, run: _Run) -> SlideR
     if measurement.indices.get("B.Ar", 0) == 0:
         raise EmptyTissueError(f"{run.name}: tissue found but no bone: nothing to measure")
     tissue_mp = float(tissue.mask.sum()) * (tissue.pixel_size_um / slide.pixel_size_um) ** 2
-    qc, call = _judge(prepared.qc, measurement, run.ranges)
+    qc, call = _judge(prepared.qc, measurement, run.ranges, _confidence(seg, segmenter))
     return SlideResult(
         name=run.name,
         pixel_size_um=seg.pixel_size_um,
@@ -303,13 +303,25 @@ def _analyze(slide, prepared: _Prepared, store: LabelStore, run: _Run) -> SlideR
     )
 
 
-def _judge(slide_qc, measurement, ranges):
+def _confidence(seg, segmenter) -> list:
+    """The model-confidence signal of a segmentation against the model's own in-domain
+    reference (none for a segmenter that reports no confidence, e.g. the classical one)."""
+    from histo.qc._confidence import confidence_signal
+
+    summary = getattr(seg, "confidence", None)
+    if summary is None:
+        return []
+    return [confidence_signal(summary, getattr(segmenter, "qc_reference", None))]
+
+
+def _judge(slide_qc, measurement, ranges, extra_signals=()):
     """(QCReport, PhenotypeCall): the slide's checks completed with the plausibility of what
-    was found; a failed report withholds the call (``uncertain``), a warning keeps it."""
+    was found and the model's confidence; a failed report withholds the call (``uncertain``),
+    a warning keeps it."""
     from histo.phenotype import call_phenotype, withhold_call
     from histo.qc import FAIL, check_analysis
 
-    qc = check_analysis(slide_qc, measurement)
+    qc = check_analysis(slide_qc, measurement, extra_signals)
     call = call_phenotype(measurement.indices, ranges)
     if qc.status == FAIL:
         call = withhold_call(call, qc.reasons)
