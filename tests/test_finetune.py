@@ -306,3 +306,20 @@ def test_cli_exit_statuses(tmp_path, tiny_base, labelled_slide, monkeypatch, cap
         main(["finetune", str(labelled_slide), "--out", str(out), "--base", str(tiny_base)]) == 130
     )
     assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+
+
+def test_batch_workers_load_the_model_folder(tmp_path, tiny_model, labelled_slide) -> None:
+    """A dask worker process loads the fine-tuned model from its folder (checked sha256)."""
+    import shutil
+
+    from histo.batch import run_batch
+
+    result, _ = tiny_model
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(labelled_slide, folder / "s1.ome.tif")
+    out = tmp_path / "out"
+    batch = run_batch(folder, out, workers=1, model=str(result.model_dir))
+    assert batch.succeeded == 1
+    record = json.loads((out / "s1" / "indices.json").read_text())
+    assert result.sha256 in json.dumps(record) and '"lab-a"' in json.dumps(record)
