@@ -171,7 +171,12 @@ def score_in_domain(model: str, n: int) -> dict:
 
 
 def run_finetune(
-    data: Path, out: Path, minutes: float, seed: int, max_steps: int | None = None
+    data: Path,
+    out: Path,
+    minutes: float,
+    seed: int,
+    max_steps: int | None = None,
+    replay_share: float | None = None,
 ) -> dict:
     """``histo finetune`` in a child process: wall and CPU time, peak RSS (MB), steps, val Dice.
 
@@ -182,6 +187,8 @@ def run_finetune(
     cmd += ["--minutes", str(minutes), "--seed", str(seed)]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
+    if replay_share is not None:
+        cmd += ["--replay-share", str(replay_share)]
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-steps", type=int, default=None, help="a step budget instead (loaded machines)"
     )
+    parser.add_argument("--replay-share", type=float, default=None, help="histo finetune's")
     parser.add_argument(
         "--skip-shipped", action="store_true", help="only the fine-tuned models' rows"
     )
@@ -309,7 +317,7 @@ def _bench_shift(shift: str, args, work: Path, shipped_in: dict) -> list[dict]:
         row = {
             "shift": shift,
             "model": variant,
-            **run_finetune(data, model, args.minutes, 0, args.max_steps),
+            **run_finetune(data, model, args.minutes, 0, args.max_steps, args.replay_share),
         }
         row.update(score_domain(str(model), test))
         if args.in_domain:

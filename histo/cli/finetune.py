@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-steps", type=int, default=None, metavar="N", help="stop after N steps"
     )
+    parser.add_argument(
+        "--replay-share",
+        type=float,
+        default=d.replay_share,
+        metavar="F",
+        help="share of each batch replayed from synthetic sections (default %(default)s)",
+    )
     add_device(parser)
 
 
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         trainable=args.trainable,
         lr=args.lr,
         max_steps=args.max_steps,
+        replay_share=args.replay_share,
         device=args.device,
     )
     fields = load_labelled(args.data)
