@@ -103,7 +103,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     crop_px: int = 192  #: crop side at the working resolution
     batch_size: int = 8
-    replay_share: float = 0.25  #: share of each batch cropped from synthetic sections
+    replay_share: float = 0.5  #: share of each batch cropped from synthetic sections
     replay_sections: int = 4  #: synthetic sections held for replay
     replay_field_px: int = 512  #: side of a replayed section at the working resolution
     val_share: float = 0.2  #: share of each field's labelled pixels held out (whole blocks)
