@@ -1,0 +1,202 @@
+"""Train on corrections: scribble layers, fine-tuning in a worker, the new model selected."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import wait_for_run
+
+from histo import classes
+
+pytestmark = pytest.mark.gui
+
+
+@dataclass
+class FakeProgress:
+    step: int
+    steps: int | None
+    loss: float
+    val_dice: float | None
+    elapsed_s: float
+    best: bool
+
+
+@dataclass
+class FakeResult:
+    model_dir: Path
+    sha256: str
+    steps: int
+    wall_s: float
+    val_dice: dict
+    cancelled: bool
+
+
+class FakeFinetune:
+    """Stands in for histo.finetune.finetune: records the fields, steps until cancelled."""
+
+    def __init__(self, steps: int = 5, step_s: float = 0.01):
+        self.steps, self.step_s = steps, step_s
+        self.fields: list = []
+        self.started = threading.Event()
+
+    def __call__(self, fields, out_dir, config=None, progress=None, cancel=None):
+        self.fields = list(fields)
+        self.started.set()
+        t0, done = time.monotonic(), 0
+        for step in range(1, self.steps + 1):
+            if cancel is not None and cancel():
+                break
+            time.sleep(self.step_s)
+            done = step
+            progress(FakeProgress(step, self.steps, 1 / step, 0.5, time.monotonic() - t0, True))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(b"weights")
+        cancelled = done < self.steps
+        return FakeResult(out, "0" * 64, done, time.monotonic() - t0, {"bone": 0.5}, cancelled)
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    monkeypatch.setenv("HISTO_MODELS", str(root))
+    return root
+
+
+@pytest.fixture
+def fake_finetune(monkeypatch):
+    """The fake in place of histo.finetune.finetune (the module faked too when absent)."""
+    fake = FakeFinetune()
+    try:
+        import histo.finetune as module
+    except ImportError:
+        module = types.ModuleType("histo.finetune")
+
+        @dataclass
+        class LabelledField:
+            image: np.ndarray
+            class_map: np.ndarray
+            pixel_size_um: float
+            name: str
+            source: str | None = None
+            sha256: str | None = None
+
+        @dataclass
+        class FinetuneConfig:
+            base: str | None = None
+            minutes: float = 5.0
+            seed: int = 0
+
+        module.LabelledField, module.FinetuneConfig = LabelledField, FinetuneConfig
+        monkeypatch.setitem(sys.modules, "histo.finetune", module)
+    monkeypatch.setattr(module, "finetune", fake, raising=False)
+    return fake
+
+
+def scribble(layer, section) -> None:
+    """Strokes of the truth: every 16th row of the section's class map."""
+    layer.data[::16] = section.class_map[::16]
+    layer.refresh()
+
+
+def test_new_scribble_layer_lies_on_the_image_unlabelled(viewer_widget, errors):
+    viewer, widget = viewer_widget
+    image = viewer.layers["section"]
+    image.scale, image.translate = (0.5, 0.5), (10.0, 20.0)
+    widget.section.pixel_size.value = 0.5
+    layer = widget.train.new_scribble_layer()
+    assert errors == [] and layer is viewer.layers["section scribbles"]
+    assert layer.data.shape == image.data.shape[:2] and layer.data.dtype == np.uint8
+    assert (layer.data == classes.UNLABELLED).all()
+    assert tuple(layer.scale) == (0.5, 0.5) and tuple(layer.translate) == (10.0, 20.0)
+    assert layer.colormap.map(classes.UNLABELLED)[3] == 0  # unlabelled is clear
+    assert layer.colormap.map(classes.BONE)[:3] == pytest.approx(
+        [c / 255 for c in classes.COLORS[classes.BONE]], abs=1e-3
+    )
+    assert layer.colormap.background_value == classes.UNLABELLED  # the eraser un-labels
+    assert widget.train.layers.value == [layer]
+
+
+def test_train_selects_the_new_model(
+    qtbot, viewer_widget, errors, user_models, fake_finetune, oc_rich_section
+):
+    viewer, widget = viewer_widget
+    layer = widget.train.new_scribble_layer()
+    scribble(layer, oc_rich_section)
+    widget.train.model_name.value = "tibia-lab"
+    widget.train.minutes.value = 0.05
+    progress = []
+    widget.train.train_button.native.click()
+    assert widget.running and not widget.controls.run_button.enabled
+    widget.train.worker.yielded.connect(progress.append)
+    wait_for_run(qtbot, widget)
+    assert errors == [] and widget.train.result is not None
+    assert (user_models / "tibia-lab" / "model.safetensors").is_file()
+    assert widget.section.model.value == "tibia-lab"
+    assert "tibia-lab" in widget.section.model.choices
+    assert "val Dice" in widget.train.status.value and "tibia-lab" in widget.train.status.value
+    assert widget.controls.run_button.enabled
+    assert any("loss" in p.message for p in progress)
+    # the image under the scribbles is the section itself, pixel for pixel
+    (field,) = fake_finetune.fields
+    assert field.pixel_size_um == pytest.approx(1.0)
+    np.testing.assert_array_equal(field.image, oc_rich_section.image)
+    np.testing.assert_array_equal(field.class_map, layer.data)
+
+
+def test_cancel_stops_the_worker(qtbot, viewer_widget, errors, user_models, fake_finetune):
+    viewer, widget = viewer_widget
+    widget.train.new_scribble_layer().data[:40, :40] = classes.MARROW
+    fake_finetune.steps, fake_finetune.step_s = 2000, 0.02
+    widget.train.train()
+    assert fake_finetune.started.wait(10)
+    t0 = time.monotonic()
+    widget.train.cancel()
+    wait_for_run(qtbot, widget, 10_000)
+    assert time.monotonic() - t0 < 5
+    result = widget.train.result
+    assert result.cancelled and result.steps < fake_finetune.steps
+    assert widget.section.model.value == result.model_dir.name  # the best so far is kept
+    assert widget.train.train_button.enabled and not widget.train.cancel_button.enabled
+
+
+def test_class_map_at_working_resolution_reads_the_image_on_its_grid(
+    make_napari_viewer, fake_finetune
+):
+    from histo_napari._finetune import field_source
+    from histo_napari._geometry import Placement, placement
+
+    from histo.synth import make_section
+
+    section = make_section("normal", size=256, pixel_size_um=0.5, seed=3)
+    viewer = make_napari_viewer()
+    image = viewer.add_image(section.image, rgb=True, scale=(0.5, 0.5), translate=(4.0, 8.0))
+    place = placement(Placement.of_layer(image), 0.5, 1.0)  # where a run's class map lies
+    cmap = viewer.add_labels(
+        np.full((128, 128), 1, np.uint8), scale=place.scale, translate=place.translate
+    )
+    source = field_source(cmap, image, 0.5)
+    assert source.pixel_size_um == pytest.approx(1.0)
+    assert source.origin_um == pytest.approx((0.0, 0.0), abs=1e-9)
+    field = source.labelled_field()
+    # 2 × 2 means of the 0.5 µm/px image: the class map's 1 µm pixels
+    means = section.image.reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
+    assert field.image.shape == (128, 128, 3) and field.pixel_size_um == 1.0
+    assert np.abs(field.image - means).max() <= 1.0
+
+
+def test_lazy_labels_are_refused_with_a_message(viewer_widget, errors):
+    import dask.array as da
+
+    viewer, widget = viewer_widget
+    lazy = da.zeros((512, 512), dtype=np.uint8, chunks=128)
+    viewer.add_labels(lazy, name="slide classes", metadata={"histo_kind": "class_map"})
+    assert widget.train.train() is None and not widget.running
+    assert len(errors) == 1 and "on demand" in errors[0]
