@@ -13,6 +13,7 @@ message (save or open a smaller field).
 
 from __future__ import annotations
 
+import html
 import math
 import re
 import threading
@@ -20,10 +21,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     Container,
     FloatSpinBox,
     Label,
@@ -55,6 +57,8 @@ SCRIBBLE_BACKGROUND_RGBA = (0.35, 0.35, 0.35, 1.0)
 PROGRESS_STEPS = 1000
 #: default training budget, minutes
 DEFAULT_MINUTES = 5.0
+#: how often the before/after table looks whether the re-run has finished, ms
+COMPARE_POLL_MS = 100
 
 
 def is_trainable(layer: Layer) -> bool:
@@ -183,10 +187,12 @@ def run_finetune(job: TrainJob, progress: Any = None) -> Any:
     if progress is not None:
         progress(0.0, "reading the images under the labels…")
     fields = [source.labelled_field() for source in job.fields]
+    job.out_dir.parent.mkdir(parents=True, exist_ok=True)
     budget_s = max(60.0 * float(job.config.minutes), 1e-6)
 
     def report(p: Any) -> None:
-        fraction = p.step / p.steps if p.steps else p.elapsed_s / budget_s
+        budget = getattr(p, "budget_s", None) or budget_s
+        fraction = p.step / p.steps if p.steps else p.elapsed_s / budget
         if progress is not None:
             progress(min(max(fraction, 0.0), 1.0), progress_message(p))
 
@@ -203,6 +209,30 @@ def result_message(result: Any, model_name: str) -> str:
         f"{how} '{model_name}' ({result.steps} steps, {result.wall_s:.0f} s); "
         f"val Dice {dice or 'n/a'}; saved in {result.model_dir}"
     )
+
+
+class Column(NamedTuple):
+    """One column of the before/after table: a measurement and its phenotype call."""
+
+    title: str
+    measurement: Any  #: histo.measure.Measurement
+    call: Any  #: histo.phenotype.PhenotypeCall
+
+
+def comparison_table(columns: list[Column]) -> str:
+    """Rich text: the call and the headline indices of each column, side by side, with units."""
+    from histo.measure import INDEX_UNITS
+    from histo_napari._results import HEADLINE, format_value
+
+    def row(cells: list[str], tag: str = "td") -> str:
+        return "<tr>" + "".join(f"<{tag} align='right'>{c}</{tag}>" for c in cells) + "</tr>"
+
+    rows = [row(["", *(c.title for c in columns), ""], "th")]
+    rows.append(row(["call", *(html.escape(c.call.phenotype) for c in columns), ""]))
+    for key in HEADLINE:
+        values = [format_value(c.measurement.indices.get(key, math.nan)) for c in columns]
+        rows.append(row([key, *values, html.escape(INDEX_UNITS.get(key, ""))]))
+    return "<table cellspacing='4'>" + "".join(rows) + "</table>"
 
 
 # --------------------------------------------------------------------------- pairing
@@ -272,12 +302,12 @@ def _image_source(image: Layer) -> Any:
 
 
 def default_model_name(slide_name: str, root: Path) -> str:
-    """``<slide>-<YYYYmmdd-HHMM>``, with a number added when that folder exists."""
+    """``<slide>-<YYYYmmdd-HHMM>``, with ``-2``, ``-3``… added when that folder exists."""
     stem = re.sub(r"[^\w.-]+", "-", slide_name).strip("-.") or "model"
-    name = f"{stem}-{datetime.now():%Y%m%d-%H%M}"
-    k = 2
+    base = f"{stem}-{datetime.now():%Y%m%d-%H%M}"
+    name, k = base, 2
     while (root / name).exists():
-        name, k = f"{stem}-{datetime.now():%Y%m%d-%H%M}-{k}", k + 1
+        name, k = f"{base}-{k}", k + 1
     return name
 
 
@@ -337,6 +367,11 @@ class TrainForm(Container):
             step=1.0,
             tooltip="Training time budget (wall clock).",
         )
+        self.rerun = CheckBox(
+            text="then re-run and compare",
+            value=True,
+            tooltip="Analyse the image again with the new model; a table compares the indices.",
+        )
         self.train_button = PushButton(text="Train", tooltip="Fine-tune the model on the labels.")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         buttons = Container(
@@ -346,15 +381,18 @@ class TrainForm(Container):
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0, label="")
         self.status = Label(value="Correct a class map or scribble, then Train.", label="")
         self.status.native.setWordWrap(True)
+        self.comparison = Label(value="", label="")
         super().__init__(
             widgets=[
                 self.layers,
                 self.scribble_button,
                 self.model_name,
                 self.minutes,
+                self.rerun,
                 buttons,
                 self.progress,
                 self.status,
+                self.comparison,
             ]
         )
 
@@ -375,6 +413,8 @@ class TrainPanel(TrainForm):
         self.worker: Any = None
         self.job: TrainJob | None = None
         self.result: Any = None  #: the last FinetuneResult
+        self._rerun_pending = False
+        self._compare_timer: Any = None
         self.scribble_button.clicked.connect(lambda: self.new_scribble_layer())
         self.train_button.clicked.connect(lambda: self.train())
         self.cancel_button.clicked.connect(lambda: self.cancel())
@@ -441,6 +481,9 @@ class TrainPanel(TrainForm):
             base=None if base in ("default", "classical") else base,
             minutes=float(self.minutes.value),
         )
+        device = str(section.device.value)
+        if device != "auto" and hasattr(config, "device"):  # else the fine-tuning's default
+            config.device = device
         name = out_dir.name if in_user_folder else str(out_dir)
         return TrainJob(sources, out_dir, name, config)
 
@@ -512,6 +555,7 @@ class TrainPanel(TrainForm):
         self.progress.value = PROGRESS_STEPS
         self.status.value = result_message(result, name)
         show_info(f"histo: {self.status.value}")
+        self._rerun_pending = bool(self.rerun.value) and self.widget.section.image.value is not None
 
     def _on_errored(self, exc: BaseException) -> None:
         from histo.errors import Cancelled
@@ -529,6 +573,41 @@ class TrainPanel(TrainForm):
     def _on_finished(self) -> None:
         self.worker = None
         self._set_busy(False)
+        if self._rerun_pending:
+            self._rerun_pending = False
+            self.rerun_and_compare()
+
+    def rerun_and_compare(self) -> Any:
+        """Analyse the image with the chosen (new) model; then compare with what was shown.
+
+        The table's columns: the last run (the model before), the corrected map when it was
+        re-measured since, and the new model's run.
+        """
+        widget = self.widget
+        columns = []
+        if widget.output is not None:
+            run = widget.output.result
+            columns.append(Column("before", run.measurement, run.phenotype))
+            if widget.measurement is not run.measurement and widget.phenotype is not None:
+                columns.append(Column("corrected", widget.measurement, widget.phenotype))
+        shown = widget.measurement
+        worker = widget.run()
+        if worker is None:
+            return None
+        from qtpy.QtCore import QTimer
+
+        def compare() -> None:  # the run's layers arrive after its worker ends: poll
+            if widget.running:
+                return
+            self._compare_timer.stop()
+            if widget.last_error is None and widget.measurement is not shown:
+                after = Column("new model", widget.measurement, widget.phenotype)
+                self.comparison.value = comparison_table([*columns, after])
+
+        self._compare_timer = QTimer(self.native)
+        self._compare_timer.timeout.connect(compare)
+        self._compare_timer.start(COMPARE_POLL_MS)
+        return worker
 
     def _fail(self, exc: BaseException) -> None:
         from histo_napari._widget import one_line

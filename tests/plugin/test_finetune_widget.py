@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -12,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import wait_for_run
+from histo_napari._results import format_value
 
 from histo import classes
+from histo.segment.registry import shipped_models_dir
 
 pytestmark = pytest.mark.gui
 
@@ -56,9 +59,8 @@ class FakeFinetune:
             time.sleep(self.step_s)
             done = step
             progress(FakeProgress(step, self.steps, 1 / step, 0.5, time.monotonic() - t0, True))
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model.safetensors").write_bytes(b"weights")
+        out = Path(out_dir)  # the shipped model as the "fine-tuned" one: it loads
+        shutil.copytree(shipped_models_dir() / "histo-unet", out, dirs_exist_ok=True)
         cancelled = done < self.steps
         return FakeResult(out, "0" * 64, done, time.monotonic() - t0, {"bone": 0.5}, cancelled)
 
@@ -124,28 +126,47 @@ def test_new_scribble_layer_lies_on_the_image_unlabelled(viewer_widget, errors):
     assert widget.train.layers.value == [layer]
 
 
-def test_train_selects_the_new_model(
-    qtbot, viewer_widget, errors, user_models, fake_finetune, oc_rich_section
+def test_train_selects_the_new_model_and_compares(
+    qtbot,
+    monkeypatch,
+    viewer_widget,
+    errors,
+    user_models,
+    fake_finetune,
+    scripted_pipeline,
+    oc_rich_section,
 ):
+    import histo_napari._worker as jobs
+
+    # the scripted pipeline works at 1 µm/px whatever the model: no weights to load for it
+    monkeypatch.setattr(jobs, "working_pixel_size_um", lambda model: 1.0)
     viewer, widget = viewer_widget
+    widget.run()
+    wait_for_run(qtbot, widget)
     layer = widget.train.new_scribble_layer()
     scribble(layer, oc_rich_section)
+    assert widget.train.layers.value == [viewer.layers["section classes"], layer]
     widget.train.model_name.value = "tibia-lab"
     widget.train.minutes.value = 0.05
     progress = []
     widget.train.train_button.native.click()
     assert widget.running and not widget.controls.run_button.enabled
     widget.train.worker.yielded.connect(progress.append)
-    wait_for_run(qtbot, widget)
+    qtbot.waitUntil(lambda: "new model" in widget.train.comparison.value, timeout=60_000)
     assert errors == [] and widget.train.result is not None
     assert (user_models / "tibia-lab" / "model.safetensors").is_file()
     assert widget.section.model.value == "tibia-lab"
     assert "tibia-lab" in widget.section.model.choices
     assert "val Dice" in widget.train.status.value and "tibia-lab" in widget.train.status.value
-    assert widget.controls.run_button.enabled
     assert any("loss" in p.message for p in progress)
+    # the analysis ran again with the new model, and the table compares the runs
+    assert [c["model"] for c in scripted_pipeline.calls] == ["classical", "tibia-lab"]
+    bv_tv = format_value(widget.measurement.indices["BV/TV"])
+    assert "before" in widget.train.comparison.value
+    assert widget.train.comparison.value.count(f">{bv_tv}<") == 2
+    assert widget.controls.run_button.enabled and widget.train.train_button.enabled
     # the image under the scribbles is the section itself, pixel for pixel
-    (field,) = fake_finetune.fields
+    field = next(f for f in fake_finetune.fields if f.name == layer.name)
     assert field.pixel_size_um == pytest.approx(1.0)
     np.testing.assert_array_equal(field.image, oc_rich_section.image)
     np.testing.assert_array_equal(field.class_map, layer.data)
@@ -154,6 +175,7 @@ def test_train_selects_the_new_model(
 def test_cancel_stops_the_worker(qtbot, viewer_widget, errors, user_models, fake_finetune):
     viewer, widget = viewer_widget
     widget.train.new_scribble_layer().data[:40, :40] = classes.MARROW
+    widget.train.rerun.value = False
     fake_finetune.steps, fake_finetune.step_s = 2000, 0.02
     widget.train.train()
     assert fake_finetune.started.wait(10)
@@ -163,7 +185,9 @@ def test_cancel_stops_the_worker(qtbot, viewer_widget, errors, user_models, fake
     assert time.monotonic() - t0 < 5
     result = widget.train.result
     assert result.cancelled and result.steps < fake_finetune.steps
-    assert widget.section.model.value == result.model_dir.name  # the best so far is kept
+    # the best so far is kept, under the automatic name
+    assert widget.section.model.value == result.model_dir.name
+    assert result.model_dir.parent == user_models and result.model_dir.name.startswith("section-")
     assert widget.train.train_button.enabled and not widget.train.cancel_button.enabled
 
 
