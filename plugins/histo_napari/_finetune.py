@@ -232,7 +232,7 @@ def comparison_table(columns: list[Column]) -> str:
     for key in HEADLINE:
         values = [format_value(c.measurement.indices.get(key, math.nan)) for c in columns]
         rows.append(row([key, *values, html.escape(INDEX_UNITS.get(key, ""))]))
-    return "<table cellspacing='4'>" + "".join(rows) + "</table>"
+    return "<table cellspacing='2' cellpadding='3'>" + "".join(rows) + "</table>"
 
 
 # --------------------------------------------------------------------------- pairing
@@ -327,7 +327,8 @@ class LabelsSelect(Select):
         events.inserted.connect(self._on_inserted)
         for event in (events.removed, events.reordered, events.renamed):
             event.connect(self.reset_choices)
-        self.native.setMaximumHeight(4 * self.native.sizeHintForRow(0) + 8)
+        row = self.native.fontMetrics().lineSpacing() + 6
+        self.native.setFixedHeight(4 * row + 8)  # four layers show; more scroll
 
     def _layers(self, _: Any = None) -> list[tuple[str, Layer]]:
         return [(lyr.name, lyr) for lyr in reversed(self.viewer.layers) if is_trainable(lyr)]
@@ -378,10 +379,14 @@ class TrainForm(Container):
             widgets=[self.train_button, self.cancel_button], layout="horizontal", labels=False
         )
         buttons.margins = (0, 0, 0, 0)
-        self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0, label="")
-        self.status = Label(value="Correct a class map or scribble, then Train.", label="")
+        self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
+        self.status = Label(value="Correct a class map or scribble, then Train.")
         self.status.native.setWordWrap(True)
-        self.comparison = Label(value="", label="")
+        self.comparison = Label(value="")
+        running = Container(
+            widgets=[buttons, self.progress, self.status, self.comparison], labels=False
+        )
+        running.margins = (0, 0, 0, 0)
         super().__init__(
             widgets=[
                 self.layers,
@@ -389,10 +394,7 @@ class TrainForm(Container):
                 self.model_name,
                 self.minutes,
                 self.rerun,
-                buttons,
-                self.progress,
-                self.status,
-                self.comparison,
+                running,
             ]
         )
 
