@@ -42,6 +42,7 @@ from histo.classes import (
     OSTEOCLAST,
     OSTEOCYTE,
     SOFT_TISSUE,
+    UNLABELLED,
 )
 from histo.errors import HistoError
 from histo.segment.instances import centre_target
@@ -399,26 +400,37 @@ def segmentation_loss(
     classes: torch.Tensor,
     centre: torch.Tensor,
     config: TrainConfig,
+    centre_known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted cross-entropy + soft Dice over the classes present + centre-map BCE.
 
     The centre map is weighted 5x inside osteoclasts, where the split of touching cells is
-    decided.
+    decided. Pixels of class ``UNLABELLED`` (255: corrections and scribbles) add nothing to any
+    term; ``centre_known`` (broadcast to ``centre``, 1 or 0) leaves out the centre map where no
+    instance truth exists (scribbles). Without either, the loss is that of a fully labelled batch.
     """
     n = config.n_classes
     logits = out[:, :n]
+    labelled = classes != UNLABELLED
+    known = classes.where(labelled, 0)
     weights = torch.tensor(config.class_weights, dtype=out.dtype, device=out.device)
-    ce = F.cross_entropy(logits, classes, weight=weights)
-    probs = logits.softmax(1)
-    onehot = F.one_hot(classes, n).permute(0, 3, 1, 2).to(out.dtype)
+    if bool(labelled.any()):
+        ce = F.cross_entropy(logits, classes, weight=weights, ignore_index=UNLABELLED)
+    else:
+        ce = logits.sum() * 0.0
+    mask = labelled.unsqueeze(1).to(out.dtype)
+    probs = logits.softmax(1) * mask
+    onehot = F.one_hot(known, n).permute(0, 3, 1, 2).to(out.dtype) * mask
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = 1 - (2 * inter + 1.0) / (denom + 1.0)
     # classes absent from the batch are left out: their Dice term would only push their
     # probabilities down (on field crops, cartilage and soft tissue never appear)
     present = onehot.sum((0, 2, 3)) > 0
-    dice = dice[present].mean()
-    pix_w = 1.0 + 4.0 * (classes == OSTEOCLAST).to(out.dtype)
+    dice = dice[present].mean() if bool(present.any()) else logits.sum() * 0.0
+    pix_w = (1.0 + 4.0 * (classes == OSTEOCLAST).to(out.dtype)) * labelled.to(out.dtype)
+    if centre_known is not None:
+        pix_w = pix_w * centre_known.to(out.dtype)
     bce = F.binary_cross_entropy_with_logits(out[:, n], centre, weight=pix_w)
     loss = ce + config.dice_weight * dice + config.centre_weight * bce
     return loss, {"ce": ce.item(), "dice": dice.item(), "centre": bce.item()}

@@ -22,6 +22,8 @@ COMMANDS = {
     "calibrate": "learn reference ranges from a lab's own control slides",
     "train": "train the segmentation network on synthetic slides",
     "evaluate": "score the network and the classical baseline on held-out synthetic slides",
+    "finetune": "fine-tune the network on corrected class maps or scribbles (NAME.classes.tif)",
+    "models": "list the models: shipped ones and those in the user model folder",
     "qc": "quality checks that need no segmentation: tissue, focus, stain, scale",
 }
 

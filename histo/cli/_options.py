@@ -19,7 +19,8 @@ def add_model(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="default",
         metavar="NAME|PATH",
-        help="'default' (shipped network), 'classical' (threshold baseline) or a weights file",
+        help="'default' (shipped network), 'classical' (threshold baseline), a model folder "
+        "from 'histo finetune', a user model's name ('histo models') or a weights file",
     )
 
 

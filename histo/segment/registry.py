@@ -299,3 +299,35 @@ def register_weights(
 
     write_text_atomic(reg_path, json.dumps(registry, indent=2) + "\n")
     return entry
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One line of ``histo models``: a shipped or a user model, without reading its weights."""
+
+    name: str
+    where: str  #: "shipped" or "user"
+    classes: int | None  #: class outputs of the network (None: the classical baseline)
+    sha256: str | None
+    base: str | None  #: the model a fine-tuned one started from
+    path: Path | None
+
+
+def list_models(registry: str | Path | None = None) -> list[ModelInfo]:
+    """The shipped models (registry order) then the user models (by name)."""
+    reg = read_registry(registry)
+    root = (Path(registry) if registry is not None else DEFAULT_REGISTRY).resolve().parent
+    found = []
+    for name, entry in reg["models"].items():
+        n_out = (entry.get("config") or {}).get("n_outputs")
+        path = (root / entry["file"]).resolve() if "file" in entry else None
+        classes = None if entry.get("architecture") == "classical" else int(n_out or 6) - 1
+        found.append(ModelInfo(name, "shipped", classes, entry.get("sha256"), None, path))
+    for name in user_model_names():
+        source = _from_model_dir(user_models_dir() / name)
+        base = source.entry.get("base") or {}
+        n_out = (source.entry.get("config") or {}).get("n_outputs")
+        classes = int(n_out) - 1 if n_out else None
+        label = base.get("name") if isinstance(base, dict) else str(base)
+        found.append(ModelInfo(name, "user", classes, source.sha256, label, source.weights))
+    return found
