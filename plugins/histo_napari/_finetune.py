@@ -138,7 +138,6 @@ class FieldSource:
     def labelled_field(self) -> Any:
         """The image read on the class map's grid, as a ``LabelledField`` (worker thread)."""
         from histo.finetune import LabelledField
-
         from histo.io import open_slide, read_region, slide_from_array
 
         if isinstance(self.image, np.ndarray):
@@ -415,6 +414,8 @@ class TrainPanel(TrainForm):
         self.worker: Any = None
         self.job: TrainJob | None = None
         self.result: Any = None  #: the last FinetuneResult
+        #: more ``FinetuneConfig`` fields for scripts (``{"max_steps": 50, "seed": 1}``)
+        self.config_options: dict[str, Any] = {}
         self._rerun_pending = False
         self._compare_timer: Any = None
         self.scribble_button.clicked.connect(lambda: self.new_scribble_layer())
@@ -482,6 +483,7 @@ class TrainPanel(TrainForm):
         config = FinetuneConfig(
             base=None if base in ("default", "classical") else base,
             minutes=float(self.minutes.value),
+            **self.config_options,
         )
         device = str(section.device.value)
         if device != "auto" and hasattr(config, "device"):  # else the fine-tuning's default

@@ -224,3 +224,46 @@ def test_lazy_labels_are_refused_with_a_message(viewer_widget, errors):
     viewer.add_labels(lazy, name="slide classes", metadata={"histo_kind": "class_map"})
     assert widget.train.train() is None and not widget.running
     assert len(errors) == 1 and "on demand" in errors[0]
+
+
+#: a fine-tuning of two small steps (the budget would spend minutes)
+TINY_RUN = {
+    "max_steps": 2,
+    "forgetting_sections": 0,
+    "replay_sections": 1,
+    "replay_share": 0.0,
+    "batch_size": 2,
+    "crop_px": 96,
+    "val_max_blocks": 2,
+    "val_every": 1,
+}
+
+
+def test_train_with_histo_finetune(qtbot, viewer_widget, errors, user_models, oc_rich_section):
+    import json
+
+    from histo.segment.registry import file_sha256, locate_model
+
+    viewer, widget = viewer_widget
+    layer = widget.train.new_scribble_layer()
+    scribble(layer, oc_rich_section)
+    widget.train.model_name.value = "lab"
+    widget.train.rerun.value = False
+    widget.train.config_options = TINY_RUN
+    widget.train.train()
+    wait_for_run(qtbot, widget, 600_000)
+    assert errors == []
+    result = widget.train.result
+    assert result.steps == 2 and not result.cancelled
+    folder = user_models / "lab"
+    assert file_sha256(folder / "model.safetensors") == result.sha256
+    assert locate_model("lab").verify() == result.sha256  # the Model choice's name loads
+    assert widget.section.model.value == "lab"
+    # model.json counts the painted pixels of each class
+    (record,) = json.loads((folder / "model.json").read_text())["data"]
+    painted = {
+        name: int((layer.data == code).sum())
+        for code, name in classes.NAMES.items()
+        if (layer.data == code).any()
+    }
+    assert {k: v for k, v in record["labelled_px"].items() if v} == painted
