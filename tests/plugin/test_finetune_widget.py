@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 import time
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +13,18 @@ from conftest import wait_for_run
 from histo_napari._results import format_value
 
 from histo import classes
-from histo.segment.registry import shipped_models_dir
+from histo.finetune import FinetuneProgress, FinetuneResult
+from histo.segment.registry import MODEL_FILE, MODEL_JSON, shipped_models_dir
 
 pytestmark = pytest.mark.gui
 
 
-@dataclass
-class FakeProgress:
-    step: int
-    steps: int | None
-    loss: float
-    val_dice: float | None
-    elapsed_s: float
-    best: bool
-
-
-@dataclass
-class FakeResult:
-    model_dir: Path
-    sha256: str
-    steps: int
-    wall_s: float
-    val_dice: dict
-    cancelled: bool
-
-
 class FakeFinetune:
-    """Stands in for histo.finetune.finetune: records the fields, steps until cancelled."""
+    """Stands in for histo.finetune.finetune: records the fields, steps until cancelled.
+
+    Fast and deterministic, for what the plugin does around it (progress, Cancel, choosing
+    and re-running the model); ``test_train_with_histo_finetune`` runs the real one.
+    """
 
     def __init__(self, steps: int = 5, step_s: float = 0.01):
         self.steps, self.step_s = steps, step_s
@@ -58,11 +40,15 @@ class FakeFinetune:
                 break
             time.sleep(self.step_s)
             done = step
-            progress(FakeProgress(step, self.steps, 1 / step, 0.5, time.monotonic() - t0, True))
+            elapsed = time.monotonic() - t0
+            progress(FinetuneProgress(step, self.steps, 1 / step, 0.5, elapsed, True))
         out = Path(out_dir)  # the shipped model as the "fine-tuned" one: it loads
-        shutil.copytree(shipped_models_dir() / "histo-unet", out, dirs_exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, MODEL_JSON):
+            shutil.copy(shipped_models_dir() / "histo-unet" / name, out / name)
         cancelled = done < self.steps
-        return FakeResult(out, "0" * 64, done, time.monotonic() - t0, {"bone": 0.5}, cancelled)
+        wall = time.monotonic() - t0
+        return FinetuneResult(out, "0" * 64, done, wall, {"bone": 0.5}, cancelled)
 
 
 @pytest.fixture
@@ -74,31 +60,11 @@ def user_models(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_finetune(monkeypatch):
-    """The fake in place of histo.finetune.finetune (the module faked too when absent)."""
+    """The fake in place of histo.finetune.finetune."""
+    import histo.finetune
+
     fake = FakeFinetune()
-    try:
-        import histo.finetune as module
-    except ImportError:
-        module = types.ModuleType("histo.finetune")
-
-        @dataclass
-        class LabelledField:
-            image: np.ndarray
-            class_map: np.ndarray
-            pixel_size_um: float
-            name: str
-            source: str | None = None
-            sha256: str | None = None
-
-        @dataclass
-        class FinetuneConfig:
-            base: str | None = None
-            minutes: float = 5.0
-            seed: int = 0
-
-        module.LabelledField, module.FinetuneConfig = LabelledField, FinetuneConfig
-        monkeypatch.setitem(sys.modules, "histo.finetune", module)
-    monkeypatch.setattr(module, "finetune", fake, raising=False)
+    monkeypatch.setattr(histo.finetune, "finetune", fake)
     return fake
 
 
