@@ -458,7 +458,7 @@ class TrainPanel(TrainForm):
 
     def make_job(self) -> TrainJob:
         """The training job of the chosen layers (raises HistoError on bad input)."""
-        from histo.segment.registry import user_models_dir
+        from histo.finetune import FinetuneConfig
 
         chosen = list(self.layers.value)
         if not chosen:
@@ -468,17 +468,7 @@ class TrainPanel(TrainForm):
         for labels in chosen:
             image = paired_image(labels, self.widget.viewer, section.image.value)
             sources.append(field_source(labels, image, self._image_pixel_size(image)))
-        root = user_models_dir()
-        typed = str(self.model_name.value).strip()
-        slide = str(chosen[0].metadata.get("slide_name") or chosen[0].name)
-        out_dir = Path(typed).expanduser() if typed else root / default_model_name(slide, root)
-        if not out_dir.is_absolute() and len(out_dir.parts) == 1:
-            out_dir = root / out_dir
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise HistoError(f"model folder {out_dir} exists: choose another name")
-        in_user_folder = out_dir.parent.resolve() == root.resolve()
-        from histo.finetune import FinetuneConfig
-
+        out_dir, name = self._model_folder(str(chosen[0].metadata.get("slide_name") or ""))
         base = str(section.model.value)
         config = FinetuneConfig(
             base=None if base in ("default", "classical") else base,
@@ -488,8 +478,25 @@ class TrainPanel(TrainForm):
         device = str(section.device.value)
         if device != "auto" and hasattr(config, "device"):  # else the fine-tuning's default
             config.device = device
-        name = out_dir.name if in_user_folder else str(out_dir)
         return TrainJob(sources, out_dir, name, config)
+
+    def _model_folder(self, slide_name: str) -> tuple[Path, str]:
+        """The new model's folder, and its name in the Model choice (a path outside the
+        user model folder)."""
+        from histo.segment.registry import user_models_dir
+
+        root = user_models_dir()
+        typed = str(self.model_name.value).strip()
+        if not typed:
+            out_dir = root / default_model_name(slide_name or "model", root)
+        else:
+            out_dir = Path(typed).expanduser()
+            if not out_dir.is_absolute() and len(out_dir.parts) == 1:
+                out_dir = root / out_dir
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise HistoError(f"model folder {out_dir} exists: choose another name")
+        in_user_folder = out_dir.parent.resolve() == root.resolve()
+        return out_dir, out_dir.name if in_user_folder else str(out_dir)
 
     def train(self) -> Any:
         """Start the fine-tuning in a worker thread (returns at once)."""
