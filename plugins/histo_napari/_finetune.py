@@ -275,6 +275,8 @@ def field_source(labels: Layer, image: Layer, image_px: float) -> FieldSource:
         )
     if data.ndim != 2:
         raise HistoError(f"'{labels.name}' is not a 2-D class map")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise HistoError(f"'{labels.name}' holds labels outside 0-255: not class codes")
     px = layer_pixel_size_um(labels) or image_px * float(labels.scale[-1] / image.scale[-1])
     # world units per µm of the image; pixel centres lie at index * scale + translate
     world_per_um = np.asarray(image.scale[-2:], float) / image_px
