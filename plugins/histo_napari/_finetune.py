@@ -318,7 +318,8 @@ def default_model_name(slide_name: str, root: Path) -> str:
 class LabelsSelect(Select):
     """A multiple choice of the viewer's class-map and scribble layers.
 
-    A layer added to the viewer that fits joins the selection: it is the one just made.
+    A layer added to the viewer that fits joins the selection: it is the one just made (a
+    whole slide's lazy class map does not: it cannot be trained on).
     """
 
     def __init__(self, viewer: napari.Viewer, **kwargs: Any) -> None:
@@ -337,7 +338,7 @@ class LabelsSelect(Select):
     def _on_inserted(self, event: Any) -> None:
         chosen = list(self.value)
         self.reset_choices()
-        if is_trainable(event.value):
+        if is_trainable(event.value) and not event.value.multiscale:  # a whole slide: no
             kept = [lyr for lyr in chosen if lyr in self.viewer.layers]
             self.value = [*kept, event.value]
 
@@ -537,11 +538,15 @@ class TrainPanel(TrainForm):
             self.status.value = "cancelling: keeping the best model so far…"
 
     def wait(self, timeout_s: float = 900.0) -> None:
-        """Process Qt events until the fine-tuning ends (for scripts)."""
+        """Process Qt events until the fine-tuning, and the re-run after it, end (scripts)."""
         from qtpy.QtWidgets import QApplication
 
+        def busy() -> bool:
+            timer = self._compare_timer
+            return self.widget.running or (timer is not None and timer.isActive())
+
         t_end = time.monotonic() + timeout_s
-        while self.running and time.monotonic() < t_end:
+        while busy() and time.monotonic() < t_end:
             QApplication.processEvents()
             time.sleep(0.01)
 
