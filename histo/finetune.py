@@ -674,7 +674,8 @@ class _Run:
         """Score the held-out blocks; keep the weights when they are the best. True if so."""
         self.val = dice_scores(self.net, self.windows, self.n_classes, self.device)
         _set_train_mode(self.net, self.config.trainable)
-        score = _mean(self.val) if self.val else -self.loss  # no held-out pixels: the loss
+        # no held-out pixels (a single labelled block): the latest weights are kept
+        score = _mean(self.val) if self.windows else float(self.step)
         if score > self.best_score or not self.best_state:
             self.best_score, self.best_step, self.best_val = score, self.step, dict(self.val)
             self.best_state = copy.deepcopy(self.net.state_dict())
