@@ -33,6 +33,7 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QVBoxLayout, QWidget
 
 from histo.errors import Cancelled, HistoError, PixelSizeError
 from histo_napari import _worker as jobs
+from histo_napari._finetune import TrainPanel
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
@@ -104,6 +105,8 @@ class HistoWidget(QWidget):
         root.addWidget(self.controls.native)
         root.addWidget(self.results, stretch=1)
         root.addWidget(_boxed("Correct", self.correct.native))
+        self.train = TrainPanel(self)  #: Train on corrections (fine-tuning)
+        root.addWidget(_boxed("Train on corrections", self.train.native))
         # lambdas: a button's signal carries its checked state, which is no path
         self.controls.run_button.clicked.connect(lambda: self.run())
         self.controls.cancel_button.clicked.connect(lambda: self.cancel())
@@ -114,8 +117,8 @@ class HistoWidget(QWidget):
     # ---- state
     @property
     def running(self) -> bool:
-        """True while a run, re-measure or save is going on."""
-        return self.worker is not None or self._showing
+        """True while a run, re-measure, save or fine-tuning is going on."""
+        return self.worker is not None or self._showing or self.train.running
 
     def table_indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""
