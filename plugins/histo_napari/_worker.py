@@ -219,37 +219,19 @@ def with_progress(fn: Callable[..., Any], *args: Any) -> Generator[Progress, Non
 def class_map_instances(
     class_map: np.ndarray, instances: np.ndarray | None, code: int
 ) -> np.ndarray | None:
-    """Instance labels consistent with an edited class map.
+    """Instance labels consistent with an edited class map (None if ``instances`` is None).
 
-    Pixels of class ``code`` keep their instance; a region painted as ``code`` that touches no
-    instance becomes a new one; pixels painted onto an existing instance join it. Instances
-    whose pixels were painted over vanish. None if ``instances`` is None.
+    The rule of :func:`histo.io.region_edit.edited_instances`: a cell left alone keeps its
+    label, pixels painted onto a cell join it, a region painted apart is a new cell.
     """
     if instances is None:
         return None
-    from scipy import ndimage as ndi
+    from histo.io.region_edit import edited_instances
 
-    member = class_map == code
     inst = np.asarray(instances)
     if inst.shape != class_map.shape:
         return None
-    lab = np.where(member, inst, 0).astype(np.int64)
-    unlabeled = member & (lab == 0)
-    if not unlabeled.any():
-        return lab
-    comp, n = ndi.label(member, structure=np.ones((3, 3), bool))
-    has_instance = np.zeros(n + 1, bool)
-    has_instance[np.unique(comp[lab > 0])] = True
-    has_instance[0] = False
-    fresh = unlabeled & ~has_instance[comp]
-    if fresh.any():  # regions painted away from any instance: one new instance each
-        new, _ = ndi.label(fresh, structure=np.ones((3, 3), bool))
-        lab[fresh] = new[fresh] + lab.max()
-    grow = unlabeled & has_instance[comp]
-    if grow.any():  # pixels added to an instance: nearest instance pixel
-        _, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
-        lab[grow] = lab[iy[grow], ix[grow]]
-    return lab
+    return edited_instances(class_map, inst, code)
 
 
 class Instances(NamedTuple):
