@@ -36,6 +36,7 @@ from histo_napari import _worker as jobs
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
+from histo_napari._region import RegionEditor
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class HistoWidget(QWidget):
         root.addWidget(self.controls.native)
         root.addWidget(self.results, stretch=1)
         root.addWidget(_boxed("Correct", self.correct.native))
+        self.region_edit = RegionEditor(self)  #: a region of a whole slide, edited and applied
+        root.addWidget(_boxed("Whole-slide region", self.region_edit.native))
         # lambdas: a button's signal carries its checked state, which is no path
         self.controls.run_button.clicked.connect(lambda: self.run())
         self.controls.cancel_button.clicked.connect(lambda: self.cancel())

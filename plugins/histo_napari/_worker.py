@@ -84,6 +84,7 @@ class AnalysisOutput:
     image: np.ndarray | None = None  #: RGB at the working resolution, once known
     #: label name -> (lazy pyramid from full resolution down, µm/px) when shown from the store
     levels: dict[str, tuple[list[Any], float | None]] | None = None
+    store: Path | None = None  #: the labels.ome.zarr the maps are shown from
 
     def attach_store(self, store: Path, temporary_dir: str | None) -> None:
         """Show the maps from the slide's labels.ome.zarr: drop the in-memory arrays.
@@ -93,6 +94,7 @@ class AnalysisOutput:
         from histo_napari._reader import store_levels
 
         self.levels = store_levels(store)
+        self.store = Path(store)
         r = self.result
         r.class_map, r.osteoclast_labels, r.osteocyte_labels = (
             self.levels[name][0][0] for name in ("class_map", "osteoclasts", "osteocytes")
@@ -343,6 +345,7 @@ def save_corrections(job: CorrectionJob, path: str | Path) -> Path:
     if not path.name.lower().endswith((".tif", ".tiff")):
         path = path.with_name(path.name + ".classes.tif")
     cmap = job.class_map if job.stored else validate_class_map(job.class_map).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     instances = job.edited_instances()
     write_pyramidal_tiff(path, cmap, job.pixel_size_um, label=True)
     base = path.name[: -len(".classes.tif")] if path.name.endswith(".classes.tif") else path.stem
