@@ -34,6 +34,7 @@ import numpy as np
 
 from histo import classes
 from histo.errors import OutputError, SlideReadError
+from histo.io.ome_zarr import write_in_pieces
 
 __all__ = [
     "PixelBox",
@@ -339,8 +340,8 @@ def write_labels_region(
     files = [f for array, span, _ in writes for f in _chunk_files(array, span)]
     journal = _begin_journal(store, files)
     try:
-        for array, (i0, i1, j0, j1), tile in writes:
-            array[i0:i1, j0:j1] = tile
+        for array, (i0, _, j0, _), tile in writes:
+            write_in_pieces(array, i0, j0, tile)
     except BaseException as exc:
         recover_interrupted_edit(store)
         if isinstance(exc, OSError):

@@ -250,16 +250,38 @@ class RegionEditor(Container):
         slide = out.job.source if out is not None and out.store == store else None
         px = out.job.pixel_size_um if slide is not None else None
         self.applied.append(AppliedRegion(store, written.box, slide, px))
-        for layer in w.viewer.layers:  # the slide's lazy layers read the store again
-            meta = layer.metadata
-            same = meta.get("histo_path") == str(store) or (
-                out is not None and out.store == store and meta.get("histo_run") == id(out)
+        stale = [
+            layer
+            for layer in w.viewer.layers
+            if layer.multiscale
+            and (
+                layer.metadata.get("histo_path") == str(store)
+                or (
+                    out is not None
+                    and out.store == store
+                    and layer.metadata.get("histo_run") == id(out)
+                )
             )
-            if same and layer.multiscale:
-                layer.refresh()
+        ]
+        _refresh_one_a_turn(stale)
         h, wd = written.box.shape
         w.controls.status.value = (
             f"applied {wd} × {h} px ({written.changed_px} px changed) in "
             f"{written.seconds:.2f} s: press Re-measure"
         )
         self.info.value = f"{len(self.applied)} region(s) applied"
+
+
+def _refresh_one_a_turn(layers: list[Layer]) -> None:
+    """Make the slide's lazy layers read the store again, one per turn of the event loop
+    (napari reads what it shows on the GUI thread)."""
+    from qtpy.QtCore import QTimer
+
+    from histo_napari._layers import LAYER_STAGGER_MS
+
+    def next_one() -> None:
+        if layers:
+            layers.pop(0).refresh()
+            QTimer.singleShot(LAYER_STAGGER_MS, next_one)
+
+    QTimer.singleShot(0, next_one)

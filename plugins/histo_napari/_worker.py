@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -116,8 +117,39 @@ class AnalysisOutput:
         return self.image
 
 
+@contextmanager
+def analysis_runtime() -> Generator[None, None, None]:
+    """The runtime tuning the ``histo`` command gives itself (:mod:`histo.runtime`), for the
+    length of an analysis in napari's process.
+
+    - malloc: at most two arenas for the threads started from now on (the analysis's; the
+      GUI thread keeps the main arena) - a cap glibc applies to new arenas only, kept after
+      the run, and harmless to napari, whose arenas exist already;
+    - the heap's free pages given back between the analysis's phases, and Python's cyclic
+      collector run less often: both only while the analysis runs, then as they were.
+    """
+    import gc
+
+    from histo import runtime
+
+    trim_allowed = bool(getattr(runtime, "_HEAP_TRIM_ALLOWED", False))
+    thresholds = gc.get_threshold()
+    runtime.tune_malloc()
+    runtime.tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        runtime.allow_heap_trim(trim_allowed)
+
+
 def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = None):
     """Run the pipeline for ``job`` (worker thread); raises HistoError or Cancelled."""
+    with analysis_runtime():
+        return _analyze(job, progress)
+
+
+def _analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None) -> AnalysisOutput:
     from histo.pipeline import analyze_slide
 
     t0 = time.perf_counter()

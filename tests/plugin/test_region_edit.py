@@ -21,8 +21,10 @@ SLIDE_PX = 1536
 #: the region corrected, in µm (= px): across the store's 1024 px chunks, off their grid
 RECT_UM = ((900.0, 700.0), (1300.0, 1200.0))
 STALL_LIMIT_S = 0.2
-#: napari builds a new layer's visual and controls on the GUI thread: over 1 s on a loaded
-#: machine (the whole-slide test allows 1.5 s a layer on an idle one)
+#: napari builds a new layer's visual and controls, and reads the level it shows, on the GUI
+#: thread: one tick may be that late (test_whole_slide allows as much a layer)
+OUTLIER_LIMIT_S = 1.5
+#: the first layer of a kind costs more (over 1 s on a loaded machine)
 FIRST_LAYER_LIMIT_S = 3.0
 #: indices that need the slide's pixels (occupied lacunae): the widget measures with them,
 #: `histo measure` on a class map cannot
@@ -71,6 +73,13 @@ def _histo_measure(store: Path, out: Path) -> dict[str, float]:
         except (TypeError, ValueError):
             pass
     return values
+
+
+def _assert_live(probe, outlier_s: float) -> None:
+    """The GUI thread ran its events every 0.2 s but for one tick (napari's own work on it)."""
+    assert probe.ticks >= 3
+    assert sorted(probe.gaps_s)[-2] < STALL_LIMIT_S
+    assert probe.longest_gap_s < outlier_s
 
 
 def _paint(layer) -> np.ndarray:
@@ -178,7 +187,7 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     example = applied.training_example()
     assert example.image.shape == (*box.shape, 3) and example.pixel_size_um == 1.0
     np.testing.assert_array_equal(example.class_map, edited)
-    assert apply_probe.gap_percentile_s(99) < STALL_LIMIT_S
+    _assert_live(apply_probe, OUTLIER_LIMIT_S)
 
     viewer.scene.camera.center = (1100.0, 950.0)  # zoomed in: the view is the next region
     viewer.scene.camera.zoom = 4.0
@@ -193,10 +202,5 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert view.shape[0] * view.shape[1] < 1000 * 1000
     np.testing.assert_array_equal(region.data, after["class_map", 0][view.slices])
     assert np.allclose(region.data_to_world((0, 0)), (view.y0, view.x0))
-    # the layer is updated in place: a tick or two late on a loaded machine, never a second
-    assert sorted(view_probe.gaps_s)[-2] < STALL_LIMIT_S
-    assert view_probe.longest_gap_s < 1.0
-    # loading: the GUI thread only puts the layer in the viewer, which napari does on it
-    # (its visual and controls: one long tick, more the first time); all else stays live
-    assert sorted(load_probe.gaps_s)[-2] < STALL_LIMIT_S
-    assert load_probe.longest_gap_s < FIRST_LAYER_LIMIT_S
+    _assert_live(view_probe, OUTLIER_LIMIT_S)
+    _assert_live(load_probe, FIRST_LAYER_LIMIT_S)
