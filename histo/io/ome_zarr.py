@@ -50,6 +50,9 @@ WRITE_CONCURRENCY = 2
 COARSEST_MAX_PX = 1024
 #: levels at least (full resolution, 2x and 4x coarser), however small the image
 MIN_LEVELS = 3
+#: attribute of an instance image's group: its largest label (a region edit numbers new cells
+#: above it without reading the whole image)
+MAX_LABEL_ATTR = "histo_max_label"
 
 
 def _axes(channel: bool) -> list[dict[str, str]]:
@@ -146,6 +149,7 @@ class LabelsWriter:
         #: nor read back (a tile that only partly covers a chunk means decoding it again)
         self.block_px = (int(chunk_px), int(chunk_px) * self.factors[-1])
         self._overview: tuple[np.ndarray, float] | None = None
+        self._max_label: dict[str, int] = {}
         self._finalized = False
         # tiles written in raster order (row bands, left to right) are held back per level
         # until they fill whole rows of chunks, so that each chunk is compressed once instead
@@ -264,6 +268,8 @@ class LabelsWriter:
         if y1 <= y0 or x1 <= x0:
             return
         array = array[y0 - y : y1 - y, x0 - x : x1 - x]
+        if name != "class_map" and array.size:
+            self._max_label[name] = max(self._max_label.get(name, 0), int(array.max()))
         try:
             self._write_levels(name, arrays, array, y0, y1, x0, x1)
         except OSError as exc:
@@ -378,6 +384,10 @@ class LabelsWriter:
         self.flush()
         try:
             self._write_root()
+            for name in self.labels:
+                if name != "class_map":
+                    group = self._root["labels"][name]
+                    group.attrs[MAX_LABEL_ATTR] = self._max_label.get(name, 0)
             old = self.path.with_name(self.path.name + ".old")
             if old.exists():
                 shutil.rmtree(old)

@@ -34,7 +34,7 @@ import numpy as np
 
 from histo import classes
 from histo.errors import OutputError, SlideReadError
-from histo.io.ome_zarr import write_in_pieces
+from histo.io.ome_zarr import MAX_LABEL_ATTR, write_in_pieces
 
 __all__ = [
     "PixelBox",
@@ -52,8 +52,6 @@ __all__ = [
 INSTANCE_CODES = {"osteoclasts": classes.OSTEOCLAST, "osteocytes": classes.OSTEOCYTE}
 #: context read around a region (px) to find the cells that reach into it from outside
 CONTEXT_PX = 2
-#: attribute of a label image's group that caches its largest label (new cells go above it)
-MAX_LABEL_ATTR = "histo_max_label"
 #: block side (px) of the one-off scan for the largest label
 SCAN_BLOCK_PX = 2048
 
@@ -264,7 +262,8 @@ def edited_instances(
 
 
 def _max_label(store: Path, name: str, level0: Any) -> int:
-    """The largest label of an instance image (cached in its group's attributes)."""
+    """The largest label of an instance image (its group's attribute, written by
+    :class:`histo.io.ome_zarr.LabelsWriter`; a store without it is scanned once)."""
     import zarr
 
     group = zarr.open_group(str(store / "labels" / name), mode="r+")

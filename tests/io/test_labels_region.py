@@ -91,6 +91,19 @@ def test_a_region_edit_changes_the_store_only_inside_the_region(store, section):
     assert not store.with_name(store.name + ".edit").exists()
 
 
+def test_the_writer_records_the_largest_label_so_an_edit_reads_no_whole_image(store, section):
+    import zarr
+
+    from histo.io.ome_zarr import MAX_LABEL_ATTR
+
+    for name, labels in (
+        ("osteoclasts", section.osteoclast_labels),
+        ("osteocytes", section.osteocyte_labels),
+    ):
+        group = zarr.open_group(str(store / "labels" / name), mode="r")
+        assert group.attrs[MAX_LABEL_ATTR] == labels.max() > 0
+
+
 def test_an_edit_that_fails_half_way_is_rolled_back(store, monkeypatch):
     import zarr
 
