@@ -75,11 +75,12 @@ def _histo_measure(store: Path, out: Path) -> dict[str, float]:
     return values
 
 
-def _assert_live(probe, outlier_s: float) -> None:
+def _assert_live(probe, outlier_s: float, phase: str) -> None:
     """The GUI thread ran its events every 0.2 s but for one tick (napari's own work on it)."""
-    assert probe.ticks >= 3
-    assert sorted(probe.gaps_s)[-2] < STALL_LIMIT_S
-    assert probe.longest_gap_s < outlier_s
+    gaps = sorted(probe.gaps_s)
+    assert probe.ticks >= 3, phase
+    assert gaps[-2] < STALL_LIMIT_S, (phase, gaps[-5:])
+    assert gaps[-1] < outlier_s, (phase, gaps[-5:])
 
 
 def _paint(layer) -> np.ndarray:
@@ -187,7 +188,7 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     example = applied.training_example()
     assert example.image.shape == (*box.shape, 3) and example.pixel_size_um == 1.0
     np.testing.assert_array_equal(example.class_map, edited)
-    _assert_live(apply_probe, OUTLIER_LIMIT_S)
+    _assert_live(apply_probe, OUTLIER_LIMIT_S, "apply")
 
     viewer.scene.camera.center = (1100.0, 950.0)  # zoomed in: the view is the next region
     viewer.scene.camera.zoom = 4.0
@@ -202,5 +203,5 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert view.shape[0] * view.shape[1] < 1000 * 1000
     np.testing.assert_array_equal(region.data, after["class_map", 0][view.slices])
     assert np.allclose(region.data_to_world((0, 0)), (view.y0, view.x0))
-    _assert_live(view_probe, OUTLIER_LIMIT_S)
-    _assert_live(load_probe, FIRST_LAYER_LIMIT_S)
+    _assert_live(view_probe, OUTLIER_LIMIT_S, "load view")
+    _assert_live(load_probe, FIRST_LAYER_LIMIT_S, "load rectangle")
