@@ -238,13 +238,16 @@ class RegionEditor(Container):
         job = self.widget._prepare(make)
         if job is None:
             return None
+        store = job[0]
         return self.widget._start(
-            write_labels_region, *job, done=self._applied, message="writing the region…"
+            write_labels_region,
+            *job,
+            done=lambda written: self._applied(written, store),
+            message="writing the region…",
         )
 
-    def _applied(self, written: RegionWrite) -> None:
+    def _applied(self, written: RegionWrite, store: Path) -> None:
         w = self.widget
-        store = Path(self.layer.metadata["histo_store"]) if self.layer is not None else None
         self.last_write = written
         out = w.output
         slide = out.job.source if out is not None and out.store == store else None
