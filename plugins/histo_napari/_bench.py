@@ -129,6 +129,23 @@ def bench_region(viewer, widget, side_px: int) -> None:
         print(f"region {phase}: longest GUI gap {probe.longest_gap_s:.3f} s")
 
 
+def save_screenshot(viewer, widget, path: str) -> None:
+    """The window with the corrected region in view (for docs/plugin.md)."""
+    from napari.layers import Shapes
+
+    viewer.window._qt_window.resize(1600, 1000)  # as _screenshot does
+    for layer in viewer.layers:
+        if isinstance(layer, Shapes):
+            layer.visible = False
+    region = widget.region_edit.layer
+    h, w = region.data.shape
+    viewer.scene.camera.center = tuple(region.data_to_world((h / 2, w / 2)))[-2:]
+    viewer.scene.camera.zoom = 0.5 * min(viewer.canvas.size) / max(h, w)
+    viewer.layers.selection.active = region
+    widget.wait(2.0)
+    viewer.screenshot(path, canvas_only=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slide", help="slide file the histo reader opens")
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder of the widget (and of histo analyze)")
     parser.add_argument("--region", type=int, default=0, help="edit a square of this side (px)")
     parser.add_argument("--cli", action="store_true", help="also time `histo analyze`")
+    parser.add_argument("--screenshot", help="PNG of the window after the region's apply")
     args = parser.parse_args(argv)
     status = bench_widget(args)
     if args.cli:
@@ -184,6 +202,8 @@ def bench_widget(args: argparse.Namespace) -> int:
         )
     if args.region and widget.last_error is None:
         bench_region(viewer, widget, args.region)
+        if args.screenshot:
+            save_screenshot(viewer, widget, args.screenshot)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of napari + plugin {peak_mib:.0f} MiB")
     viewer.close()
