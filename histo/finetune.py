@@ -114,6 +114,10 @@ class FinetuneConfig:
     forgetting_sections: int = 2  #: held-out synthetic sections scored before and after
     grow_head: bool = True  #: codes 5/6 on a 5-class base: grow its head to 7 classes
     device: str | None = "cpu"
+    #: in-domain synthetic slides segmented after training for the model's own confidence
+    #: reference (histo.qc, stored in model.json); 0: none (quality control then warns that the
+    #: model's confidence was not checked)
+    qc_reference_slides: int = 6
 
 
 @dataclass
@@ -753,14 +757,22 @@ def _check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def qc_reference_hook(segmenter_or_net, fields: Sequence[LabelledField]) -> dict | None:
-    """The model's QC confidence reference for ``model.json`` (key ``qc_reference``), or None.
+#: time kept back per confidence-reference slide (1024 px at its own pixel size), seconds
+QC_REFERENCE_S = 4.0
 
-    Merge hook: when :mod:`histo.qc` provides ``build_confidence_reference(model, ...)``, call
-    it here and return its JSON-able record; until then fine-tuned models carry none and QC
-    falls back to what it does for a model without a reference.
-    """
-    return None
+
+def _store_qc_reference(out: Path, config: FinetuneConfig) -> None:
+    """Measure the fine-tuned model's own in-domain confidence reference and keep it in its
+    model.json, so quality control judges its slides against what this model does."""
+    from histo.qc._confidence import build_confidence_reference
+    from histo.segment import load_model
+    from histo.segment.registry import locate_model, write_qc_reference
+
+    if config.qc_reference_slides <= 0:
+        return
+    model = load_model(str(out), device=config.device)
+    reference = build_confidence_reference(model, n_slides=config.qc_reference_slides)
+    write_qc_reference(locate_model(str(out)), reference)
 
 
 def _labelled_pixels(cmap: np.ndarray) -> dict[str, int]:
@@ -817,8 +829,7 @@ def _save(out: Path, run: _Run, base: _Base, record: dict, fields) -> str:
         "working_pixel_size_um": base.working_pixel_size_um,
     }
     sha = save_weights(net, out / MODEL_FILE, meta)
-    qc = qc_reference_hook(net, fields)
-    full = {**meta, "sha256": sha, **record, **({"qc_reference": qc} if qc else {})}
+    full = {**meta, "sha256": sha, **record}
     write_text_atomic(out / MODEL_JSON, json.dumps(full, indent=1) + "\n")
     return sha
 
@@ -905,7 +916,9 @@ def finetune(
     before = dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
     run.validate()
     base_val = dict(run.val)
-    run.reserve_s = 2 * (time.perf_counter() - t_score) + 2.0
+    run.reserve_s = (
+        2 * (time.perf_counter() - t_score) + 2.0 + QC_REFERENCE_S * (config.qc_reference_slides)
+    )
     log.info("base %s: validation Dice %s", base.name, base_val)
     cancelled = _train(run, progress, cancel)
     run.net.load_state_dict(run.best_state)
@@ -916,6 +929,7 @@ def finetune(
     extra = {"base_dice": base_val, "forgetting": forgetting}
     record = _model_record(run, base, fields, prepared, run.elapsed(), extra)
     sha = _save(out, run, base, record, fields)
+    _store_qc_reference(out, config)
     wall = run.elapsed()
     log.info("wrote %s (sha256 %s): %d steps, best %d, %.0f s", out, sha[:12], run.step,
              run.best_step, wall)  # fmt: skip

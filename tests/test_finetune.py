@@ -65,7 +65,7 @@ def _tiny_config(base: Path, **kw) -> FinetuneConfig:
     settings = dict(
         base=str(base), minutes=30.0, max_steps=2, crop_px=64, batch_size=2,
         replay_share=0.5, replay_sections=1, replay_field_px=96, val_block_px=32,
-        val_every=1, forgetting_sections=0, lr=1e-2,
+        val_every=1, forgetting_sections=0, lr=1e-2, qc_reference_slides=0,
     )  # fmt: skip
     settings.update(kw)
     return FinetuneConfig(**settings)

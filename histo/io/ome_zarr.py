@@ -39,10 +39,20 @@ DEFAULT_LABELS: dict[str, str] = {
     "osteocytes": "uint32",
 }
 
-#: chunks zarr encodes at once in a write (its ``async.concurrency``, 10 by default): a tile
-#: of 1024 x 4096 uint32 labels is four chunks, each copied and compressed in a buffer of its
-#: own; two at a time halve that transient (~32 -> ~20 MiB, traced) at the same speed
+#: chunks of a write handed to zarr at once (:func:`write_in_pieces`): zarr encodes the chunks
+#: of one call concurrently, each copied and compressed in a buffer of its own (a tile of
+#: 1024 x 4096 uint32 labels is four chunks); two at a time halve that transient at the same
+#: speed. zarr (3.1) has no per-array or per-call concurrency, and its process-wide
+#: ``async.concurrency`` is not changed here: napari or another thread may be reading
 WRITE_CONCURRENCY = 2
+#: the coarsest level of the label pyramid is at most this long on its long side (px), so that
+#: a viewer shows a whole slide from one small level
+COARSEST_MAX_PX = 1024
+#: levels at least (full resolution, 2x and 4x coarser), however small the image
+MIN_LEVELS = 3
+#: attribute of an instance image's group: its largest label (a region edit numbers new cells
+#: above it without reading the whole image)
+MAX_LABEL_ATTR = "histo_max_label"
 
 
 def _axes(channel: bool) -> list[dict[str, str]]:
@@ -85,9 +95,10 @@ class LabelsWriter:
     labels : dict, optional
         Label image names and dtypes (default: class_map uint8, osteoclasts and osteocytes
         uint32).
-    n_levels : int
+    n_levels : int, optional
         Number of resolution levels (1 = full resolution only; each further level is 2x
-        coarser).
+        coarser). Default: enough for the coarsest to be at most ``COARSEST_MAX_PX`` on its
+        long side, and at least ``MIN_LEVELS``.
     chunk_px : int
         Chunk side in pixels at full resolution; level k (2**k coarser) has chunks
         ``chunk_px / 2**k`` rows high and ``chunk_px`` wide, so that a band of ``chunk_px``
@@ -113,7 +124,7 @@ class LabelsWriter:
         pixel_size_um: float,
         *,
         labels: dict[str, str] | None = None,
-        n_levels: int = 3,
+        n_levels: int | None = None,
         chunk_px: int = 1024,
         ngff_version: str = "0.5",
         buffer_mb: float = 48.0,
@@ -130,12 +141,15 @@ class LabelsWriter:
         self.pixel_size_um = float(pixel_size_um)
         self.version = ngff_version
         self.labels = dict(DEFAULT_LABELS if labels is None else labels)
+        if n_levels is None:
+            n_levels = pyramid_levels(self.shape)
         self.factors = [2**k for k in range(max(1, int(n_levels)))]
         #: tiles whose edges lie on multiples of block_px (rows, columns) or on the image's
         #: end cover whole chunks at every level: they are written at once, never held back
         #: nor read back (a tile that only partly covers a chunk means decoding it again)
         self.block_px = (int(chunk_px), int(chunk_px) * self.factors[-1])
         self._overview: tuple[np.ndarray, float] | None = None
+        self._max_label: dict[str, int] = {}
         self._finalized = False
         # tiles written in raster order (row bands, left to right) are held back per level
         # until they fill whole rows of chunks, so that each chunk is compressed once instead
@@ -254,9 +268,10 @@ class LabelsWriter:
         if y1 <= y0 or x1 <= x0:
             return
         array = array[y0 - y : y1 - y, x0 - x : x1 - x]
+        if name != "class_map" and array.size:
+            self._max_label[name] = max(self._max_label.get(name, 0), int(array.max()))
         try:
-            with _few_chunks_at_once():
-                self._write_levels(name, arrays, array, y0, y1, x0, x1)
+            self._write_levels(name, arrays, array, y0, y1, x0, x1)
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -274,7 +289,7 @@ class LabelsWriter:
             tile = array[oy::f, ox::f][: i1 - i0, : j1 - j0]
             held = self._held.get((name, k))
             if (held is None or held.empty) and _whole_chunks(target, i0, i1, j0, j1):
-                target[i0:i1, j0:j1] = tile
+                write_in_pieces(target, i0, j0, tile)
                 if held is not None:
                     held.next_row = i1 if j1 == held.width else None
                 continue
@@ -282,7 +297,7 @@ class LabelsWriter:
                 held = self._held[name, k] = _HeldRows(target)
             if not held.add(i0, j0, tile, self._held_budget - self._held_bytes()):
                 held.flush()
-                target[i0:i1, j0:j1] = tile
+                write_in_pieces(target, i0, j0, tile)
                 held.next_row = i1 if j1 == target.shape[1] else None
 
     @staticmethod
@@ -300,9 +315,8 @@ class LabelsWriter:
         if self._finalized:
             return
         try:
-            with _few_chunks_at_once():
-                for held in self._held.values():
-                    held.flush()
+            for held in self._held.values():
+                held.flush()
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
 
@@ -370,6 +384,10 @@ class LabelsWriter:
         self.flush()
         try:
             self._write_root()
+            for name in self.labels:
+                if name != "class_map":
+                    group = self._root["labels"][name]
+                    group.attrs[MAX_LABEL_ATTR] = self._max_label.get(name, 0)
             old = self.path.with_name(self.path.name + ".old")
             if old.exists():
                 shutil.rmtree(old)
@@ -400,12 +418,26 @@ class LabelsWriter:
             self.abort()
 
 
-def _few_chunks_at_once() -> Any:
-    """Context in which zarr encodes at most :data:`WRITE_CONCURRENCY` chunks of a write at
-    once (zarr's process-wide ``async.concurrency``, restored on exit)."""
-    import zarr
+def pyramid_levels(shape: tuple[int, int]) -> int:
+    """Levels of a label pyramid of ``shape`` (H, W) whose coarsest is at most
+    :data:`COARSEST_MAX_PX` on its long side (at least :data:`MIN_LEVELS`)."""
+    k = 0
+    while max(LabelsWriter._level_len(int(n), 2**k) for n in shape) > COARSEST_MAX_PX:
+        k += 1
+    return max(MIN_LEVELS, k + 1)
 
-    return zarr.config.set({"async.concurrency": WRITE_CONCURRENCY})
+
+def write_in_pieces(target: Any, i0: int, j0: int, tile: np.ndarray) -> None:
+    """``target[i0:, j0:] = tile`` in calls of one row of at most :data:`WRITE_CONCURRENCY`
+    chunks each (pieces aligned to the chunk grid), so that zarr encodes that many at once."""
+    ch, cw = (int(n) for n in target.chunks)
+    group = cw * WRITE_CONCURRENCY
+    i1, j1 = i0 + tile.shape[0], j0 + tile.shape[1]
+    rows = [i0, *range((i0 // ch + 1) * ch, i1, ch), i1]
+    cols = [j0, *range((j0 // group + 1) * group, j1, group), j1]
+    for y, y_end in zip(rows[:-1], rows[1:], strict=True):
+        for x, x_end in zip(cols[:-1], cols[1:], strict=True):
+            target[y:y_end, x:x_end] = tile[y - i0 : y_end - i0, x - j0 : x_end - j0]
 
 
 def _whole_chunks(target: Any, i0: int, i1: int, j0: int, j1: int) -> bool:
@@ -467,7 +499,7 @@ class _HeldRows:
     def _write(self, end: int) -> None:
         """Write the complete rows before ``end`` and keep the rest."""
         data = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
-        self.target[self.start : end, :] = data[: end - self.start]
+        write_in_pieces(self.target, self.start, 0, data[: end - self.start])
         rest = data[end - self.start :]
         self.rows = [rest.copy()] if len(rest) else []
         self.start = end
@@ -479,7 +511,7 @@ class _HeldRows:
             self._write(self.start + sum(len(a) for a in self.rows))
         if self.pieces:
             i0, i1, j1 = self.band  # type: ignore[misc]
-            self.target[i0:i1, :j1] = np.concatenate(self.pieces, axis=1)
+            write_in_pieces(self.target, i0, 0, np.concatenate(self.pieces, axis=1))
             # the rest of the band is written as it comes; the next band may be held again
             self.pieces, self.band, self.next_row = [], None, None
         self.nbytes = 0

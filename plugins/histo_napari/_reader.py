@@ -178,7 +178,105 @@ def slide_layer(path: Path) -> tuple[LayerData, Any]:
         }
     )
     data = levels if multiscale else levels[0]
+    if not multiscale and max(levels[0].shape[:2]) > LAZY_PYRAMID_MIN_PX:
+        data = lazy_pyramid(levels[0])
+        kwargs["multiscale"] = True
     return (data, kwargs, "image"), slide
+
+
+#: a slide without a pyramid larger than this on its long side (px) is shown through one
+#: built on demand (:func:`lazy_pyramid`)
+LAZY_PYRAMID_MIN_PX = 4096
+#: the coarsest level built is at most this long on its long side (px)
+LAZY_PYRAMID_COARSEST_PX = 1024
+#: side (px) of the tiles a built level computes and caches
+LAZY_TILE_PX = 512
+#: memory (bytes) of the computed tiles each built level keeps (least recently used go)
+LAZY_CACHE_BYTES = 24 * 2**20
+
+
+class DownsampledLevel:
+    """An RGB level 2x coarser than ``finer`` (area average), computed tile by tile on demand.
+
+    napari indexes it like an array (``level[y0:y1, x0:x1]``); each tile of
+    :data:`LAZY_TILE_PX` reads a window twice its size from the finer level (itself such a
+    level, or the file's) and is kept in a small LRU cache.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, finer: Any) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.finer = finer
+        h, w = (int(n) for n in finer.shape[:2])
+        self.shape = ((h + 1) // 2, (w + 1) // 2, 3)
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] * 3
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray:
+        import cv2
+
+        with self._lock:
+            tile = self._tiles.get((ty, tx))
+            if tile is not None:
+                self._tiles.move_to_end((ty, tx))
+                return tile
+        t = LAZY_TILE_PX
+        y0, x0 = ty * t, tx * t
+        y1, x1 = min(y0 + t, self.shape[0]), min(x0 + t, self.shape[1])
+        src = np.asarray(self.finer[2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+        tile = cv2.resize(src, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+        with self._lock:
+            self._tiles[ty, tx] = tile
+            while len(self._tiles) * tile.nbytes > LAZY_CACHE_BYTES and len(self._tiles) > 1:
+                self._tiles.popitem(last=False)
+        return tile
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        if not all(isinstance(k, slice) for k in key[:2]):
+            return np.asarray(self[:, :])[key]
+        (y0, y1, sy), (x0, x1, sx) = (
+            k.indices(n) for k, n in zip(key[:2], self.shape[:2], strict=True)
+        )
+        if sy < 1 or sx < 1:
+            return np.asarray(self[:, :])[key]
+        ys, xs = slice(y0, max(y1, y0)), slice(x0, max(x1, x0))
+        out = np.empty((max(ys.stop - ys.start, 0), max(xs.stop - xs.start, 0), 3), np.uint8)
+        t = LAZY_TILE_PX
+        for ty in range(ys.start // t, -(-ys.stop // t)):
+            for tx in range(xs.start // t, -(-xs.stop // t)):
+                tile = self._tile(ty, tx)
+                ry0, rx0 = max(ys.start, ty * t), max(xs.start, tx * t)
+                ry1, rx1 = (
+                    min(ys.stop, ty * t + tile.shape[0]),
+                    min(xs.stop, tx * t + tile.shape[1]),
+                )
+                out[ry0 - ys.start : ry1 - ys.start, rx0 - xs.start : rx1 - xs.start] = tile[
+                    ry0 - ty * t : ry1 - ty * t, rx0 - tx * t : rx1 - tx * t
+                ]
+        return out[::sy, ::sx, key[2]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
+
+
+def lazy_pyramid(level0: Any) -> list[Any]:
+    """``level0`` and levels 2x, 4x, ... coarser computed on demand, down to at most
+    :data:`LAZY_PYRAMID_COARSEST_PX` on the long side (for napari's multiscale layers)."""
+    levels = [level0]
+    while max(levels[-1].shape[:2]) > LAZY_PYRAMID_COARSEST_PX:
+        levels.append(DownsampledLevel(levels[-1]))
+    return levels
 
 
 def read_slide(path: Path) -> LayerData:

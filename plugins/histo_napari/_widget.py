@@ -38,6 +38,7 @@ from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, Section
 from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
 from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
+from histo_napari._region import RegionEditor
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class HistoWidget(QWidget):
         root.addWidget(_boxed("Correct", self.correct.native))
         self.train = TrainPanel(self)  #: Train on corrections (fine-tuning)
         root.addWidget(_boxed("Train on corrections", self.train.native))
+        self.region_edit = RegionEditor(self)  #: a region of a whole slide, edited and applied
+        root.addWidget(_boxed("Whole-slide region", self.region_edit.native))
         # lambdas: a button's signal carries its checked state, which is no path
         self.controls.run_button.clicked.connect(lambda: self.run())
         self.controls.cancel_button.clicked.connect(lambda: self.cancel())

@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,6 +85,7 @@ class AnalysisOutput:
     image: np.ndarray | None = None  #: RGB at the working resolution, once known
     #: label name -> (lazy pyramid from full resolution down, µm/px) when shown from the store
     levels: dict[str, tuple[list[Any], float | None]] | None = None
+    store: Path | None = None  #: the labels.ome.zarr the maps are shown from
 
     def attach_store(self, store: Path, temporary_dir: str | None) -> None:
         """Show the maps from the slide's labels.ome.zarr: drop the in-memory arrays.
@@ -93,6 +95,7 @@ class AnalysisOutput:
         from histo_napari._reader import store_levels
 
         self.levels = store_levels(store)
+        self.store = Path(store)
         r = self.result
         r.class_map, r.osteoclast_labels, r.osteocyte_labels = (
             self.levels[name][0][0] for name in ("class_map", "osteoclasts", "osteocytes")
@@ -114,8 +117,39 @@ class AnalysisOutput:
         return self.image
 
 
+@contextmanager
+def analysis_runtime() -> Generator[None, None, None]:
+    """The runtime tuning the ``histo`` command gives itself (:mod:`histo.runtime`), for the
+    length of an analysis in napari's process.
+
+    - malloc: at most two arenas for the threads started from now on (the analysis's; the
+      GUI thread keeps the main arena) - a cap glibc applies to new arenas only, kept after
+      the run, and harmless to napari, whose arenas exist already;
+    - the heap's free pages given back between the analysis's phases, and Python's cyclic
+      collector run less often: both only while the analysis runs, then as they were.
+    """
+    import gc
+
+    from histo import runtime
+
+    trim_allowed = bool(getattr(runtime, "_HEAP_TRIM_ALLOWED", False))
+    thresholds = gc.get_threshold()
+    runtime.tune_malloc()
+    runtime.tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        runtime.allow_heap_trim(trim_allowed)
+
+
 def analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None = None):
     """Run the pipeline for ``job`` (worker thread); raises HistoError or Cancelled."""
+    with analysis_runtime():
+        return _analyze(job, progress)
+
+
+def _analyze(job: AnalysisJob, progress: Callable[[float, str], None] | None) -> AnalysisOutput:
     from histo.pipeline import analyze_slide
 
     t0 = time.perf_counter()
@@ -219,37 +253,19 @@ def with_progress(fn: Callable[..., Any], *args: Any) -> Generator[Progress, Non
 def class_map_instances(
     class_map: np.ndarray, instances: np.ndarray | None, code: int
 ) -> np.ndarray | None:
-    """Instance labels consistent with an edited class map.
+    """Instance labels consistent with an edited class map (None if ``instances`` is None).
 
-    Pixels of class ``code`` keep their instance; a region painted as ``code`` that touches no
-    instance becomes a new one; pixels painted onto an existing instance join it. Instances
-    whose pixels were painted over vanish. None if ``instances`` is None.
+    The rule of :func:`histo.io.region_edit.edited_instances`: a cell left alone keeps its
+    label, pixels painted onto a cell join it, a region painted apart is a new cell.
     """
     if instances is None:
         return None
-    from scipy import ndimage as ndi
+    from histo.io.region_edit import edited_instances
 
-    member = class_map == code
     inst = np.asarray(instances)
     if inst.shape != class_map.shape:
         return None
-    lab = np.where(member, inst, 0).astype(np.int64)
-    unlabeled = member & (lab == 0)
-    if not unlabeled.any():
-        return lab
-    comp, n = ndi.label(member, structure=np.ones((3, 3), bool))
-    has_instance = np.zeros(n + 1, bool)
-    has_instance[np.unique(comp[lab > 0])] = True
-    has_instance[0] = False
-    fresh = unlabeled & ~has_instance[comp]
-    if fresh.any():  # regions painted away from any instance: one new instance each
-        new, _ = ndi.label(fresh, structure=np.ones((3, 3), bool))
-        lab[fresh] = new[fresh] + lab.max()
-    grow = unlabeled & has_instance[comp]
-    if grow.any():  # pixels added to an instance: nearest instance pixel
-        _, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
-        lab[grow] = lab[iy[grow], ix[grow]]
-    return lab
+    return edited_instances(class_map, inst, code)
 
 
 class Instances(NamedTuple):
@@ -361,6 +377,7 @@ def save_corrections(job: CorrectionJob, path: str | Path) -> Path:
     if not path.name.lower().endswith((".tif", ".tiff")):
         path = path.with_name(path.name + ".classes.tif")
     cmap = job.class_map if job.stored else validate_class_map(job.class_map).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     instances = job.edited_instances()
     write_pyramidal_tiff(path, cmap, job.pixel_size_um, label=True)
     base = path.name[: -len(".classes.tif")] if path.name.endswith(".classes.tif") else path.stem

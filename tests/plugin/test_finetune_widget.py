@@ -196,6 +196,7 @@ def test_lazy_labels_are_refused_with_a_message(viewer_widget, errors):
 #: a fine-tuning of two small steps (the budget would spend minutes)
 TINY_RUN = {
     "max_steps": 2,
+    "qc_reference_slides": 0,
     "forgetting_sections": 0,
     "replay_sections": 1,
     "replay_share": 0.0,

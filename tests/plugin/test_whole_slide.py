@@ -70,3 +70,29 @@ def test_large_slide_results_are_lazy_pyramids_and_the_gui_stays_live(
         assert probe.gap_percentile_s(99) < STALL_LIMIT_S
     for probe in (run_probe, display_probe, remeasure_probe):
         assert probe.longest_gap_s < OUTLIER_LIMIT_S
+
+
+def test_a_slide_without_pyramid_is_shown_through_one_built_on_demand(make_napari_viewer, tmp_path):
+    import cv2
+    import tifffile
+    from histo_napari import _reader
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3000, 5001, 3), dtype=np.uint8)  # odd width
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, image, photometric="rgb")  # one level, in strips
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin="histo")
+    assert layer.multiscale
+    shapes = [tuple(level.shape) for level in layer.data]
+    assert shapes[0] == image.shape
+    assert shapes[1] == (1500, 2501, 3) and max(shapes[-1][:2]) <= 1024
+    level1 = layer.data[1]
+    expected = cv2.resize(image[:1024, :1024], (512, 512), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(level1[:512, :512], expected)
+    whole = np.asarray(layer.data[-1])  # the coarsest level, as napari reads it first
+    assert whole.shape == shapes[-1]
+    # any window equals that window of the whole level (tiles meet without seams)
+    np.testing.assert_array_equal(layer.data[-1][100:700, 250:1000:3], whole[100:700, 250:1000:3])
+    assert layer.data[1]._tiles  # computed on demand and kept
+    assert len(layer.data[1]._tiles) * 512 * 512 * 3 <= _reader.LAZY_CACHE_BYTES + 512 * 512 * 3
