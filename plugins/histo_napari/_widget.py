@@ -37,8 +37,8 @@ from histo_napari._finetune import TrainPanel
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
-from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
 from histo_napari._region import RegionEditor
+from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
