@@ -119,5 +119,5 @@ def test_a_batch_of_tiles_scores_as_the_tiles_one_by_one(synthetic_section):
     tiles = [rgb[:200, :232], rgb[300:500, 100:332], rgb[300:500, 270:502]]
     batched = model.predict_scores_batch(tiles)
     for tile, scores in zip(tiles, batched, strict=True):
-        assert scores.shape == (6, 200, 232)
+        assert scores.shape == (model.n_outputs, 200, 232)
         np.testing.assert_allclose(scores, model.predict_scores(tile), atol=1e-4)

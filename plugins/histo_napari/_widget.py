@@ -277,6 +277,9 @@ class HistoWidget(QWidget):
             f"done in {output.seconds:.1f} s: {w} × {h} px at {r.pixel_size_um:g} µm/px"
         )
 
+    def _shown_all(self) -> None:
+        self._showing = False
+
     def _show(self, measurement: Any, call: Any) -> None:
         self.measurement, self.phenotype = measurement, call
         self.results.show_result(measurement, call)
@@ -342,7 +345,14 @@ class HistoWidget(QWidget):
             self.last_remeasure_seconds = out.seconds
             self._show(out.measurement, out.phenotype)
             self.results.show_region(region)
-            self.layers.show(shown.layers)
+            # busy until the new layers are in (they go in over later event-loop turns), so
+            # wait() and the Run button see the re-measure as finished only then
+            self._showing = True
+            try:
+                self.layers.show(shown.layers, then=self._shown_all)
+            except Exception:
+                self._showing = False
+                raise
             n_oc = out.measurement.indices.get("N.Oc", 0)
             self.controls.status.value = f"re-measured in {out.seconds:.2f} s: N.Oc {n_oc:g}"
 

@@ -22,7 +22,9 @@ def test_shipped_default_model_loads():
     assert model.working_pixel_size_um == 1.0
     assert load_model("unet").name == "unet"
     scores = model.predict_scores(np.full((64, 64, 3), 230, np.uint8))
-    assert scores.shape == (6, 64, 64)
+    # the shipped network segments 7 classes (codes 0-6) and the osteoclast centre map
+    assert model.n_outputs == 8 and scores.shape == (8, 64, 64)
+    np.testing.assert_allclose(scores[:7].sum(0), 1.0, atol=1e-4)
 
 
 def _copy_registry(tmp_path):
