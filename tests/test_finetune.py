@@ -323,3 +323,20 @@ def test_batch_workers_load_the_model_folder(tmp_path, tiny_model, labelled_slid
     assert batch.succeeded == 1
     record = json.loads((out / "s1" / "indices.json").read_text())
     assert result.sha256 in json.dumps(record) and '"lab-a"' in json.dumps(record)
+
+
+def test_a_finetuned_model_carries_its_own_confidence_reference(tmp_path, tiny_base) -> None:
+    """After training, the model segments in-domain synthetic slides and keeps the result in its
+    model.json, measured on its own weights; load_model hands it to quality control."""
+    from histo.segment import load_model
+
+    image = np.full((96, 96, 3), 230, np.uint8)
+    cmap = np.full((96, 96), UNLABELLED, np.uint8)
+    cmap[35:65, 35:65] = BONE
+    fields = [LabelledField(image, cmap, 1.0, "square")]
+    config = _tiny_config(tiny_base, replay_share=0.0, val_share=0.0, qc_reference_slides=2)
+    result = finetune(fields, tmp_path / "m", config)
+    ref = json.loads((result.model_dir / "model.json").read_text())["qc_reference"]
+    assert ref["model_sha256"] == result.sha256 and ref["slides"] == 2
+    assert 0 <= ref["max_share"] <= 1 and ref["warn_above"] > ref["max_share"]
+    assert load_model(str(result.model_dir)).qc_reference == ref
