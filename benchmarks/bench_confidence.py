@@ -47,12 +47,7 @@ def _run_case(job: dict) -> dict:
     t0 = time.perf_counter()
     summary = slide_summary(case.image, case.stated_pixel_size_um, model)
     row = {
-        "kind": case.kind,
-        "seed": case.seed,
-        "pixel_size_um": case.pixel_size_um,
-        "stated_um": case.stated_pixel_size_um,
-        "counterstain": case.counterstain,
-        "phenotype": case.phenotype,
+        **case.describe(),
         "seconds": round(time.perf_counter() - t0, 3),
         "tissue_px": summary.tissue_pixels,
         "unsure_share": round(summary.unsure_share(job["low_margin"]), 4),

@@ -80,12 +80,7 @@ def _run_case(job: dict) -> dict:
     else:
         report = check_image(case.image, case.stated_pixel_size_um, f"{case.kind}-{case.seed}")
     row = {
-        "kind": case.kind,
-        "seed": case.seed,
-        "pixel_size_um": case.pixel_size_um,
-        "stated_um": case.stated_pixel_size_um,
-        "counterstain": case.counterstain,
-        "phenotype": case.phenotype,
+        **case.describe(),
         "qc": report.status,
         "called": called,
         "seconds": round(report.seconds, 3),

@@ -29,3 +29,18 @@ def measure_truth(section, pixel_size_um: float | None = None, **kwargs) -> Meas
         osteocyte_labels=section.osteocyte_labels,
         **kwargs,
     )
+
+
+def store_levels(store) -> dict:
+    """Every label image of a ``labels.ome.zarr`` at every pyramid level, as
+    ``{(name, level): array}``."""
+    from histo.io.ome_zarr import read_labels
+
+    out, k = {}, 0
+    while True:
+        try:
+            labels = read_labels(store, level=k)
+        except (IndexError, KeyError):
+            return out
+        out.update({(name, k): array for name, (array, _) in labels.items()})
+        k += 1

@@ -74,6 +74,17 @@ class QCCase:
     phenotype: str
     seed: int
 
+    def describe(self) -> dict:
+        """What the case is, as the first columns of a benchmark's row."""
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "pixel_size_um": self.pixel_size_um,
+            "stated_um": self.stated_pixel_size_um,
+            "counterstain": self.counterstain,
+            "phenotype": self.phenotype,
+        }
+
 
 def _unit_jitter(rng: np.random.Generator, od, sd: float = 0.05) -> np.ndarray:
     v = np.clip(np.asarray(od, np.float64) + rng.normal(0.0, sd, 3), 0.02, None)

@@ -15,6 +15,7 @@ from histo.io.region_edit import (
     recover_interrupted_edit,
     write_labels_region,
 )
+from tests.helpers import store_levels
 
 SIZE_PX = 512
 BOX = PixelBox(100, 140, 300, 380)  # not aligned to the 128 px chunks
@@ -37,17 +38,6 @@ def store(tmp_path, section):
     return path
 
 
-def _all_levels(store):
-    out, k = {}, 0
-    while True:
-        try:
-            labels = read_labels(store, level=k)
-        except (IndexError, KeyError):
-            return out
-        out.update({(name, k): a for name, (a, _) in labels.items()})
-        k += 1
-
-
 def _edit(region, section):
     """Paint bone over the region's osteoclasts and a new osteoclast on its bone."""
     cm = region.class_map.copy()
@@ -62,14 +52,14 @@ def _edit(region, section):
 
 
 def test_a_region_edit_changes_the_store_only_inside_the_region(store, section):
-    before = _all_levels(store)
+    before = store_levels(store)
     region = read_labels_region(store, BOX)
     np.testing.assert_array_equal(region.class_map, section.class_map[BOX.slices])
     cm, gone, disk = _edit(region, section)
     assert len(gone) > 0  # the region holds osteoclasts to erase
     written = write_labels_region(store, BOX, cm)
     assert written.changed_px == np.count_nonzero(cm != region.class_map)
-    after = _all_levels(store)
+    after = store_levels(store)
     assert {k for _, k in after} == {0, 1, 2}
     full = after["class_map", 0]
     np.testing.assert_array_equal(full[BOX.slices], cm)
@@ -107,7 +97,7 @@ def test_the_writer_records_the_largest_label_so_an_edit_reads_no_whole_image(st
 def test_an_edit_that_fails_half_way_is_rolled_back(store, monkeypatch):
     import zarr
 
-    before = _all_levels(store)
+    before = store_levels(store)
     region = read_labels_region(store, BOX)
     calls = {"n": 0}
     original = zarr.Array.__setitem__
@@ -124,7 +114,7 @@ def test_an_edit_that_fails_half_way_is_rolled_back(store, monkeypatch):
     with pytest.raises(OutputError, match="No space left"):
         write_labels_region(store, BOX, np.full(region.class_map.shape, classes.MARROW, np.uint8))
     monkeypatch.undo()
-    after = _all_levels(store)
+    after = store_levels(store)
     for key, array in before.items():
         np.testing.assert_array_equal(after[key], array, err_msg=str(key))
     assert not recover_interrupted_edit(store)  # nothing left to roll back
@@ -133,7 +123,7 @@ def test_an_edit_that_fails_half_way_is_rolled_back(store, monkeypatch):
 def test_a_killed_edit_is_rolled_back_by_the_next_reader(store, monkeypatch):
     import histo.io.region_edit as edit
 
-    before = _all_levels(store)
+    before = store_levels(store)
     monkeypatch.setattr(edit, "_end_journal", lambda journal: None)  # killed before the end
     write_labels_region(store, BOX, np.zeros(BOX.shape, np.uint8))
     assert (read_labels(store)["class_map"][0][BOX.slices] == 0).all()  # raw store: edited

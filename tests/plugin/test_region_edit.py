@@ -13,6 +13,7 @@ import pytest
 from conftest import StallProbe, wait_for_run
 
 from histo import classes
+from tests.helpers import store_levels
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
@@ -39,19 +40,6 @@ def slide(tmp_path_factory):
     field = make_section("oc-rich", size=768, pixel_size_um=1.0, seed=11).image
     path = tmp_path_factory.mktemp("slide") / "slide.ome.tif"
     return write_pyramidal_tiff(path, np.tile(field, (2, 2, 1)), 1.0)
-
-
-def _store_levels(store: Path) -> dict[tuple[str, int], np.ndarray]:
-    from histo.io.ome_zarr import read_labels
-
-    out, k = {}, 0
-    while True:
-        try:
-            labels = read_labels(store, level=k)
-        except (IndexError, KeyError):
-            return out
-        out.update({(name, k): array for name, (array, _) in labels.items()})
-        k += 1
 
 
 def _histo_measure(store: Path, out: Path) -> dict[str, float]:
@@ -123,7 +111,7 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert widget.last_error is None, widget.last_error
     store = widget.output.store
     assert store == tmp_path / "out" / "slide" / "labels.ome.zarr"
-    before = _store_levels(store)
+    before = store_levels(store)
 
     rect = viewer.add_shapes([np.array(RECT_UM)], shape_type="rectangle", name="edit here")
     with StallProbe() as load_probe:
@@ -145,7 +133,7 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
         widget.region_edit.apply()
         wait_for_run(qtbot, widget)
     assert widget.last_error is None, widget.last_error
-    after = _store_levels(store)
+    after = store_levels(store)
     assert len({k for _, k in after}) >= 3
     np.testing.assert_array_equal(after["class_map", 0][box.slices], edited)
     outside = np.ones((SLIDE_PX, SLIDE_PX), bool)
