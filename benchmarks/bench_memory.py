@@ -177,7 +177,7 @@ def print_table(results: list[dict]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-#: the target for one slide's analysis, whatever its size (issue 17: 900 MB)
+#: peak resident memory allowed for one slide's analysis, whatever its size
 PEAK_TARGET_MIB = 900
 
 

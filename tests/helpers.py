@@ -10,13 +10,13 @@ from histo.measure import Measurement, measure
 
 
 def measure_truth(section, pixel_size_um: float | None = None, **kwargs) -> Measurement:
-    """:func:`histo.measure.measure` of a synthetic section's true class map and instances.
+    """:func:`histo.measure.measure` of a record's class map and instance maps.
 
     Parameters
     ----------
-    section : histo.synth.SyntheticSection
-        A section from :func:`histo.synth.make_section` (its class map, osteoclast and
-        osteocyte labels are measured).
+    section : histo.synth.SyntheticSection or histo.pipeline.SlideResult
+        Anything with ``class_map``, ``osteoclast_labels``, ``osteocyte_labels`` and
+        ``pixel_size_um``: a synthetic section (its truth) or an analysis's maps.
     pixel_size_um : float, optional
         µm per pixel; the section's own by default.
     **kwargs

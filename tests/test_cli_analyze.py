@@ -207,9 +207,9 @@ def test_analyze_roi_and_ranges(tmp_path, slide):
     import numpy as np
     from skimage.draw import polygon2mask
 
-    from histo.measure import measure
     from histo.phenotype import ReferenceRanges, save_ranges
     from histo.pipeline import analyze_slide
+    from tests.helpers import measure_truth
 
     roi, ranges = tmp_path / "roi.geojson", tmp_path / "ranges.json"
     _write_roi(roi)
@@ -228,13 +228,7 @@ def test_analyze_roi_and_ranges(tmp_path, slide):
     shape = whole.class_map.shape
     inside = polygon2mask(shape, np.array([[0, 0], [0, 256], [511, 256], [511, 0]]) * f)
     inside &= ~polygon2mask(shape, np.array([[64, 64], [64, 128], [128, 128], [128, 64]]) * f)
-    want = measure(
-        whole.class_map,
-        whole.pixel_size_um,
-        osteoclast_labels=whole.osteoclast_labels,
-        osteocyte_labels=whole.osteocyte_labels,
-        roi=inside,
-    ).indices
+    want = measure_truth(whole, roi=inside).indices
     for key in ("T.Ar", "B.Ar", "B.Pm", "N.Oc", "Oc.S/BS"):
         assert float(row[key]) == pytest.approx(want[key], rel=1e-9), key
     assert float(row["T.Ar"]) < 0.6 * whole.measurement.indices["T.Ar"]

@@ -123,18 +123,12 @@ def test_streamed_run_that_fails_leaves_nothing(slide, tmp_path, monkeypatch):
 def test_pipeline_measures_as_the_public_measure(slide, in_memory):
     """The pipeline's block-wise measurement is histo.measure.measure on the same maps."""
     from histo.io import open_slide, read_region
-    from histo.measure import measure
+    from tests.helpers import measure_truth
 
     mem, _ = in_memory
     with open_slide(slide) as s:
         image = read_region(s, 0.0, 0.0, *mem.class_map.shape, mem.pixel_size_um)
-    whole = measure(
-        mem.class_map,
-        mem.pixel_size_um,
-        osteoclast_labels=mem.osteoclast_labels,
-        osteocyte_labels=mem.osteocyte_labels,
-        image=image,
-    )
+    whole = measure_truth(mem, image=image)
     _same_indices(whole.indices, mem.measurement.indices)
     assert [r["nuclei"] for r in whole.osteoclasts] == [
         r["nuclei"] for r in mem.measurement.osteoclasts
