@@ -16,7 +16,11 @@ import time
 
 
 class StallProbe:
-    """Gaps between ticks of a QTimer: how long the GUI thread could not run its events."""
+    """Gaps between ticks of a QTimer: how long the GUI thread could not run its events.
+
+    The gaps include entering to the first tick and the last tick to leaving, so a phase that
+    blocked the GUI thread throughout shows as one long gap, however few ticks it had.
+    """
 
     def __init__(self, interval_ms: int = 20) -> None:
         from qtpy.QtCore import QTimer
@@ -47,11 +51,13 @@ class StallProbe:
         self.ticks += 1
 
     def __enter__(self) -> StallProbe:
+        self.last = time.perf_counter()
         self.timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.timer.stop()
+        self.gaps_s.append(time.perf_counter() - self.last)
 
 
 class PeakRss:
