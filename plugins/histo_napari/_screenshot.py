@@ -2,7 +2,9 @@
 
 Opens a viewer, loads the oc-rich sample, docks the Histomorphometry widget, runs the analysis
 to completion and saves the whole window (run under ``xvfb-run`` on a headless machine; the
-Makefile's ``screenshot`` target does).
+Makefile's ``screenshot`` target does). With ``--train MINUTES`` it then paints scribbles from
+the sample's truth, trains on them with Train on corrections (the real fine-tuning, models
+written to a temporary ``$HISTO_MODELS``) and shows the comparison of the two runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="PNG file to write")
     parser.add_argument("--model", default="default", help="model name (default: default)")
     parser.add_argument("--size", type=int, default=1024, help="sample size in pixels")
+    parser.add_argument(
+        "--train", type=float, metavar="MINUTES", help="then fine-tune on scribbles this long"
+    )
     args = parser.parse_args(argv)
+    if args.train is not None:
+        import os
+        import tempfile
+
+        os.environ["HISTO_MODELS"] = tempfile.mkdtemp(prefix="histo-models-")
 
     import warnings
 
@@ -44,12 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     for layer in viewer.layers:
         if layer.name.endswith(" osteoclasts"):
             layer.visible = False
+    if args.train is not None:
+        _train_on_scribbles(widget, args.size, args.train)
     viewer.reset_view()
     _close_toasts(viewer)
     viewer.screenshot(args.out, canvas_only=False)
     viewer.close()
     print(f"wrote {args.out}: {output.result.phenotype.phenotype} in {output.seconds:.1f} s")
     return 0
+
+
+def _train_on_scribbles(widget, size: int, minutes: float) -> None:
+    """Scribbles every 32nd row of the sample's truth, then Train on corrections, waited for."""
+    from histo.synth import make_section
+    from histo_napari._sample_data import SAMPLE_PIXEL_SIZE_UM, SEEDS
+
+    px = SAMPLE_PIXEL_SIZE_UM
+    truth = make_section("oc-rich", size=size, pixel_size_um=px, seed=SEEDS["oc-rich"]).class_map
+    layer = widget.train.new_scribble_layer()
+    layer.data[::32] = truth[::32]
+    layer.refresh()
+    widget.train.layers.value = [layer]
+    widget.train.model_name.value = "my-lab"
+    widget.train.minutes.value = minutes
+    widget.train.train()
+    widget.train.wait()
+    layer.visible = False
 
 
 def _close_toasts(viewer) -> None:
