@@ -302,6 +302,8 @@ def unique_names(slides: list[Path], root: Path) -> dict[Path, str]:
 class BatchSettings:
     """Settings that change a slide's results: a slide is reused only if they are unchanged.
 
+    They are recorded, with their :meth:`digest`, in each slide's indices.json.
+
     Attributes
     ----------
     model : str
@@ -468,6 +470,8 @@ def run_slide(
     device: str | None = None,
 ) -> SlideOutcome:
     """The task a worker runs for one slide: :func:`analyze_one` plus the resume record.
+
+    A slide that cannot be read or analysed comes back as a failed outcome with its reason.
 
     Parameters
     ----------
@@ -702,6 +706,8 @@ def run_batch(
     device: str | None = None,
 ) -> BatchResult:
     """Analyse every slide under ``folder`` into ``out_dir`` on dask workers.
+
+    A slide that fails becomes a row of failures.csv with its reason; the others go on.
 
     Parameters
     ----------

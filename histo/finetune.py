@@ -342,10 +342,7 @@ class _Base:
 def _load_base(config: FinetuneConfig, codes: set[int]) -> _Base:
     """The base network, checked against its sha256; its head grown to 7 classes when the
     labels hold cartilage or soft tissue (codes 5, 6) and ``grow_head`` allows it."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from histo.segment.network import HistoUNet, NetworkConfig
+    from histo.segment.network import NetworkConfig, network_with_weights, read_stored_network
     from histo.segment.registry import locate_model
     from histo.train import grow_head
 
@@ -353,13 +350,7 @@ def _load_base(config: FinetuneConfig, codes: set[int]) -> _Base:
     if source.weights is None:
         raise ModelError(f"model {source.name!r} has no weights to fine-tune")
     sha = source.verify()
-    with safe_open(str(source.weights), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    net_config = NetworkConfig.from_dict(source.entry.get("config") or meta.get("config") or {})
-    px = float(
-        source.entry.get("working_pixel_size_um") or meta.get("working_pixel_size_um") or 1.0
-    )
-    state = load_file(str(source.weights))
+    state, net_config, px = read_stored_network(source.weights, source.entry)
     base_classes = n_classes = net_config.n_outputs - 1
     if codes and max(codes) >= n_classes:
         if not config.grow_head or n_classes != N_CLASSES:
@@ -370,12 +361,7 @@ def _load_base(config: FinetuneConfig, codes: set[int]) -> _Base:
         n_classes = N_ALL_CLASSES
         state = grow_head(state, n_classes)
         net_config = NetworkConfig(widths=net_config.widths, n_outputs=n_classes + 1)
-    net = HistoUNet(net_config)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"weights of {source.name!r} do not fit HistoUNet: {first}") from None
+    net = network_with_weights(net_config, state, f"weights of {source.name!r}")
     return _Base(net, source.name, sha, str(source.weights), base_classes, n_classes, px)
 
 

@@ -683,6 +683,8 @@ def train(
 ) -> TrainResult:
     """Train the network, checkpointing to ``out_dir/checkpoint.pt``; write the final weights.
 
+    An interrupted run continues from its last checkpoint with ``resume``.
+
     Parameters
     ----------
     out_dir

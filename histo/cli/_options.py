@@ -57,15 +57,17 @@ def add_slide_options(parser: argparse.ArgumentParser, pixel_size_help: str) -> 
     add_device(parser)
 
 
+def option_values(args: argparse.Namespace, *same: str, **renamed: str) -> dict:
+    """Keyword arguments from parsed options: those named ``same`` under their own names, and
+    ``keyword="option"`` pairs for the others (e.g. ``pixel_size_um="pixel_size"``)."""
+    values = {name: getattr(args, name) for name in same}
+    values.update({keyword: getattr(args, option) for keyword, option in renamed.items()})
+    return values
+
+
 def slide_analysis_kwargs(args: argparse.Namespace) -> dict:
     """The analysis arguments of --pixel-size, --model, --roi, --ranges and --device."""
-    return {
-        "pixel_size_um": args.pixel_size,
-        "model": args.model,
-        "roi": args.roi,
-        "ranges": args.ranges,
-        "device": args.device,
-    }
+    return option_values(args, "model", "roi", "ranges", "device", pixel_size_um="pixel_size")
 
 
 def check_roi_and_ranges(args: argparse.Namespace) -> None:

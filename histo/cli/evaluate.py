@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from histo.cli._options import add_device
+from histo.cli._options import add_device, option_values
 
 HELP = "evaluate the network and the classical baseline on held-out synthetic slides"
 DESCRIPTION = """Evaluate segmenters on held-out synthetic slides (seeds 900000+, never used in
@@ -87,18 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.long_bone:
         return _run_long_bone(args, progress, bar)
+    seed_base = VALIDATION_SEED_BASE if args.validation else EVAL_SEED_BASE
+    slides = option_values(args, "field_um", n_slides="slides", cache_dir="cache")
+    network = option_values(args, "precision", "device", tile_px="tile")
     try:
-        report = evaluate(
-            args.models,
-            n_slides=args.slides,
-            field_um=args.field_um,
-            tile_px=args.tile,
-            cache_dir=args.cache,
-            progress=progress,
-            seed_base=VALIDATION_SEED_BASE if args.validation else EVAL_SEED_BASE,
-            precision=args.precision,
-            device=args.device,
-        )
+        report = evaluate(args.models, progress=progress, seed_base=seed_base, **slides, **network)
     finally:
         if bar is not None:
             bar.close()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from histo.cli._options import add_device
+from histo.cli._options import add_device, option_values
 from histo.cli._progress import progress_bar
 
 HELP = "fine-tune the network on corrected class maps or scribbles (NAME.classes.tif)"
@@ -37,6 +37,19 @@ examples:
 """
 
 
+#: the FinetuneConfig fields set by the options of the same names
+_CONFIG_OPTIONS = (
+    "base",
+    "minutes",
+    "seed",
+    "trainable",
+    "lr",
+    "max_steps",
+    "replay_share",
+    "device",
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from histo.finetune import TRAINABLE, FinetuneConfig
 
@@ -49,33 +62,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME|PATH",
         help="model to start from (default: the shipped network)",
     )
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=d.minutes,
-        metavar="M",
-        help="wall-time budget, everything included (default %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed (default %(default)s)")
-    parser.add_argument(
-        "--trainable",
-        choices=TRAINABLE,
-        default=d.trainable,
-        help="what is trained (default %(default)s)",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
-    )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, metavar="N", help="stop after N steps"
-    )
-    parser.add_argument(
-        "--replay-share",
-        type=float,
-        default=d.replay_share,
-        metavar="F",
-        help="share of each batch replayed from synthetic sections (default %(default)s)",
-    )
+    # the training options take their defaults from FinetuneConfig
+    training = {
+        "--minutes": {
+            "type": float,
+            "metavar": "M",
+            "help": "wall-time budget, everything included",
+        },
+        "--seed": {"type": int, "help": "seed"},
+        "--trainable": {"choices": TRAINABLE, "help": "what is trained"},
+        "--lr": {"type": float, "help": "peak learning rate"},
+        "--max-steps": {"type": int, "metavar": "N", "help": "stop after N steps"},
+        "--replay-share": {
+            "type": float,
+            "metavar": "F",
+            "help": "share of each batch replayed from synthetic sections",
+        },
+    }
+    for flag, spec in training.items():
+        default = getattr(d, flag[2:].replace("-", "_"))
+        shown = "" if default is None else " (default %(default)s)"
+        parser.add_argument(flag, default=default, **{**spec, "help": spec["help"] + shown})
     add_device(parser)
 
 
@@ -89,16 +96,7 @@ def _describe(progress) -> str:
 def run(args: argparse.Namespace) -> int:
     from histo.finetune import FinetuneConfig, finetune, load_labelled
 
-    config = FinetuneConfig(
-        base=args.base,
-        minutes=args.minutes,
-        seed=args.seed,
-        trainable=args.trainable,
-        lr=args.lr,
-        max_steps=args.max_steps,
-        replay_share=args.replay_share,
-        device=args.device,
-    )
+    config = FinetuneConfig(**option_values(args, *_CONFIG_OPTIONS))
     fields = load_labelled(args.data)
     print(
         f"{len(fields)} labelled field(s); training for up to {args.minutes:g} min", file=sys.stderr

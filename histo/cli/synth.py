@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from histo.cli._options import option_values
 from histo.cli._progress import progress_bar
 
 HELP = "write a synthetic TRAP-stained slide (OME-TIFF) and its ground truth"
@@ -60,16 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with progress_bar(f"synth {args.out}") as progress:
-            truth = write_synthetic_slide(
-                args.out,
-                args.phenotype,
-                size=args.size,
-                pixel_size_um=args.pixel_size,
-                seed=args.seed,
-                counterstain=args.counterstain,
-                progress=progress,
-                anatomy=args.anatomy,
+            generator = option_values(
+                args, "size", "seed", "counterstain", "anatomy", pixel_size_um="pixel_size"
             )
+            truth = write_synthetic_slide(args.out, args.phenotype, progress=progress, **generator)
     except ValueError as exc:  # the generator's own argument checks (pixel size, size)
         raise SystemExit(f"histo synth: error: {exc}") from None
     summary = {k: round(v, 4) for k, v in truth["indices"].items()}

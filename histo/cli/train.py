@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from histo.cli._options import add_device
+from histo.cli._options import add_device, option_values
 
 HELP = "train the segmentation network on synthetic sections (seeded, resumable)"
 DESCRIPTION = """Train the segmentation network on synthetic TRAP sections generated on the fly.
@@ -165,23 +165,28 @@ def _config(args: argparse.Namespace):
         weights = TrainConfig().class_weights + [1.0] * (n_classes - N_CLASSES)
     if len(weights) != n_classes:
         raise HistoError(f"--class-weights takes {n_classes} weights, got {len(weights)}")
+    # the options named as TrainConfig's fields, then those named otherwise
+    options = option_values(
+        args,
+        "seed",
+        "steps",
+        "batch_size",
+        "lr",
+        "pool_size",
+        "refresh_every",
+        "threads",
+        "long_bone_refresh_every",
+        crop_px="crop",
+        field_px="field",
+        surface_crop_fraction="surface_crops",
+        long_bone_fraction="long_bone_crops",
+        long_bone_pool_size="long_bone_pool",
+    )
     return TrainConfig(
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        crop_px=args.crop,
-        lr=args.lr,
-        pool_size=args.pool_size,
-        refresh_every=args.refresh_every,
-        field_px=args.field,
-        threads=args.threads,
         init_weights=str(Path(args.init).resolve()) if args.init else None,
-        surface_crop_fraction=args.surface_crops,
         class_weights=[float(w) for w in weights],
         n_classes=n_classes,
-        long_bone_fraction=args.long_bone_crops,
-        long_bone_pool_size=args.long_bone_pool,
-        long_bone_refresh_every=args.long_bone_refresh_every,
+        **options,
     )
 
 

@@ -129,8 +129,6 @@ class LabelsWriter:
         ngff_version: str = "0.5",
         buffer_mb: float = 48.0,
     ) -> None:
-        import zarr
-
         if ngff_version not in ("0.4", "0.5"):
             raise ValueError(f"ngff_version must be '0.4' or '0.5', not {ngff_version!r}")
         self.path = Path(path)
@@ -156,7 +154,14 @@ class LabelsWriter:
         # of being read back, merged and compressed again; at most buffer_mb are held
         self._held: dict[tuple[str, int], _HeldRows] = {}
         self._held_budget = int(buffer_mb * 2**20)
-        zarr_format = 3 if ngff_version == "0.5" else 2
+        self._arrays: dict[str, list[Any]] = {}
+        self._create_store(chunk_px)
+
+    def _create_store(self, chunk_px: int) -> None:
+        """The empty ``.partial`` store: a label group of ``self.labels`` with its levels."""
+        import zarr
+
+        zarr_format = 3 if self.version == "0.5" else 2
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.partial.exists():
@@ -164,40 +169,41 @@ class LabelsWriter:
             self._root = zarr.open_group(str(self.partial), mode="w", zarr_format=zarr_format)
             group = self._root.create_group("labels")
             self._set_attrs(group, {"labels": list(self.labels)})
-            self._arrays: dict[str, list[Any]] = {}
             for name, dtype in self.labels.items():
-                sub = group.create_group(name)
-                arrays = []
-                for k, f in enumerate(self.factors):
-                    shape_k = tuple(self._level_len(n, f) for n in self.shape)
-                    kwargs: dict[str, Any] = {}
-                    if zarr_format == 3:
-                        kwargs["dimension_names"] = ["y", "x"]
-                    arrays.append(
-                        sub.create_array(
-                            str(k),
-                            shape=shape_k,
-                            chunks=(
-                                min(max(1, chunk_px // f), shape_k[0]),
-                                min(chunk_px, shape_k[1]),
-                            ),
-                            dtype=dtype,
-                            fill_value=0,
-                            # no all-zero test per chunk (slower than compressing the chunk)
-                            config={"write_empty_chunks": True},
-                            **kwargs,
-                        )
-                    )
-                self._arrays[name] = arrays
-                meta: dict[str, Any] = {
-                    "multiscales": _multiscales(
-                        name, [self.pixel_size_um * f for f in self.factors], False, self.version
-                    ),
-                    "image-label": self._image_label(name),
-                }
-                self._set_attrs(sub, meta)
+                self._arrays[name] = self._create_label(group, name, dtype, chunk_px, zarr_format)
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+
+    def _create_label(
+        self, group: Any, name: str, dtype: str, chunk_px: int, zarr_format: int
+    ) -> list[Any]:
+        """The label image ``name``'s group in ``group``: its levels and NGFF metadata."""
+        sub = group.create_group(name)
+        kwargs: dict[str, Any] = {"dimension_names": ["y", "x"]} if zarr_format == 3 else {}
+        arrays = []
+        for k, f in enumerate(self.factors):
+            shape_k = tuple(self._level_len(n, f) for n in self.shape)
+            chunks = (min(max(1, chunk_px // f), shape_k[0]), min(chunk_px, shape_k[1]))
+            arrays.append(
+                sub.create_array(
+                    str(k),
+                    shape=shape_k,
+                    chunks=chunks,
+                    dtype=dtype,
+                    fill_value=0,
+                    # no all-zero test per chunk (slower than compressing the chunk)
+                    config={"write_empty_chunks": True},
+                    **kwargs,
+                )
+            )
+        meta: dict[str, Any] = {
+            "multiscales": _multiscales(
+                name, [self.pixel_size_um * f for f in self.factors], False, self.version
+            ),
+            "image-label": self._image_label(name),
+        }
+        self._set_attrs(sub, meta)
+        return arrays
 
     @property
     def coarsest_shape(self) -> tuple[int, int]:

@@ -174,27 +174,30 @@ def _make_slide(path: Path, name: str, opened: Opened, given: float | None) -> S
                 ps = check_pixel_size(ps, f"{source} in {path.name}")
             except PixelSizeError as exc:
                 problem, ps, source = str(exc), None, None
-    if ps is None:
-        sizes: list[float | None] = [None] * len(levels)
-    elif opened.level_pixel_sizes_um is not None and given is None:
-        sizes = list(opened.level_pixel_sizes_um)
-    else:
-        # level k's pixel size from its width relative to level 0 (square pixels)
-        sizes = [ps * w0 / lvl.shape[1] for lvl in levels]
-    if opened.level_pixel_sizes_um is not None and given is not None:
-        base = opened.level_pixel_sizes_um[0]
-        sizes = [ps * s / base for s in opened.level_pixel_sizes_um]
     return Slide(
         path=path,
         name=name,
         levels=levels,
         pixel_size_um=ps,
-        level_pixel_sizes=sizes,
+        level_pixel_sizes=_level_pixel_sizes(opened, ps, given),
         pixel_size_source=source,
         format=opened.fmt,
         pixel_size_problem=problem,
         _handle=opened.handle,
     )
+
+
+def _level_pixel_sizes(opened: Opened, ps: float | None, given: float | None) -> list[float | None]:
+    """µm/px of each pyramid level when level 0's is ``ps`` (None: unknown), ``given`` being
+    the one asked for: the file's own level sizes are scaled to it."""
+    levels, stated = opened.levels, opened.level_pixel_sizes_um
+    if ps is None:
+        return [None] * len(levels)
+    if stated is not None:
+        return list(stated) if given is None else [ps * s / stated[0] for s in stated]
+    # level k's pixel size from its width relative to level 0 (square pixels)
+    w0 = levels[0].shape[1]
+    return [ps * w0 / lvl.shape[1] for lvl in levels]
 
 
 def require_pixel_size(slide: Slide) -> float:

@@ -28,6 +28,8 @@ OD_CEILING = 0.2
 class TissueMask:
     """Where the tissue is, at low resolution.
 
+    Unpacks as ``mask, pixel_size_um``.
+
     Attributes
     ----------
     mask : ndarray of bool
@@ -116,6 +118,9 @@ def detect_tissue(
     max_hole_um2: float = 20_000.0,
 ) -> TissueMask:
     """Find the tissue on a slide at low resolution.
+
+    The slide's thumbnail at ``pixel_size_um`` is thresholded on its optical density (see the
+    module's description).
 
     Parameters
     ----------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histo.io.color import optical_density
 from histo.synth._render import STAIN_OD
 
 #: pixels whose summed OD is below this are glass or too pale to carry a stain's hue
@@ -66,15 +67,6 @@ class StainEstimate:
     third_stain: float
     second_share: float
     n_pixels: int
-
-
-#: OD of each 8-bit intensity: a table lookup instead of a logarithm per pixel
-_OD_OF_INTENSITY = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel OD ``-log10((I + 1) / 256)`` of uint8 RGB, float32 (..., 3)."""
-    return _OD_OF_INTENSITY[rgb]
 
 
 def _unit(v) -> np.ndarray:

@@ -76,14 +76,14 @@ class QCCase:
 
     def describe(self) -> dict:
         """What the case is, as the first columns of a benchmark's row."""
-        return {
-            "kind": self.kind,
-            "seed": self.seed,
-            "pixel_size_um": self.pixel_size_um,
-            "stated_um": self.stated_pixel_size_um,
-            "counterstain": self.counterstain,
-            "phenotype": self.phenotype,
-        }
+        return dict(
+            kind=self.kind,
+            seed=self.seed,
+            pixel_size_um=self.pixel_size_um,
+            stated_um=self.stated_pixel_size_um,
+            counterstain=self.counterstain,
+            phenotype=self.phenotype,
+        )
 
 
 def _unit_jitter(rng: np.random.Generator, od, sd: float = 0.05) -> np.ndarray:

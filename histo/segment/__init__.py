@@ -16,7 +16,6 @@ centre map in [0, 1]). Osteocytes are class-4 regions only: chondrocyte lacunae,
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,29 +260,11 @@ def _load_safetensors(
     precision: str | None = None,
     device: str | None = None,
 ) -> NetworkSegmenter:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from histo.segment.network import network_with_weights, read_stored_network
 
-    from histo.segment.network import HistoUNet, NetworkConfig
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"weights {path} are not a readable safetensors file: {exc}") from None
-    config = NetworkConfig.from_dict((entry or {}).get("config") or meta.get("config") or {})
-    px = float(
-        (entry or {}).get("working_pixel_size_um") or meta.get("working_pixel_size_um") or 1.0
-    )
-    net = HistoUNet(config)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"weights {path} do not fit the {name!r} architecture: {first}") from None
+    stored = read_stored_network(path, entry)
+    net = network_with_weights(stored.config, stored.state, f"weights {path} ({name!r})")
+    px = stored.working_pixel_size_um
     return NetworkSegmenter(net, px, name=name, precision=precision, device=device)
 
 
@@ -294,6 +275,8 @@ def load_model(
     device: str | None = None,
 ) -> Segmenter:
     """Load a segmenter by name ("default", "unet", "classical", a user model) or path.
+
+    Registered weights and model folders are checked against their sha256 before loading.
 
     Parameters
     ----------

@@ -19,11 +19,16 @@ upsample-concatenate-convolve steps are rewritten as convolutions at the coarser
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from histo.errors import ModelError
 
 #: outputs: 5 class logits then 1 centre-map logit
 N_CLASS_OUTPUTS = 5
@@ -197,3 +202,55 @@ def fuse_for_inference(model: HistoUNet) -> HistoUNet:
         if isinstance(block, ConvBNAct):
             model.up[k] = UpsampleConcatConv(block[0], c_up=w[len(w) - 1 - k])
     return model
+
+
+class StoredNetwork(NamedTuple):
+    """Weights read from a safetensors file, with the architecture and resolution they need."""
+
+    state: dict[str, torch.Tensor]
+    config: NetworkConfig
+    working_pixel_size_um: float  #: µm/px the network was trained at
+
+
+def read_stored_network(path: str | os.PathLike, entry: dict | None = None) -> StoredNetwork:
+    """The weights in the safetensors file ``path``, their :class:`NetworkConfig` and working
+    pixel size: those of the registry ``entry`` when it has them, else the file's metadata.
+
+    Raises
+    ------
+    histo.errors.ModelError
+        The file cannot be read as safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"weights {path} are not a readable safetensors file: {exc}") from None
+    entry = entry or {}
+    config = NetworkConfig.from_dict(entry.get("config") or meta.get("config") or {})
+    px = float(entry.get("working_pixel_size_um") or meta.get("working_pixel_size_um") or 1.0)
+    return StoredNetwork(state, config, px)
+
+
+def network_with_weights(
+    config: NetworkConfig, state: dict[str, torch.Tensor], weights: str
+) -> HistoUNet:
+    """A :class:`HistoUNet` of ``config`` holding ``state``.
+
+    Raises
+    ------
+    histo.errors.ModelError
+        ``state`` does not fit the architecture; the message names the ``weights``
+        (e.g. "weights of 'lab-a'").
+    """
+    net = HistoUNet(config)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{weights} do not fit the HistoUNet architecture: {first}") from None
+    return net

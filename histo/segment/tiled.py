@@ -383,6 +383,10 @@ class TileSchedule:
         return self.tile_px - self.overlap_px
 
     @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
     def n_tiles(self) -> int:
         return len(self.ys) * sum(len(st.xs) for st in self.strips)
 
@@ -544,6 +548,20 @@ class LabelOutputs:
             self.class_map, self.osteoclasts, self.osteocytes
         )
         self.flush_cols = -(-FLUSH_COLS // self.col_align) * self.col_align
+
+    def result(
+        self, pixel_size_um: float, counts: ObjectCounts, confidence: ConfidenceSummary | None
+    ) -> SegmentationResult:
+        """The written maps as a segmentation's result, with the numbers of objects labelled."""
+        return SegmentationResult(
+            self.class_map,
+            self.osteoclasts,
+            self.osteocytes,
+            pixel_size_um,
+            counts.osteoclasts,
+            counts.osteocytes,
+            confidence,
+        )
 
     def write(
         self,
@@ -1006,6 +1024,52 @@ def _tiling(tile_px: int, overlap_px: int) -> tuple[int, int]:
     return tile_px, overlap_px
 
 
+def _as_segmenter(model: Any) -> Any:
+    """``model`` itself, or the segmenter loaded by that name or path when it is a string."""
+    if isinstance(model, str):
+        from histo.segment import load_model
+
+        return load_model(model)
+    return model
+
+
+def _schedule(
+    shape: tuple[int, int],
+    tile_px: int,
+    overlap_px: int,
+    pixel_size_um: float,
+    strip_cols: int | None,
+    col_align: int,
+) -> TileSchedule:
+    """The tile schedule of :func:`segment_slide`: strips of at most ``strip_cols`` (default
+    :data:`STRIP_COLS`) that start on the sink's chunk columns, or on :data:`STRIP_ALIGN`."""
+    align = col_align if col_align > 1 else STRIP_ALIGN
+    strip_cols = STRIP_COLS if strip_cols is None else int(strip_cols)
+    return TileSchedule.plan(shape, tile_px, overlap_px, pixel_size_um, strip_cols, align)
+
+
+def _segment_scheduled(
+    read: Callable[[int, int, int, int], np.ndarray],
+    model: Any,
+    pixel_size_um: float,
+    schedule: TileSchedule,
+    outputs: LabelOutputs,
+    ticker: _TileTicker,
+    tissue: Any,
+    margin_map: bool,
+) -> SegmentationResult:
+    """Run the model over the schedule's tiles (those with tissue) into ``outputs``."""
+    feed = TileFeed(read, model, schedule, tissue)
+    n_outputs = int(getattr(model, "n_outputs", 6))
+    block_px = MAP_BLOCK_PX if margin_map else 0
+    tally = MarginTally(n_outputs - 1, schedule.shape, pixel_size_um, block_px=block_px)
+    try:
+        counts = _segment_strips(schedule, feed, outputs, pixel_size_um, n_outputs, ticker, tally)
+    finally:
+        feed.close()
+    return outputs.result(pixel_size_um, counts, tally.summary())
+
+
 def segment_slide(
     source: Any,
     model: Any = "default",
@@ -1045,49 +1109,26 @@ def segment_slide(
     shape
         (H, W) of the slide at the working resolution when ``source`` is a function.
     tissue
-        Optional low-resolution tissue mask (an object with ``mask`` (bool array) and
-        ``pixel_size_um``, as :func:`histo.io.detect_tissue` returns). Tiles with no tissue
-        within ``overlap_px`` are not read nor run through the model: they are background.
+        Optional low-resolution tissue mask (:func:`histo.io.detect_tissue`). Tiles with no
+        tissue within ``overlap_px`` are neither read nor run: they are background.
     strip_cols
-        Widest column strip segmented at a time (px, default :data:`STRIP_COLS`): a wider
-        slide is cut into strips of about equal width, so memory does not grow with the
-        slide's width (see :func:`strip_layout`). The result is the same, but for the
-        numbering of the objects (strip by strip).
+        Widest column strip segmented at a time (px, default :data:`STRIP_COLS`), so memory
+        does not grow with the slide's width (:func:`strip_layout`); objects are numbered
+        strip by strip.
     margin_map
-        Also keep a map of the mean margin (top class probability minus the second) per
-        block of 8 x 8 px in ``result.confidence.margin_map`` (for a low-confidence layer).
-        It is an output that grows with the slide's area (4 bytes per block while summed);
-        the margin histograms are always kept (constant memory).
+        Also keep the mean margin (top class probability minus the second) per 8 x 8 px
+        block in ``result.confidence.margin_map``: 4 bytes per block while summed (the
+        margin histograms are always kept, in constant memory).
 
     Returns
     -------
     SegmentationResult
     """
-    if isinstance(model, str):
-        from histo.segment import load_model
-
-        model = load_model(model)
+    model = _as_segmenter(model)
     read, slide_shape = _reader(source, shape, model)
     px = float(model.working_pixel_size_um)
     tile_px, overlap_px = _tiling(tile_px, overlap_px)
     outputs = LabelOutputs(sink, slide_shape)
-    align = outputs.col_align if outputs.col_align > 1 else STRIP_ALIGN
-    strip_cols = STRIP_COLS if strip_cols is None else int(strip_cols)
-    schedule = TileSchedule.plan(slide_shape, tile_px, overlap_px, px, strip_cols, align)
+    schedule = _schedule(slide_shape, tile_px, overlap_px, px, strip_cols, outputs.col_align)
     ticker = _TileTicker(progress, cancel, schedule.n_tiles)
-    feed = TileFeed(read, model, schedule, tissue)
-    n_outputs = int(getattr(model, "n_outputs", 6))
-    tally = MarginTally(n_outputs - 1, slide_shape, px, block_px=MAP_BLOCK_PX if margin_map else 0)
-    try:
-        counts = _segment_strips(schedule, feed, outputs, px, n_outputs, ticker, tally)
-    finally:
-        feed.close()
-    return SegmentationResult(
-        outputs.class_map,
-        outputs.osteoclasts,
-        outputs.osteocytes,
-        px,
-        counts.osteoclasts,
-        counts.osteocytes,
-        tally.summary(),
-    )
+    return _segment_scheduled(read, model, px, schedule, outputs, ticker, tissue, margin_map)

@@ -32,43 +32,23 @@ class PhenotypeParams:
     trab_scale_um: tuple[float, float]  #: spatial scale of the trabecular network
 
 
+#: each parameter's range in normal, oc-rich and oc-poor fields; the osteoclasts of oc-rich
+#: fields are there but do not resorb (shallow pits)
+_RANGES_BY_PHENOTYPE = {
+    "bv_tv": ((0.11, 0.22), (0.42, 0.68), (0.42, 0.68)),
+    "oc_per_mm": ((1.5, 4.5), (8.0, 15.0), (0.0, 0.0)),
+    "oc_length_um": ((20.0, 50.0), (30.0, 70.0), (30.0, 60.0)),
+    "oc_nuclei": ((2, 5), (4, 12), (2, 4)),
+    "pit_depth_um": ((3.0, 7.0), (0.0, 1.5), (0.0, 0.0)),
+    "empty_pits_per_mm": ((0.5, 2.0), (0.0, 0.2), (0.0, 0.0)),
+    "trap_mono_per_mm2": ((5.0, 25.0), (10.0, 40.0), (0.0, 4.0)),
+    "adipocyte_fraction": ((0.05, 0.20), (0.0, 0.06), (0.0, 0.06)),
+    "cortex_um": ((50.0, 110.0), (90.0, 180.0), (90.0, 180.0)),
+    "trab_scale_um": ((140.0, 220.0), (60.0, 100.0), (60.0, 100.0)),
+}
 PHENOTYPE_PARAMS = {
-    "normal": PhenotypeParams(
-        bv_tv=(0.11, 0.22),
-        oc_per_mm=(1.5, 4.5),
-        oc_length_um=(20.0, 50.0),
-        oc_nuclei=(2, 5),
-        pit_depth_um=(3.0, 7.0),
-        empty_pits_per_mm=(0.5, 2.0),
-        trap_mono_per_mm2=(5.0, 25.0),
-        adipocyte_fraction=(0.05, 0.20),
-        cortex_um=(50.0, 110.0),
-        trab_scale_um=(140.0, 220.0),
-    ),
-    "oc-rich": PhenotypeParams(
-        bv_tv=(0.42, 0.68),
-        oc_per_mm=(8.0, 15.0),
-        oc_length_um=(30.0, 70.0),
-        oc_nuclei=(4, 12),
-        pit_depth_um=(0.0, 1.5),  # osteoclasts present but not resorbing
-        empty_pits_per_mm=(0.0, 0.2),
-        trap_mono_per_mm2=(10.0, 40.0),
-        adipocyte_fraction=(0.0, 0.06),
-        cortex_um=(90.0, 180.0),
-        trab_scale_um=(60.0, 100.0),
-    ),
-    "oc-poor": PhenotypeParams(
-        bv_tv=(0.42, 0.68),
-        oc_per_mm=(0.0, 0.0),
-        oc_length_um=(30.0, 60.0),
-        oc_nuclei=(2, 4),
-        pit_depth_um=(0.0, 0.0),
-        empty_pits_per_mm=(0.0, 0.0),
-        trap_mono_per_mm2=(0.0, 4.0),
-        adipocyte_fraction=(0.0, 0.06),
-        cortex_um=(90.0, 180.0),
-        trab_scale_um=(60.0, 100.0),
-    ),
+    phenotype: PhenotypeParams(**{name: r[k] for name, r in _RANGES_BY_PHENOTYPE.items()})
+    for k, phenotype in enumerate(PHENOTYPES)
 }
 
 

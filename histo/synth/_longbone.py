@@ -13,6 +13,7 @@ included, they are not osteocytes; periosteum and muscle are class 6.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,30 +59,25 @@ class LongBoneParams:
     trab_scale_um: tuple[float, float]  #: spatial scale of the trabecular network
 
 
-_OSTEOPETROTIC = dict(
-    growth_plate_um=(170.0, 240.0),
-    primary_um=(150.0, 230.0),
-    core_um=(3.5, 6.0),
-    cores_persist=True,
-    bv_tv=(0.42, 0.62),
-    cortex_um=(110.0, 170.0),
-    adipocyte_fraction=(0.0, 0.04),
-    trab_scale_um=(50.0, 80.0),
-)
+#: the ranges of normal long bones, then of osteopetrotic ones (oc-rich and oc-poor alike)
+_NORMAL_VS_OSTEOPETROTIC = {
+    "growth_plate_um": ((140.0, 200.0), (170.0, 240.0)),
+    "primary_um": ((150.0, 230.0), (150.0, 230.0)),
+    "core_um": ((2.5, 4.0), (3.5, 6.0)),
+    "cores_persist": (False, True),
+    "bv_tv": ((0.12, 0.20), (0.42, 0.62)),
+    "cortex_um": ((70.0, 110.0), (110.0, 170.0)),
+    "adipocyte_fraction": ((0.08, 0.25), (0.0, 0.04)),
+    "trab_scale_um": ((80.0, 120.0), (50.0, 80.0)),
+}
+#: TRAP+ cells per mm of chondro-osseous junction, the one range that tells the three apart
+_JUNCTION_OC_PER_MM = {"normal": (12.0, 22.0), "oc-rich": (30.0, 50.0), "oc-poor": (0.0, 0.0)}
 LONG_BONE_PARAMS = {
-    "normal": LongBoneParams(
-        growth_plate_um=(140.0, 200.0),
-        primary_um=(150.0, 230.0),
-        core_um=(2.5, 4.0),
-        cores_persist=False,
-        bv_tv=(0.12, 0.20),
-        cortex_um=(70.0, 110.0),
-        junction_oc_per_mm=(12.0, 22.0),
-        adipocyte_fraction=(0.08, 0.25),
-        trab_scale_um=(80.0, 120.0),
-    ),
-    "oc-rich": LongBoneParams(junction_oc_per_mm=(30.0, 50.0), **_OSTEOPETROTIC),
-    "oc-poor": LongBoneParams(junction_oc_per_mm=(0.0, 0.0), **_OSTEOPETROTIC),
+    phenotype: LongBoneParams(
+        junction_oc_per_mm=junction,
+        **{name: pair[phenotype != "normal"] for name, pair in _NORMAL_VS_OSTEOPETROTIC.items()},
+    )
+    for phenotype, junction in _JUNCTION_OC_PER_MM.items()
 }
 
 
@@ -113,8 +109,11 @@ class Layout:
         return self.y - self.junction
 
 
-def sample_long_bone_params(phenotype: str, rng: np.random.Generator, overrides: dict) -> dict:
-    """The anatomy parameters of one long-bone section; ``overrides`` fix any of them."""
+def sample_long_bone_params(
+    phenotype: str, rng: np.random.Generator, overrides: Mapping[str, float]
+) -> dict:
+    """The anatomy parameters of one long-bone section; ``overrides`` fix any of them (every
+    one is a number, read as a float)."""
     lb = LONG_BONE_PARAMS[phenotype]
     pp = PHENOTYPE_PARAMS[phenotype]
     params: dict = {"phenotype": phenotype, "anatomy": "long-bone"}
@@ -500,7 +499,7 @@ def build_long_bone(
     shape: tuple[int, int],
     pixel_size_um: float,
     rng: np.random.Generator,
-    overrides: dict | None = None,
+    overrides: Mapping[str, float] | None = None,
     rules: RegionRules | None = None,
 ) -> LongBone:
     """Draw a long-bone section (growth plate at the top) with its class and region maps."""

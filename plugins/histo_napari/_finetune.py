@@ -39,6 +39,7 @@ from napari.layers import Image, Labels, Layer
 from histo import classes
 from histo.errors import HistoError, PixelSizeError
 from histo.palette import class_rgba
+from histo_napari._form import button_row
 from histo_napari._geometry import layer_pixel_size_um
 
 if TYPE_CHECKING:
@@ -377,10 +378,7 @@ class TrainForm(Container):
         )
         self.train_button = PushButton(text="Train", tooltip="Fine-tune the model on the labels.")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        buttons = Container(
-            widgets=[self.train_button, self.cancel_button], layout="horizontal", labels=False
-        )
-        buttons.margins = (0, 0, 0, 0)
+        buttons = button_row(self.train_button, self.cancel_button)
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
         self.status = Label(value="Correct a class map or scribble, then Train.")
         self.status.native.setWordWrap(True)

@@ -33,6 +33,13 @@ def model_names() -> list[str]:
     return names
 
 
+def button_row(*buttons: PushButton) -> Container:
+    """Buttons side by side, with no labels nor margins."""
+    row = Container(widgets=list(buttons), layout="horizontal", labels=False)
+    row.margins = (0, 0, 0, 0)
+    return row
+
+
 def is_class_map(layer: Layer) -> bool:
     """A labels layer holding histo class codes (a run's, or a class map opened from file)."""
     return isinstance(layer, Labels) and layer.metadata.get("histo_kind") == "class_map"
@@ -183,12 +190,7 @@ class CorrectForm(Container):
             text="Save class map…", tooltip="NAME.classes.tif: for `histo measure` and training."
         )
         self.export_button = PushButton(text="Export CSV…", tooltip="The table as indices.csv.")
-        buttons = Container(
-            widgets=[self.remeasure_button, self.save_button, self.export_button],
-            layout="horizontal",
-            labels=False,
-        )
-        buttons.margins = (0, 0, 0, 0)
+        buttons = button_row(self.remeasure_button, self.save_button, self.export_button)
         super().__init__(widgets=[self.class_map, buttons])
 
 
@@ -201,10 +203,7 @@ class RunControls(Container):
 
         self.run_button = PushButton(text="Run", tooltip="Segment, measure and call the phenotype.")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        buttons = Container(
-            widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
-        )
-        buttons.margins = (0, 0, 0, 0)
+        buttons = button_row(self.run_button, self.cancel_button)
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
         self.status = Label(value="Pick an image and press Run.")
         status = self.status.native

@@ -88,33 +88,26 @@ def _paint(layer) -> np.ndarray:
     return cm.copy()
 
 
-def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_measure(
-    qtbot, make_napari_viewer, slide, tmp_path, monkeypatch
-):
-    import histo_napari._worker as jobs
-    import tifffile
+def _analyse_into_store(qtbot, viewer, slide, out_dir):
+    """Open the slide, run the classical model with its labels on disk; the widget."""
     from histo_napari._widget import HistoWidget
 
-    import histo.pipeline
-    from histo.measure import measure
-
-    monkeypatch.setattr(jobs, "LAZY_RESULTS_MIN_PX", 2**20)  # shown from the store
-    monkeypatch.setattr(histo.pipeline, "LABELS_ON_DISK_MIN_PX", 2**20)  # streamed to disk
-    viewer = make_napari_viewer()
     viewer.open(str(slide), plugin="histo")
     widget = HistoWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.section.model.value = "classical"
-    widget.section.out_dir.value = tmp_path / "out"
+    widget.section.out_dir.value = out_dir
     widget.run()
     wait_for_run(qtbot, widget, 600_000)
     assert widget.last_error is None, widget.last_error
-    store = widget.output.store
-    assert store == tmp_path / "out" / "slide" / "labels.ome.zarr"
-    before = store_levels(store)
+    assert widget.output.store == out_dir / "slide" / "labels.ome.zarr"
+    return widget
 
+
+def _load_rectangle(qtbot, viewer, widget, before):
+    """Load RECT_UM for editing: the region layer (placed over the slide) and the probe."""
     rect = viewer.add_shapes([np.array(RECT_UM)], shape_type="rectangle", name="edit here")
-    with StallProbe() as load_probe:
+    with StallProbe() as probe:
         widget.region_edit.load_rectangle()
         wait_for_run(qtbot, widget)
     assert widget.last_error is None, widget.last_error
@@ -127,18 +120,16 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert np.allclose(region.data_to_world((0, 0)), cmap_layer.data_to_world((900, 700)))
     np.testing.assert_array_equal(region.data, before["class_map", 0][box.slices])
     assert rect in viewer.layers
+    return region, probe
 
-    edited = _paint(region)
-    with StallProbe() as apply_probe:
-        widget.region_edit.apply()
-        wait_for_run(qtbot, widget)
-    assert widget.last_error is None, widget.last_error
-    after = store_levels(store)
+
+def _assert_changed_only_inside(before, after, box, edited) -> None:
+    """Every label image, at every pyramid level, changed inside the box only, as edited."""
     assert len({k for _, k in after}) >= 3
     np.testing.assert_array_equal(after["class_map", 0][box.slices], edited)
     outside = np.ones((SLIDE_PX, SLIDE_PX), bool)
     outside[box.slices] = False
-    for (name, k), array in after.items():  # every label image, every pyramid level
+    for (name, k), array in after.items():
         f = 2**k
         kept = outside[f // 2 :: f, f // 2 :: f]
         np.testing.assert_array_equal(array[kept], before[name, k][kept], err_msg=f"{name} {k}")
@@ -147,11 +138,19 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert len(np.unique(inside[edited == classes.OSTEOCLAST])) == 1  # the new cell, one label
     assert not inside[edited != classes.OSTEOCLAST].any()
 
+
+def _assert_remeasure_equals_histo_measure(qtbot, widget, after, slide, measured) -> None:
+    """Re-measure gives `histo measure`'s indices of the store, and with the slide's pixels
+    the indices that need them."""
+    import tifffile
+
+    from histo.measure import measure
+
     widget.remeasure()
     wait_for_run(qtbot, widget, 600_000)
     assert widget.last_error is None, widget.last_error
     shown = widget.measurement.indices
-    expected = _histo_measure(store, tmp_path / "measured")
+    expected = _histo_measure(widget.output.store, measured)
     common = [k for k in expected if k in shown and not np.isnan(expected[k])]
     assert {"BV/TV", "N.Oc", "N.Oc/B.Pm", "Oc.S/BS", "N.Ot", "B.Pm"} <= set(common)
     for key in common:
@@ -168,24 +167,29 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
         assert shown[key] == pytest.approx(with_image[key], rel=1e-6, nan_ok=True), key
     assert shown["N.Oc"] != pytest.approx(dict(widget.output.result.measurement.indices)["N.Oc"])
 
-    saved = tmp_path / "saved" / "slide.classes.tif"
+
+def _assert_saved_and_trainable(qtbot, widget, after, box, edited, saved) -> None:
+    """Save writes the edited store's maps; the applied edit is a training example."""
+    import tifffile
+
     widget.save_class_map(saved)
     wait_for_run(qtbot, widget)
     np.testing.assert_array_equal(tifffile.imread(saved), after["class_map", 0])
     np.testing.assert_array_equal(
         tifffile.imread(saved.with_name("slide.osteoclasts.tif")), after["osteoclasts", 0]
     )
-
     (applied,) = widget.region_edit.applied
     example = applied.training_example()
     assert example.image.shape == (*box.shape, 3) and example.pixel_size_um == 1.0
     np.testing.assert_array_equal(example.class_map, edited)
-    _assert_live(apply_probe, OUTLIER_LIMIT_S, "apply")
 
+
+def _load_view(qtbot, viewer, widget, region, after):
+    """Zoom in and load the view: the same layer takes the region in view; the probe."""
     viewer.scene.camera.center = (1100.0, 950.0)  # zoomed in: the view is the next region
     viewer.scene.camera.zoom = 4.0
     qtbot.wait(500)
-    with StallProbe() as view_probe:
+    with StallProbe() as probe:
         widget.region_edit.load_view()
         wait_for_run(qtbot, widget)
     assert widget.last_error is None, widget.last_error
@@ -195,5 +199,37 @@ def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_
     assert view.shape[0] * view.shape[1] < 1000 * 1000
     np.testing.assert_array_equal(region.data, after["class_map", 0][view.slices])
     assert np.allclose(region.data_to_world((0, 0)), (view.y0, view.x0))
+    return probe
+
+
+def test_a_region_edit_changes_the_store_only_inside_and_remeasure_equals_histo_measure(
+    qtbot, make_napari_viewer, slide, tmp_path, monkeypatch
+):
+    import histo_napari._worker as jobs
+
+    import histo.pipeline
+
+    monkeypatch.setattr(jobs, "LAZY_RESULTS_MIN_PX", 2**20)  # shown from the store
+    monkeypatch.setattr(histo.pipeline, "LABELS_ON_DISK_MIN_PX", 2**20)  # streamed to disk
+    viewer = make_napari_viewer()
+    widget = _analyse_into_store(qtbot, viewer, slide, tmp_path / "out")
+    store = widget.output.store
+    before = store_levels(store)
+    region, load_probe = _load_rectangle(qtbot, viewer, widget, before)
+    box = region.metadata["histo_box"]
+
+    edited = _paint(region)
+    with StallProbe() as apply_probe:
+        widget.region_edit.apply()
+        wait_for_run(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    after = store_levels(store)
+    _assert_changed_only_inside(before, after, box, edited)
+    _assert_remeasure_equals_histo_measure(qtbot, widget, after, slide, tmp_path / "measured")
+    saved = tmp_path / "saved" / "slide.classes.tif"
+    _assert_saved_and_trainable(qtbot, widget, after, box, edited, saved)
+    _assert_live(apply_probe, OUTLIER_LIMIT_S, "apply")
+
+    view_probe = _load_view(qtbot, viewer, widget, region, after)
     _assert_live(view_probe, OUTLIER_LIMIT_S, "load view")
     _assert_live(load_probe, FIRST_LAYER_LIMIT_S, "load rectangle")

@@ -96,6 +96,35 @@ def _reference_label_band(class_map, centre, alt_class, own_start, own_stop, pix
     return outputs[0], outputs[1], owned_mask, counts[0], counts[1]
 
 
+def _reference_label_and_flush(s, out, final_to, at_end, stride, margin, px):
+    """Label the bands of rows final up to ``final_to`` and write them to ``out`` (cm, oc, ot)."""
+    out_cm, out_oc, out_ot = out
+    while s["owned_to"] < final_to and (at_end or final_to - s["owned_to"] >= stride + margin):
+        own_stop = final_to if at_end else s["owned_to"] + stride
+        w0 = max(s["y0"], s["owned_to"] - margin)
+        w1 = min(final_to, own_stop + margin)
+        a, b = w0 - s["y0"], w1 - s["y0"]
+        oc, ot, _, k_oc, k_ot = _reference_label_band(
+            s["cm"][a:b], s["ce"][a:b], s["alt"][a:b], s["owned_to"] - w0, own_stop - w0, px
+        )
+        s["oc"][a:b] = np.where(oc > 0, oc + s["n_oc"], s["oc"][a:b])
+        s["ot"][a:b] = np.where(ot > 0, ot + s["n_ot"], s["ot"][a:b])
+        s["n_oc"] += k_oc
+        s["n_ot"] += k_ot
+        s["owned_to"] = own_stop
+        flush_to = s["owned_to"] if not at_end else final_to
+        if flush_to > s["flushed_to"]:
+            a, b = s["flushed_to"] - s["y0"], flush_to - s["y0"]
+            out_cm[s["flushed_to"] : flush_to] = s["cm"][a:b]
+            out_oc[s["flushed_to"] : flush_to] = s["oc"][a:b]
+            out_ot[s["flushed_to"] : flush_to] = s["ot"][a:b]
+            s["flushed_to"] = flush_to
+        keep_from = max(0, s["owned_to"] - margin - s["y0"])
+        for k in ("cm", "alt", "ce", "oc", "ot"):
+            s[k] = s[k][keep_from:]
+        s["y0"] += keep_from
+
+
 def _reference_segment_slide(source, model, tile_px=768, overlap_px=64):
     """segment_slide before the memory work (no sink, tissue, progress nor cancel)."""
     read, (H, W) = _reader(source, None, model)
@@ -125,33 +154,6 @@ def _reference_segment_slide(source, model, tile_px=768, overlap_px=64):
         "n_ot": 0,
     }
 
-    def label_and_flush(final_to, at_end):
-        s = st
-        while s["owned_to"] < final_to and (at_end or final_to - s["owned_to"] >= stride + margin):
-            own_stop = final_to if at_end else s["owned_to"] + stride
-            w0 = max(s["y0"], s["owned_to"] - margin)
-            w1 = min(final_to, own_stop + margin)
-            a, b = w0 - s["y0"], w1 - s["y0"]
-            oc, ot, _, k_oc, k_ot = _reference_label_band(
-                s["cm"][a:b], s["ce"][a:b], s["alt"][a:b], s["owned_to"] - w0, own_stop - w0, px
-            )
-            s["oc"][a:b] = np.where(oc > 0, oc + s["n_oc"], s["oc"][a:b])
-            s["ot"][a:b] = np.where(ot > 0, ot + s["n_ot"], s["ot"][a:b])
-            s["n_oc"] += k_oc
-            s["n_ot"] += k_ot
-            s["owned_to"] = own_stop
-            flush_to = s["owned_to"] if not at_end else final_to
-            if flush_to > s["flushed_to"]:
-                a, b = s["flushed_to"] - s["y0"], flush_to - s["y0"]
-                out_cm[s["flushed_to"] : flush_to] = s["cm"][a:b]
-                out_oc[s["flushed_to"] : flush_to] = s["oc"][a:b]
-                out_ot[s["flushed_to"] : flush_to] = s["ot"][a:b]
-                s["flushed_to"] = flush_to
-            keep_from = max(0, s["owned_to"] - margin - s["y0"])
-            for k in ("cm", "alt", "ce", "oc", "ot"):
-                s[k] = s[k][keep_from:]
-            s["y0"] += keep_from
-
     for iy, y in enumerate(ys):
         th = min(tile_px, H - y)
         wy = taper(th, overlap_px, at_start=iy > 0, at_end=iy < len(ys) - 1)
@@ -179,7 +181,7 @@ def _reference_segment_slide(source, model, tile_px=768, overlap_px=64):
         acc[:, max(rest, 0) :] = 0
         wsum[max(rest, 0) :] = 0
         acc_y0 += n_final
-        label_and_flush(acc_y0, at_end=last)
+        _reference_label_and_flush(st, (out_cm, out_oc, out_ot), acc_y0, last, stride, margin, px)
     return out_cm, out_oc, out_ot, st["n_oc"], st["n_ot"]
 
 
