@@ -193,7 +193,9 @@ class RegionEditor(Container):
             labels=False,
         )
         buttons.margins = (0, 0, 0, 0)
-        applied = Container(widgets=[self.info, self.export_button], layout="horizontal")
+        applied = Container(
+            widgets=[self.info, self.export_button], layout="horizontal", labels=False
+        )
         applied.margins = (0, 0, 0, 0)
         super().__init__(widgets=[buttons, applied], labels=False)
         self.layer: Labels | None = None  #: the editable region shown now

@@ -114,8 +114,11 @@ def test_an_applied_region_trains_the_model_and_exports_as_a_pair(
     assert result.steps == TINY_RUN["max_steps"] and not result.cancelled
     assert widget.section.model.value == "slide-lab"
     (record,) = json.loads((user_models / "slide-lab" / "model.json").read_text())["data"]
-    assert record["labelled_px"]["osteoclast"] == 0  # painted away: the region's own codes
-    assert record["labelled_px"]["marrow"] == int((edited == classes.MARROW).sum())
+    # every pixel of the region is labelled, with the corrected codes (no osteoclast left)
+    codes = {name: int((edited == code).sum()) for code, name in classes.ALL_NAMES.items()}
+    assert record["labelled_px"] == {k: n for k, n in codes.items() if n}
+    assert sum(record["labelled_px"].values()) == 300 * 400
+    assert "osteoclast" not in record["labelled_px"]
 
     widget.region_edit.export_corrections(tmp_path / "corrections")
     wait_for_run(qtbot, widget, 600_000)
