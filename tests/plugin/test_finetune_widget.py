@@ -204,8 +204,9 @@ def test_train_with_histo_finetune(qtbot, viewer_widget, errors, user_models, oc
     widget.train.model_name.value = "lab"
     widget.train.rerun.value = False
     widget.train.config_options = TINY_RUN
+    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
     widget.train.train()
-    wait_for_run(qtbot, widget, 600_000)
+    wait_for_run(qtbot, widget, 900_000)
     assert errors == []
     result = widget.train.result
     assert result.steps == 2 and not result.cancelled

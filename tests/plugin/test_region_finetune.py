@@ -101,6 +101,7 @@ def test_an_applied_region_trains_the_model_and_exports_as_a_pair(
     widget.train.model_name.value = "slide-lab"
     widget.train.rerun.value = False
     widget.train.config_options = TINY_RUN
+    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
     widget.train.train()
     wait_for_run(qtbot, widget, 900_000)
     assert widget.last_error is None, widget.last_error
