@@ -17,7 +17,8 @@ the user edits the class map, and :func:`write_labels_region` writes it back:
   either the old region or the new one, never a mix.
 
 :func:`correction_example` gives an edited region with the slide's pixels at the labels'
-resolution, for fine-tuning from whole-slide corrections.
+resolution, for fine-tuning from whole-slide corrections; :func:`write_correction_pair` writes
+it as the slide and ``NAME.classes.tif`` pair that ``histo finetune`` reads.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ from histo.io.ome_zarr import MAX_LABEL_ATTR, write_in_pieces
 __all__ = [
     "PixelBox",
     "RegionLabels",
+    "CorrectionFiles",
     "RegionWrite",
     "TrainingExample",
     "correction_example",
+    "correction_name",
     "edited_instances",
     "read_labels_region",
     "recover_interrupted_edit",
+    "write_correction_pair",
     "write_labels_region",
 ]
 
@@ -111,6 +115,13 @@ class TrainingExample(NamedTuple):
     image: np.ndarray  #: (H, W, 3) uint8 RGB
     class_map: np.ndarray  #: (H, W) uint8 codes
     pixel_size_um: float
+
+
+class CorrectionFiles(NamedTuple):
+    """The files of an exported correction (:func:`write_correction_pair`)."""
+
+    image: Path  #: ``NAME.ome.tif``: the region's RGB pixels
+    class_map: Path  #: ``NAME.classes.tif`` beside it
 
 
 # --------------------------------------------------------------------------- the store
@@ -496,3 +507,82 @@ def correction_example(
     with opened:
         image = read_region(opened, region.box.y0 * px, region.box.x0 * px, h, w, px)
     return TrainingExample(np.asarray(image, np.uint8), region.class_map, float(px))
+
+
+def correction_name(slide_name: str, box: PixelBox) -> str:
+    """The file name stem of a slide's corrected region: ``S1-region-y900-x700-500x400``
+    (its top-left pixel, then width x height, in pixels of the label images)."""
+    h, w = box.shape
+    return f"{slide_name}-region-y{box.y0}-x{box.x0}-{w}x{h}"
+
+
+def write_correction_pair(
+    example: TrainingExample, folder: str | os.PathLike, name: str
+) -> CorrectionFiles:
+    """Write a corrected region as the pair ``histo finetune`` reads.
+
+    ``folder/NAME.ome.tif`` holds the region's pixels and ``folder/NAME.classes.tif`` its
+    class map beside it (:func:`histo.finetune.load_labelled`), both lossless, tiled, with the
+    pixel size in the OME metadata and the TIFF resolution tags; each file is written under a
+    temporary name and renamed. The class map is written last, so a run killed half-way
+    leaves no pair for ``histo finetune`` to find.
+
+    Parameters
+    ----------
+    example : TrainingExample
+        A region and its class map (:func:`correction_example`).
+    folder : path-like
+        Where the pair goes (created when missing).
+    name : str
+        The stem of both files (:func:`correction_name`).
+
+    Returns
+    -------
+    CorrectionFiles
+
+    Raises
+    ------
+    OutputError
+        A file cannot be written.
+    """
+    from histo.io.atomic import write_atomic
+
+    folder = Path(folder)
+    image = np.ascontiguousarray(example.image, np.uint8)
+    class_map = np.ascontiguousarray(example.class_map, np.uint8)
+    if image.shape[:2] != class_map.shape or image.ndim != 3:
+        raise OutputError(
+            f"{name}: image {image.shape} and class map {class_map.shape} do not match"
+        )
+    px = float(example.pixel_size_um)
+    image_path = write_atomic(folder / f"{name}.ome.tif", lambda tmp: _write_tiff(tmp, image, px))
+    map_path = write_atomic(
+        folder / f"{name}.classes.tif", lambda tmp: _write_tiff(tmp, class_map, px)
+    )
+    return CorrectionFiles(image_path, map_path)
+
+
+def _write_tiff(path: Path, array: np.ndarray, pixel_size_um: float) -> None:
+    """One-level tiled OME-TIFF, zlib (lossless: these pixels are training data)."""
+    import tifffile
+
+    rgb = array.ndim == 3
+    tile = 256 if min(array.shape[:2]) >= 256 else None
+    metadata = {
+        "axes": "YXS" if rgb else "YX",
+        "PhysicalSizeX": pixel_size_um,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": pixel_size_um,
+        "PhysicalSizeYUnit": "µm",
+    }
+    tifffile.imwrite(
+        path,
+        array,
+        ome=True,
+        photometric="rgb" if rgb else "minisblack",
+        tile=(tile, tile) if tile else None,
+        compression="zlib",
+        resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um),
+        resolutionunit="CENTIMETER",
+        metadata=metadata,
+    )

@@ -7,8 +7,10 @@ with the image it lies on; :func:`histo.finetune.finetune` then trains in a napa
 worker, with progress and Cancel (the best model so far is kept), into a model folder that
 becomes the widget's model.
 
-Only labels held in memory can be trained on: a lazy whole-slide class map is refused with a
-message (save or open a smaller field).
+A whole slide's class map is read from its store on demand and cannot be trained on whole:
+the regions of it corrected and applied in the Whole-slide region box
+(:class:`histo_napari._region.AppliedRegion`) are offered instead, each read from the edited
+store with the slide's pixels under it.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ from histo.errors import HistoError, PixelSizeError
 from histo.palette import class_rgba
 from histo_napari._form import button_row
 from histo_napari._geometry import layer_pixel_size_um
+from histo_napari._region import AppliedRegion
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import napari
 
+    from histo_napari._region import RegionEditor
     from histo_napari._widget import HistoWidget
 
 #: ``histo_kind`` of the layers that can be trained on: a class map (a run's, or opened
@@ -164,7 +170,7 @@ class FieldSource:
 class TrainJob:
     """What to train on and where the model goes."""
 
-    fields: list[FieldSource]
+    fields: list[FieldSource | AppliedRegion]  #: each gives its ``labelled_field()``
     out_dir: Path
     model_name: str  #: how the Model choice names the new model
     config: Any  #: histo.finetune.FinetuneConfig
@@ -271,8 +277,8 @@ def field_source(labels: Layer, image: Layer, image_px: float) -> FieldSource:
     data = labels.data
     if labels.multiscale or not isinstance(data, np.ndarray):
         raise HistoError(
-            f"'{labels.name}' is read from disk on demand (a whole slide): save a field "
-            "and open it, or scribble on a smaller image, to train on it"
+            f"'{labels.name}' is read from disk on demand (a whole slide): correct regions "
+            "of it (Whole-slide region: Load, paint, Apply) and train on those"
         )
     if data.ndim != 2:
         raise HistoError(f"'{labels.name}' is not a 2-D class map")
@@ -303,6 +309,13 @@ def _image_source(image: Layer) -> Any:
     return image.data
 
 
+def _slide_name(item: Layer | AppliedRegion) -> str:
+    """The slide a chosen labels layer or applied region is of ('' when unknown)."""
+    if isinstance(item, AppliedRegion):
+        return item.slide_name
+    return str(item.metadata.get("slide_name") or "")
+
+
 def default_model_name(slide_name: str, root: Path) -> str:
     """``<slide>-<YYYYmmdd-HHMM>``, with ``-2``, ``-3``… added when that folder exists."""
     stem = re.sub(r"[^\w.-]+", "-", slide_name).strip("-.") or "model"
@@ -317,14 +330,17 @@ def default_model_name(slide_name: str, root: Path) -> str:
 
 
 class LabelsSelect(Select):
-    """A multiple choice of the viewer's class-map and scribble layers.
+    """A multiple choice of the viewer's class-map and scribble layers, and of the regions of
+    whole slides corrected and applied.
 
-    A layer added to the viewer that fits joins the selection: it is the one just made (a
-    whole slide's lazy class map does not: it cannot be trained on).
+    A layer added to the viewer that fits, or a region just applied, joins the selection: it
+    is the one just made (a whole slide's lazy class map does not: it cannot be trained on).
     """
 
     def __init__(self, viewer: napari.Viewer, **kwargs: Any) -> None:
         self.viewer = viewer
+        #: the applied regions of whole slides, oldest first (:meth:`follow_regions`)
+        self.regions: Callable[[], list[AppliedRegion]] = list
         super().__init__(choices=self._layers, **kwargs)
         events = viewer.layers.events
         events.inserted.connect(self._on_inserted)
@@ -333,15 +349,27 @@ class LabelsSelect(Select):
         row = self.native.fontMetrics().lineSpacing() + 6
         self.native.setFixedHeight(4 * row + 8)  # four layers show; more scroll
 
-    def _layers(self, _: Any = None) -> list[tuple[str, Layer]]:
-        return [(lyr.name, lyr) for lyr in reversed(self.viewer.layers) if is_trainable(lyr)]
+    def _layers(self, _: Any = None) -> list[tuple[str, Any]]:
+        layers = [(lyr.name, lyr) for lyr in reversed(self.viewer.layers) if is_trainable(lyr)]
+        regions = [(r.name, r) for r in reversed(self.regions()) if r.store.exists()]
+        return [*layers, *regions]
 
-    def _on_inserted(self, event: Any) -> None:
+    def _choose_also(self, item: Any) -> None:
         chosen = list(self.value)
         self.reset_choices()
+        self.value = [*(c for c in chosen if c in self.choices), item]
+
+    def _on_inserted(self, event: Any) -> None:
         if is_trainable(event.value) and not event.value.multiscale:  # a whole slide: no
-            kept = [lyr for lyr in chosen if lyr in self.viewer.layers]
-            self.value = [*kept, event.value]
+            self._choose_also(event.value)
+        else:
+            self.reset_choices()
+
+    def follow_regions(self, editor: RegionEditor) -> None:
+        """Offer the regions ``editor`` applies, and choose each one as it is applied."""
+        self.regions = lambda: editor.applied
+        editor.region_applied.connect(self._choose_also)
+        self.reset_choices()
 
 
 class TrainForm(Container):
@@ -465,11 +493,15 @@ class TrainPanel(TrainForm):
         if not chosen:
             raise HistoError("no labels chosen: correct a class map or add a scribble layer")
         section = self.widget.section
-        sources = []
+        sources: list[FieldSource | AppliedRegion] = []
         for labels in chosen:
+            if isinstance(labels, AppliedRegion):  # read from its store in the worker
+                labels.check()
+                sources.append(labels)
+                continue
             image = paired_image(labels, self.widget.viewer, section.image.value)
             sources.append(field_source(labels, image, self._image_pixel_size(image)))
-        out_dir, name = self._model_folder(str(chosen[0].metadata.get("slide_name") or ""))
+        out_dir, name = self._model_folder(_slide_name(chosen[0]))
         base = str(section.model.value)
         config = FinetuneConfig(
             base=None if base in ("default", "classical") else base,

@@ -7,19 +7,22 @@ and shows it as a labels layer over the slide, at its place in µm. The user pai
 in it; **Apply** writes it back into the store in a worker
 (:func:`histo.io.region_edit.write_labels_region`: instance maps and pyramid levels follow,
 atomically) and the slide's layers show the change. **Re-measure** then measures the edited
-store block by block. Applied regions are kept (:attr:`RegionEditor.applied`) with what
-fine-tuning needs (:meth:`AppliedRegion.training_example`).
+store block by block. Applied regions are kept (:attr:`RegionEditor.applied`): Train on
+corrections offers them (:meth:`AppliedRegion.labelled_field`), and **Export corrections**
+writes them as the image and class-map pairs ``histo finetune`` reads.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from magicgui.widgets import Container, Label, PushButton
 from napari.layers import Labels, Shapes
+from psygnal import Signal
 
 from histo import classes
 from histo.errors import HistoError
@@ -38,24 +41,65 @@ REGION_MAX_PX = 3072 * 3072
 REGION_KIND = "region_class_map"
 
 
-class AppliedRegion(NamedTuple):
+@dataclass(frozen=True, eq=False)  # eq=False: one choice each in Train on corrections
+class AppliedRegion:
     """A region written back into a slide's store, and the slide it was computed from."""
 
     store: Path
     box: PixelBox
     slide: Any  #: slide path or RGB array (None: unknown)
     slide_pixel_size_um: float | None
+    slide_name: str = "slide"
+
+    @property
+    def name(self) -> str:
+        """What the region is called in Train on corrections and in ``model.json``."""
+        b = self.box
+        return f"{self.slide_name} region y {b.y0}-{b.y1}, x {b.x0}-{b.x1} px"
+
+    def check(self) -> None:
+        """Raise HistoError when the region cannot be read for training (GUI thread)."""
+        if self.slide is None:
+            raise HistoError(f"{self.name}: its slide is not known: analyse the slide again")
+        if not self.store.exists():
+            raise HistoError(f"{self.name}: its labels.ome.zarr is gone: apply it again")
 
     def training_example(self) -> Any:
         """(image, class map, pixel size) of the corrected region (reads the slide; run it
         in a worker). See :func:`histo.io.region_edit.correction_example`."""
         from histo.io.region_edit import correction_example
 
-        if self.slide is None:
-            raise HistoError("the slide of this region is not known: open it and run again")
+        self.check()
         return correction_example(
             self.slide, self.store, self.box, slide_pixel_size_um=self.slide_pixel_size_um
         )
+
+    def labelled_field(self) -> Any:
+        """The corrected region as a ``histo.finetune.LabelledField`` (worker thread)."""
+        from histo.finetune import LabelledField
+
+        example = self.training_example()
+        source = None if isinstance(self.slide, np.ndarray) else str(self.slide)
+        return LabelledField(
+            image=example.image,
+            class_map=example.class_map,
+            pixel_size_um=example.pixel_size_um,
+            name=self.name,
+            source=source,
+            class_map_source=str(self.store),
+        )
+
+
+def export_regions(regions: list[AppliedRegion], folder: Path) -> list[Path]:
+    """Write each region as ``NAME.ome.tif`` and ``NAME.classes.tif`` in ``folder``, the pairs
+    ``histo finetune FOLDER`` reads (worker thread); returns the class maps written."""
+    from histo.io.region_edit import correction_name, write_correction_pair
+
+    written = []
+    for region in regions:
+        name = correction_name(region.slide_name, region.box)
+        written.append(write_correction_pair(region.training_example(), folder, name).class_map)
+    return written
 
 
 class Target(NamedTuple):
@@ -123,6 +167,9 @@ def region_layer(target: Target, box: PixelBox, name: str) -> Labels:
 class RegionEditor(Container):
     """Load a region of a whole slide as an editable layer, then write it back (Apply)."""
 
+    #: emitted with each :class:`AppliedRegion` once written (Train on corrections offers it)
+    region_applied = Signal(object)
+
     def __init__(self, widget: HistoWidget) -> None:
         self.widget = widget
         self.load_view_button = PushButton(
@@ -134,6 +181,11 @@ class RegionEditor(Container):
         self.apply_button = PushButton(
             text="Apply", tooltip="Write the edited region into the slide's labels.ome.zarr."
         )
+        self.export_button = PushButton(
+            text="Export corrections…",
+            tooltip="Write each applied region as NAME.ome.tif and NAME.classes.tif in a "
+            "folder: what `histo finetune FOLDER` trains on.",
+        )
         self.info = Label(value="")
         buttons = Container(
             widgets=[self.load_view_button, self.load_rect_button, self.apply_button],
@@ -141,13 +193,18 @@ class RegionEditor(Container):
             labels=False,
         )
         buttons.margins = (0, 0, 0, 0)
-        super().__init__(widgets=[buttons, self.info], labels=False)
+        applied = Container(
+            widgets=[self.info, self.export_button], layout="horizontal", labels=False
+        )
+        applied.margins = (0, 0, 0, 0)
+        super().__init__(widgets=[buttons, applied], labels=False)
         self.layer: Labels | None = None  #: the editable region shown now
         self.applied: list[AppliedRegion] = []  #: regions written back, oldest first
         self.last_write: RegionWrite | None = None
         self.load_view_button.changed.connect(lambda: self.load_view())
         self.load_rect_button.changed.connect(lambda: self.load_rectangle())
         self.apply_button.changed.connect(lambda: self.apply())
+        self.export_button.changed.connect(lambda: self.export_corrections())
 
     # ---- what is edited
     def target(self) -> Target:
@@ -250,9 +307,14 @@ class RegionEditor(Container):
         w = self.widget
         self.last_write = written
         out = w.output
-        slide = out.job.source if out is not None and out.store == store else None
-        px = out.job.pixel_size_um if slide is not None else None
-        self.applied.append(AppliedRegion(store, written.box, slide, px))
+        run = out is not None and out.store == store
+        slide = out.job.source if run else None
+        px = out.job.pixel_size_um if run else None
+        name = out.job.name if run else store.parent.name  # DIR/<slide>/labels.ome.zarr
+        region = AppliedRegion(store, written.box, slide, px, name)
+        # the store holds the latest edit of a box: the same box applied again is one region
+        self.applied = [a for a in self.applied if (a.store, a.box) != (store, written.box)]
+        self.applied.append(region)
         stale = [
             layer
             for layer in w.viewer.layers
@@ -273,6 +335,36 @@ class RegionEditor(Container):
             f"{written.seconds:.2f} s: press Re-measure"
         )
         self.info.value = f"{len(self.applied)} region(s) applied"
+        self.region_applied.emit(region)
+
+    def export_corrections(self, folder: str | Path | None = None) -> Any:
+        """Write every applied region as an image and class-map pair (in a worker)."""
+
+        def make() -> list[AppliedRegion]:
+            if not self.applied:
+                raise HistoError("no region applied yet: load a region, correct it, Apply")
+            for region in self.applied:
+                region.check()
+            return list(self.applied)
+
+        regions = self.widget._prepare(make)
+        if regions is None:
+            return None
+        if not folder:
+            from qtpy.QtWidgets import QFileDialog
+
+            folder = QFileDialog.getExistingDirectory(self.native, "Export corrections to")
+            if not folder:
+                return None
+
+        def done(written: list[Path]) -> None:
+            self.widget.controls.status.value = (
+                f"exported {len(written)} region(s): histo finetune {folder} --out MODEL"
+            )
+
+        return self.widget._start(
+            export_regions, regions, Path(folder), done=done, message="exporting corrections…"
+        )
 
 
 def _refresh_one_a_turn(layers: list[Layer]) -> None:

@@ -110,6 +110,7 @@ class HistoWidget(QWidget):
         root.addWidget(_boxed("Train on corrections", self.train.native))
         self.region_edit = RegionEditor(self)  #: a region of a whole slide, edited and applied
         root.addWidget(_boxed("Whole-slide region", self.region_edit.native))
+        self.train.layers.follow_regions(self.region_edit)  # applied regions can teach
         # lambdas: a button's signal carries its checked state, which is no path
         self.controls.run_button.clicked.connect(lambda: self.run())
         self.controls.cancel_button.clicked.connect(lambda: self.cancel())

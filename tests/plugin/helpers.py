@@ -16,7 +16,20 @@ from histo_napari._bench import StallProbe
 
 from tests.helpers import measure_truth
 
-__all__ = ["ScriptedPipeline", "StallProbe", "wait_for_run"]
+__all__ = ["TINY_RUN", "ScriptedPipeline", "StallProbe", "wait_for_run"]
+
+#: a fine-tuning of two small steps (the budget would spend minutes)
+TINY_RUN = {
+    "max_steps": 2,
+    "qc_reference_slides": 0,
+    "forgetting_sections": 0,
+    "replay_sections": 1,
+    "replay_share": 0.0,
+    "batch_size": 2,
+    "crop_px": 96,
+    "val_max_blocks": 2,
+    "val_every": 1,
+}
 
 
 class ScriptedPipeline:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_for_run
 from histo_napari._results import format_value
 
 from histo import classes
 from histo.finetune import FinetuneProgress, FinetuneResult
 from histo.segment.registry import MODEL_FILE, MODEL_JSON, shipped_models_dir
+from tests.plugin.helpers import TINY_RUN, wait_for_run
 
 pytestmark = pytest.mark.gui
 
@@ -193,20 +193,6 @@ def test_lazy_labels_are_refused_with_a_message(viewer_widget, errors):
     assert len(errors) == 1 and "on demand" in errors[0]
 
 
-#: a fine-tuning of two small steps (the budget would spend minutes)
-TINY_RUN = {
-    "max_steps": 2,
-    "qc_reference_slides": 0,
-    "forgetting_sections": 0,
-    "replay_sections": 1,
-    "replay_share": 0.0,
-    "batch_size": 2,
-    "crop_px": 96,
-    "val_max_blocks": 2,
-    "val_every": 1,
-}
-
-
 def test_train_with_histo_finetune(qtbot, viewer_widget, errors, user_models, oc_rich_section):
     import json
 
@@ -218,8 +204,9 @@ def test_train_with_histo_finetune(qtbot, viewer_widget, errors, user_models, oc
     widget.train.model_name.value = "lab"
     widget.train.rerun.value = False
     widget.train.config_options = TINY_RUN
+    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
     widget.train.train()
-    wait_for_run(qtbot, widget, 600_000)
+    wait_for_run(qtbot, widget, 900_000)
     assert errors == []
     result = widget.train.result
     assert result.steps == 2 and not result.cancelled
