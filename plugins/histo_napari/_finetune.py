@@ -411,6 +411,10 @@ class TrainForm(Container):
         self.status = Label(value="Correct a class map or scribble, then Train.")
         self.status.native.setWordWrap(True)
         self.comparison = Label(value="")
+        from qtpy.QtWidgets import QSizePolicy
+
+        for label in (self.status, self.comparison):  # a crowded dock must not clip their lines
+            label.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         running = Container(
             widgets=[buttons, self.progress, self.status, self.comparison], labels=False
         )

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from histo_napari._widget import HistoWidget
 
     viewer = napari.Viewer(title="histo", show=True)
-    viewer.window._qt_window.resize(1400, 900)
+    viewer.window._qt_window.resize(1400, 900 if args.train is None else 1400)
     for data, kwargs, kind in make_sample("oc-rich", size=args.size):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = HistoWidget(viewer)
@@ -80,6 +80,11 @@ def _train_on_scribbles(widget, size: int, minutes: float) -> None:
     widget.train.train()
     widget.train.wait()
     layer.visible = False
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()  # the comparison table laid out, then scrolled into view
+    bar = widget.scroll.verticalScrollBar()
+    bar.setValue(bar.maximum())
 
 
 def _close_toasts(viewer) -> None:

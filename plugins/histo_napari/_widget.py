@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QFileDialog, QGroupBox, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog, QGroupBox, QScrollArea, QVBoxLayout, QWidget
 
 from histo.errors import Cancelled, HistoError, PixelSizeError
 from histo_napari import _worker as jobs
@@ -101,7 +102,14 @@ class HistoWidget(QWidget):
         self.last_error: BaseException | None = None
         self.last_remeasure_seconds: float | None = None
         self._showing = False  #: result layers still being put in the viewer
-        root = QVBoxLayout(self)
+        # a scroll area: on a short screen the panels scroll instead of clipping their text
+        self.scroll = QScrollArea(self)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        QVBoxLayout(self).addWidget(self.scroll)
+        self.layout().setContentsMargins(0, 0, 0, 0)
+        panels = QWidget()
+        root = QVBoxLayout(panels)
         root.addWidget(_boxed("Section", self.section.native))
         root.addWidget(self.controls.native)
         root.addWidget(self.results, stretch=1)
@@ -111,6 +119,7 @@ class HistoWidget(QWidget):
         self.region_edit = RegionEditor(self)  #: a region of a whole slide, edited and applied
         root.addWidget(_boxed("Whole-slide region", self.region_edit.native))
         self.train.layers.follow_regions(self.region_edit)  # applied regions can teach
+        self.scroll.setWidget(panels)
         # lambdas: a button's signal carries its checked state, which is no path
         self.controls.run_button.clicked.connect(lambda: self.run())
         self.controls.cancel_button.clicked.connect(lambda: self.cancel())
