@@ -106,6 +106,17 @@ class FinetuneConfig:
     replay_share: float = 0.5  #: share of each batch cropped from synthetic sections
     replay_sections: int = 4  #: synthetic sections held for replay
     replay_field_px: int = 512  #: side of a replayed section at the working resolution
+    #: weight of the distillation term on replayed crops (learning without forgetting): the
+    #: base network's own outputs there are soft targets, so what it did in its domain is kept
+    distill_weight: float = 0.0
+    #: batch-norm running statistics kept as the base's (its layers' weights still learn):
+    #: statistics of mixed-stain batches would shift what every layer sees in the old domain
+    freeze_norm_stats: bool = False
+    #: share of the labelled crops centred on a labelled osteoclast (the rest on a class drawn
+    #: uniformly): osteoclasts are the class a stain shift confuses most
+    osteoclast_crops: float = 0.0
+    #: share of the replayed crops centred on the bone surface (hard negatives for osteoclasts)
+    replay_surface_crops: float = 0.0
     val_share: float = 0.2  #: share of each field's labelled pixels held out (whole blocks)
     val_block_px: int = 128  #: side of the validation blocks (working pixels)
     val_max_blocks: int = 16  #: validation blocks scored at each validation (seeded choice)
@@ -461,9 +472,13 @@ def _prepare(fld: LabelledField, working_px: float, config: FinetuneConfig, k: i
     return _Field(fld.name, image, train_map, val_map, centre, points, blocks)
 
 
-def _labelled_crop(fld: _Field, crop_px: int, rng: np.random.Generator):
-    """One augmented crop centred near a training pixel of a class drawn uniformly:
-    image (3, c, c) float32, classes (c, c) uint8, centre (c, c), centre known (bool)."""
+def _labelled_crop(
+    fld: _Field, crop_px: int, rng: np.random.Generator, osteoclast_share: float = 0.0
+):
+    """One augmented crop centred near a training pixel of a class drawn uniformly (of an
+    osteoclast ``osteoclast_share`` of the time): image (3, c, c) float32, classes (c, c)
+    uint8, centre (c, c), centre known (bool)."""
+    from histo.classes import OSTEOCLAST
     from histo.train import augment
 
     c = crop_px
@@ -476,7 +491,10 @@ def _labelled_crop(fld: _Field, crop_px: int, rng: np.random.Generator):
         ce = np.pad(ce, pad)
         h, w = cm.shape
     classes = sorted(fld.points)
-    pts = fld.points[classes[int(rng.integers(len(classes)))]]
+    chosen = classes[int(rng.integers(len(classes)))]
+    if OSTEOCLAST in fld.points and rng.random() < osteoclast_share:
+        chosen = OSTEOCLAST
+    pts = fld.points[chosen]
     cy, cx = pts[int(rng.integers(len(pts)))]
     y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
     x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
@@ -506,6 +524,7 @@ class _Batches:
             pool_size=max(1, config.replay_sections), refresh_every=1 << 30,
             field_px=config.replay_field_px, max_source_px=2 * config.replay_field_px,
             n_classes=n_classes, class_weights=weights,
+            surface_crop_fraction=config.replay_surface_crops,
         )  # fmt: skip
         self.pool = SectionPool(self.train_config) if self.n_replay else None
 
@@ -520,8 +539,11 @@ class _Batches:
         n_lab = self.config.batch_size - self.n_replay
         crops = [
             _labelled_crop(
-                self.fields[int(rng.integers(len(self.fields)))], self.config.crop_px, rng
-            )
+                self.fields[int(rng.integers(len(self.fields)))],
+                self.config.crop_px,
+                rng,
+                self.config.osteoclast_crops,
+            )  # fmt: skip
             for _ in range(n_lab)
         ]
         x = torch.from_numpy(np.stack([c[0] for c in crops]))
@@ -631,10 +653,17 @@ def _frozen_modules(net, trainable: str) -> list:
     return [net.stem, net.down, net.up]
 
 
-def _set_train_mode(net, trainable: str) -> None:
+def _set_train_mode(net, config: FinetuneConfig) -> None:
+    """Training mode, except frozen modules and (``freeze_norm_stats``) every batch norm."""
+    from torch import nn
+
     net.train()
-    for m in _frozen_modules(net, trainable):
+    for m in _frozen_modules(net, config.trainable):
         m.eval()
+    if config.freeze_norm_stats:
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
 
 
 @dataclass
@@ -650,6 +679,7 @@ class _Run:
     device: object
     t0: float
     budget_s: float
+    teacher: object = None  #: the base network, frozen, when replayed crops are distilled
     step: int = 0
     loss: float = float("nan")
     val: dict[str, float] = field(default_factory=dict)
@@ -677,7 +707,7 @@ class _Run:
     def validate(self) -> bool:
         """Score the held-out blocks; keep the weights when they are the best. True if so."""
         self.val = dice_scores(self.net, self.windows, self.n_classes, self.device)
-        _set_train_mode(self.net, self.config.trainable)
+        _set_train_mode(self.net, self.config)
         # no held-out pixels (a single labelled block): the latest weights are kept
         score = _mean(self.val) if self.windows else float(self.step)
         if score > self.best_score or not self.best_state:
@@ -693,7 +723,31 @@ def _lr_at(config: FinetuneConfig, step: int, fraction: float) -> float:
     return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, fraction))))
 
 
+def distillation_loss(student, teacher, n_classes: int, temperature: float = 2.0):
+    """Learning without forgetting: KL divergence of the student's class probabilities from
+    the teacher's (both softened by ``temperature``, scaled by its square as usual) plus the
+    binary cross-entropy of the centre map against the teacher's, per pixel.
+
+    Parameters
+    ----------
+    student, teacher
+        (N, n_classes + 1, H, W) logits: classes, then the centre map.
+    """
+    import torch.nn.functional as F
+
+    t = temperature
+    log_p = F.log_softmax(student[:, :n_classes] / t, 1)
+    q = F.softmax(teacher[:, :n_classes] / t, 1)
+    kl = F.kl_div(log_p, q, reduction="none").sum(1).mean() * t * t
+    centre = F.binary_cross_entropy_with_logits(
+        student[:, n_classes], teacher[:, n_classes].sigmoid()
+    )
+    return kl + centre
+
+
 def _train_step(run: _Run) -> None:
+    import torch
+
     from histo.train import segmentation_loss
 
     t = time.perf_counter()
@@ -702,7 +756,15 @@ def _train_step(run: _Run) -> None:
         x, y, z, known = (a.to(run.device) for a in (x, y, z, known))
     for g in run.optimizer.param_groups:
         g["lr"] = _lr_at(run.config, run.step, run.fraction())
-    loss, _ = segmentation_loss(run.net(x), y, z, run.batches.train_config, known)
+    out = run.net(x)
+    loss, _ = segmentation_loss(out, y, z, run.batches.train_config, known)
+    n_replay = run.batches.n_replay
+    if run.teacher is not None and n_replay:
+        with torch.no_grad():
+            soft = run.teacher(x[-n_replay:])
+        loss = loss + run.config.distill_weight * distillation_loss(
+            out[-n_replay:], soft, run.n_classes
+        )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -871,6 +933,8 @@ def _start(fields, config: FinetuneConfig, t0: float) -> tuple[_Base, list[_Fiel
     batches = _Batches(prepared, config, base.n_classes)
     windows = _validation_windows(prepared, config)
     run = _Run(net, opt, config, batches, windows, base.n_classes, device, t0, config.minutes * 60)
+    if config.distill_weight > 0 and batches.n_replay:
+        run.teacher = copy.deepcopy(net).eval().requires_grad_(False)
     return base, prepared, run
 
 

@@ -76,7 +76,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of each batch replayed from synthetic sections (default %(default)s)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other setting of histo.finetune.FinetuneConfig (repeatable), for example "
+        "--set distill_weight=0 --set osteoclast_crops=0.5",
+    )
     add_device(parser)
+
+
+def _settings(pairs: list[str], config):
+    """``config`` with each ``FIELD=VALUE`` of ``--set`` applied, converted to the field's type."""
+    import dataclasses
+
+    from histo.errors import HistoError
+
+    changes = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, name):
+            raise HistoError(f"--set {pair}: not FIELD=VALUE with a FinetuneConfig field")
+        current = getattr(config, name)
+        if isinstance(current, bool):
+            value = text.lower() in ("1", "true", "yes", "on")
+        elif text.lower() == "none":
+            value = None
+        else:
+            kind = type(current) if current is not None else float
+            try:
+                value = kind(text)
+            except ValueError:
+                raise HistoError(f"--set {pair}: {text!r} is not a {kind.__name__}") from None
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
 
 
 def _describe(progress) -> str:
@@ -99,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         replay_share=args.replay_share,
         device=args.device,
     )
+    config = _settings(args.set, config)
     fields = load_labelled(args.data)
     print(
         f"{len(fields)} labelled field(s); training for up to {args.minutes:g} min", file=sys.stderr
