@@ -106,6 +106,8 @@ class FinetuneConfig:
     replay_share: float = 0.5  #: share of each batch cropped from synthetic sections
     replay_sections: int = 4  #: synthetic sections held for replay
     replay_field_px: int = 512  #: side of a replayed section at the working resolution
+    #: replayed sections cover every counterstain and phenotype of training before repeating
+    stratified_replay: bool = False
     #: weight of the distillation term on replayed crops (learning without forgetting): the
     #: base network's own outputs there are soft targets, so what it did in its domain is kept
     distill_weight: float = 0.0
@@ -121,6 +123,9 @@ class FinetuneConfig:
     val_block_px: int = 128  #: side of the validation blocks (working pixels)
     val_max_blocks: int = 16  #: validation blocks scored at each validation (seeded choice)
     val_every: int = 10  #: steps between validations
+    #: keep the weights of the best validation Dice (else the last weights, validation still
+    #: measured and reported)
+    keep_best: bool = True
     max_steps: int | None = None  #: stop after this many steps (None: the budget decides)
     forgetting_sections: int = 2  #: held-out synthetic sections scored before and after
     grow_head: bool = True  #: codes 5/6 on a 5-class base: grow its head to 7 classes
@@ -509,12 +514,39 @@ def _labelled_crop(
     return image, classes_crop, np.ascontiguousarray(crops[2]), known
 
 
+@dataclass
+class _ReplayPool:
+    """Synthetic sections replayed during fine-tuning (what ``sample_batch`` crops from)."""
+
+    sections: list
+
+
+def _replay_pool(train_config, config: FinetuneConfig) -> _ReplayPool:
+    """``replay_sections`` sections of the training generator, chosen so that every stain and
+    phenotype pair is replayed before any repeats (with ``stratified_replay``; else the first
+    ids): a stain never replayed is the first to be forgotten."""
+    from histo.train import make_pool_section, section_spec
+
+    ids, seen = [], set()
+    for sid in range(64 * max(1, config.replay_sections)):
+        if len(ids) == config.replay_sections:
+            break
+        spec = section_spec(train_config, sid)
+        pair = (spec["phenotype"], spec["counterstain"])
+        if not config.stratified_replay or pair not in seen:
+            ids.append(sid)
+            seen.add(pair)
+            if len(seen) == 9:  # every pair held: the next ones may repeat
+                seen.clear()
+    return _ReplayPool([make_pool_section(train_config, sid) for sid in ids])
+
+
 class _Batches:
     """Training batches: labelled crops plus replayed synthetic crops, a pure function of
     (seed, step)."""
 
     def __init__(self, fields: list[_Field], config: FinetuneConfig, n_classes: int) -> None:
-        from histo.train import SectionPool, TrainConfig
+        from histo.train import TrainConfig
 
         self.fields, self.config = fields, config
         self.n_replay = int(round(config.batch_size * config.replay_share))
@@ -526,7 +558,7 @@ class _Batches:
             n_classes=n_classes, class_weights=weights,
             surface_crop_fraction=config.replay_surface_crops,
         )  # fmt: skip
-        self.pool = SectionPool(self.train_config) if self.n_replay else None
+        self.pool = _replay_pool(self.train_config, config) if self.n_replay else None
 
     def batch(self, step: int):
         """Images (N, 3, c, c), classes (N, c, c) long, centre (N, c, c), centre known
@@ -708,8 +740,8 @@ class _Run:
         """Score the held-out blocks; keep the weights when they are the best. True if so."""
         self.val = dice_scores(self.net, self.windows, self.n_classes, self.device)
         _set_train_mode(self.net, self.config)
-        # no held-out pixels (a single labelled block): the latest weights are kept
-        score = _mean(self.val) if self.windows else float(self.step)
+        # no held-out pixels (a single labelled block), or keep_best off: the latest weights
+        score = _mean(self.val) if self.windows and self.config.keep_best else float(self.step)
         if score > self.best_score or not self.best_state:
             self.best_score, self.best_step, self.best_val = score, self.step, dict(self.val)
             self.best_state = copy.deepcopy(self.net.state_dict())
