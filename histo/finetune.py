@@ -521,23 +521,33 @@ class _ReplayPool:
     sections: list
 
 
-def _replay_pool(train_config, config: FinetuneConfig) -> _ReplayPool:
-    """``replay_sections`` sections of the training generator, chosen so that every stain and
-    phenotype pair is replayed before any repeats (with ``stratified_replay``; else the first
-    ids): a stain never replayed is the first to be forgotten."""
-    from histo.train import make_pool_section, section_spec
+def replay_section_ids(train_config, n: int, stratified: bool) -> list[int]:
+    """Ids of the ``n`` training-generator sections replayed (:func:`histo.train.section_spec`):
+    with ``stratified``, every counterstain and phenotype pair before any pair repeats (a stain
+    never replayed is the first to be forgotten); else the first ``n`` ids."""
+    from histo.train import COUNTERSTAINS, PHENOTYPES, section_spec
 
-    ids, seen = [], set()
-    for sid in range(64 * max(1, config.replay_sections)):
-        if len(ids) == config.replay_sections:
+    if not stratified:
+        return list(range(n))
+    ids, seen, pairs = [], set(), len(COUNTERSTAINS) * len(PHENOTYPES)
+    for sid in range(64 * max(1, n)):
+        if len(ids) == n:
             break
         spec = section_spec(train_config, sid)
         pair = (spec["phenotype"], spec["counterstain"])
-        if not config.stratified_replay or pair not in seen:
+        if pair not in seen:
             ids.append(sid)
             seen.add(pair)
-            if len(seen) == 9:  # every pair held: the next ones may repeat
+            if len(seen) == pairs:  # every pair held: the next ones may repeat
                 seen.clear()
+    return ids
+
+
+def _replay_pool(train_config, config: FinetuneConfig) -> _ReplayPool:
+    """The synthetic sections replayed, at the working resolution."""
+    from histo.train import make_pool_section
+
+    ids = replay_section_ids(train_config, config.replay_sections, config.stratified_replay)
     return _ReplayPool([make_pool_section(train_config, sid) for sid in ids])
 
 
