@@ -18,7 +18,8 @@ class (scribbles) work as well as a fully corrected map. The map is on the slide
 pixel grid or carries its own pixel size.
 
 Training starts from the shipped network (or --base), runs on crops at the working resolution
-with the usual augmentation, replays synthetic sections so that nothing learnt is forgotten,
+with the usual augmentation (half the crops centred on osteoclasts), replays synthetic sections
+of every stain it was trained on (three quarters of each batch) so that less is forgotten,
 holds out blocks of the labelled pixels for validation and keeps the best weights. Ctrl-C
 stops early and keeps the best weights so far.
 
