@@ -761,7 +761,9 @@ class _Run:
         _set_train_mode(self.net, self.config)
         # no held-out pixels (a single labelled block), or keep_best off: the latest weights
         score = _mean(self.val) if self.windows and self.config.keep_best else float(self.step)
-        if score > self.best_score or not self.best_state:
+        # a tie goes to the later weights: held-out scribbles, inside their classes, are soon
+        # all right (Dice 1), and the weights that got there first have learnt least
+        if score >= self.best_score or not self.best_state:
             self.best_score, self.best_step, self.best_val = score, self.step, dict(self.val)
             self.best_state = copy.deepcopy(self.net.state_dict())
             return True
