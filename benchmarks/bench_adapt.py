@@ -13,7 +13,10 @@ calls against the calls of the true map) and on in-domain test slides of
 
     .venv/bin/python benchmarks/bench_adapt.py [--shifts aniline-blue trichrome]
         [--variants full-3 scribbles-3 full-1] [--minutes 5] [--test 6] [--in-domain 6]
-        [--work DIR] [--json OUT]
+        [--replay-share R] [--set FIELD=VALUE ...] [--work DIR] [--json OUT]
+
+``--set`` passes any :class:`histo.finetune.FinetuneConfig` setting to ``histo finetune`` (the
+experiments of docs/performance.md).
 """
 
 from __future__ import annotations
