@@ -13,7 +13,10 @@ calls against the calls of the true map) and on in-domain test slides of
 
     .venv/bin/python benchmarks/bench_adapt.py [--shifts aniline-blue trichrome]
         [--variants full-3 scribbles-3 full-1] [--minutes 5] [--test 6] [--in-domain 6]
-        [--work DIR] [--json OUT]
+        [--replay-share R] [--set FIELD=VALUE ...] [--work DIR] [--json OUT]
+
+``--set`` passes any :class:`histo.finetune.FinetuneConfig` setting to ``histo finetune`` (the
+experiments of docs/performance.md).
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ def run_finetune(
     seed: int,
     max_steps: int | None = None,
     replay_share: float | None = None,
+    settings: list[str] = (),
 ) -> dict:
     """``histo finetune`` in a child process: wall and CPU time, peak RSS (MB), steps, val Dice.
 
@@ -189,6 +193,8 @@ def run_finetune(
         cmd += ["--max-steps", str(max_steps)]
     if replay_share is not None:
         cmd += ["--replay-share", str(replay_share)]
+    for pair in settings:
+        cmd += ["--set", pair]
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -260,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--replay-share", type=float, default=None, help="histo finetune's")
     parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="histo finetune's"
+    )
+    parser.add_argument(
         "--skip-shipped", action="store_true", help="only the fine-tuned models' rows"
     )
     parser.add_argument("--size", type=int, default=2048, help="training field side (px)")
@@ -317,7 +326,10 @@ def _bench_shift(shift: str, args, work: Path, shipped_in: dict) -> list[dict]:
         row = {
             "shift": shift,
             "model": variant,
-            **run_finetune(data, model, args.minutes, 0, args.max_steps, args.replay_share),
+            "settings": " ".join(args.set),
+            **run_finetune(
+                data, model, args.minutes, 0, args.max_steps, args.replay_share, args.set
+            ),
         }
         row.update(score_domain(str(model), test))
         if args.in_domain:

@@ -91,7 +91,13 @@ class LabelledField:
 
 @dataclass
 class FinetuneConfig:
-    """What a fine-tuning run trains, how long and on what (recorded in ``model.json``)."""
+    """What a fine-tuning run trains, how long and on what (recorded in ``model.json``).
+
+    The defaults are those that forgot least of the in-domain osteoclasts at no cost on a new
+    stain in ``benchmarks/bench_adapt.py`` (experiments in docs/performance.md): three quarters
+    of each batch replayed from sections of every counterstain and phenotype, half the
+    labelled crops centred on osteoclasts, every layer trained at a low rate.
+    """
 
     base: str | None = None  #: registry name, MODEL_DIR or .safetensors; None = shipped model
     minutes: float = 5.0  #: wall-time budget, preparation and saving included
@@ -103,13 +109,32 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     crop_px: int = 192  #: crop side at the working resolution
     batch_size: int = 8
-    replay_share: float = 0.5  #: share of each batch cropped from synthetic sections
-    replay_sections: int = 4  #: synthetic sections held for replay
+    #: share of each batch cropped from synthetic sections (0.75 forgot less of the in-domain
+    #: osteoclasts than 0.5, at no cost on the new stain: docs/performance.md)
+    replay_share: float = 0.75
+    replay_sections: int = 9  #: synthetic sections held for replay
     replay_field_px: int = 512  #: side of a replayed section at the working resolution
+    #: replayed sections cover every counterstain and phenotype of training before repeating
+    stratified_replay: bool = True
+    #: weight of the distillation term on replayed crops (learning without forgetting: the
+    #: base's own outputs there are soft targets); off, since with stratified replay it kept
+    #: no more and its teacher pass costs steps
+    distill_weight: float = 0.0
+    #: batch-norm running statistics kept as the base's (the layers' weights still learn); off,
+    #: since the statistics of mixed-stain batches turned out not to be what is forgotten
+    freeze_norm_stats: bool = False
+    #: share of the labelled crops centred on a labelled osteoclast (the rest on a class drawn
+    #: uniformly): osteoclasts are the class a stain shift confuses most
+    osteoclast_crops: float = 0.5
+    #: share of the replayed crops centred on the bone surface (hard negatives for osteoclasts)
+    replay_surface_crops: float = 0.0
     val_share: float = 0.2  #: share of each field's labelled pixels held out (whole blocks)
     val_block_px: int = 128  #: side of the validation blocks (working pixels)
     val_max_blocks: int = 16  #: validation blocks scored at each validation (seeded choice)
     val_every: int = 10  #: steps between validations
+    #: keep the weights of the best validation Dice (else the last weights, validation still
+    #: measured and reported)
+    keep_best: bool = True
     max_steps: int | None = None  #: stop after this many steps (None: the budget decides)
     forgetting_sections: int = 2  #: held-out synthetic sections scored before and after
     grow_head: bool = True  #: codes 5/6 on a 5-class base: grow its head to 7 classes
@@ -447,9 +472,13 @@ def _prepare(fld: LabelledField, working_px: float, config: FinetuneConfig, k: i
     return _Field(fld.name, image, train_map, val_map, centre, points, blocks)
 
 
-def _labelled_crop(fld: _Field, crop_px: int, rng: np.random.Generator):
-    """One augmented crop centred near a training pixel of a class drawn uniformly:
-    image (3, c, c) float32, classes (c, c) uint8, centre (c, c), centre known (bool)."""
+def _labelled_crop(
+    fld: _Field, crop_px: int, rng: np.random.Generator, osteoclast_share: float = 0.0
+):
+    """One augmented crop centred near a training pixel of a class drawn uniformly (of an
+    osteoclast ``osteoclast_share`` of the time): image (3, c, c) float32, classes (c, c)
+    uint8, centre (c, c), centre known (bool)."""
+    from histo.classes import OSTEOCLAST
     from histo.train import augment
 
     c = crop_px
@@ -462,7 +491,10 @@ def _labelled_crop(fld: _Field, crop_px: int, rng: np.random.Generator):
         ce = np.pad(ce, pad)
         h, w = cm.shape
     classes = sorted(fld.points)
-    pts = fld.points[classes[int(rng.integers(len(classes)))]]
+    chosen = classes[int(rng.integers(len(classes)))]
+    if OSTEOCLAST in fld.points and rng.random() < osteoclast_share:
+        chosen = OSTEOCLAST
+    pts = fld.points[chosen]
     cy, cx = pts[int(rng.integers(len(pts)))]
     y0 = int(np.clip(cy - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, h - c))
     x0 = int(np.clip(cx - c // 2 + rng.integers(-c // 4, c // 4 + 1), 0, w - c))
@@ -477,12 +509,49 @@ def _labelled_crop(fld: _Field, crop_px: int, rng: np.random.Generator):
     return image, classes_crop, np.ascontiguousarray(crops[2]), known
 
 
+@dataclass
+class _ReplayPool:
+    """Synthetic sections replayed during fine-tuning (what ``sample_batch`` crops from)."""
+
+    sections: list
+
+
+def replay_section_ids(train_config, n: int, stratified: bool) -> list[int]:
+    """Ids of the ``n`` training-generator sections replayed (:func:`histo.train.section_spec`):
+    with ``stratified``, every counterstain and phenotype pair before any pair repeats (a stain
+    never replayed is the first to be forgotten); else the first ``n`` ids."""
+    from histo.train import COUNTERSTAINS, PHENOTYPES, section_spec
+
+    if not stratified:
+        return list(range(n))
+    ids, seen, pairs = [], set(), len(COUNTERSTAINS) * len(PHENOTYPES)
+    for sid in range(64 * max(1, n)):
+        if len(ids) == n:
+            break
+        spec = section_spec(train_config, sid)
+        pair = (spec["phenotype"], spec["counterstain"])
+        if pair not in seen:
+            ids.append(sid)
+            seen.add(pair)
+            if len(seen) == pairs:  # every pair held: the next ones may repeat
+                seen.clear()
+    return ids
+
+
+def _replay_pool(train_config, config: FinetuneConfig) -> _ReplayPool:
+    """The synthetic sections replayed, at the working resolution."""
+    from histo.train import make_pool_section
+
+    ids = replay_section_ids(train_config, config.replay_sections, config.stratified_replay)
+    return _ReplayPool([make_pool_section(train_config, sid) for sid in ids])
+
+
 class _Batches:
     """Training batches: labelled crops plus replayed synthetic crops, a pure function of
     (seed, step)."""
 
     def __init__(self, fields: list[_Field], config: FinetuneConfig, n_classes: int) -> None:
-        from histo.train import SectionPool, TrainConfig
+        from histo.train import TrainConfig
 
         self.fields, self.config = fields, config
         self.n_replay = int(round(config.batch_size * config.replay_share))
@@ -492,8 +561,9 @@ class _Batches:
             pool_size=max(1, config.replay_sections), refresh_every=1 << 30,
             field_px=config.replay_field_px, max_source_px=2 * config.replay_field_px,
             n_classes=n_classes, class_weights=weights,
+            surface_crop_fraction=config.replay_surface_crops,
         )  # fmt: skip
-        self.pool = SectionPool(self.train_config) if self.n_replay else None
+        self.pool = _replay_pool(self.train_config, config) if self.n_replay else None
 
     def batch(self, step: int):
         """Images (N, 3, c, c), classes (N, c, c) long, centre (N, c, c), centre known
@@ -506,8 +576,11 @@ class _Batches:
         n_lab = self.config.batch_size - self.n_replay
         crops = [
             _labelled_crop(
-                self.fields[int(rng.integers(len(self.fields)))], self.config.crop_px, rng
-            )
+                self.fields[int(rng.integers(len(self.fields)))],
+                self.config.crop_px,
+                rng,
+                self.config.osteoclast_crops,
+            )  # fmt: skip
             for _ in range(n_lab)
         ]
         x = torch.from_numpy(np.stack([c[0] for c in crops]))
@@ -617,10 +690,17 @@ def _frozen_modules(net, trainable: str) -> list:
     return [net.stem, net.down, net.up]
 
 
-def _set_train_mode(net, trainable: str) -> None:
+def _set_train_mode(net, config: FinetuneConfig) -> None:
+    """Training mode, except frozen modules and (``freeze_norm_stats``) every batch norm."""
+    from torch import nn
+
     net.train()
-    for m in _frozen_modules(net, trainable):
+    for m in _frozen_modules(net, config.trainable):
         m.eval()
+    if config.freeze_norm_stats:
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
 
 
 @dataclass
@@ -636,6 +716,7 @@ class _Run:
     device: object
     t0: float
     budget_s: float
+    teacher: object = None  #: the base network, frozen, when replayed crops are distilled
     step: int = 0
     loss: float = float("nan")
     val: dict[str, float] = field(default_factory=dict)
@@ -663,10 +744,12 @@ class _Run:
     def validate(self) -> bool:
         """Score the held-out blocks; keep the weights when they are the best. True if so."""
         self.val = dice_scores(self.net, self.windows, self.n_classes, self.device)
-        _set_train_mode(self.net, self.config.trainable)
-        # no held-out pixels (a single labelled block): the latest weights are kept
-        score = _mean(self.val) if self.windows else float(self.step)
-        if score > self.best_score or not self.best_state:
+        _set_train_mode(self.net, self.config)
+        # no held-out pixels (a single labelled block), or keep_best off: the latest weights
+        score = _mean(self.val) if self.windows and self.config.keep_best else float(self.step)
+        # a tie goes to the later weights: held-out scribbles, inside their classes, are soon
+        # all right (Dice 1), and the weights that got there first have learnt least
+        if score >= self.best_score or not self.best_state:
             self.best_score, self.best_step, self.best_val = score, self.step, dict(self.val)
             self.best_state = copy.deepcopy(self.net.state_dict())
             return True
@@ -679,7 +762,31 @@ def _lr_at(config: FinetuneConfig, step: int, fraction: float) -> float:
     return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, fraction))))
 
 
+def distillation_loss(student, teacher, n_classes: int, temperature: float = 2.0):
+    """Learning without forgetting: KL divergence of the student's class probabilities from
+    the teacher's (both softened by ``temperature``, scaled by its square as usual) plus the
+    binary cross-entropy of the centre map against the teacher's, per pixel.
+
+    Parameters
+    ----------
+    student, teacher
+        (N, n_classes + 1, H, W) logits: classes, then the centre map.
+    """
+    import torch.nn.functional as F
+
+    t = temperature
+    log_p = F.log_softmax(student[:, :n_classes] / t, 1)
+    q = F.softmax(teacher[:, :n_classes] / t, 1)
+    kl = F.kl_div(log_p, q, reduction="none").sum(1).mean() * t * t
+    centre = F.binary_cross_entropy_with_logits(
+        student[:, n_classes], teacher[:, n_classes].sigmoid()
+    )
+    return kl + centre
+
+
 def _train_step(run: _Run) -> None:
+    import torch
+
     from histo.train import segmentation_loss
 
     t = time.perf_counter()
@@ -688,7 +795,15 @@ def _train_step(run: _Run) -> None:
         x, y, z, known = (a.to(run.device) for a in (x, y, z, known))
     for g in run.optimizer.param_groups:
         g["lr"] = _lr_at(run.config, run.step, run.fraction())
-    loss, _ = segmentation_loss(run.net(x), y, z, run.batches.train_config, known)
+    out = run.net(x)
+    loss, _ = segmentation_loss(out, y, z, run.batches.train_config, known)
+    n_replay = run.batches.n_replay
+    if run.teacher is not None and n_replay:
+        with torch.no_grad():
+            soft = run.teacher(x[-n_replay:])
+        loss = loss + run.config.distill_weight * distillation_loss(
+            out[-n_replay:], soft, run.n_classes
+        )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -857,7 +972,20 @@ def _start(fields, config: FinetuneConfig, t0: float) -> tuple[_Base, list[_Fiel
     batches = _Batches(prepared, config, base.n_classes)
     windows = _validation_windows(prepared, config)
     run = _Run(net, opt, config, batches, windows, base.n_classes, device, t0, config.minutes * 60)
+    if config.distill_weight > 0 and batches.n_replay:
+        run.teacher = copy.deepcopy(net).eval().requires_grad_(False)
     return base, prepared, run
+
+
+def _score_base(run: _Run, synthetic: list[_Window]) -> tuple[dict, dict]:
+    """The base's Dice on the forgetting sections and on the held-out blocks; keeps back the
+    time the last scoring, saving and confidence reference will need."""
+    t_score = time.perf_counter()
+    before = dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
+    run.validate()
+    qc_s = QC_REFERENCE_S * run.config.qc_reference_slides
+    run.reserve_s = 2 * (time.perf_counter() - t_score) + 2.0 + qc_s
+    return before, dict(run.val)
 
 
 def finetune(
@@ -898,13 +1026,7 @@ def finetune(
     out = _check_out_dir(out_dir)
     base, prepared, run = _start(fields, config, t0)
     synthetic = _synthetic_windows(config, base.working_pixel_size_um)
-    t_score = time.perf_counter()
-    before = dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
-    run.validate()
-    base_val = dict(run.val)
-    run.reserve_s = (
-        2 * (time.perf_counter() - t_score) + 2.0 + QC_REFERENCE_S * (config.qc_reference_slides)
-    )
+    before, base_val = _score_base(run, synthetic)
     log.info("base %s: validation Dice %s", base.name, base_val)
     cancelled = _train(run, progress, cancel)
     run.net.load_state_dict(run.best_state)

@@ -340,3 +340,63 @@ def test_a_finetuned_model_carries_its_own_confidence_reference(tmp_path, tiny_b
     assert ref["model_sha256"] == result.sha256 and ref["slides"] == 2
     assert 0 <= ref["max_share"] <= 1 and ref["warn_above"] > ref["max_share"]
     assert load_model(str(result.model_dir)).qc_reference == ref
+
+
+# --------------------------------------------------------------------------- what is trained on
+
+
+def test_replayed_sections_cover_every_stain_and_phenotype() -> None:
+    from histo.finetune import replay_section_ids
+    from histo.train import COUNTERSTAINS, PHENOTYPES, TrainConfig, section_spec
+
+    config = TrainConfig(seed=0)
+
+    def pairs(ids):
+        specs = [section_spec(config, i) for i in ids]
+        return [(s["phenotype"], s["counterstain"]) for s in specs]
+
+    nine = pairs(replay_section_ids(config, 9, stratified=True))
+    assert len(set(nine)) == len(PHENOTYPES) * len(COUNTERSTAINS) == 9
+    assert pairs(replay_section_ids(config, 11, stratified=True))[:9] == nine
+    assert replay_section_ids(config, 4, stratified=False) == [0, 1, 2, 3]
+
+
+def test_distillation_pulls_the_outputs_towards_the_base() -> None:
+    """No gradient where the outputs are the base's; elsewhere a small step against the
+    gradient brings the class probabilities and the centre map closer to the base's."""
+    from histo.finetune import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 6, 16, 16)
+    same = teacher.clone().requires_grad_(True)
+    distillation_loss(same, teacher, 5).backward()
+    assert float(same.grad.abs().max()) < 1e-7
+    student = torch.randn(2, 6, 16, 16, requires_grad=True)
+    loss = distillation_loss(student, teacher, 5)
+    loss.backward()
+    moved = (student - 0.5 * student.grad).detach()
+
+    def gap(out):
+        probs = (out[:, :5].softmax(1) - teacher[:, :5].softmax(1)).abs().mean()
+        return float(probs + (out[:, 5].sigmoid() - teacher[:, 5].sigmoid()).abs().mean())
+
+    assert gap(moved) < gap(student.detach())
+    assert float(distillation_loss(moved, teacher, 5)) < loss.item()
+
+
+def test_osteoclast_crops_centre_on_osteoclasts(labelled_slide) -> None:
+    from histo.classes import OSTEOCLAST
+    from histo.finetune import _labelled_crop, _prepare
+
+    (fld,) = load_labelled([labelled_slide])
+    config = FinetuneConfig(val_share=0.0)
+    prepared = _prepare(fld, 1.0, config, 0)
+    assert OSTEOCLAST in prepared.points
+
+    def with_osteoclasts(share: float) -> int:
+        rng = np.random.default_rng(0)
+        crops = [_labelled_crop(prepared, 64, rng, share) for _ in range(60)]
+        return sum(bool((c[1] == OSTEOCLAST).any()) for c in crops)
+
+    assert with_osteoclasts(1.0) == 60
+    assert with_osteoclasts(0.0) < 60

@@ -18,7 +18,8 @@ class (scribbles) work as well as a fully corrected map. The map is on the slide
 pixel grid or carries its own pixel size.
 
 Training starts from the shipped network (or --base), runs on crops at the working resolution
-with the usual augmentation, replays synthetic sections so that nothing learnt is forgotten,
+with the usual augmentation (half the crops centred on osteoclasts), replays synthetic sections
+of every stain it was trained on (three quarters of each batch) so that less is forgotten,
 holds out blocks of the labelled pixels for validation and keeps the best weights. Ctrl-C
 stops early and keeps the best weights so far.
 
@@ -83,7 +84,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(d, flag[2:].replace("-", "_"))
         shown = "" if default is None else " (default %(default)s)"
         parser.add_argument(flag, default=default, **{**spec, "help": spec["help"] + shown})
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other setting of histo.finetune.FinetuneConfig (repeatable), for example "
+        "--set distill_weight=0 --set osteoclast_crops=0.5",
+    )
     add_device(parser)
+
+
+def _settings(pairs: list[str], config):
+    """``config`` with each ``FIELD=VALUE`` of ``--set`` applied, converted to the field's type."""
+    import dataclasses
+
+    from histo.errors import HistoError
+
+    changes = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, name):
+            raise HistoError(f"--set {pair}: not FIELD=VALUE with a FinetuneConfig field")
+        current = getattr(config, name)
+        if isinstance(current, bool):
+            value = text.lower() in ("1", "true", "yes", "on")
+        elif text.lower() == "none":
+            value = None
+        else:
+            kind = type(current) if current is not None else float
+            try:
+                value = kind(text)
+            except ValueError:
+                raise HistoError(f"--set {pair}: {text!r} is not a {kind.__name__}") from None
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
 
 
 def _describe(progress) -> str:
@@ -97,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from histo.finetune import FinetuneConfig, finetune, load_labelled
 
     config = FinetuneConfig(**option_values(args, *_CONFIG_OPTIONS))
+    config = _settings(args.set, config)
     fields = load_labelled(args.data)
     print(
         f"{len(fields)} labelled field(s); training for up to {args.minutes:g} min", file=sys.stderr
