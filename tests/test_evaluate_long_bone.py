@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from histo import classes
 from histo.evaluate_long_bone import _cartilage_lacunae, summarise_long_bone
@@ -44,3 +45,21 @@ def test_summary_adds_the_lacunae_of_the_sections():
     assert out["lacunae in cartilage as osteocytes"] == 2
     assert out["lacunae in cartilage (whole section)"] == 6
     assert out["BV/TV abs. error"] == 1.0
+
+
+def test_relative_errors_need_a_truth_above_zero():
+    def row(got, want):
+        return {
+            "indices": {"BV/TV": 50.0, "Oc.S/BS": got, "N.Oc/B.Pm": got, "N.Ot/B.Ar": 100.0},
+            "truth": {"BV/TV": 50.0, "Oc.S/BS": want, "N.Oc/B.Pm": want, "N.Ot/B.Ar": 100.0},
+            "region edge error um": 4.0,
+            "region": "standard",
+            "call": "oc-poor",
+            "phenotype": "oc-poor",
+            "slide": 0,
+        }
+
+    out = summarise_long_bone([row(0.3, 0.0), row(2.2, 2.0)])
+    assert out["N.Oc/B.Pm rel. error"] == pytest.approx(0.1)
+    assert out["max N.Oc/B.Pm where the truth is 0 (/mm)"] == pytest.approx(0.3)
+    assert out["Oc.S/BS abs. error"] == pytest.approx(0.3)
