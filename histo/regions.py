@@ -127,6 +127,8 @@ _WORK_UM = 4.0
 #: thinnest cartilage band taken for a growth plate (µm): calcified cores are thinner
 _PLATE_MIN_UM = 40.0
 _NO_PLATE = "no growth plate found: measuring the whole field"
+#: cartilage pieces shorter than this (µm, longest side) do not stop a cortical run
+_CORE_MIN_UM = 100.0
 
 
 def _coarse(mask: np.ndarray, factor: int, any_pixel: bool = False) -> np.ndarray:
@@ -314,10 +316,7 @@ def find_regions(
         return RegionSearch(None, _NO_PLATE)
     tissue = (cm > 0) & (cm != classes.SOFT_TISSUE) & (cm <= classes.CARTILAGE)
     envelope = _largest(ndi.binary_fill_holes(_coarse(tissue, factor)))
-    # cortical bone: calcified-cartilage cores lie only in the spongiosa, so a run of bone from
-    # the periosteum stops at the first core even where trabeculae fill the cavity
-    bone = _coarse(np.isin(cm, (classes.BONE, classes.OSTEOCYTE)), factor)
-    bone &= ~_coarse(cm == classes.CARTILAGE, factor, any_pixel=True)
+    bone = _cortical_bone(cm, factor, q)
     side = _plate_side(plate, envelope)
     k = _TURNS[side]
     canon = [np.rot90(a, k) for a in (plate, envelope, bone)]
@@ -325,6 +324,23 @@ def find_regions(
     if isinstance(placed, str):
         return RegionSearch(None, placed)
     return RegionSearch(_full_regions(placed, canon, cm.shape, p, q, side, rules))
+
+
+def _cortical_bone(cm: np.ndarray, factor: int, q: float) -> np.ndarray:
+    """Bone a cortical run crosses, at the search's resolution.
+
+    Calcified-cartilage cores lie only in the spongiosa, so a run of bone from the periosteum
+    stops at the first core even where trabeculae fill the cavity. Cores are septa running
+    from the junction down the shaft; cartilage pieces shorter than _CORE_MIN_UM (specks a
+    segmenter leaves inside the cortex) count as bone, so they do not cut the cortex short.
+    """
+    bone = _coarse(np.isin(cm, (classes.BONE, classes.OSTEOCYTE)), factor)
+    cartilage = _coarse(cm == classes.CARTILAGE, factor, any_pixel=True)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(cartilage.astype(np.uint8), connectivity=8)
+    extent = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) * q
+    speck = extent < _CORE_MIN_UM
+    speck[0] = False
+    return (bone & ~cartilage) | speck[lab]
 
 
 def _full_regions(placed: _Placed, canon, shape, p: float, q: float, side: str, rules):

@@ -114,3 +114,28 @@ def test_measured_regions_are_the_found_regions_as_um_polygons(sections):
         band = cv2.dilate(full, band_disk) > cv2.erode(full, band_disk)
         assert not ((drawn ^ (full > 0)) & ~band).any(), key
         assert (drawn & (full > 0)).sum() / (drawn | (full > 0)).sum() > 0.9, key
+
+
+def _periosteal_columns(cm: np.ndarray, rows: range) -> list[int]:
+    """Per row, the column of the left cortex's outermost bone pixel."""
+    return [int(np.flatnonzero(np.isin(cm[r], (2, 4)))[0]) for r in rows]
+
+
+def test_cartilage_specks_in_the_cortex_do_not_thin_it(sections):
+    """Specks of cartilage a segmenter leaves in the cortex are crossed; a septum as long as a
+    persisting calcified-cartilage core still ends the cortical run."""
+    p = 2.0
+    s = sections["normal", p]
+    base = find_regions(s.class_map, p).regions.box
+    top, bottom = int(base.top / p), int(base.bottom / p)
+    specked = s.class_map.copy()
+    rows = range(top - 100, bottom + 100, 20)  # every 40 µm
+    for r, c in zip(rows, _periosteal_columns(specked, rows), strict=True):
+        specked[r : r + 8, c + 5 : c + 15] = 5  # 16 x 20 µm, 10 µm inside the periosteum
+    got = find_regions(specked, p).regions.box
+    assert np.abs(np.subtract(got.edges(), base.edges())).max() <= 8
+    cored = s.class_map.copy()
+    rows = range(top - 100, bottom + 100)
+    for r, c in zip(rows, _periosteal_columns(cored, rows), strict=True):
+        cored[r, c + 5 : c + 7] = 5  # a 4 µm wide septum 10 µm inside the periosteum
+    assert find_regions(cored, p).regions.box.left < base.left - 20

@@ -49,6 +49,39 @@ def test_truth_matches_class_map(synthetic_section, phenotype, pixel_size_um):
     assert t["N.Oc/B.Pm"] == pytest.approx(t["N.Oc"] / t["B.Pm"]) if t["N.Oc"] else True
 
 
+def _flat_field(pixel_size_um: float):
+    """Bone below 120 µm, three 60 µm osteoclasts lying on it, one 20 µm off it (µm geometry)."""
+    from histo.synth._geometry import Field
+
+    p = pixel_size_um
+    h, w = int(240 / p), int(400 / p)
+    y = (np.arange(h)[:, None] + 0.5) * p
+    sdf = np.broadcast_to((y - 120.0).astype(np.float32), (h, w)).copy()
+    cm = np.where(sdf > 0, classes.BONE, classes.MARROW).astype(np.uint8)
+    oc = np.zeros((h, w), np.int32)
+    for k, x0 in enumerate((40, 140, 240)):
+        oc[int(100 / p) : int(120 / p), int(x0 / p) : int((x0 + 60) / p)] = k + 1
+    oc[int(40 / p) : int(60 / p), int(340 / p) : int(360 / p)] = 4  # in the marrow
+    cm[oc > 0] = classes.OSTEOCLAST
+    zeros = np.zeros((h, w), np.float32)
+    return Field(
+        (h, w), p, "normal", np.ones((h, w), bool), sdf, zeros, cm, oc,
+        np.zeros((h, w), np.int32), {}, np.zeros((h, w), bool),
+        zeros, zeros, zeros, zeros, zeros, {"n_osteoclasts": 3},
+    )  # fmt: skip
+
+
+def test_truth_osteoclast_surface_is_the_contact_at_any_pixel_size():
+    from histo.synth import _truth_parts, truth_indices
+
+    for p in (0.5, 1.0, 2.0):
+        t = truth_indices(_truth_parts(_flat_field(p)), p)
+        oc_s_um = t["Oc.S/BS"] / 100 * t["B.Pm"] * 1000
+        # the bone's outline, closed along the image edges: 2 x 400 + 2 x 120 µm
+        assert t["B.Pm"] * 1000 == pytest.approx(1040.0, rel=2e-3)
+        assert oc_s_um == pytest.approx(180.0, abs=0.5 * p), p
+
+
 def test_phenotypes_differ_in_the_stated_direction():
     rows = {
         ph: [make_section(ph, 700, 1.0, seed=100 + i).truth for i in range(3)]

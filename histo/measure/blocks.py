@@ -300,7 +300,7 @@ def _add_surfaces(acc: _Accumulator, plan: _Plan, win: _Window, reg: np.ndarray 
         length = length * cells.corners(reg).mean(axis=0)
     acc.totals.perimeter_px += float(length.sum())
     nb = ~cells.corners(win.bone[sy, sx], fill=False)
-    lab_c = corner_labels(cells, win.oc_labels[sy, sx], plan.tol) * nb
+    lab_c = corner_labels(cells, win.oc_labels[sy, sx], win.bone[sy, sx], plan.tol) * nb
     n_nb = nb.sum(axis=0)
     share, share_roi = _share(cells.length_px, n_nb), _share(length, n_nb)
     pit_c = None

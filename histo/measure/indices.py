@@ -141,9 +141,10 @@ class CountingRules:
         With ``eroded_closing_um > 0``: filled pits shallower than this (µm) are ignored.
     oc_surface_tolerance_px : int
         The bone surface counts as osteoclast surface (Oc.S, and bone contact) where an
-        osteoclast pixel lies within this many pixels of its non-bone side. 1 (default) bridges
-        a one-pixel gap between cell and bone, as segmentations leave, and extends the surface
-        by up to one pixel beyond each end of the cell; 0 counts exact contact only.
+        osteoclast is met within this many pixels walking straight away from the bone from its
+        non-bone side. 1 (default) bridges a one-pixel gap between cell and bone, as
+        segmentations leave, without claiming the surface beside the cell; 0 counts exact
+        contact only.
     lacuna_ring_um : float
         Width (µm) of the bone-matrix ring around a lacuna compared with it to decide whether
         the lacuna holds a cell.

@@ -197,40 +197,58 @@ def boundary_length_px(mask: np.ndarray, smoothing_passes: int = SMOOTHING_PASSE
 # --------------------------------------------------------------------------- surfaces
 
 
-def corner_labels(cells: BoundaryCells, labels: np.ndarray, tolerance_px: int) -> np.ndarray:
+#: directions (dy, dx) a gap is bridged in: from the bone across the non-bone side, straight
+#: first, diagonally only for pixels that touch bone by a corner alone
+_STRAIGHT = ((1, 0), (-1, 0), (0, 1), (0, -1))
+_DIAGONAL = ((1, 1), (1, -1), (-1, 1), (-1, -1))
+
+
+def corner_labels(
+    cells: BoundaryCells, labels: np.ndarray, bone: np.ndarray, gap_px: int
+) -> np.ndarray:
     """Object label on the corners of the boundary cells, shape (4, n).
 
-    A corner's own label, else the largest label within ``tolerance_px`` pixels (square
-    neighbourhood); evaluated only at the corners, never over the whole image. Labels must be
-    non-negative (pixels outside the image count as 0).
+    A corner's own label, else, for a non-bone corner, the label met first when walking up to
+    ``gap_px`` pixels straight away from the bone it touches (stopping at bone): the gap a
+    segmentation leaves between a cell and the surface it lies on is bridged, but the surface
+    beside the cell is not claimed, so a cell covers the surface under it at any pixel size.
+    Evaluated only at the corners, never over the whole image. Labels must be non-negative
+    (pixels outside the image count as 0, and as not bone).
     """
     own = cells.corners(labels, fill=0)
-    t = int(tolerance_px)
+    t = int(gap_px)
     if t <= 0 or cells.y.size == 0:
         return own
     h, w = cells.shape
-    # the four corners' neighbourhoods cover offsets -t..t+1 of the cell's top-left pixel:
-    # read each of those (2t + 2)² pixels once, take maxima along rows, then along columns
-    offsets = range(-t, t + 2)
-    ys = [cells.y + o for o in offsets]
-    xs = [cells.x + o for o in offsets]
-    y_in = [(y >= 0) & (y < h) for y in ys]
-    x_in = [(x >= 0) & (x < w) for x in xs]
-    ys = [np.clip(y, 0, h - 1) for y in ys]
-    xs = [np.clip(x, 0, w - 1) for x in xs]
-    zero = np.zeros((), labels.dtype)
-    # row maxima over columns -t..t (left corners) and -t+1..t+1 (right corners)
-    left, right = [], []
-    for yi, yv in zip(ys, y_in, strict=True):
-        vals = [np.where(yv & xv, labels[yi, xi], zero) for xi, xv in zip(xs, x_in, strict=True)]
-        middle = np.maximum.reduce(vals[1:-1]) if len(vals) > 2 else np.zeros_like(vals[0])
-        left.append(np.maximum(middle, vals[0]))
-        right.append(np.maximum(middle, vals[-1]))
-    near = np.zeros_like(own)
-    for k, (dy, dx) in enumerate(CORNER_OFFSETS):
-        rows = right if dx else left
-        near[k] = np.maximum.reduce(rows[dy : dy + 2 * t + 1])
-    return np.where(own > 0, own, near)
+    ys = np.stack([cells.y + dy for dy, _ in CORNER_OFFSETS])
+    xs = np.stack([cells.x + dx for _, dx in CORNER_OFFSETS])
+    todo = (own == 0) & ~_at(bone, ys, xs, h, w, False)
+    iy, ix = ys[todo], xs[todo]
+    found = np.zeros(iy.shape, own.dtype)
+    straight = np.zeros(iy.shape, bool)
+    for dy, dx in _STRAIGHT:
+        straight |= _at(bone, iy + dy, ix + dx, h, w, False)
+    for dirs, which in ((_STRAIGHT, True), (_DIAGONAL, ~straight)):
+        for dy, dx in dirs:
+            # walking away from bone: the pixel behind the corner is bone
+            open_ = which & _at(bone, iy - dy, ix - dx, h, w, False) & (found == 0)
+            for k in range(1, t + 1):
+                yy, xx = iy + k * dy, ix + k * dx
+                open_ &= ~_at(bone, yy, xx, h, w, True)
+                lab = _at(labels, yy, xx, h, w, 0)
+                hit = open_ & (lab > 0)
+                found[hit] = lab[hit]
+                open_ &= lab == 0
+    out = own.copy()
+    out[todo] = found
+    return out
+
+
+def _at(array: np.ndarray, yy: np.ndarray, xx: np.ndarray, h: int, w: int, fill) -> np.ndarray:
+    """``array[yy, xx]``, ``fill`` outside the image."""
+    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    values = array[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)]
+    return np.where(inside, values, np.asarray(fill, values.dtype))
 
 
 def disk(radius_px: float) -> np.ndarray:

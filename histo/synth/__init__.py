@@ -86,7 +86,6 @@ def _truth_parts(fld: Field) -> dict[str, float]:
     import cv2
 
     cm = fld.class_map
-    oc_near = cv2.dilate((fld.osteoclast_labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
     pit_near = cv2.dilate(fld.pit_mask.astype(np.uint8), np.ones((3, 3), np.uint8))
     bpm = ocs = es = 0.0
     h, w = cm.shape
@@ -99,7 +98,7 @@ def _truth_parts(fld: Field) -> dict[str, float]:
         iy = np.clip(np.rint(mid[:, 0]).astype(int), 0, h - 1)
         ix = np.clip(np.rint(mid[:, 1]).astype(int), 0, w - 1)
         bpm += length.sum()
-        ocs += length[oc_near[iy, ix] > 0].sum()
+        ocs += float((length * _osteoclast_share(fld.osteoclast_labels, fld.bone_sdf, mid)).sum())
         es += length[pit_near[iy, ix] > 0].sum()
     n_empty = sum(1 for v in fld.occupied.values() if not v)
     return {
@@ -112,6 +111,27 @@ def _truth_parts(fld: Field) -> dict[str, float]:
         "n_ot": float(len(fld.occupied) - n_empty),
         "n_empty": float(n_empty),
     }
+
+
+def _osteoclast_share(labels: np.ndarray, sdf: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """Share of each contour segment an osteoclast covers: of the non-bone corners of the 2x2
+    pixel cell the segment lies in, those an osteoclast holds (the measurement's rule with
+    exact contact). The generator's cells lie on the bone, and the surface beside a cell is not
+    its, so the truth does not depend on the pixel size (Oc.S, Dempster et al. 2013)."""
+    h, w = labels.shape
+    y0 = np.floor(mid[:, 0]).astype(int)
+    x0 = np.floor(mid[:, 1]).astype(int)
+    non_bone = np.zeros(len(mid))
+    covered = np.zeros(len(mid))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy, xx = y0 + dy, x0 + dx
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            yy, xx = np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)
+            nb = ~inside | (sdf[yy, xx] <= 0)
+            non_bone += nb
+            covered += nb & inside & (labels[yy, xx] > 0)
+    return np.divide(covered, non_bone, out=np.zeros(len(mid)), where=non_bone > 0)
 
 
 def truth_indices(parts: dict[str, float], pixel_size_um: float) -> dict[str, float]:
@@ -268,6 +288,7 @@ def long_bone_truth(lb: LongBone) -> dict[str, float]:
     occupancy, which the class map does not hold.
     """
     from histo.measure import measure
+    from histo.measure.indices import CountingRules
 
     fld = lb.field
     region = lb.standard
@@ -277,6 +298,8 @@ def long_bone_truth(lb: LongBone) -> dict[str, float]:
         osteoclast_labels=fld.osteoclast_labels,
         osteocyte_labels=fld.osteocyte_labels,
         roi=region,
+        # the generator's cells lie on the bone: exact contact, at any pixel size
+        rules=CountingRules(oc_surface_tolerance_px=0),
     )
     indices = dict(m.indices)
     occupied, empty = _lacunae_in(fld, region)
