@@ -1029,6 +1029,11 @@ def finetune(
     before, base_val = _score_base(run, synthetic)
     log.info("base %s: validation Dice %s", base.name, base_val)
     cancelled = _train(run, progress, cancel)
+    if run.step == 0 and not cancelled:
+        raise HistoError(
+            f"the budget of {config.minutes:g} min was spent before the first training step "
+            f"({run.elapsed():.0f} s preparing the fields and scoring the base): give more minutes"
+        )
     run.net.load_state_dict(run.best_state)
     after = {}
     if not cancelled:

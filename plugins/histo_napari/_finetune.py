@@ -211,8 +211,12 @@ def result_message(result: Any, model_name: str) -> str:
     """What a finished (or cancelled) fine-tuning gives: validation Dice and the folder."""
     dice = ", ".join(f"{k} {v:.3f}" for k, v in result.val_dice.items() if not math.isnan(v))
     how = "cancelled: kept the best model" if result.cancelled else "trained"
+    best = getattr(result, "best_step", None)
+    kept = "" if best is None else f", weights of step {best}"
+    if best == 0:
+        kept = ", the base's weights kept: no step scored better on the held-out pixels"
     return (
-        f"{how} '{model_name}' ({result.steps} steps, {result.wall_s:.0f} s); "
+        f"{how} '{model_name}' ({result.steps} steps{kept}, {result.wall_s:.0f} s); "
         f"val Dice {dice or 'n/a'}; saved in {result.model_dir}"
     )
 
@@ -655,6 +659,8 @@ class TrainPanel(TrainForm):
             if widget.last_error is None and widget.measurement is not shown:
                 after = Column("new model", widget.measurement, widget.phenotype)
                 self.comparison.value = comparison_table([*columns, after])
+                label = self.comparison.native  # its whole table, not the line a crowded dock gives
+                label.setMinimumHeight(label.sizeHint().height())
 
         self._compare_timer = QTimer(self.native)
         self._compare_timer.timeout.connect(compare)
