@@ -30,6 +30,9 @@ MARGIN_BINS = 20
 LOW_MARGIN = 0.5
 #: side of the blocks of the coarse margin map (working px)
 MAP_BLOCK_PX = 8
+#: the margin map has at most this many blocks a side, its blocks larger on a larger slide
+#: (64 MB of sums, a viewer layer of 16 MB: 4096² blocks of 8 px is a 32768² px slide)
+MAX_MAP_SIDE = 4096
 #: rows counted at a time (bounds the tally's temporaries)
 TALLY_ROWS = 128
 #: the reference's warn and fail limits on the unsure share: the largest share over its
@@ -135,7 +138,9 @@ class MarginTally:
     pixel_size_um : float
         Working resolution, µm/px.
     bins, block_px : int
-        Histogram bins over [0, 1]; block side of the margin map (0: no map).
+        Histogram bins over [0, 1]; block side of the margin map (0: no map), raised on a
+        slide of more than ``MAX_MAP_SIDE * block_px`` px a side so the map has at most
+        :data:`MAX_MAP_SIDE` blocks a side.
     """
 
     def __init__(
@@ -148,6 +153,8 @@ class MarginTally:
     ) -> None:
         self.n_classes, self.bins, self.block = int(n_classes), int(bins), int(block_px)
         self.shape, self.px = (int(shape[0]), int(shape[1])), float(pixel_size_um)
+        if self.block > 0:  # larger blocks on a huge slide: the map's memory stays bounded
+            self.block = max(self.block, -(-max(self.shape) // MAX_MAP_SIDE))
         self.counts = np.zeros(self.n_classes * self.bins, np.int64)
         self.sums = None
         if self.block > 0:
@@ -202,11 +209,6 @@ class MarginTally:
             mean = self.sums / (area_r[:, None] * area_c[None, :])
             margin_map = np.clip(np.rint(mean * 255.0), 0, 255).astype(np.uint8)
         return ConfidenceSummary(hist, margin_map, self.block, self.px)
-
-
-#: the low-confidence map is cut to at most this many blocks a side (a viewer layer of a
-#: whole slide stays a few MB: 4096² blocks of 8 px is a 32768² px slide at full detail)
-MAX_MAP_SIDE = 4096
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,20 @@ def test_a_large_map_is_cut_to_coarser_blocks_keeping_every_unsure_one():
 def test_no_map_no_layer():
     assert low_confidence_map(_summary(None), {"low_margin": 0.5}) is None
     assert low_confidence_map(None, None) is None
+
+
+def test_tally_map_of_a_huge_slide_has_larger_blocks():
+    from histo.qc._confidence import MAX_MAP_SIDE, MarginTally
+
+    # 10 x 40000 working px: 8-px blocks would make 5000 a side, so blocks of 10 px
+    tally = MarginTally(3, (10, 40_000), 1.0)
+    assert tally.block == -(-40_000 // MAX_MAP_SIDE) == 10
+    margin = np.linspace(0.0, 1.0, 40_000, dtype=np.float32)[None].repeat(10, axis=0)
+    tally.add(np.ones((10, 40_000), np.uint8), margin, 0, 0)
+    s = tally.summary()
+    assert s.margin_map.shape == (1, 4000) and s.map_block_px == 10
+    expected = margin[:, 3990:4000].mean()
+    assert abs(int(s.margin_map[0, 399]) - expected * 255) <= 0.5 + 1e-6
+    expected = margin[:, :10].mean()
+    assert abs(int(s.margin_map[0, 0]) - expected * 255) <= 0.5 + 1e-6
+    assert max(s.margin_map.shape) <= MAX_MAP_SIDE
