@@ -20,7 +20,6 @@ range, pass / warn / fail and, when outside, a one-line reason:
   stain.counterstain_deg  counterstain hue vs hematoxylin, fast green, methyl green
   stain.second_deg        second stain hue vs TRAP (fast red violet, pararosaniline)
   stain.separation_deg    hue difference of the two stains: washed out or greyscale?
-  stain.foreign_dye_deg   a stain nearer eosin or aniline blue than to the known ones?
   stain.second_share      share of stain in the red dye: H&E or trichrome rather than TRAP?
   scale.nucleus_um        marrow nucleus diameter by the stated pixel size: is it right?
 

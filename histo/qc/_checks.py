@@ -29,8 +29,7 @@ RANGES = {
     "stain.counterstain_deg": Range((0.0, 14.0), (0.0, 18.0)),
     "stain.second_deg": Range((0.0, 15.0), (0.0, 19.0)),
     "stain.separation_deg": Range((30.0, INF), (20.0, INF)),
-    "stain.foreign_dye_deg": Range((-INF, 0.0), (-INF, 4.0)),
-    "stain.second_share": Range((0.0, 0.7), (0.0, 0.85)),
+    "stain.second_share": Range((0.0, 0.55), (0.0, 0.7)),
     "scale.nucleus_um": Range((3.8, 9.0), (3.0, 11.0)),
 }
 #: marrow nucleus diameter (µm) expected at the true pixel size, as the checks measure it
@@ -60,13 +59,12 @@ def _tissue_signals(sample: SlideSample) -> list[Signal]:
 
 def _stain_signals(stains: StainEstimate | None) -> list[Signal]:
     if stains is None:
-        values = dict.fromkeys(("counter", "second", "sep", "foreign", "share"), math.nan)
+        values = dict.fromkeys(("counter", "second", "sep", "share"), math.nan)
     else:
         values = {
             "counter": stains.counterstain_deg,
             "second": stains.second_deg,
             "sep": stains.separation_deg,
-            "foreign": stains.foreign.nearer_deg,
             "share": stains.second_share,
         }
     return [
@@ -96,16 +94,6 @@ def _stain_signals(stains: StainEstimate | None) -> list[Signal]:
             "deg",
             RANGES["stain.separation_deg"],
             lambda v: f"stains hardly differ in hue ({v:.0f}° apart): washed-out or greyscale?",
-        ),
-        grade(
-            "stain.foreign_dye_deg",
-            values["foreign"],
-            "deg",
-            RANGES["stain.foreign_dye_deg"],
-            lambda v: (
-                f"{stains.foreign.role} looks like {stains.foreign.name}: {v:.0f}° nearer to it "
-                f"than to the nearest stain histo knows ({stains.foreign.known})"
-            ),
         ),
         grade(
             "stain.second_share",

@@ -31,38 +31,6 @@ SECOND_STAINS = {
     "red blood cells": STAIN_OD["rbc"],
     "unstained tissue": STAIN_OD["tissue"],
 }
-#: eosin Y (Ruifrok & Johnston; skimage ``rgb_from_hed``), the pink of H&E
-EOSIN_OD = (0.07, 0.99, 0.11)
-#: aniline blue (skimage ``rgb_from_bro``), the collagen and bone blue of Masson's trichrome
-ANILINE_BLUE_OD = (0.853, 0.509, 0.113)
-#: dyes of the common stains that are not histo's, each far (> 19 deg) from every known stain,
-#: by the role they would take: a vector nearer one of these than to every known stain of its
-#: role is that dye rather than a known stain drawn off its hue
-FOREIGN_COUNTERSTAINS = {"aniline blue (Masson's trichrome)": ANILINE_BLUE_OD}
-FOREIGN_SECOND_STAINS = {"eosin (H&E)": EOSIN_OD}
-
-
-@dataclass(frozen=True)
-class ForeignDye:
-    """How much nearer a stain vector is to a foreign dye than to the known stains.
-
-    Attributes
-    ----------
-    name : str
-        The foreign dye, e.g. ``eosin (H&E)``.
-    role : str
-        ``counterstain`` or ``second stain``: which estimated vector was compared.
-    known : str
-        The nearest known stain of that role.
-    nearer_deg : float
-        Angle to the nearest known stain minus the angle to the foreign dye (degrees):
-        positive when the vector is nearer the foreign dye.
-    """
-
-    name: str
-    role: str
-    known: str
-    nearer_deg: float
 
 
 @dataclass(frozen=True)
@@ -84,9 +52,6 @@ class StainEstimate:
     second_share : float
         Share (0-1) of the stain amount in tissue that the second stain carries: TRAP marks
         osteoclasts only, eosin or a trichrome red covers most of the tissue.
-    foreign : ForeignDye
-        The foreign dye (:data:`FOREIGN_COUNTERSTAINS`, :data:`FOREIGN_SECOND_STAINS`) that
-        one of the vectors is most nearly, against the known stains of the same role.
     n_pixels : int
         Tissue pixels used.
     """
@@ -100,7 +65,6 @@ class StainEstimate:
     separation_deg: float
     third_stain: float
     second_share: float
-    foreign: ForeignDye
     n_pixels: int
 
 
@@ -162,27 +126,6 @@ def _second_share(od: np.ndarray, counter: np.ndarray, second: np.ndarray) -> fl
     return float(amounts[:, 1].sum() / total) if total > 0 else float("nan")
 
 
-def nearest_foreign_dye(counter: np.ndarray, second: np.ndarray) -> ForeignDye:
-    """The foreign dye either vector comes nearest to, against the known stains of its role.
-
-    Each vector is compared with the foreign dyes that would take its role (a counterstain
-    with aniline blue, the second stain with eosin), and the one with the largest
-    ``nearer_deg`` is returned: a known stain drawn off its hue by staining or scanning is
-    still nearer its own vector than a foreign dye, while a foreign dye is nearer itself.
-    """
-    best = None
-    for role, vec, known, foreign in (
-        ("counterstain", counter, COUNTERSTAINS, FOREIGN_COUNTERSTAINS),
-        ("second stain", second, SECOND_STAINS, FOREIGN_SECOND_STAINS),
-    ):
-        k_name, k_deg = _nearest(vec, known)
-        f_name, f_deg = _nearest(vec, foreign)
-        dye = ForeignDye(f_name, role, k_name, k_deg - f_deg)
-        if best is None or dye.nearer_deg > best.nearer_deg:
-            best = dye
-    return best
-
-
 def estimate_stains(tiles: list[np.ndarray]) -> StainEstimate | None:
     """Stain vectors of the tissue in ``tiles`` and their nearest known stains.
 
@@ -206,6 +149,5 @@ def estimate_stains(tiles: list[np.ndarray]) -> StainEstimate | None:
         separation_deg=angle_deg(counter, second),
         third_stain=third,
         second_share=_second_share(od, counter, second),
-        foreign=nearest_foreign_dye(counter, second),
         n_pixels=int(len(od)),
     )

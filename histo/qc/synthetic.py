@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from histo.qc._stain import ANILINE_BLUE_OD, EOSIN_OD
 from histo.synth._field import build_field
 from histo.synth._geometry import PHENOTYPES, Field
 from histo.synth._render import COUNTERSTAINS, render, sample_style
 
+#: eosin Y (skimage rgb_from_hed)
+EOSIN_OD = (0.07, 0.99, 0.11)
+#: aniline blue (skimage rgb_from_bro) - the collagen/bone blue of Masson's trichrome
+ANILINE_BLUE_OD = (0.853, 0.509, 0.113)
 #: ponceau / acid fuchsin (skimage rgb_from_bpx) - the cytoplasm red of Masson's trichrome
 FUCHSIN_OD = (0.10, 0.737, 0.668)
 #: Weigert's iron hematoxylin: near-neutral dark nuclei
