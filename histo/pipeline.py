@@ -62,6 +62,9 @@ class SlideResult:
     region: object = None
     #: quality control of the slide and of what was found (histo.qc.QCReport)
     qc: object = None
+    #: where the network was unsure (histo.qc._confidence.LowConfidenceMap; None for a model
+    #: that reports no scores' margins)
+    low_confidence: object = None
 
     def row(self) -> dict:
         """The slide's row of indices.csv."""
@@ -273,6 +276,7 @@ def _analyze(slide, prepared: _Prepared, store: LabelStore, run: _Run) -> SlideR
         progress=step.sub(0.05, 0.85),
         cancel=step.cancel,
         sink=store.sink,
+        margin_map=True,
         **tiling,
     )
     release_free_memory()
@@ -300,6 +304,16 @@ def _analyze(slide, prepared: _Prepared, store: LabelStore, run: _Run) -> SlideR
         provenance=segmenter.provenance(),
         region=regional.region,
         qc=qc,
+        low_confidence=_low_confidence(seg, segmenter),
+    )
+
+
+def _low_confidence(seg, segmenter):
+    """The blocks where the network was unsure, by the model's own reference (for a viewer)."""
+    from histo.qc._confidence import low_confidence_map
+
+    return low_confidence_map(
+        getattr(seg, "confidence", None), getattr(segmenter, "qc_reference", None)
     )
 
 

@@ -30,6 +30,9 @@ MARGIN_BINS = 20
 LOW_MARGIN = 0.5
 #: side of the blocks of the coarse margin map (working px)
 MAP_BLOCK_PX = 8
+#: the margin map has at most this many blocks a side, its blocks larger on a larger slide
+#: (64 MB of sums, a viewer layer of 16 MB: 4096² blocks of 8 px is a 32768² px slide)
+MAX_MAP_SIDE = 4096
 #: rows counted at a time (bounds the tally's temporaries)
 TALLY_ROWS = 128
 #: the reference's warn and fail limits on the unsure share: the largest share over its
@@ -135,7 +138,9 @@ class MarginTally:
     pixel_size_um : float
         Working resolution, µm/px.
     bins, block_px : int
-        Histogram bins over [0, 1]; block side of the margin map (0: no map).
+        Histogram bins over [0, 1]; block side of the margin map (0: no map), raised on a
+        slide of more than ``MAX_MAP_SIDE * block_px`` px a side so the map has at most
+        :data:`MAX_MAP_SIDE` blocks a side.
     """
 
     def __init__(
@@ -148,6 +153,8 @@ class MarginTally:
     ) -> None:
         self.n_classes, self.bins, self.block = int(n_classes), int(bins), int(block_px)
         self.shape, self.px = (int(shape[0]), int(shape[1])), float(pixel_size_um)
+        if self.block > 0:  # larger blocks on a huge slide: the map's memory stays bounded
+            self.block = max(self.block, -(-max(self.shape) // MAX_MAP_SIDE))
         self.counts = np.zeros(self.n_classes * self.bins, np.int64)
         self.sums = None
         if self.block > 0:
@@ -202,6 +209,66 @@ class MarginTally:
             mean = self.sums / (area_r[:, None] * area_c[None, :])
             margin_map = np.clip(np.rint(mean * 255.0), 0, 255).astype(np.uint8)
         return ConfidenceSummary(hist, margin_map, self.block, self.px)
+
+
+@dataclass(frozen=True)
+class LowConfidenceMap:
+    """Where the network is unsure: blocks of the slide whose mean margin is low.
+
+    Attributes
+    ----------
+    mask : ndarray
+        (h, w) uint8: 1 where the mean margin (top class probability minus the second) of the
+        block is below ``low_margin``, else 0.
+    block_px : int
+        Block side in working pixels: block (i, j) covers working pixels
+        ``[i * block_px, (i + 1) * block_px)`` by ``[j * block_px, (j + 1) * block_px)``.
+    pixel_size_um : float
+        Working resolution of the segmentation, µm/px (a block is ``block_px`` of these).
+    low_margin : float
+        The margin below which the model's in-domain reference counts a pixel as unsure.
+    """
+
+    mask: np.ndarray
+    block_px: int
+    pixel_size_um: float
+    low_margin: float
+
+
+def low_confidence_map(
+    summary: ConfidenceSummary | None, reference: dict | None, max_side: int = MAX_MAP_SIDE
+) -> LowConfidenceMap | None:
+    """The blocks of a slide on which the network is unsure, for a viewer to show.
+
+    Parameters
+    ----------
+    summary : ConfidenceSummary or None
+        With its ``margin_map`` (``segment_slide(..., margin_map=True)``).
+    reference : dict or None
+        The model's in-domain reference: its ``low_margin`` marks a block (the default
+        :data:`LOW_MARGIN` for a model without one).
+    max_side : int
+        A larger map is cut to at most this many blocks a side, a coarse block marked when
+        any of the blocks it joins is.
+
+    Returns
+    -------
+    LowConfidenceMap or None
+        None without a margin map.
+    """
+    if summary is None or summary.margin_map is None:
+        return None
+    low = LOW_MARGIN if reference is None else reference_low_margin(reference)
+    # the map holds rint(255 * mean margin): below 255 * low is a mean below low
+    mask = (summary.margin_map < low * 255.0).astype(np.uint8)
+    factor = -(-max(mask.shape) // int(max_side))
+    if factor > 1:
+        h, w = (-(-n // factor) * factor for n in mask.shape)
+        padded = np.zeros((h, w), np.uint8)
+        padded[: mask.shape[0], : mask.shape[1]] = mask
+        mask = padded.reshape(h // factor, factor, w // factor, factor).max(axis=(1, 3))
+    block = summary.map_block_px * factor
+    return LowConfidenceMap(mask, block, summary.pixel_size_um, low)
 
 
 # ----------------------------------------------------------------------------- the signal

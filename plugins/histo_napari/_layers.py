@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: outline colour of the osteoclast-centre rings
 CENTRE_COLOR = "#ff2060"
+#: colour of the blocks where the network is unsure
+LOW_COLOR = "#ffd000"
 #: layer properties the user may have changed that survive a new run or re-measure
 KEPT_PROPERTIES = ("opacity", "visible", "blending")
 #: pause (ms) between putting two result layers in the viewer
@@ -78,7 +80,46 @@ def run_layers(output: AnalysisOutput) -> dict[str, Layer]:
         layers["osteoclasts"].contour = 2
     layers["class_map"].selected_label = classes.MARROW
     layers["points"] = centres_layer(r.measurement, place, r.name)
+    unsure = low_confidence_layer(getattr(r, "low_confidence", None), place, r.name)
+    if unsure is not None:
+        layers["low_confidence"] = unsure
     return layers
+
+
+def low_confidence_layer(unsure: Any, place: Placement, slide_name: str) -> Labels | None:
+    """The blocks where the network was unsure (label 1), over maps placed at ``place``.
+
+    ``unsure`` is a :class:`histo.qc._confidence.LowConfidenceMap` (blocks of working pixels,
+    kept coarse by the pipeline so a whole slide's map stays small); None without one.
+    """
+    if unsure is None:
+        return None
+    b = float(unsure.block_px)
+    # block (i, j) covers working pixels [i b, (i + 1) b): its centre is at i b + (b - 1) / 2
+    step = np.asarray(place.scale, float)
+    scale = tuple(b * step)
+    translate = tuple(np.asarray(place.translate, float) + (b - 1) / 2 * step)
+    return Labels(
+        unsure.mask,
+        name=f"{slide_name} low confidence",
+        scale=scale,
+        translate=translate,
+        opacity=0.5,
+        colormap=_low_confidence_colormap(),
+        metadata={
+            "histo_kind": "low_confidence",
+            "slide_name": slide_name,
+            "low_margin": float(unsure.low_margin),
+            "block_px": int(unsure.block_px),
+        },
+        **_units(place),
+    )
+
+
+def _low_confidence_colormap() -> Any:
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: LOW_COLOR})
 
 
 def centres_layer(measurement: Any, place: Placement, slide_name: str) -> Points:
@@ -163,6 +204,13 @@ class ResultLayers:
             QTimer.singleShot(LAYER_STAGGER_MS, put_next)
 
         QTimer.singleShot(0, put_next)
+
+    def drop(self, key: str) -> None:
+        """Remove the result layer ``key`` (a run without it must not leave the last one's)."""
+        layer = self.get(key)
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        self._layers.pop(key, None)
 
     def _put(self, key: str, new: Layer) -> None:
         old = self._previous(key, new)

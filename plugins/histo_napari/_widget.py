@@ -268,6 +268,8 @@ class HistoWidget(QWidget):
             self._finish_run(shown)
 
         try:
+            if "low_confidence" not in shown.layers:  # not the last run's unsure blocks
+                self.layers.drop("low_confidence")
             self.layers.show(shown.layers, then=shown_all)
         except Exception as exc:  # noqa: BLE001 - never take the viewer down
             self._showing = False
