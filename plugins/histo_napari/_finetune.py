@@ -415,10 +415,6 @@ class TrainForm(Container):
         self.status = Label(value="Correct a class map or scribble, then Train.")
         self.status.native.setWordWrap(True)
         self.comparison = Label(value="")
-        from qtpy.QtWidgets import QSizePolicy
-
-        for label in (self.status, self.comparison):  # a crowded dock must not clip their lines
-            label.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         running = Container(
             widgets=[buttons, self.progress, self.status, self.comparison], labels=False
         )
@@ -659,8 +655,6 @@ class TrainPanel(TrainForm):
             if widget.last_error is None and widget.measurement is not shown:
                 after = Column("new model", widget.measurement, widget.phenotype)
                 self.comparison.value = comparison_table([*columns, after])
-                label = self.comparison.native  # its whole table, not the line a crowded dock gives
-                label.setMinimumHeight(label.sizeHint().height())
 
         self._compare_timer = QTimer(self.native)
         self._compare_timer.timeout.connect(compare)

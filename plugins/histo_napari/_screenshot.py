@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from histo_napari._widget import HistoWidget
 
     viewer = napari.Viewer(title="histo", show=True)
-    viewer.window._qt_window.resize(1400, 900 if args.train is None else 1400)
+    viewer.window._qt_window.resize(1400, 900 if args.train is None else 1500)
     for data, kwargs, kind in make_sample("oc-rich", size=args.size):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = HistoWidget(viewer)
