@@ -98,3 +98,11 @@ def scripted_pipeline(monkeypatch, oc_rich_section):
     fake = ScriptedPipeline(oc_rich_section)
     monkeypatch.setattr(histo.pipeline, "analyze_slide", fake)
     return fake
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """An empty user model folder ($HISTO_MODELS) for the models a test trains."""
+    root = tmp_path / "models"
+    monkeypatch.setenv("HISTO_MODELS", str(root))
+    return root

@@ -52,13 +52,6 @@ class FakeFinetune:
 
 
 @pytest.fixture
-def user_models(tmp_path, monkeypatch):
-    root = tmp_path / "models"
-    monkeypatch.setenv("HISTO_MODELS", str(root))
-    return root
-
-
-@pytest.fixture
 def fake_finetune(monkeypatch):
     """The fake in place of histo.finetune.finetune."""
     import histo.finetune

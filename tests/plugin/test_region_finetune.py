@@ -30,13 +30,6 @@ def slide(tmp_path_factory):
 
 
 @pytest.fixture
-def user_models(tmp_path, monkeypatch):
-    root = tmp_path / "models"
-    monkeypatch.setenv("HISTO_MODELS", str(root))
-    return root
-
-
-@pytest.fixture
 def trained_on(monkeypatch):
     """The fields each fine-tuning is given (the real histo.finetune.finetune then runs)."""
     import histo.finetune
