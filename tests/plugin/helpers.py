@@ -16,7 +16,7 @@ from histo_napari._bench import StallProbe
 
 from tests.helpers import measure_truth
 
-__all__ = ["TINY_RUN", "ScriptedPipeline", "StallProbe", "wait_for_run"]
+__all__ = ["TINY_RUN", "ScriptedPipeline", "StallProbe", "train_tiny", "wait_for_run"]
 
 #: a fine-tuning of two small steps (the budget would spend minutes)
 TINY_RUN = {
@@ -90,3 +90,13 @@ class ScriptedPipeline:
 def wait_for_run(qtbot, widget, timeout_ms: int = 60_000) -> None:
     """Wait until the widget's worker (run, re-measure or save) has finished."""
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
+
+
+def train_tiny(qtbot, widget, model_name: str) -> None:
+    """Train on corrections with TINY_RUN (no re-run), waited for: max_steps ends it."""
+    widget.train.model_name.value = model_name
+    widget.train.rerun.value = False
+    widget.train.config_options = TINY_RUN
+    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
+    widget.train.train()
+    wait_for_run(qtbot, widget, 900_000)

@@ -14,7 +14,7 @@ from histo_napari._results import format_value
 from histo import classes
 from histo.finetune import FinetuneProgress, FinetuneResult
 from histo.segment.registry import MODEL_FILE, MODEL_JSON, shipped_models_dir
-from tests.plugin.helpers import TINY_RUN, wait_for_run
+from tests.plugin.helpers import train_tiny, wait_for_run
 
 pytestmark = pytest.mark.gui
 
@@ -194,12 +194,7 @@ def test_train_with_histo_finetune(qtbot, viewer_widget, errors, user_models, oc
     viewer, widget = viewer_widget
     layer = widget.train.new_scribble_layer()
     scribble(layer, oc_rich_section)
-    widget.train.model_name.value = "lab"
-    widget.train.rerun.value = False
-    widget.train.config_options = TINY_RUN
-    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
-    widget.train.train()
-    wait_for_run(qtbot, widget, 900_000)
+    train_tiny(qtbot, widget, "lab")
     assert errors == []
     result = widget.train.result
     assert result.steps == 2 and not result.cancelled

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from histo import classes
-from tests.plugin.helpers import TINY_RUN, wait_for_run
+from tests.plugin.helpers import TINY_RUN, train_tiny, wait_for_run
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
@@ -91,12 +91,7 @@ def test_an_applied_region_trains_the_model_and_exports_as_a_pair(
     assert widget.train.layers.value == [region]  # offered and chosen once applied
     assert region in widget.train.layers.choices
 
-    widget.train.model_name.value = "slide-lab"
-    widget.train.rerun.value = False
-    widget.train.config_options = TINY_RUN
-    widget.train.minutes.value = widget.train.minutes.max  # max_steps ends it, not the clock
-    widget.train.train()
-    wait_for_run(qtbot, widget, 900_000)
+    train_tiny(qtbot, widget, "slide-lab")
     assert widget.last_error is None, widget.last_error
     (fields,) = trained_on
     (field,) = fields
