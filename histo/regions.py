@@ -248,6 +248,8 @@ def _box_in_section(
         )
     yc = (cort.rows + 0.5) * q
     inside = (yc >= top) & (yc < bottom)
+    if not inside.any():  # cartilage apart from the section, e.g. a field's misread specks
+        return "no bone section below the growth plate found: measuring the whole field"
     left = float(cort.inner_left[inside].max()) * q + rules.margin_um
     right = float(cort.inner_right[inside].min()) * q - rules.margin_um
     if right - left < 100.0:

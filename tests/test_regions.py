@@ -68,6 +68,20 @@ def test_field_has_no_growth_plate():
     assert found.reason == "no growth plate found: measuring the whole field"
 
 
+def test_cartilage_apart_from_the_section_is_no_growth_plate_of_it():
+    """A cartilage band far above the section (the standard region's rows hold no bone of
+    the section) leaves the field measured whole instead of failing."""
+    from histo import classes
+
+    cm = np.zeros((3000, 1500), np.uint8)  # 1 µm/px
+    cm[100:250, 200:1300] = classes.CARTILAGE
+    cm[2000:2900, 100:1400] = classes.MARROW
+    cm[2000:2900, 100:200] = cm[2000:2900, 1300:1400] = classes.BONE
+    found = find_regions(cm, 1.0)
+    assert found.regions is None
+    assert "measuring the whole field" in found.reason
+
+
 def test_truth_counts_cartilage_with_bone_and_soft_tissue_outside(sections):
     """The generator's truth is histo.measure on the true map in the true region: B.Ar is the
     pixels of bone, osteocytes and cartilage there, T.Ar leaves soft tissue out."""
