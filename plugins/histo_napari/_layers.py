@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ LOW_COLOR = "#ffd000"
 KEPT_PROPERTIES = ("opacity", "visible", "blending")
 #: pause (ms) between putting two result layers in the viewer
 LAYER_STAGGER_MS = 25
+#: a labels layer's editing overlays (polygon tool, brush outline): napari builds their
+#: visuals when the layer joins the viewer, as long as the rest of the layer's visual again
+DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
 
 
 def class_colormap() -> Any:
@@ -159,6 +163,41 @@ def warm_up() -> None:
     centres_layer(SimpleNamespace(osteoclasts=[], pixel_size_um=1.0), place, "warm-up")
 
 
+def in_turns(steps: list[Callable[[], None]], then: Callable[[], None] | None = None) -> None:
+    """Run ``steps`` on the GUI thread one per turn of the event loop, then ``then``."""
+    from qtpy.QtCore import QTimer
+
+    pending = list(steps)
+
+    def run_next() -> None:
+        if not pending:
+            if then is not None:
+                then()
+            return
+        pending.pop(0)()
+        # a delay, not 0: other timers and input get their turn between two steps
+        QTimer.singleShot(LAYER_STAGGER_MS, run_next)
+
+    QTimer.singleShot(0, run_next)
+
+
+def detach_overlays(layer: Layer) -> dict[str, Any]:
+    """Take a labels layer's editing overlays off it before it joins the viewer.
+
+    Put back one per turn with :func:`attach_overlay`, their visuals are built in steps
+    short enough to keep the GUI live. Nothing is taken where napari keeps no such overlays.
+    """
+    overlays = getattr(layer, "_overlays", None)
+    if not isinstance(layer, Labels) or overlays is None:
+        return {}
+    return {name: overlays.pop(name) for name in DEFERRED_OVERLAYS if name in overlays}
+
+
+def attach_overlay(layer: Layer, name: str, overlay: Any) -> None:
+    """Give back an overlay :func:`detach_overlays` took (its visual is built now)."""
+    layer._overlays[name] = overlay
+
+
 def _units(place: Placement) -> dict[str, Any]:
     return {"units": place.units} if place.units is not None else {}
 
@@ -186,24 +225,17 @@ class ResultLayers:
     def show(self, layers: dict[str, Layer], then: Callable[[], None] | None = None) -> None:
         """Put prepared layers in the viewer (GUI thread), each where its predecessor was.
 
-        One layer per turn of the event loop, starting at the next: napari builds a layer's
-        visual and controls on the GUI thread, so adding them all at once would block it that
-        much longer. ``then`` is called once the last one is in.
+        One layer, then each of its editing overlays, per turn of the event loop, starting at
+        the next: napari builds a layer's visual and controls on the GUI thread, so adding
+        them all at once would block it that much longer. ``then`` is called once the last
+        one is in.
         """
-        from qtpy.QtCore import QTimer
-
-        pending = list(layers.items())
-
-        def put_next() -> None:
-            if not pending:
-                if then is not None:
-                    then()
-                return
-            self._put(*pending.pop(0))
-            # a delay, not 0: other timers and input get their turn between two layers
-            QTimer.singleShot(LAYER_STAGGER_MS, put_next)
-
-        QTimer.singleShot(0, put_next)
+        pending: list[Callable[[], None]] = []
+        for key, layer in layers.items():
+            overlays = detach_overlays(layer)
+            pending.append(partial(self._put, key, layer))
+            pending += [partial(attach_overlay, layer, name, o) for name, o in overlays.items()]
+        in_turns(pending, then)
 
     def drop(self, key: str) -> None:
         """Remove the result layer ``key`` (a run without it must not leave the last one's)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,6 +29,7 @@ from histo import classes
 from histo.errors import HistoError
 from histo.io.region_edit import PixelBox, RegionWrite
 from histo_napari._geometry import Placement
+from histo_napari._layers import attach_overlay, detach_overlays, in_turns
 
 if TYPE_CHECKING:
     from napari.layers import Layer
@@ -275,7 +277,9 @@ class RegionEditor(Container):
             old.name = layer.name
             layer = old
         else:
+            overlays = detach_overlays(layer)
             viewer.layers.append(layer)
+            in_turns([partial(attach_overlay, layer, n, o) for n, o in overlays.items()])
         viewer.layers.selection.active = layer
         self.layer = layer
         h, w = layer.data.shape

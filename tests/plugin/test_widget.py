@@ -82,6 +82,10 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
     assert "N.Oc/B.Pm high" in widget.results.evidence_label.text()
     assert "Ma.Ar/T.Ar 41% &lt; 65%" in widget.results.evidence_label.text()  # shown, not a tag
     assert widget.controls.progress.value == widget.controls.progress.max
+    # the editing tools' overlays, added after the layer, are back: painting draws
+    for mode in ("polygon", "paint"):
+        cmap.mode = mode
+        assert cmap.mode == mode
     # re-measuring the unedited map gives the run's numbers
     widget.remeasure()
     wait_for_run(qtbot, widget)
