@@ -373,6 +373,7 @@ class LabelsSelect(Select):
         """Offer the regions ``editor`` applies, and choose each one as it is applied."""
         self.regions = lambda: editor.applied
         editor.region_applied.connect(self._choose_also)
+        editor.regions_forgotten.connect(lambda _store: self.reset_choices())
         self.reset_choices()
 
 

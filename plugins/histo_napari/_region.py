@@ -171,6 +171,8 @@ class RegionEditor(Container):
 
     #: emitted with each :class:`AppliedRegion` once written (Train on corrections offers it)
     region_applied = Signal(object)
+    #: emitted with a store whose applied regions a new run wrote over
+    regions_forgotten = Signal(object)
 
     def __init__(self, widget: HistoWidget) -> None:
         self.widget = widget
@@ -340,6 +342,17 @@ class RegionEditor(Container):
         )
         self.info.value = f"{len(self.applied)} region(s) applied"
         self.region_applied.emit(region)
+
+    def forget_store(self, store: Path | None) -> None:
+        """Drop the applied regions of ``store``: a new run has written it over."""
+        if store is None:
+            return
+        kept = [a for a in self.applied if Path(a.store).resolve() != Path(store).resolve()]
+        if len(kept) == len(self.applied):
+            return
+        self.applied = kept
+        self.info.value = f"{len(kept)} region(s) applied" if kept else ""
+        self.regions_forgotten.emit(store)
 
     def export_corrections(self, folder: str | Path | None = None) -> Any:
         """Write every applied region as an image and class-map pair (in a worker)."""

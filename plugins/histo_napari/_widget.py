@@ -262,6 +262,7 @@ class HistoWidget(QWidget):
     def _on_run(self, shown: Shown) -> None:
         self.output = shown.result
         self._showing = True
+        self.region_edit.forget_store(shown.result.store)  # corrections there are gone
 
         def shown_all() -> None:
             self._showing = False

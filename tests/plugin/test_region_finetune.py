@@ -116,3 +116,9 @@ def test_an_applied_region_trains_the_model_and_exports_as_a_pair(
     assert exported.name == "slide-region-y500-x600-400x300.ome.tif"
     np.testing.assert_array_equal(exported.class_map, edited)
     np.testing.assert_array_equal(exported.image, slide_pixels)
+
+    widget.run()  # a new run writes the store over: the corrections in it are gone
+    wait_for_run(qtbot, widget, 600_000)
+    assert widget.last_error is None, widget.last_error
+    assert widget.region_edit.applied == []
+    assert region not in widget.train.layers.choices
