@@ -94,9 +94,10 @@ def low_confidence_layer(unsure: Any, place: Placement, slide_name: str) -> Labe
     """The blocks where the network was unsure (label 1), over maps placed at ``place``.
 
     ``unsure`` is a :class:`histo.qc._confidence.LowConfidenceMap` (blocks of working pixels,
-    kept coarse by the pipeline so a whole slide's map stays small); None without one.
+    kept coarse by the pipeline so a whole slide's map stays small); None without one, or
+    when no block is unsure (an empty layer would only cost the GUI thread its visual).
     """
-    if unsure is None:
+    if unsure is None or not np.any(unsure.mask):
         return None
     b = float(unsure.block_px)
     # block (i, j) covers working pixels [i b, (i + 1) b): its centre is at i b + (b - 1) / 2

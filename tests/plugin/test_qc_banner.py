@@ -98,3 +98,17 @@ def test_low_confidence_layer_marks_where_the_network_is_unsure(
     widget.run()
     wait_for_run(qtbot, widget)
     assert widget.last_error is None and "he low confidence" not in viewer.layers
+
+
+def test_no_low_confidence_layer_where_no_block_is_unsure():
+    from histo_napari._geometry import Placement
+    from histo_napari._layers import low_confidence_layer
+
+    from histo.qc._confidence import LowConfidenceMap
+
+    place = Placement((1.0, 1.0), (0.0, 0.0))
+    sure = LowConfidenceMap(np.zeros((16, 16), np.uint8), 8, 1.0, 0.5)
+    assert low_confidence_layer(sure, place, "s") is None
+    sure.mask[3, 4] = 1
+    layer = low_confidence_layer(sure, place, "s")
+    assert layer is not None and np.asarray(layer.data)[3, 4] == 1
