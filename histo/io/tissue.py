@@ -79,16 +79,23 @@ def tissue_mask_from_rgb(
         threshold = od_floor
     else:
         threshold = float(np.clip(threshold_otsu(od), od_floor, od_ceiling))
-    mask = od > threshold
     px_area = pixel_size_um**2
-    # close small gaps (about 2 pixels at 16 µm/px), then drop specks and fill holes
+    min_px, max_hole_px = min_tissue_um2 / px_area, max_hole_um2 / px_area
+    mask = _cleaned(od > threshold, min_px, max_hole_px)
+    if not mask.any() and threshold > od_floor:
+        # a field taken inside pale tissue has no glass for Otsu to split off: its threshold
+        # fell within the tissue, on specks too small to keep; all darker than glass is tissue
+        threshold = float(od_floor)
+        mask = _cleaned(od > threshold, min_px, max_hole_px)
+    return TissueMask(mask=mask, pixel_size_um=float(pixel_size_um), threshold_od=threshold)
+
+
+def _cleaned(mask: np.ndarray, min_px: float, max_hole_px: float) -> np.ndarray:
+    """Small gaps closed (about 2 pixels at 16 µm/px), specks dropped and holes filled."""
     structure = ndi.generate_binary_structure(2, 1)
     mask = ndi.binary_closing(mask, structure, iterations=2, border_value=0)
-    mask = _remove_small(mask, min_tissue_um2 / px_area)
-    holes = ~mask
-    holes = _remove_small(holes, max_hole_um2 / px_area, keep_border=True)
-    mask = ~holes
-    return TissueMask(mask=mask, pixel_size_um=float(pixel_size_um), threshold_od=threshold)
+    mask = _remove_small(mask, min_px)
+    return ~_remove_small(~mask, max_hole_px, keep_border=True)
 
 
 def _remove_small(mask: np.ndarray, min_px: float, keep_border: bool = False) -> np.ndarray:

@@ -84,3 +84,17 @@ def test_array_input_and_tile_skipping():
     assert 0 < len(kept) < len(all_tiles)
     for tile in kept:
         assert blob[tile.core].any() or blob[tile.y : tile.y + 256, tile.x : tile.x + 256].any()
+
+
+def test_a_field_inside_pale_tissue_is_all_tissue():
+    """No glass in the frame: pale marrow-like tissue edge to edge with small dark specks.
+    Otsu's split falls between the tissue and the specks; the whole field is tissue."""
+    rng = np.random.default_rng(4)
+    image = np.clip(rng.normal((215, 200, 212), 6, (500, 500, 3)), 0, 255).astype(np.uint8)
+    for _ in range(60):  # dark cells of 40 µm: each far below the smallest piece of tissue
+        cy, cx = (int(v) for v in rng.integers(10, 490, 2))
+        cv2.circle(image, (cx, cy), 5, (90, 60, 110), -1)
+    tissue = detect_tissue(image, 16.0, image_pixel_size_um=4.0)
+    # all but the frame's outer 2 pixels, which closing with an empty border takes off
+    assert tissue.tissue_fraction > 0.9
+    assert tissue.threshold_od == pytest.approx(0.06)
