@@ -79,6 +79,8 @@ evaluate: install
 
 screenshot: install sysdeps
 	QT_API=pyqt6 xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot docs/napari.png
+	QT_API=pyqt6 xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m histo_napari._screenshot \
+		docs/napari-finetune.png --train 5 --palette
 
 clean:
 	rm -rf $(VENV) demo bench-out

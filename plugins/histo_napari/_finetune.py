@@ -37,6 +37,7 @@ from magicgui.widgets import (
     Select,
 )
 from napari.layers import Image, Labels, Layer
+from qtpy.QtWidgets import QSizePolicy
 
 from histo import classes
 from histo.errors import HistoError, PixelSizeError
@@ -414,21 +415,20 @@ class TrainForm(Container):
         buttons = button_row(self.train_button, self.cancel_button)
         self.progress = ProgressBar(min=0, max=PROGRESS_STEPS, value=0)
         self.status = Label(value="Correct a class map or scribble, then Train.")
+        # as wide as the panel: the layout reserves the height of the wrapped text at the
+        # panel's width, and a narrower label (magicgui's fixed policy) needs more lines
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.status.native.setWordWrap(True)
         self.comparison = Label(value="")
-        running = Container(
-            widgets=[buttons, self.progress, self.status, self.comparison], labels=False
+        inputs = Container(
+            widgets=[self.layers, self.scribble_button, self.model_name, self.minutes, self.rerun]
         )
-        running.margins = (0, 0, 0, 0)
+        inputs.margins = (0, 0, 0, 0)
+        # the status and the table are rows of their own, outside the labelled rows: a
+        # labelled row keeps the height it was first laid out with and clips a table that
+        # arrives later
         super().__init__(
-            widgets=[
-                self.layers,
-                self.scribble_button,
-                self.model_name,
-                self.minutes,
-                self.rerun,
-                running,
-            ]
+            widgets=[inputs, buttons, self.progress, self.status, self.comparison], labels=False
         )
 
 

@@ -67,6 +67,21 @@ def scribble(layer, section) -> None:
     layer.refresh()
 
 
+def assert_not_clipped(qtbot, *labels) -> None:
+    """Each label gets, once laid out, the height its text needs at its width."""
+
+    def needed(label) -> int:
+        if label.hasHeightForWidth():
+            return label.heightForWidth(label.width())
+        return label.sizeHint().height()
+
+    def laid_out() -> None:
+        heights = [(label.height(), needed(label)) for label in labels]
+        assert all(h >= n for h, n in heights), f"clipped: (height, needed) {heights}"
+
+    qtbot.waitUntil(laid_out, timeout=2000)
+
+
 def test_new_scribble_layer_lies_on_the_image_unlabelled(viewer_widget, errors):
     viewer, widget = viewer_widget
     image = viewer.layers["section"]
@@ -100,6 +115,7 @@ def test_train_selects_the_new_model_and_compares(
     # the scripted pipeline works at 1 µm/px whatever the model: no weights to load for it
     monkeypatch.setattr(jobs, "working_pixel_size_um", lambda model: 1.0)
     viewer, widget = viewer_widget
+    viewer.window.show()  # laid out as on screen: the table must get its height
     widget.run()
     wait_for_run(qtbot, widget)
     layer = widget.train.new_scribble_layer()
@@ -125,6 +141,7 @@ def test_train_selects_the_new_model_and_compares(
     assert "before" in widget.train.comparison.value
     assert widget.train.comparison.value.count(f">{bv_tv}<") == 2
     assert widget.controls.run_button.enabled and widget.train.train_button.enabled
+    assert_not_clipped(qtbot, widget.train.status.native, widget.train.comparison.native)
     # the image under the scribbles is the section itself, pixel for pixel
     field = next(f for f in fake_finetune.fields if f.name == layer.name)
     assert field.pixel_size_um == pytest.approx(1.0)
