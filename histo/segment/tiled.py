@@ -52,7 +52,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
-from histo.qc._confidence import MAP_BLOCK_PX, ConfidenceSummary, MarginTally
+from histo.qc._confidence import MAP_BLOCK_PX, TALLY_ROWS, ConfidenceSummary, MarginTally
 from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
@@ -63,6 +63,10 @@ MARGIN_UM = 256.0
 TRIM_SLACK_MB = 128
 #: columns blended at a time (bounds the float temporaries of a row of tiles)
 BLEND_COLS = 2048
+#: rows blended at a time: a few float rows of a tile's width stay in a core's cache while
+#: every class is compared; the tally counts margins in blocks of as many rows (the sums of
+#: its coarse map are then added in the same order whatever the tiling)
+BLEND_ROWS = TALLY_ROWS
 #: columns written to the sink at a time (rounded up to the sink's column alignment)
 FLUSH_COLS = 2048
 #: tiles whose scores are computed ahead (in a background thread) while the main thread blends
@@ -619,6 +623,16 @@ class FinalRows:
             _trim(self.centre, self.y0)
 
 
+class _BlendBuffers(NamedTuple):
+    """Float and bool buffers of :data:`BLEND_ROWS` rows reused while columns are blended."""
+
+    weight: np.ndarray
+    best: np.ndarray
+    score: np.ndarray
+    gt: np.ndarray
+    second: np.ndarray | None  #: only when margins are tallied
+
+
 class RowBlender:
     """Blends the tiles of one strip, a row of tiles at a time, into :class:`FinalRows`.
 
@@ -741,24 +755,54 @@ class RowBlender:
 
     def _blend_columns(self, a: int, b: int, d0: int) -> None:
         """Window columns [a, b) (strip columns from ``d0``) to class bytes and the centre map
-        at class-3 pixels."""
+        at class-3 pixels, :data:`BLEND_ROWS` rows at a time (their temporaries stay in the
+        core's cache; the margins reach the tally in the rows it counts at a time)."""
         n = self.n_final
+        shape = (min(n, BLEND_ROWS), b - a)
+        buffers = _BlendBuffers(
+            np.empty(shape, np.float32),
+            np.empty(shape, np.float32),
+            np.empty(shape, np.float32),
+            np.empty(shape, bool),
+            np.empty(shape, np.float32) if self.tally is not None else None,
+        )
+        centre_idx, centre_vals = [], []
+        for r0 in range(0, n, BLEND_ROWS):
+            r1 = min(n, r0 + BLEND_ROWS)
+            idx, vals = self._blend_rows(r0, r1, a, b, d0, buffers)
+            if idx.size:
+                centre_idx.append(idx + np.int32(r0 * (b - a)))
+                centre_vals.append(vals)
+        if centre_idx:
+            idx, vals = np.concatenate(centre_idx), np.concatenate(centre_vals)
+            self.rows.centre.append(SparsePiece(self.acc_y0, d0, b - a, idx, vals))
+
+    def _blend_rows(
+        self, r0: int, r1: int, a: int, b: int, d0: int, buffers: _BlendBuffers
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [r0, r1) of window columns [a, b) to class bytes (margins to the tally);
+        returns the flat indices (int32, in these rows) of their class-3 pixels and the
+        centre map there."""
         win = self.win
-        wsum = np.maximum(self.win_w[:n, a:b], 1e-6)
+        rows = slice(r0, r1)
+        h = r1 - r0
+        wsum = np.maximum(self.win_w[rows, a:b], 1e-6, out=buffers.weight[:h])
         # argmax over the blended classes (the first of equal maxima, as np.argmax), one
         # class at a time: the best of classes 0-2 first (alt), then of all
-        best = np.divide(win[0, :n, a:b], wsum)
-        score = np.empty_like(best)
-        gt = np.empty(best.shape, bool)
+        best = np.divide(win[0, rows, a:b], wsum, out=buffers.best[:h])
+        score, gt = buffers.score[:h], buffers.gt[:h]
         # the second-best score, for the margin (only when it is tallied)
-        second = np.zeros_like(best) if self.tally is not None else None
-        cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
+        second = None if buffers.second is None else buffers.second[:h]
+        if second is not None:
+            second[...] = 0
+        y = self.r0 + r0
+        cm = self.rows.classes[y : y + h, d0 : d0 + b - a]
         cm[...] = 0
         alt = None
         for k in range(1, self.n_cls):
             if k == min(3, self.n_cls):
                 alt = cm << np.uint8(ALT_SHIFT)
-            np.divide(win[k, :n, a:b], wsum, out=score)
+            np.divide(win[k, rows, a:b], wsum, out=score)
             np.greater(score, best, out=gt)
             np.copyto(cm, np.uint8(k), where=gt)
             if second is not None:
@@ -770,22 +814,21 @@ class RowBlender:
         if alt is None:
             alt = cm << np.uint8(ALT_SHIFT)
         if second is not None:
-            self._tally(cm, np.subtract(best, second, out=second), d0)
+            self._tally(cm, np.subtract(best, second, out=second), d0, r0)
         # the centre map at the class-3 pixels only (the only ones label_band reads)
-        ce = np.divide(win[self.n_cls, :n, a:b], wsum, out=score)
+        ce = np.divide(win[self.n_cls, rows, a:b], wsum, out=score)
         np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
         idx = np.flatnonzero(gt)
-        if idx.size:
-            piece = SparsePiece(self.acc_y0, d0, b - a, idx.astype(np.int32), ce.ravel()[idx])
-            self.rows.centre.append(piece)
         cm |= alt
+        return idx.astype(np.int32), ce.ravel()[idx]
 
-    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int) -> None:
-        """Give the tally the owned columns of blended columns from strip column ``d0``."""
+    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int, r0: int) -> None:
+        """Give the tally the owned columns of blended columns from strip column ``d0``, row
+        ``r0`` of this row of tiles' final rows."""
         lo, hi = max(d0, self.own[0]), min(d0 + classes.shape[1], self.own[1])
         if lo < hi:
             cols = slice(lo - d0, hi - d0)
-            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0, self.x0 + lo)
+            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0 + r0, self.x0 + lo)
 
 
 # ----------------------------------------------------------------------------- labelling
