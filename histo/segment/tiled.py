@@ -33,8 +33,9 @@ out are kept as sparse pieces; objects are labelled in column blocks, on their b
 (:func:`histo.segment.instances.label_band`).
 
 Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread and scored by
-the network ``LOOKAHEAD_TILES`` ahead in another (:class:`TileFeed`), so that the network keeps
-the cores busy while the main thread blends and labels. Bands are written to the sink on whole
+the network up to ``LOOKAHEAD_TILES`` ahead (at most ``LOOKAHEAD_MB`` of scores) in another
+(:class:`TileFeed`), so that the network keeps the cores busy while the main thread blends and
+labels. Bands are written to the sink on whole
 rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned between
 rows of tiles once they add up to ``TRIM_SLACK_MB``
 (:func:`histo.runtime.release_free_memory`).
@@ -71,9 +72,13 @@ BLEND_ROWS = TALLY_ROWS
 FLUSH_COLS = 2048
 #: tiles whose scores are computed ahead (in a background thread) while the main thread blends
 #: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
-#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px; none for a tile
-#: of glass). 0: no thread.
+#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px with 6 outputs;
+#: none for a tile of glass), at most LOOKAHEAD_MB of them. 0: no thread.
 LOOKAHEAD_TILES = 8
+#: scores of tiles computed ahead kept at most (MB): 8 tiles of 768 px with 6 outputs, 6 with
+#: a 7-class network's 8 (the queue is full while a band is labelled and written, when the
+#: resident memory peaks)
+LOOKAHEAD_MB = 120
 #: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
 READ_AHEAD_TILES = 4
 #: a sink whose chunks are larger than this (rows, columns) is written in bands of any height
@@ -451,6 +456,15 @@ class _Lookahead:
             self.pool = None
 
 
+def lookahead_tiles(schedule: TileSchedule, n_outputs: int) -> int:
+    """Tiles whose scores are computed ahead: :data:`LOOKAHEAD_TILES`, fewer if their scores
+    (``n_outputs`` float32 planes of a tile) would exceed :data:`LOOKAHEAD_MB` (at least 1)."""
+    if LOOKAHEAD_TILES <= 0:
+        return 0
+    tile_bytes = n_outputs * schedule.tile_px**2 * 4
+    return max(1, min(LOOKAHEAD_TILES, int(LOOKAHEAD_MB * 2**20 // tile_bytes)))
+
+
 class TileFeed:
     """The scores of a schedule's tiles, in its order: ``(n_outputs, h, w)`` float32, or None
     for a tile of glass (no tissue within ``overlap_px`` on the tissue mask; not read).
@@ -469,7 +483,8 @@ class TileFeed:
         self._px = float(model.working_pixel_size_um)
         jobs = schedule.jobs()
         self._reads = _Lookahead(self._read_tile, jobs, READ_AHEAD_TILES, "histo-read")
-        self._scores = _Lookahead(self._score_tile, jobs, LOOKAHEAD_TILES)
+        n_outputs = int(getattr(model, "n_outputs", 6))
+        self._scores = _Lookahead(self._score_tile, jobs, lookahead_tiles(schedule, n_outputs))
 
     def _has_tissue(self, y: int, x: int, th: int, tw: int) -> bool:
         if self._tissue is None:

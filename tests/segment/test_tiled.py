@@ -347,3 +347,19 @@ def test_blending_rows_at_a_time_gives_the_whole_block_result(monkeypatch):
     np.testing.assert_array_equal(chunked.confidence.margin_map, whole.confidence.margin_map)
     assert len(np.unique(np.asarray(chunked.class_map))) >= 5
 
+
+def test_lookahead_holds_at_most_its_budget_of_scores(monkeypatch):
+    """Tiles scored ahead: LOOKAHEAD_TILES while their scores fit LOOKAHEAD_MB, fewer for a
+    network with more outputs or larger tiles, at least one, none when switched off."""
+    from histo.segment import tiled
+
+    def tiles(tile_px, n_outputs):
+        schedule = tiled.TileSchedule.plan((4096, 4096), tile_px, 64, 1.0, 12288, 1024)
+        return tiled.lookahead_tiles(schedule, n_outputs)
+
+    assert tiles(768, 6) == 8  # 8 x 14 MB
+    assert tiles(768, 8) == 6  # 6 x 19 MB: 113 MB
+    assert tiles(768, 8) * 8 * 768**2 * 4 <= tiled.LOOKAHEAD_MB * 2**20
+    assert tiles(3072, 8) == 1
+    monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
+    assert tiles(768, 6) == 0
