@@ -681,37 +681,38 @@ def _in_cartilage(
     chondrocyte's, not an osteocyte's (Parfitt 1987: osteocytes are cells in bone matrix), so
     it is removed like a speck.
 
-    A rim pixel counts for the largest label within ``_RIM_PX`` of it. Only the lacunae with
-    cartilage in their box widened by the rim can have any on their rim: the rims are counted
-    on the box around those alone (a few specks of cartilage on a field, the cartilage's
-    lacunae on a long bone), so a field pays a comparison and a sum table per window.
+    A rim pixel counts for the largest label within ``_RIM_PX`` of it. Only the lacunae with a
+    pixel within ``_RIM_PX`` of cartilage can have any on their rim: the rims are counted on
+    the box around those alone (a few specks of cartilage on a field, the cartilage's lacunae
+    on a long bone), so a field pays a comparison and a byte-wide dilation per window.
     """
     out = np.zeros(stats.shape[0], bool)
     ids = np.asarray(ids, np.intp)
     cartilage = classes_w == CARTILAGE
     if ids.size == 0 or not cv2.countNonZero(cartilage.view(np.uint8)):
         return out  # a field without cartilage: nothing to do
-    h, w = cc.shape
-    box = _rim_boxes(stats[ids], _RIM_PX, h, w)
-    table = cv2.integral(cartilage.view(np.uint8))  # (h + 1, w + 1) sums from the top left
-    n_near = table[box.y1, box.x1] - table[box.y0, box.x1] - table[box.y1, box.x0]
-    ids = ids[n_near + table[box.y0, box.x0] > 0]
+    size = 2 * _RIM_PX + 1
+    square = np.ones((size, size), np.uint8)
+    # the lacunae with a pixel within the rim's reach of cartilage (a byte a pixel)
+    near_cartilage = cv2.dilate(cartilage.view(np.uint8), square).view(bool)
+    reached = np.zeros(stats.shape[0], bool)
+    reached[cc[near_cartilage]] = True
+    ids = ids[reached[ids]]
     if ids.size == 0:
         return out
-    # a rim pixel's label looks 2 px further out: the union of those boxes holds every rim
+    h, w = cc.shape
+    # a rim pixel's label looks _RIM_PX further out: the union of those boxes holds every rim
     # pixel of these lacunae with all it looks at (or the window's edge, as on the window)
     box = _rim_boxes(stats[ids], 2 * _RIM_PX, h, w)
     rows = slice(int(box.y0.min()), int(box.y1.max()))
     cols = slice(int(box.x0.min()), int(box.x1.max()))
     sub = cc[rows, cols]
     # the largest label within the rim's reach; float32 holds labels exactly up to 2**24
-    size = 2 * _RIM_PX + 1
-    near = cv2.dilate(sub.astype(np.float32), np.ones((size, size), np.uint8)).astype(np.intp)
+    near = cv2.dilate(sub.astype(np.float32), square).astype(np.intp)
     rim = sub == 0
     classes_sub = classes_w[rows, cols]
-    n_cc = stats.shape[0]
-    n_cart = np.bincount(near[rim & cartilage[rows, cols]], minlength=n_cc)
-    n_bone = np.bincount(near[rim & (classes_sub == BONE)], minlength=n_cc)
+    n_cart = np.bincount(near[rim & cartilage[rows, cols]], minlength=out.size)
+    n_bone = np.bincount(near[rim & (classes_sub == BONE)], minlength=out.size)
     out[ids] = n_cart[ids] > n_bone[ids]
     return out
 
