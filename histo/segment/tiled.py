@@ -35,10 +35,9 @@ out are kept as sparse pieces; objects are labelled in column blocks, on their b
 Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread and scored by
 the network up to ``LOOKAHEAD_TILES`` ahead (at most ``LOOKAHEAD_MB`` of scores) in another
 (:class:`TileFeed`), so that the network keeps the cores busy while the main thread blends and
-labels. Bands are written to the sink on whole
-rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned between
-rows of tiles once they add up to ``TRIM_SLACK_MB``
-(:func:`histo.runtime.release_free_memory`).
+labels. Bands are written to the sink on whole rows of its chunks (see :func:`_write_block`),
+and the heap's freed pages are returned between rows of tiles once they add up to
+``TRIM_SLACK_MB`` (:func:`histo.runtime.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -76,8 +75,8 @@ FLUSH_COLS = 2048
 #: none for a tile of glass), at most LOOKAHEAD_MB of them. 0: no thread.
 LOOKAHEAD_TILES = 8
 #: scores of tiles computed ahead kept at most (MB): 8 tiles of 768 px with 6 outputs, 6 with
-#: a 7-class network's 8 (the queue is full while a band is labelled and written, when the
-#: resident memory peaks)
+#: a 7-class network's 8, so that a network with more outputs does not queue more bytes (a
+#: bound; a shorter queue did not lower the peak of an analysis, docs/performance.md)
 LOOKAHEAD_MB = 120
 #: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
 READ_AHEAD_TILES = 4
