@@ -669,21 +669,74 @@ def _block_osteoclasts(
     return _BlockOsteoclasts(regions, keys, next_id)
 
 
-def _in_cartilage(cc: np.ndarray, classes_w: np.ndarray, n_cc: int) -> np.ndarray:
-    """Per component of ``cc``: True where its rim (2 px around it) holds more cartilage than
-    bone. A lacuna in cartilage is a chondrocyte's, not an osteocyte's (Parfitt 1987: osteocytes
-    are cells in bone matrix), so it is removed like a speck."""
-    out = np.zeros(n_cc, bool)
+#: a lacuna's rim: the pixels within this many px of it (Chebyshev distance)
+_RIM_PX = 2
+
+
+def _in_cartilage(
+    cc: np.ndarray, stats: np.ndarray, classes_w: np.ndarray, ids: np.ndarray
+) -> np.ndarray:
+    """Per component of ``cc`` (``stats`` its boxes): True for those of ``ids`` whose rim
+    (``_RIM_PX`` around it) holds more cartilage than bone. A lacuna in cartilage is a
+    chondrocyte's, not an osteocyte's (Parfitt 1987: osteocytes are cells in bone matrix), so
+    it is removed like a speck.
+
+    A rim pixel counts for the largest label within ``_RIM_PX`` of it. Only the lacunae with a
+    pixel within ``_RIM_PX`` of cartilage can have any on their rim: the rims are counted on
+    the box around those alone (a few specks of cartilage on a field, the cartilage's lacunae
+    on a long bone), so a field pays a comparison and a byte-wide dilation per window.
+    """
+    out = np.zeros(stats.shape[0], bool)
+    ids = np.asarray(ids, np.intp)
     cartilage = classes_w == CARTILAGE
-    if n_cc <= 1 or not cv2.countNonZero(cartilage.view(np.uint8)):
+    if ids.size == 0 or not cv2.countNonZero(cartilage.view(np.uint8)):
         return out  # a field without cartilage: nothing to do
-    # the largest label within 2 px; float32 holds labels exactly up to 2**24
-    near = cv2.dilate(cc.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
-    rim = cc == 0
-    n_cart = np.bincount(near[rim & cartilage], minlength=n_cc)
-    n_bone = np.bincount(near[rim & (classes_w == BONE)], minlength=n_cc)
-    out[1:] = n_cart[1:] > n_bone[1:]
+    size = 2 * _RIM_PX + 1
+    square = np.ones((size, size), np.uint8)
+    # the lacunae with a pixel within the rim's reach of cartilage (a byte a pixel)
+    near_cartilage = cv2.dilate(cartilage.view(np.uint8), square).view(bool)
+    reached = np.zeros(stats.shape[0], bool)
+    reached[cc[near_cartilage]] = True
+    ids = ids[reached[ids]]
+    if ids.size == 0:
+        return out
+    h, w = cc.shape
+    # a rim pixel's label looks _RIM_PX further out: the union of those boxes holds every rim
+    # pixel of these lacunae with all it looks at (or the window's edge, as on the window)
+    box = _rim_boxes(stats[ids], 2 * _RIM_PX, h, w)
+    rows = slice(int(box.y0.min()), int(box.y1.max()))
+    cols = slice(int(box.x0.min()), int(box.x1.max()))
+    sub = cc[rows, cols]
+    # the largest label within the rim's reach; float32 holds labels exactly up to 2**24
+    near = cv2.dilate(sub.astype(np.float32), square).astype(np.intp)
+    rim = sub == 0
+    classes_sub = classes_w[rows, cols]
+    n_cart = np.bincount(near[rim & cartilage[rows, cols]], minlength=out.size)
+    n_bone = np.bincount(near[rim & (classes_sub == BONE)], minlength=out.size)
+    out[ids] = n_cart[ids] > n_bone[ids]
     return out
+
+
+class _Boxes(NamedTuple):
+    """Boxes of components, rows ``[y0, y1)`` and columns ``[x0, x1)`` (arrays)."""
+
+    y0: np.ndarray
+    y1: np.ndarray
+    x0: np.ndarray
+    x1: np.ndarray
+
+
+def _rim_boxes(stats: np.ndarray, pad: int, h: int, w: int) -> _Boxes:
+    """Boxes of components (cv2 ``stats`` rows) widened by ``pad`` px, clipped to (h, w)."""
+    top, left = stats[:, cv2.CC_STAT_TOP], stats[:, cv2.CC_STAT_LEFT]
+    bottom = top + stats[:, cv2.CC_STAT_HEIGHT]
+    right = left + stats[:, cv2.CC_STAT_WIDTH]
+    return _Boxes(
+        np.maximum(top - pad, 0),
+        np.minimum(bottom + pad, h),
+        np.maximum(left - pad, 0),
+        np.minimum(right + pad, w),
+    )
 
 
 def _block_osteocytes(cmw: np.ndarray, band: _Band, win: _BlockWindow) -> _BlockOsteocytes | None:
@@ -708,7 +761,8 @@ def _block_osteocytes(cmw: np.ndarray, band: _Band, win: _BlockWindow) -> _Block
     owned[ids] = True
     keep = np.zeros(n_cc, bool)
     keep[ids] = stats[ids, cv2.CC_STAT_AREA] * band.pixel_size_um**2 >= MIN_OSTEOCYTE_AREA_UM2
-    keep &= ~_in_cartilage(cc, _classes(cmw[s0:], band.packed), n_cc)
+    # (cmw holds class codes already)
+    keep &= ~_in_cartilage(cc, stats, cmw[s0:], np.flatnonzero(keep))
     lut = np.zeros(n_cc, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     speck_lut = owned & ~keep

@@ -33,11 +33,11 @@ out are kept as sparse pieces; objects are labelled in column blocks, on their b
 (:func:`histo.segment.instances.label_band`).
 
 Tiles are read and decoded ``READ_AHEAD_TILES`` ahead in one background thread and scored by
-the network ``LOOKAHEAD_TILES`` ahead in another (:class:`TileFeed`), so that the network keeps
-the cores busy while the main thread blends and labels. Bands are written to the sink on whole
-rows of its chunks (see :func:`_write_block`), and the heap's freed pages are returned between
-rows of tiles once they add up to ``TRIM_SLACK_MB``
-(:func:`histo.runtime.release_free_memory`).
+the network up to ``LOOKAHEAD_TILES`` ahead (at most ``LOOKAHEAD_MB`` of scores) in another
+(:class:`TileFeed`), so that the network keeps the cores busy while the main thread blends and
+labels. Bands are written to the sink on whole rows of its chunks (see :func:`_write_block`),
+and the heap's freed pages are returned between rows of tiles once they add up to
+``TRIM_SLACK_MB`` (:func:`histo.runtime.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 from histo.classes import OSTEOCLAST
 from histo.errors import Cancelled
-from histo.qc._confidence import MAP_BLOCK_PX, ConfidenceSummary, MarginTally
+from histo.qc._confidence import MAP_BLOCK_PX, TALLY_ROWS, ConfidenceSummary, MarginTally
 from histo.runtime import release_free_memory
 from histo.segment.instances import ALT_SHIFT, SparsePiece, bone_contact_px, label_band
 
@@ -63,13 +63,21 @@ MARGIN_UM = 256.0
 TRIM_SLACK_MB = 128
 #: columns blended at a time (bounds the float temporaries of a row of tiles)
 BLEND_COLS = 2048
+#: rows blended at a time: a few float rows of a tile's width stay in a core's cache while
+#: every class is compared; the tally counts margins in blocks of as many rows (the sums of
+#: its coarse map are then added in the same order whatever the tiling)
+BLEND_ROWS = TALLY_ROWS
 #: columns written to the sink at a time (rounded up to the sink's column alignment)
 FLUSH_COLS = 2048
 #: tiles whose scores are computed ahead (in a background thread) while the main thread blends
 #: and labels: the network keeps both cores busy during the single-threaded labelling. Memory:
-#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px; none for a tile
-#: of glass). 0: no thread.
+#: this many tiles of scores (n_outputs x tile² float32, 14 MB each at 768 px with 6 outputs;
+#: none for a tile of glass), at most LOOKAHEAD_MB of them. 0: no thread.
 LOOKAHEAD_TILES = 8
+#: scores of tiles computed ahead kept at most (MB): 8 tiles of 768 px with 6 outputs, 6 with
+#: a 7-class network's 8, so that a network with more outputs does not queue more bytes (a
+#: bound; a shorter queue did not lower the peak of an analysis, docs/performance.md)
+LOOKAHEAD_MB = 120
 #: tiles read and decoded ahead of the network (in a thread of their own), 1.7 MB each
 READ_AHEAD_TILES = 4
 #: a sink whose chunks are larger than this (rows, columns) is written in bands of any height
@@ -447,6 +455,15 @@ class _Lookahead:
             self.pool = None
 
 
+def lookahead_tiles(schedule: TileSchedule, n_outputs: int) -> int:
+    """Tiles whose scores are computed ahead: :data:`LOOKAHEAD_TILES`, fewer if their scores
+    (``n_outputs`` float32 planes of a tile) would exceed :data:`LOOKAHEAD_MB` (at least 1)."""
+    if LOOKAHEAD_TILES <= 0:
+        return 0
+    tile_bytes = n_outputs * schedule.tile_px**2 * 4
+    return max(1, min(LOOKAHEAD_TILES, int(LOOKAHEAD_MB * 2**20 // tile_bytes)))
+
+
 class TileFeed:
     """The scores of a schedule's tiles, in its order: ``(n_outputs, h, w)`` float32, or None
     for a tile of glass (no tissue within ``overlap_px`` on the tissue mask; not read).
@@ -465,7 +482,8 @@ class TileFeed:
         self._px = float(model.working_pixel_size_um)
         jobs = schedule.jobs()
         self._reads = _Lookahead(self._read_tile, jobs, READ_AHEAD_TILES, "histo-read")
-        self._scores = _Lookahead(self._score_tile, jobs, LOOKAHEAD_TILES)
+        n_outputs = int(getattr(model, "n_outputs", 6))
+        self._scores = _Lookahead(self._score_tile, jobs, lookahead_tiles(schedule, n_outputs))
 
     def _has_tissue(self, y: int, x: int, th: int, tw: int) -> bool:
         if self._tissue is None:
@@ -619,6 +637,16 @@ class FinalRows:
             _trim(self.centre, self.y0)
 
 
+class _BlendBuffers(NamedTuple):
+    """Float and bool buffers of :data:`BLEND_ROWS` rows reused while columns are blended."""
+
+    weight: np.ndarray
+    best: np.ndarray
+    score: np.ndarray
+    gt: np.ndarray
+    second: np.ndarray | None  #: only when margins are tallied
+
+
 class RowBlender:
     """Blends the tiles of one strip, a row of tiles at a time, into :class:`FinalRows`.
 
@@ -741,24 +769,54 @@ class RowBlender:
 
     def _blend_columns(self, a: int, b: int, d0: int) -> None:
         """Window columns [a, b) (strip columns from ``d0``) to class bytes and the centre map
-        at class-3 pixels."""
+        at class-3 pixels, :data:`BLEND_ROWS` rows at a time (their temporaries stay in the
+        core's cache; the margins reach the tally in the rows it counts at a time)."""
         n = self.n_final
+        shape = (min(n, BLEND_ROWS), b - a)
+        buffers = _BlendBuffers(
+            np.empty(shape, np.float32),
+            np.empty(shape, np.float32),
+            np.empty(shape, np.float32),
+            np.empty(shape, bool),
+            np.empty(shape, np.float32) if self.tally is not None else None,
+        )
+        centre_idx, centre_vals = [], []
+        for r0 in range(0, n, BLEND_ROWS):
+            r1 = min(n, r0 + BLEND_ROWS)
+            idx, vals = self._blend_rows(r0, r1, a, b, d0, buffers)
+            if idx.size:
+                centre_idx.append(idx + np.int32(r0 * (b - a)))
+                centre_vals.append(vals)
+        if centre_idx:
+            idx, vals = np.concatenate(centre_idx), np.concatenate(centre_vals)
+            self.rows.centre.append(SparsePiece(self.acc_y0, d0, b - a, idx, vals))
+
+    def _blend_rows(
+        self, r0: int, r1: int, a: int, b: int, d0: int, buffers: _BlendBuffers
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [r0, r1) of window columns [a, b) to class bytes (margins to the tally);
+        returns the flat indices (int32, in these rows) of their class-3 pixels and the
+        centre map there."""
         win = self.win
-        wsum = np.maximum(self.win_w[:n, a:b], 1e-6)
+        rows = slice(r0, r1)
+        h = r1 - r0
+        wsum = np.maximum(self.win_w[rows, a:b], 1e-6, out=buffers.weight[:h])
         # argmax over the blended classes (the first of equal maxima, as np.argmax), one
         # class at a time: the best of classes 0-2 first (alt), then of all
-        best = np.divide(win[0, :n, a:b], wsum)
-        score = np.empty_like(best)
-        gt = np.empty(best.shape, bool)
+        best = np.divide(win[0, rows, a:b], wsum, out=buffers.best[:h])
+        score, gt = buffers.score[:h], buffers.gt[:h]
         # the second-best score, for the margin (only when it is tallied)
-        second = np.zeros_like(best) if self.tally is not None else None
-        cm = self.rows.classes[self.r0 : self.r0 + n, d0 : d0 + b - a]
+        second = None if buffers.second is None else buffers.second[:h]
+        if second is not None:
+            second[...] = 0
+        y = self.r0 + r0
+        cm = self.rows.classes[y : y + h, d0 : d0 + b - a]
         cm[...] = 0
         alt = None
         for k in range(1, self.n_cls):
             if k == min(3, self.n_cls):
                 alt = cm << np.uint8(ALT_SHIFT)
-            np.divide(win[k, :n, a:b], wsum, out=score)
+            np.divide(win[k, rows, a:b], wsum, out=score)
             np.greater(score, best, out=gt)
             np.copyto(cm, np.uint8(k), where=gt)
             if second is not None:
@@ -770,22 +828,21 @@ class RowBlender:
         if alt is None:
             alt = cm << np.uint8(ALT_SHIFT)
         if second is not None:
-            self._tally(cm, np.subtract(best, second, out=second), d0)
+            self._tally(cm, np.subtract(best, second, out=second), d0, r0)
         # the centre map at the class-3 pixels only (the only ones label_band reads)
-        ce = np.divide(win[self.n_cls, :n, a:b], wsum, out=score)
+        ce = np.divide(win[self.n_cls, rows, a:b], wsum, out=score)
         np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
         idx = np.flatnonzero(gt)
-        if idx.size:
-            piece = SparsePiece(self.acc_y0, d0, b - a, idx.astype(np.int32), ce.ravel()[idx])
-            self.rows.centre.append(piece)
         cm |= alt
+        return idx.astype(np.int32), ce.ravel()[idx]
 
-    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int) -> None:
-        """Give the tally the owned columns of blended columns from strip column ``d0``."""
+    def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int, r0: int) -> None:
+        """Give the tally the owned columns of blended columns from strip column ``d0``, row
+        ``r0`` of this row of tiles' final rows."""
         lo, hi = max(d0, self.own[0]), min(d0 + classes.shape[1], self.own[1])
         if lo < hi:
             cols = slice(lo - d0, hi - d0)
-            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0, self.x0 + lo)
+            self.tally.add(classes[:, cols], margin[:, cols], self.acc_y0 + r0, self.x0 + lo)
 
 
 # ----------------------------------------------------------------------------- labelling

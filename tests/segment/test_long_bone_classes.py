@@ -74,3 +74,56 @@ def test_a_lacuna_in_cartilage_is_not_an_osteocyte_but_one_in_bone_is(tibia):
     assert sum(ot[y, x] > 0 for y, x in in_bone) == 20
     assert sum(ot[y, x] > 0 for y, x in in_cart) == 0
     assert len(np.unique(ot[ot > 0])) == 20
+
+
+def _in_cartilage_whole_window(cc, classes_w, n_cc):
+    """The rim rule counted on the whole window (the oracle of ``_in_cartilage``)."""
+    import cv2
+
+    out = np.zeros(n_cc, bool)
+    near = cv2.dilate(cc.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int64)
+    rim = cc == 0
+    n_cart = np.bincount(near[rim & (classes_w == classes.CARTILAGE)], minlength=n_cc)
+    n_bone = np.bincount(near[rim & (classes_w == classes.BONE)], minlength=n_cc)
+    out[1:] = n_cart[1:] > n_bone[1:]
+    return out
+
+
+def _speckled_map(rng, shape, cartilage_share):
+    """Bone and marrow with cartilage patches and specks and many small lacunae, some touching
+    the window's edges and each other's rims."""
+    import cv2
+
+    cm = np.where(rng.random(shape) < 0.6, classes.BONE, classes.MARROW).astype(np.uint8)
+    cm = cv2.medianBlur(cm, 5)
+    n_patches = int(cartilage_share * shape[0] * shape[1] / 400)
+    for _ in range(n_patches):
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        r = int(rng.integers(1, 12))
+        cv2.circle(cm, (int(x), int(y)), r, int(classes.CARTILAGE), -1)
+    for _ in range(shape[0] * shape[1] // 300):
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        h, w = rng.integers(1, 5, size=2)
+        cm[y : y + h, x : x + w] = classes.OSTEOCYTE
+    return cm
+
+
+def test_in_cartilage_on_the_boxes_equals_the_whole_window_count():
+    """Lacunae in cartilage found on the boxes near cartilage are those the rim rule finds on
+    the whole window: specks of cartilage on a field, patches on a long bone, none at all."""
+    from histo.segment.instances import _components, _in_cartilage
+
+    rng = np.random.default_rng(3)
+    n_in = 0
+    for share in (0.0, 0.002, 0.05, 0.5):
+        for _ in range(3):
+            cm = _speckled_map(rng, (300, 420), share)
+            n_cc, cc, stats = _components(cm == classes.OSTEOCYTE)
+            want = _in_cartilage_whole_window(cc, cm, n_cc)
+            got = _in_cartilage(cc, stats, cm, np.arange(1, n_cc))
+            np.testing.assert_array_equal(got, want)
+            some = np.arange(1, n_cc, 3)
+            got_some = _in_cartilage(cc, stats, cm, some)
+            np.testing.assert_array_equal(np.flatnonzero(got_some), some[want[some]])
+            n_in += int(want.sum())
+    assert n_in > 50  # the maps hold lacunae in cartilage to find

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import zarr
@@ -292,3 +293,73 @@ def test_strips_give_the_whole_width_result(synthetic_section, phenotype, seed):
             same = np.intersect1d(labels[:, border - 1], labels[:, border])
             across += int(np.count_nonzero(same))
     assert across >= 2, across
+
+
+class _NoisyScores:
+    """Eight outputs (7 classes and the centre map) from the pixel's colours and position:
+    class probabilities that change from pixel to pixel, some ties between classes, and
+    class-3 regions with a centre map, so that blending decides every class everywhere."""
+
+    working_pixel_size_um = 1.0
+    n_outputs = 8
+
+    def predict_scores(self, rgb):
+        h, w = rgb.shape[:2]
+        x = rgb.astype(np.float32) / 255.0
+        scores = np.empty((8, h, w), np.float32)
+        for c in range(7):
+            scores[c] = x[..., c % 3] * (1.0 + 0.1 * c)
+        scores[3] += 3.0 * (rgb[..., 0] == 255) * (rgb[..., 2] == 255)  # the discs
+        scores[:7] /= scores[:7].sum(axis=0) + 1e-6
+        scores[2] = np.where(x[..., 0] > 0.8, scores[1], scores[2])  # exact ties
+        scores[7] = x[..., 1]
+        return scores
+
+
+def test_blending_rows_at_a_time_gives_the_whole_block_result(monkeypatch):
+    """Class map, labels and the margin tally (histograms and map) are the same whether a
+    row of tiles' columns are blended BLEND_ROWS rows at a time or whole."""
+    from histo.segment import tiled
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (900, 1300, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(image[::4, ::4], 4, axis=0), 4, axis=1)[:900, :1300]
+    image[..., 0] = np.minimum(image[..., 0], 254)
+    for y, x in rng.integers(20, (880, 1280), size=(40, 2)):
+        cv2.circle(image, (int(x), int(y)), 12, (255, int(rng.integers(256)), 255), -1)
+
+    def run():
+        return segment_slide(
+            image, _NoisyScores(), tile_px=320, overlap_px=48, strip_cols=700, margin_map=True
+        )
+
+    chunked = run()
+    monkeypatch.setattr(tiled, "BLEND_ROWS", 10**6)
+    whole = run()
+    assert tiled.TALLY_ROWS < 320 - 48  # rows of tiles are blended in several pieces
+    np.testing.assert_array_equal(chunked.class_map, whole.class_map)
+    np.testing.assert_array_equal(chunked.osteoclast_labels, whole.osteoclast_labels)
+    np.testing.assert_array_equal(chunked.osteocyte_labels, whole.osteocyte_labels)
+    assert chunked.n_osteoclasts == whole.n_osteoclasts > 0
+    np.testing.assert_array_equal(
+        chunked.confidence.class_histograms, whole.confidence.class_histograms
+    )
+    np.testing.assert_array_equal(chunked.confidence.margin_map, whole.confidence.margin_map)
+    assert len(np.unique(np.asarray(chunked.class_map))) >= 5
+
+
+def test_lookahead_holds_at_most_its_budget_of_scores(monkeypatch):
+    """Tiles scored ahead: LOOKAHEAD_TILES while their scores fit LOOKAHEAD_MB, fewer for a
+    network with more outputs or larger tiles, at least one, none when switched off."""
+    from histo.segment import tiled
+
+    def tiles(tile_px, n_outputs):
+        schedule = tiled.TileSchedule.plan((4096, 4096), tile_px, 64, 1.0, 12288, 1024)
+        return tiled.lookahead_tiles(schedule, n_outputs)
+
+    assert tiles(768, 6) == 8  # 8 x 14 MB
+    assert tiles(768, 8) == 6  # 6 x 19 MB: 113 MB
+    assert tiles(768, 8) * 8 * 768**2 * 4 <= tiled.LOOKAHEAD_MB * 2**20
+    assert tiles(3072, 8) == 1
+    monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
+    assert tiles(768, 6) == 0
