@@ -34,7 +34,7 @@ KEPT_PROPERTIES = ("opacity", "visible", "blending")
 #: pause (ms) between putting two result layers in the viewer
 LAYER_STAGGER_MS = 25
 #: a labels layer's editing overlays (polygon tool, brush outline): napari builds their
-#: visuals when the layer joins the viewer, as long as the rest of the layer's visual again
+#: visuals when the layer joins the viewer, which took as long as the layer's own visual
 DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
 
 

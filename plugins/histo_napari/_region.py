@@ -334,7 +334,9 @@ class RegionEditor(Container):
                 )
             )
         ]
-        _refresh_one_a_turn(stale)
+        # the slide's lazy layers read the store again, one a turn (napari reads on the GUI
+        # thread what it shows)
+        in_turns([layer.refresh for layer in stale])
         h, wd = written.box.shape
         w.controls.status.value = (
             f"applied {wd} × {h} px ({written.changed_px} px changed) in "
@@ -382,18 +384,3 @@ class RegionEditor(Container):
         return self.widget._start(
             export_regions, regions, Path(folder), done=done, message="exporting corrections…"
         )
-
-
-def _refresh_one_a_turn(layers: list[Layer]) -> None:
-    """Make the slide's lazy layers read the store again, one per turn of the event loop
-    (napari reads what it shows on the GUI thread)."""
-    from qtpy.QtCore import QTimer
-
-    from histo_napari._layers import LAYER_STAGGER_MS
-
-    def next_one() -> None:
-        if layers:
-            layers.pop(0).refresh()
-            QTimer.singleShot(LAYER_STAGGER_MS, next_one)
-
-    QTimer.singleShot(0, next_one)
