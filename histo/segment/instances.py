@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from histo.classes import BONE, CARTILAGE, OSTEOCLAST, OSTEOCYTE
+from histo.segment.cartilage import cartilage_holes
 
 #: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 120.0
@@ -994,6 +995,28 @@ def _remove_specks(
         np.copyto(box, alt, where=speck)
 
 
+def _fill_cartilage_lacunae(class_map: np.ndarray, band: _Band) -> None:
+    """Give the band's chondrocyte lacunae read as holes back to the cartilage, in place
+    (:func:`histo.segment.cartilage.cartilage_holes`).
+
+    A hole is the band's when its top row is owned (and its leftmost column, in a strip), so
+    each is filled once; its rows below the band are not written out before the next band.
+    """
+    holes = cartilage_holes(_classes(class_map, band.packed), band.pixel_size_um)
+    if holes is None:
+        return
+    top = holes.stats[:, cv2.CC_STAT_TOP]
+    mine = holes.fill & (top >= band.own_start) & (top < band.own_stop)
+    mine &= _in_own_cols(band, holes.stats[:, cv2.CC_STAT_LEFT], 0)
+    if not mine.any():
+        return
+    where = mine[holes.labels]
+    if band.packed:
+        class_map[where] = (class_map[where] & ~_CLASS_BITS) | np.uint8(CARTILAGE)
+    else:
+        class_map[where] = CARTILAGE
+
+
 def label_band(
     class_map: np.ndarray,
     centre: np.ndarray | Callable[[int, int], np.ndarray],
@@ -1013,7 +1036,8 @@ def label_band(
     row, so every object is labelled exactly once however the slide is cut. Objects too small to
     be a cell (see ``MIN_*_AREA_UM2``), and osteoclasts farther than
     ``OSTEOCLAST_BONE_CONTACT_UM`` from bone, are removed and their pixels take ``alt_class`` (the
-    best non-cell class).
+    best non-cell class). First, the band's small holes in cartilage take the cartilage's
+    class (:func:`_fill_cartilage_lacunae`).
 
     The window is worked on in column blocks of ``block_cols`` with ``CONTEXT_UM`` of context
     either side (an object is owned by the block of its first 2 x 2 pixel block; one that
@@ -1061,6 +1085,7 @@ def label_band(
     band = _Band(
         own_start, own_stop, pixel_size_um, class_map.shape[1], alt_class is None, ret, own_cols
     )
+    _fill_cartilage_lacunae(class_map, band)
     found = _band_objects(class_map, centre, band, block_cols, owned_mask)
     kept = _decide_osteoclasts(class_map, found, band, owned_mask)
     keys = np.concatenate(found.osteoclast_keys)

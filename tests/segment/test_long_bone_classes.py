@@ -127,3 +127,41 @@ def test_in_cartilage_on_the_boxes_equals_the_whole_window_count():
             np.testing.assert_array_equal(np.flatnonzero(got_some), some[want[some]])
             n_in += int(want.sum())
     assert n_in > 50  # the maps hold lacunae in cartilage to find
+
+
+def _holes_map(tibia, rng):
+    """The tibia's class map with 5x5 marrow holes (100 µm² at 2 µm/px) inside cartilage and
+    inside bone, and 13x13 marrow pools (676 µm²) inside cartilage."""
+    cm = tibia.class_map.copy()
+    spots = _blobs_inside(cm, classes.CARTILAGE, 40, rng)
+    in_cart, pools = spots[:30], spots[30:]
+    in_bone = _blobs_inside(cm, classes.BONE, 20, rng)
+    for y, x in in_cart + in_bone:
+        cm[y - 2 : y + 3, x - 2 : x + 3] = classes.MARROW
+    for y, x in pools:
+        cm[y - 6 : y + 7, x - 6 : x + 7] = classes.MARROW
+    return cm, in_cart, in_bone, pools
+
+
+def test_small_holes_in_cartilage_are_cartilage_those_in_bone_stay(tibia):
+    """A lacuna of the cartilage read as marrow is given back to the cartilage, wherever the
+    tiles, bands and strips cut it; a hole in bone and a marrow space stay marrow."""
+    rng = np.random.default_rng(5)
+    cm, in_cart, in_bone, pools = _holes_map(tibia, rng)
+    rgb = np.zeros(cm.shape + (3,), np.uint8)
+    rgb[..., 0] = cm
+    plain = rgb.copy()
+    plain[..., 0] = tibia.class_map
+    for strip_cols in (None, 300):
+        kw = {"tile_px": 256, "overlap_px": 32, "strip_cols": strip_cols}
+        got = np.asarray(segment_slide(rgb, _TruthEncoded(), **kw).class_map)
+        before = np.asarray(segment_slide(plain, _TruthEncoded(), **kw).class_map)
+        for y, x in in_cart:
+            assert (got[y - 2 : y + 3, x - 2 : x + 3] == classes.CARTILAGE).all(), (y, x)
+        for y, x in in_bone:
+            assert (got[y - 2 : y + 3, x - 2 : x + 3] == classes.MARROW).all(), (y, x)
+        for y, x in pools:
+            assert (got[y - 6 : y + 7, x - 6 : x + 7] == classes.MARROW).all(), (y, x)
+        # elsewhere the map is what it is without the painted holes
+        painted = cm != tibia.class_map
+        assert (got == before)[~painted].all()

@@ -1,0 +1,74 @@
+"""Chondrocyte lacunae that a segmentation reads as holes in cartilage.
+
+Cartilage (class 5) includes its lacunae (the class-map contract). A network often reads a
+small lacuna of growth-plate or calcified cartilage as marrow, soft tissue or glass: a hole in
+the cartilage, and since cartilage counts with bone (B.Ar, B.Pm), a bone surface where there is
+none. Such a hole, small and walled mostly by cartilage, is given back to the cartilage. Holes
+walled by bone are left alone (an empty osteocyte lacuna or a canal is not cartilage), and so
+are the marrow spaces of the primary spongiosa, which are larger.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from histo.classes import BACKGROUND, BONE, CARTILAGE, MARROW, OSTEOCYTE, SOFT_TISSUE
+
+#: largest hole given back to the cartilage (µm²): a hypertrophic chondrocyte's lacuna is
+#: ~10-15 µm across (Hunziker 1994, Microsc Res Tech 28:505), the smallest marrow space the
+#: vascular invasion opens is a capillary sprout's
+MAX_LACUNA_UM2 = 150.0
+#: share of the hole's wall (its 8-connected rim) that must be cartilage, the rest being bone
+#: or osteocytes: not a majority, as a network reads part of a thin calcified-cartilage core
+#: around a lacuna as bone. A gap that an osteoclast walls is the resorption front's
+MIN_CARTILAGE_WALL = 0.25
+#: classes a lacuna is misread as
+_HOLE_LUT = np.zeros(256, np.uint8)
+_HOLE_LUT[[BACKGROUND, MARROW, SOFT_TISSUE]] = 1
+_HARD_LUT = np.zeros(256, bool)
+_HARD_LUT[[BONE, OSTEOCYTE, CARTILAGE]] = True
+
+
+class CartilageHoles(NamedTuple):
+    """Components of the hole classes of a window and which of them are lacunae to fill."""
+
+    labels: np.ndarray  #: (h, w) int32 component labels (0: not a hole class)
+    stats: np.ndarray  #: OpenCV stats per component (left, top, width, height, area)
+    fill: np.ndarray  #: bool per component: a lacuna of the cartilage
+
+
+def cartilage_holes(codes: np.ndarray, pixel_size_um: float) -> CartilageHoles | None:
+    """The small holes of a class-code window that are walled mostly by cartilage.
+
+    A hole is a component of glass, marrow or soft tissue (8-connected) of at most
+    :data:`MAX_LACUNA_UM2`, not touching the window's edge (it may go on outside), whose rim
+    is bone, osteocytes and cartilage, at least :data:`MIN_CARTILAGE_WALL` of it cartilage.
+    None when there is nothing to fill (a field without cartilage costs one count of its
+    pixels).
+    """
+    cartilage = codes == CARTILAGE
+    if not cv2.countNonZero(cartilage.view(np.uint8)):
+        return None
+    hole_px = _HOLE_LUT[codes]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(hole_px, connectivity=8)
+    h, w = codes.shape
+    left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    inside = (left > 0) & (top > 0)
+    inside &= (left + stats[:, cv2.CC_STAT_WIDTH] < w) & (top + stats[:, cv2.CC_STAT_HEIGHT] < h)
+    small = inside & (stats[:, cv2.CC_STAT_AREA] * pixel_size_um**2 <= MAX_LACUNA_UM2)
+    small[0] = False
+    if not small.any():
+        return None
+    # each rim pixel counts for the (largest) small hole next to it; float32 holds labels
+    # exactly up to 2**24
+    own = np.where(small[labels], labels, 0).astype(np.float32)
+    near = cv2.dilate(own, np.ones((3, 3), np.uint8)).astype(np.intp)
+    rim = (near > 0) & (hole_px == 0)
+    n_rim = np.bincount(near[rim], minlength=n)
+    n_cartilage = np.bincount(near[rim & cartilage], minlength=n)
+    n_hard = np.bincount(near[rim & _HARD_LUT[codes]], minlength=n)
+    fill = small & (n_rim > 0) & (n_hard == n_rim) & (n_cartilage >= MIN_CARTILAGE_WALL * n_rim)
+    return CartilageHoles(labels, stats, fill)
