@@ -32,6 +32,8 @@ from histo import classes
 from histo.regions import RegionBox
 
 LONG_BONE_EVAL_SEED_BASE = 950_000
+#: long-bone sections to choose post-processing constants on (the test seeds stay unseen)
+LONG_BONE_VALIDATION_SEED_BASE = 960_000
 PHENOTYPES = ("normal", "oc-rich", "oc-poor")
 COUNTERSTAINS = ("hematoxylin", "fast-green", "methyl-green")
 #: limits of the issue, on the standard region (points, relative, points, µm)

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--validation",
         action="store_true",
-        help="use the validation seeds (800000+) instead of the test seeds (900000+): "
-        "choose models and constants there, report on the test seeds",
+        help="use the validation seeds (800000+; long bones 960000+) instead of the test "
+        "seeds (900000+; long bones 950000+): choose models and constants there, report on "
+        "the test seeds",
     )
     parser.add_argument(
         "--precision",
@@ -105,11 +106,21 @@ def _run_long_bone(args: argparse.Namespace, progress, bar) -> int:
     import json
     from pathlib import Path
 
-    from histo.evaluate_long_bone import evaluate_long_bone, markdown_long_bone
+    from histo.evaluate_long_bone import (
+        LONG_BONE_EVAL_SEED_BASE,
+        LONG_BONE_VALIDATION_SEED_BASE,
+        evaluate_long_bone,
+        markdown_long_bone,
+    )
 
+    seed_base = LONG_BONE_VALIDATION_SEED_BASE if args.validation else LONG_BONE_EVAL_SEED_BASE
     try:
         report = evaluate_long_bone(
-            args.models, pixel_sizes=args.long_bone, progress=progress, device=args.device
+            args.models,
+            pixel_sizes=args.long_bone,
+            seed_base=seed_base,
+            progress=progress,
+            device=args.device,
         )
     finally:
         if bar is not None:
