@@ -1036,8 +1036,7 @@ def label_band(
     row, so every object is labelled exactly once however the slide is cut. Objects too small to
     be a cell (see ``MIN_*_AREA_UM2``), and osteoclasts farther than
     ``OSTEOCLAST_BONE_CONTACT_UM`` from bone, are removed and their pixels take ``alt_class`` (the
-    best non-cell class). First, the band's small holes in cartilage take the cartilage's
-    class (:func:`_fill_cartilage_lacunae`).
+    best non-cell class). Small holes in cartilage become cartilage first (:mod:`.cartilage`).
 
     The window is worked on in column blocks of ``block_cols`` with ``CONTEXT_UM`` of context
     either side (an object is owned by the block of its first 2 x 2 pixel block; one that
