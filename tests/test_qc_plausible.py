@@ -66,6 +66,26 @@ def test_osteoclast_seams_lining_every_bone_surface_fail():
     assert "thin seams" in sig["osteoclast.thickness_um"].reason
 
 
+def test_a_few_thin_cells_on_little_surface_are_not_judged_by_their_thickness():
+    """One 30 x 2 µm seam on 3.6 mm of bone surface (Oc.S/BS under 1 %) is what a false
+    positive on an oc-poor section looks like: its thickness is reported and passes; the
+    same seams along 20 % of the surface fail."""
+    cmap = _bone_bands()
+    y0 = BANDS[0][0]
+    cmap[y0 - 2 : y0, 100:130] = classes.OSTEOCLAST
+    sig = _signals(cmap)
+    th = sig["osteoclast.thickness_um"]
+    assert th.value < 2.5
+    assert th.status == PASS
+    assert sig["osteoclast.surface_pct"].value < 2.0
+    for y0, _ in BANDS:  # now 8 seams on each band's upper face: 20 % of the surface
+        for x in range(20, SIZE - 40, 70):
+            cmap[y0 - 2 : y0, x : x + 30] = classes.OSTEOCLAST
+    sig = _signals(cmap)
+    assert sig["osteoclast.surface_pct"].value > 2.0
+    assert sig["osteoclast.thickness_um"].status == FAIL
+
+
 def test_marrow_nuclei_read_as_osteocytes_fail():
     sig = _signals(_with_osteocytes(_bone_bands(), 8))  # one lacuna per 8 x 8 µm
     ot = sig["osteocyte.per_bone_mm2"]

@@ -58,6 +58,13 @@ def _osteoclast_thickness_um(osteoclasts: Sequence[Mapping]) -> float:
     return area / contact if contact > 0 else math.nan
 
 
+#: the cells' thickness is judged where osteoclasts cover at least this share of the bone
+#: surface (%): a stained edge read as osteoclasts lines much of it (an H&E ring, every
+#: trabecula), while a few false cells on an oc-poor section, whatever their shape, move
+#: neither Oc.S/BS nor the call (synthetic normal sections: 3-13 %)
+THICKNESS_MIN_SURFACE_PCT = 2.0
+
+
 def _judge(name: str, value: float, unit: str, why) -> Signal:
     """``grade`` that passes a value that is undefined because nothing was found to judge."""
     bounds = PLAUSIBLE_RANGES[name]
@@ -103,16 +110,25 @@ def _osteoclast_signals(indices: Mapping, osteoclasts: Sequence[Mapping]) -> lis
                 "a stained bone edge read as osteoclasts?"
             ),
         ),
-        _judge(
-            "osteoclast.thickness_um",
-            _osteoclast_thickness_um(osteoclasts),
-            "µm",
-            lambda v: (
-                f"osteoclasts are thin seams along the bone ({v:.1f} µm thick, cells >= 4 µm): "
-                "a stained bone edge read as osteoclasts?"
-            ),
-        ),
+        _thickness_signal(_osteoclast_thickness_um(osteoclasts), _value(indices, "Oc.S/BS")),
     ]
+
+
+def _thickness_signal(thickness_um: float, surface_pct: float) -> Signal:
+    """``osteoclast.thickness_um``, passed (with its value) where osteoclasts line too little
+    of the bone to matter (:data:`THICKNESS_MIN_SURFACE_PCT`)."""
+    name = "osteoclast.thickness_um"
+    if math.isfinite(thickness_um) and not surface_pct >= THICKNESS_MIN_SURFACE_PCT:
+        return Signal(name, thickness_um, "µm", PLAUSIBLE_RANGES[name].text(), PASS, "")
+    return _judge(
+        name,
+        thickness_um,
+        "µm",
+        lambda v: (
+            f"osteoclasts are thin seams along the bone ({v:.1f} µm thick, cells >= 4 µm): "
+            "a stained bone edge read as osteoclasts?"
+        ),
+    )
 
 
 def _osteocyte_signal(indices: Mapping) -> Signal:
