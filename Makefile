@@ -70,9 +70,13 @@ train: install
 	$(BIN)/histo train --out runs/histo-unet-lb3 --seed 9 \
 		--init runs/histo-unet-lb2/model.safetensors --lr 5e-4 --steps 1000 \
 		--surface-crops 0.4 --class-weights 1 1 1 2 4 2 2 --long-bone-crops 0.35
-	cp runs/histo-unet-lb3/model.safetensors histo/models/histo-unet/model.safetensors
+	$(BIN)/histo train --out runs/histo-unet-lb4 --seed 11 \
+		--init runs/histo-unet-lb3/model.safetensors --lr 3e-4 --steps 800 \
+		--surface-crops 0.5 --class-weights 1 1 1 2 4 2 2 --long-bone-crops 0.5
+	cp runs/histo-unet-lb4/model.safetensors histo/models/histo-unet/model.safetensors
 	$(BIN)/python -c "from histo.segment.registry import register_weights; \
 		register_weights('unet', 'histo/models/histo-unet/model.safetensors')"
+	$(BIN)/histo qc-reference --model default
 
 evaluate: install
 	$(BIN)/histo evaluate --out models/evaluation --cache runs/eval-cache
