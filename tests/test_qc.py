@@ -53,7 +53,7 @@ def test_in_domain_section_passes_every_check(in_domain):
     report = check_image(in_domain.image, in_domain.stated_pixel_size_um)
     assert report.status == PASS, report.reasons
     assert report.reasons == ""
-    assert 4.6 <= _signal(report, "scale.nucleus_um").value <= 9.2
+    assert 5.0 <= _signal(report, "scale.nucleus_um").value <= 7.5
 
 
 @pytest.mark.parametrize("kind", ["h-and-e", "trichrome"])
@@ -67,11 +67,14 @@ def test_eosin_or_trichrome_fails_the_stain_check(kind):
 
 @pytest.mark.parametrize(("factor", "word"), [(2.0, "large"), (0.5, "small")])
 def test_wrong_pixel_size_is_flagged_with_a_reason_naming_the_scale(in_domain, factor, word):
+    right = _signal(check_image(in_domain.image, in_domain.pixel_size_um), "scale.nucleus_um")
     report = check_image(in_domain.image, in_domain.pixel_size_um * factor)
     scale = _signal(report, "scale.nucleus_um")
     assert scale.status != PASS
     assert "pixel size looks ~" in scale.reason and f"too {word}" in scale.reason
     assert "marrow nuclei measure" in scale.reason
+    # nuclei measure in proportion to the stated pixel size (the old measure gave ~0.6x)
+    assert scale.value / right.value == pytest.approx(factor, rel=0.15)
 
 
 def test_blurred_section_is_flagged_out_of_focus(in_domain):

@@ -30,7 +30,7 @@ RANGES = {
     "stain.second_deg": Range((0.0, 15.0), (0.0, 19.0)),
     "stain.separation_deg": Range((30.0, INF), (20.0, INF)),
     "stain.second_share": Range((0.0, 0.55), (0.0, 0.7)),
-    "scale.nucleus_um": Range((3.8, 9.0), (3.0, 11.0)),
+    "scale.nucleus_um": Range((4.7, 8.1), (3.8, 10.0)),
 }
 #: marrow nucleus diameter (µm) expected at the true pixel size, as the checks measure it
 NUCLEUS_EXPECTED_UM = 6.0
@@ -121,10 +121,10 @@ def _scale_reason(measured_um: float) -> str:
     )
 
 
-def _scale_signal(sample: SlideSample) -> Signal:
-    diameter, _ = (
-        nucleus_diameter_um(sample.tiles, sample.pixel_size_um) if sample.tiles else (math.nan, 0)
-    )
+def _scale_signal(sample: SlideSample, native_um: float) -> Signal:
+    diameter = math.nan
+    if sample.tiles:
+        diameter = nucleus_diameter_um(sample.tiles, sample.pixel_size_um, native_um).diameter_um
     return grade("scale.nucleus_um", diameter, "µm", RANGES["scale.nucleus_um"], _scale_reason)
 
 
@@ -160,7 +160,7 @@ def check_slide(
     ps = require_pixel_size(slide)
     sample = sample_slide(slide, tissue=tissue, thumbnail=thumbnail)
     stains = estimate_stains(sample.tiles) if sample.tiles else None
-    signals = _tissue_signals(sample) + _stain_signals(stains) + [_scale_signal(sample)]
+    signals = _tissue_signals(sample) + _stain_signals(stains) + [_scale_signal(sample, ps)]
     signals += list(extra_signals)
     return QCReport(slide.name, ps, signals, time.perf_counter() - start)
 

@@ -52,17 +52,19 @@ def blur_um(tiles: list[np.ndarray], pixel_size_um: float) -> float:
     return float(np.sqrt(max(r * r / (q2 - 1.0) - p * p, 0.0)))
 
 
-def matrix_mask(tile: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+def matrix_mask(
+    tile: np.ndarray, pixel_size_um: float, od_sum: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(matrix, stained) masks of one tile: smooth wide stained patches, and stained tissue.
 
     Marrow is speckled with nuclei a few µm apart; bone matrix is smooth between osteocyte
     lacunae 20-30 µm apart. Smooth stained patches wider than :data:`MATRIX_MIN_WIDTH_UM`
-    count as matrix.
+    count as matrix. ``od_sum``, the tile's summed optical density, is computed when not given.
     """
     sigma = MATRIX_WINDOW_UM / pixel_size_um
     radius = max(1, int(round(MATRIX_MIN_WIDTH_UM / 2 / pixel_size_um)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    od = optical_density(tile).sum(axis=-1)
+    od = optical_density(tile).sum(axis=-1) if od_sum is None else od_sum
     mean = cv2.GaussianBlur(od, (0, 0), sigma)
     sq = cv2.GaussianBlur(od * od, (0, 0), sigma)
     cv = np.sqrt(np.clip(sq - mean * mean, 0.0, None)) / np.maximum(mean, 1e-3)
