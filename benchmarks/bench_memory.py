@@ -98,7 +98,12 @@ def tree_env(path: str | None) -> dict[str, str] | None:
     if path is None:
         return None
     root = Path(path).resolve()
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}"}
+    # PYTHONSAFEPATH: `python -m histo` would otherwise import the working folder's histo first
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}",
+        "PYTHONSAFEPATH": "1",
+    }
 
 
 def run_analyze(

@@ -75,7 +75,12 @@ def ensure_field(folder: Path, phenotype: str, size: int, seed: int) -> Path:
 
 def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) -> list[dict]:
     root = Path(path).resolve()
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}"}
+    # PYTHONSAFEPATH: `python -c` would otherwise import the working folder's histo first
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}",
+        "PYTHONSAFEPATH": "1",
+    }
     spec = json.dumps({"runs": runs, "repeat": repeat})
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, spec], env=env, capture_output=True, text=True, check=False

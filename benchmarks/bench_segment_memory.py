@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         mode, width, model = args.child
         print(json.dumps(child(mode, int(width), model)), flush=True)
         return
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.src))
+    # PYTHONSAFEPATH: the child would otherwise import the working folder's histo first
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.src), PYTHONSAFEPATH="1")
     print(
         f"{'mode':6} {'width':>6} {'rows':>5} {'traced MiB':>11} {'RSS+ MiB':>9} {'s':>6}  counts"
     )
