@@ -126,6 +126,10 @@ _TURNS = {"top": 0, "bottom": 2, "left": -1, "right": 1}
 _WORK_UM = 4.0
 #: thinnest cartilage band taken for a growth plate (µm): calcified cores are thinner
 _PLATE_MIN_UM = 40.0
+#: shortest growth plate (µm, longest side): a plate spans the metaphysis, about 1 mm wide in
+#: a mouse tibia or femur (Kilborn et al., Contemp Top Lab Anim Sci 2002;41:21); a patch of
+#: cartilage a network reads on a trabecular field is a speck of 50-100 µm
+_PLATE_MIN_LENGTH_UM = 300.0
 _NO_PLATE = "no growth plate found: measuring the whole field"
 #: cartilage pieces shorter than this (µm, longest side) do not stop a cortical run
 _CORE_MIN_UM = 100.0
@@ -154,10 +158,15 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 
 def _growth_plate(cartilage: np.ndarray, q: float) -> np.ndarray:
-    """The largest cartilage band at least _PLATE_MIN_UM thick (lacunae closed first)."""
+    """The largest cartilage band at least _PLATE_MIN_UM thick (lacunae closed first), if it
+    is at least _PLATE_MIN_LENGTH_UM long; else an empty mask."""
     m = cv2.morphologyEx(cartilage.astype(np.uint8), cv2.MORPH_CLOSE, _disk(6.0 / q))
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(_PLATE_MIN_UM / 2 / q))
-    return _largest(m > 0)
+    plate = _largest(m > 0)
+    ys, xs = np.nonzero(plate)
+    if ys.size == 0 or max(np.ptp(ys), np.ptp(xs)) + 1 < _PLATE_MIN_LENGTH_UM / q:
+        return np.zeros_like(plate)
+    return plate
 
 
 def _plate_side(plate: np.ndarray, envelope: np.ndarray) -> str:

@@ -68,6 +68,23 @@ def test_field_has_no_growth_plate():
     assert found.reason == "no growth plate found: measuring the whole field"
 
 
+def test_patches_of_cartilage_on_a_field_are_no_growth_plate():
+    """Blobs of cartilage of 50 x 100 µm (over 0.01 mm² together, each thicker than a
+    calcified core) on a trabecular field, as a network reads them, make no growth plate; a
+    band 60 x 400 µm does."""
+    from histo import classes
+
+    s = make_section("normal", 1500, 1.0, seed=2)
+    cm = s.class_map.copy()
+    for y, x in ((200, 200), (700, 900), (1200, 400), (300, 1200)):
+        cm[y : y + 50, x : x + 100] = classes.CARTILAGE
+    found = find_regions(cm, 1.0)
+    assert found.regions is None
+    assert found.reason == "no growth plate found: measuring the whole field"
+    cm[100:160, 500:900] = classes.CARTILAGE
+    assert find_regions(cm, 1.0).reason != "no growth plate found: measuring the whole field"
+
+
 def test_cartilage_apart_from_the_section_is_no_growth_plate_of_it():
     """A cartilage band far above the section (the standard region's rows hold no bone of
     the section) leaves the field measured whole instead of failing."""
