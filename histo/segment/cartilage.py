@@ -10,6 +10,8 @@ are the marrow spaces of the primary spongiosa, which are larger.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import cv2
@@ -65,10 +67,47 @@ def cartilage_holes(codes: np.ndarray, pixel_size_um: float) -> CartilageHoles |
     # each rim pixel counts for the (largest) small hole next to it; float32 holds labels
     # exactly up to 2**24
     own = np.where(small[labels], labels, 0).astype(np.float32)
-    near = cv2.dilate(own, np.ones((3, 3), np.uint8)).astype(np.intp)
+    near = cv2.dilate(own, np.ones((3, 3), np.uint8)).astype(np.int32)
+    del own
     rim = (near > 0) & (hole_px == 0)
     n_rim = np.bincount(near[rim], minlength=n)
     n_cartilage = np.bincount(near[rim & cartilage], minlength=n)
     n_hard = np.bincount(near[rim & _HARD_LUT[codes]], minlength=n)
     fill = small & (n_rim > 0) & (n_hard == n_rim) & (n_cartilage >= MIN_CARTILAGE_WALL * n_rim)
     return CartilageHoles(labels, stats, fill)
+
+
+class LacunaFill(NamedTuple):
+    """Pixels of a window's columns ``cols`` that are lacunae to give back to the cartilage."""
+
+    cols: slice
+    mask: np.ndarray  #: bool, (h, cols) of the window
+
+
+def cartilage_lacunae(
+    codes: np.ndarray,
+    pixel_size_um: float,
+    rows: tuple[int, int],
+    cols: tuple[int, int] | None = None,
+    block_cols: int = 2048,
+) -> Iterator[LacunaFill]:
+    """The lacunae (:func:`cartilage_holes`) whose top row lies in ``rows`` and leftmost
+    column in ``cols`` (default: all) of a class-code window, column block by column block.
+
+    Each block is looked at with the columns a lacuna can reach to its right, so a lacuna is
+    judged whole, once, and as on the whole window, in memory bounded by the block's width.
+    """
+    h, w = codes.shape
+    a, b = cols if cols is not None else (0, w)
+    reach = int(math.ceil(MAX_LACUNA_UM2 / pixel_size_um**2)) + 2
+    for c0 in range(a, b, block_cols):
+        c1 = min(b, c0 + block_cols)
+        x0, x1 = max(0, c0 - 1), min(w, c1 + reach)
+        holes = cartilage_holes(codes[:, x0:x1], pixel_size_um)
+        if holes is None:
+            continue
+        top = holes.stats[:, cv2.CC_STAT_TOP]
+        left = holes.stats[:, cv2.CC_STAT_LEFT] + x0
+        mine = holes.fill & (top >= rows[0]) & (top < rows[1]) & (left >= c0) & (left < c1)
+        if mine.any():
+            yield LacunaFill(slice(x0, x1), mine[holes.labels])

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from histo.classes import BONE, CARTILAGE, OSTEOCLAST, OSTEOCYTE
-from histo.segment.cartilage import cartilage_holes
+from histo.segment.cartilage import cartilage_lacunae
 
 #: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 120.0
@@ -997,24 +997,19 @@ def _remove_specks(
 
 def _fill_cartilage_lacunae(class_map: np.ndarray, band: _Band) -> None:
     """Give the band's chondrocyte lacunae read as holes back to the cartilage, in place
-    (:func:`histo.segment.cartilage.cartilage_holes`).
+    (:func:`histo.segment.cartilage.cartilage_lacunae`).
 
     A hole is the band's when its top row is owned (and its leftmost column, in a strip), so
     each is filled once; its rows below the band are not written out before the next band.
     """
-    holes = cartilage_holes(_classes(class_map, band.packed), band.pixel_size_um)
-    if holes is None:
-        return
-    top = holes.stats[:, cv2.CC_STAT_TOP]
-    mine = holes.fill & (top >= band.own_start) & (top < band.own_stop)
-    mine &= _in_own_cols(band, holes.stats[:, cv2.CC_STAT_LEFT], 0)
-    if not mine.any():
-        return
-    where = mine[holes.labels]
-    if band.packed:
-        class_map[where] = (class_map[where] & ~_CLASS_BITS) | np.uint8(CARTILAGE)
-    else:
-        class_map[where] = CARTILAGE
+    codes = _classes(class_map, band.packed)
+    rows = (band.own_start, band.own_stop)
+    for fill in cartilage_lacunae(codes, band.pixel_size_um, rows, band.own_cols):
+        box = class_map[:, fill.cols]
+        if band.packed:
+            box[fill.mask] = (box[fill.mask] & ~_CLASS_BITS) | np.uint8(CARTILAGE)
+        else:
+            box[fill.mask] = CARTILAGE
 
 
 def label_band(

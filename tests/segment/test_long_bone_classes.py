@@ -165,3 +165,25 @@ def test_small_holes_in_cartilage_are_cartilage_those_in_bone_stay(tibia):
         # elsewhere the map is what it is without the painted holes
         painted = cm != tibia.class_map
         assert (got == before)[~painted].all()
+
+
+def test_lacunae_found_block_by_block_are_those_of_the_whole_window(tibia):
+    """Column blocks narrower than the lacunae's spread find exactly the whole window's."""
+    from histo.segment.cartilage import cartilage_lacunae
+
+    cm, in_cart, _, _ = _holes_map(tibia, np.random.default_rng(6))
+
+    def filled(block_cols: int, rows=(0, cm.shape[0]), cols=None) -> np.ndarray:
+        out = np.zeros(cm.shape, bool)
+        for fill in cartilage_lacunae(cm, 2.0, rows, cols, block_cols=block_cols):
+            out[:, fill.cols] |= fill.mask
+        return out
+
+    whole = filled(10**6)
+    assert all(whole[y - 2 : y + 3, x - 2 : x + 3].all() for y, x in in_cart)
+    assert (filled(64) == whole).all()
+    # owned rows and columns split the lacunae without loss or overlap
+    h, w = cm.shape
+    parts = [filled(64, (r0, r1), (c0, c1)) for r0, r1 in ((0, 700), (700, h))
+             for c0, c1 in ((0, 450), (450, w))]  # fmt: skip
+    assert (sum(p.astype(int) for p in parts) == whole).all()
