@@ -27,6 +27,10 @@ MAX_LACUNA_UM2 = 150.0
 #: or osteocytes: not a majority, as a network reads part of a thin calcified-cartilage core
 #: around a lacuna as bone. A gap that an osteoclast walls is the resorption front's
 MIN_CARTILAGE_WALL = 0.25
+#: share of a column block's pixels that must be cartilage for its lacunae to be looked for:
+#: a long bone's growth plate and spongiosa hold far more; the few specks a network reads on
+#: a trabecular field (0.05 % of an 8192² field) hold no lacuna worth the labelling's memory
+MIN_CARTILAGE_SHARE = 0.005
 #: classes a lacuna is misread as
 _HOLE_LUT = np.zeros(256, np.uint8)
 _HOLE_LUT[[BACKGROUND, MARROW, SOFT_TISSUE]] = 1
@@ -48,11 +52,11 @@ def cartilage_holes(codes: np.ndarray, pixel_size_um: float) -> CartilageHoles |
     A hole is a component of glass, marrow or soft tissue (8-connected) of at most
     :data:`MAX_LACUNA_UM2`, not touching the window's edge (it may go on outside), whose rim
     is bone, osteocytes and cartilage, at least :data:`MIN_CARTILAGE_WALL` of it cartilage.
-    None when there is nothing to fill (a field without cartilage costs one count of its
-    pixels).
+    None when there is nothing to fill, or when under :data:`MIN_CARTILAGE_SHARE` of the
+    window is cartilage (then it costs one count of its pixels).
     """
     cartilage = codes == CARTILAGE
-    if not cv2.countNonZero(cartilage.view(np.uint8)):
+    if cv2.countNonZero(cartilage.view(np.uint8)) < MIN_CARTILAGE_SHARE * codes.size:
         return None
     hole_px = _HOLE_LUT[codes]
     n, labels, stats, _ = cv2.connectedComponentsWithStats(hole_px, connectivity=8)
@@ -89,13 +93,15 @@ def cartilage_lacunae(
     pixel_size_um: float,
     rows: tuple[int, int],
     cols: tuple[int, int] | None = None,
-    block_cols: int = 2048,
+    block_cols: int = 512,
 ) -> Iterator[LacunaFill]:
     """The lacunae (:func:`cartilage_holes`) whose top row lies in ``rows`` and leftmost
     column in ``cols`` (default: all) of a class-code window, column block by column block.
 
     Each block is looked at with the columns a lacuna can reach to its right, so a lacuna is
-    judged whole, once, and as on the whole window, in memory bounded by the block's width.
+    judged whole and once (as on the whole window, where the block holds enough cartilage:
+    :data:`MIN_CARTILAGE_SHARE`), in memory bounded by the block's width
+    (labels and rims take ~20 bytes a pixel; this runs beside the network's forward pass).
     """
     h, w = codes.shape
     a, b = cols if cols is not None else (0, w)
