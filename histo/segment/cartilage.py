@@ -3,9 +3,10 @@
 Cartilage (class 5) includes its lacunae (the class-map contract). A network often reads a
 small lacuna of growth-plate or calcified cartilage as marrow, soft tissue or glass: a hole in
 the cartilage, and since cartilage counts with bone (B.Ar, B.Pm), a bone surface where there is
-none. Such a hole, small and walled mostly by cartilage, is given back to the cartilage. Holes
-walled by bone are left alone (an empty osteocyte lacuna or a canal is not cartilage), and so
-are the marrow spaces of the primary spongiosa, which are larger.
+none. Such a hole, small, walled by hard tissue and at least a quarter by cartilage, is given
+back to the cartilage. Holes walled by bone alone are left alone (an empty osteocyte lacuna or
+a canal is not cartilage), and so are the marrow spaces of the primary spongiosa, which are
+larger.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 
 from histo.classes import BACKGROUND, BONE, CARTILAGE, MARROW, OSTEOCYTE, SOFT_TISSUE
 
-#: largest hole given back to the cartilage (µm²): a hypertrophic chondrocyte's lacuna is
-#: ~10-15 µm across (Hunziker 1994, Microsc Res Tech 28:505), the smallest marrow space the
-#: vascular invasion opens is a capillary sprout's
+#: largest hole given back to the cartilage (µm², a 14-µm disc): a lacuna of resting or
+#: proliferative cartilage is ~10 µm across, a hypertrophic one larger (Hunziker 1994, Microsc
+#: Res Tech 28:505); the marrow spaces of the primary spongiosa are larger still
 MAX_LACUNA_UM2 = 150.0
 #: share of the hole's wall (its 8-connected rim) that must be cartilage, the rest being bone
 #: or osteocytes: not a majority, as a network reads part of a thin calcified-cartilage core
