@@ -39,6 +39,26 @@ _HARD_LUT = np.zeros(256, bool)
 _HARD_LUT[[BONE, OSTEOCYTE, CARTILAGE]] = True
 
 
+def rim_counts(
+    labels: np.ndarray,
+    radius_px: int,
+    rim: np.ndarray,
+    masks: tuple[np.ndarray | None, ...],
+    n: int,
+) -> list[np.ndarray]:
+    """Per label (below ``n``), the pixels of ``rim`` within ``radius_px`` of it (Chebyshev)
+    that lie in each of ``masks`` (None: every rim pixel), as ``np.bincount`` arrays.
+
+    A rim pixel within reach of several labels counts for the largest; labels are dilated as
+    float32, exact up to 2**24.
+    """
+    size = 2 * radius_px + 1
+    square = np.ones((size, size), np.uint8)
+    near = cv2.dilate(labels.astype(np.float32), square).astype(np.int32)
+    rim = rim & (near > 0)
+    return [np.bincount(near[rim if m is None else rim & m], minlength=n) for m in masks]
+
+
 class CartilageHoles(NamedTuple):
     """Components of the hole classes of a window and which of them are lacunae to fill."""
 
@@ -69,15 +89,11 @@ def cartilage_holes(codes: np.ndarray, pixel_size_um: float) -> CartilageHoles |
     small[0] = False
     if not small.any():
         return None
-    # each rim pixel counts for the (largest) small hole next to it; float32 holds labels
-    # exactly up to 2**24
-    own = np.where(small[labels], labels, 0).astype(np.float32)
-    near = cv2.dilate(own, np.ones((3, 3), np.uint8)).astype(np.int32)
+    own = np.where(small[labels], labels, 0)
+    n_rim, n_cartilage, n_hard = rim_counts(
+        own, 1, hole_px == 0, (None, cartilage, _HARD_LUT[codes]), n
+    )
     del own
-    rim = (near > 0) & (hole_px == 0)
-    n_rim = np.bincount(near[rim], minlength=n)
-    n_cartilage = np.bincount(near[rim & cartilage], minlength=n)
-    n_hard = np.bincount(near[rim & _HARD_LUT[codes]], minlength=n)
     fill = small & (n_rim > 0) & (n_hard == n_rim) & (n_cartilage >= MIN_CARTILAGE_WALL * n_rim)
     return CartilageHoles(labels, stats, fill)
 
@@ -90,27 +106,32 @@ class LacunaFill(NamedTuple):
 
 
 def cartilage_lacunae(
-    codes: np.ndarray,
+    class_map: np.ndarray,
     pixel_size_um: float,
     rows: tuple[int, int],
     cols: tuple[int, int] | None = None,
     block_cols: int = 512,
+    class_bits: int = 0xFF,
 ) -> Iterator[LacunaFill]:
     """The lacunae (:func:`cartilage_holes`) whose top row lies in ``rows`` and leftmost
-    column in ``cols`` (default: all) of a class-code window, column block by column block.
+    column in ``cols`` (default: all) of a class-map window, column block by column block.
+    The class codes are the map's ``class_bits`` (the low bits of a packed map).
 
     Each block is looked at with the columns a lacuna can reach to its right, so a lacuna is
     judged whole and once (as on the whole window, where the block holds enough cartilage:
     :data:`MIN_CARTILAGE_SHARE`), in memory bounded by the block's width
     (labels and rims take ~20 bytes a pixel; this runs beside the network's forward pass).
     """
-    h, w = codes.shape
+    h, w = class_map.shape
     a, b = cols if cols is not None else (0, w)
     reach = int(math.ceil(MAX_LACUNA_UM2 / pixel_size_um**2)) + 2
     for c0 in range(a, b, block_cols):
         c1 = min(b, c0 + block_cols)
         x0, x1 = max(0, c0 - 1), min(w, c1 + reach)
-        holes = cartilage_holes(codes[:, x0:x1], pixel_size_um)
+        codes = class_map[:, x0:x1]
+        if class_bits != 0xFF:
+            codes = codes & np.uint8(class_bits)
+        holes = cartilage_holes(codes, pixel_size_um)
         if holes is None:
             continue
         top = holes.stats[:, cv2.CC_STAT_TOP]

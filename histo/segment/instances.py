@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from histo.classes import BONE, CARTILAGE, OSTEOCLAST, OSTEOCYTE
-from histo.segment.cartilage import cartilage_lacunae
+from histo.segment.cartilage import cartilage_lacunae, rim_counts
 
 #: smallest osteoclast kept, µm² (a 12 µm disc; real osteoclasts are 20-100 µm)
 MIN_OSTEOCLAST_AREA_UM2 = 120.0
@@ -693,11 +693,10 @@ def _in_cartilage(
     if ids.size == 0 or not cv2.countNonZero(cartilage.view(np.uint8)):
         return out  # a field without cartilage: nothing to do
     size = 2 * _RIM_PX + 1
-    square = np.ones((size, size), np.uint8)
     # the lacunae with a pixel within the rim's reach of cartilage (a byte a pixel)
-    near_cartilage = cv2.dilate(cartilage.view(np.uint8), square).view(bool)
+    near_cartilage = cv2.dilate(cartilage.view(np.uint8), np.ones((size, size), np.uint8))
     reached = np.zeros(stats.shape[0], bool)
-    reached[cc[near_cartilage]] = True
+    reached[cc[near_cartilage.view(bool)]] = True
     ids = ids[reached[ids]]
     if ids.size == 0:
         return out
@@ -708,12 +707,8 @@ def _in_cartilage(
     rows = slice(int(box.y0.min()), int(box.y1.max()))
     cols = slice(int(box.x0.min()), int(box.x1.max()))
     sub = cc[rows, cols]
-    # the largest label within the rim's reach; float32 holds labels exactly up to 2**24
-    near = cv2.dilate(sub.astype(np.float32), square).astype(np.intp)
-    rim = sub == 0
-    classes_sub = classes_w[rows, cols]
-    n_cart = np.bincount(near[rim & cartilage[rows, cols]], minlength=out.size)
-    n_bone = np.bincount(near[rim & (classes_sub == BONE)], minlength=out.size)
+    masks = (cartilage[rows, cols], classes_w[rows, cols] == BONE)
+    n_cart, n_bone = rim_counts(sub, _RIM_PX, sub == 0, masks, out.size)
     out[ids] = n_cart[ids] > n_bone[ids]
     return out
 
@@ -1002,9 +997,11 @@ def _fill_cartilage_lacunae(class_map: np.ndarray, band: _Band) -> None:
     A hole is the band's when its top row is owned (and its leftmost column, in a strip), so
     each is filled once; its rows below the band are not written out before the next band.
     """
-    codes = _classes(class_map, band.packed)
     rows = (band.own_start, band.own_stop)
-    for fill in cartilage_lacunae(codes, band.pixel_size_um, rows, band.own_cols):
+    bits = int(_CLASS_BITS) if band.packed else 0xFF
+    for fill in cartilage_lacunae(
+        class_map, band.pixel_size_um, rows, band.own_cols, class_bits=bits
+    ):
         box = class_map[:, fill.cols]
         if band.packed:
             box[fill.mask] = (box[fill.mask] & ~_CLASS_BITS) | np.uint8(CARTILAGE)
