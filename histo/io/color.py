@@ -53,3 +53,13 @@ def optical_density(rgb: np.ndarray, base: float = 10.0) -> np.ndarray:
     if rgb.dtype != np.uint8:
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)
     return od_lookup(float(base))[rgb[..., :3]]
+
+
+def summed_od(rgb: np.ndarray) -> np.ndarray:
+    """Optical density summed over the three channels (base 10), float32, shape (...):
+    ``optical_density(rgb).sum(axis=-1)`` without its (..., 3) float temporary."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+    lookup = od_lookup()
+    return lookup[rgb[..., 0]] + lookup[rgb[..., 1]] + lookup[rgb[..., 2]]

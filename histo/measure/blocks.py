@@ -48,7 +48,7 @@ import numpy as np
 from histo import classes
 from histo.errors import ClassMapError
 from histo.io.blocks import Block, Prefetch, iter_blocks, read_2d, shape_2d
-from histo.io.color import od_lookup, optical_density
+from histo.io.color import od_lookup, optical_density, summed_od
 from histo.measure.indices import (
     CODES_TEXT,
     CountingRules,
@@ -340,20 +340,6 @@ class _BlockImage(NamedTuple):
     targets: _Boxes  #: the osteoclasts counted here (:func:`_whole_owned`)
 
 
-def _od_sum(rgb: np.ndarray) -> np.ndarray:
-    """Summed optical density (float32) of (..., 3) uint8 pixels, as ``od.sum(axis=-1)``.
-
-    One look-up per channel, added in float32 in channel order: bit for bit the sum of
-    :func:`histo.io.color.optical_density` over its last axis, without the (..., 3) array.
-    """
-    import cv2
-
-    od = cv2.LUT(np.ascontiguousarray(rgb[..., :3]), _OD_LUT)
-    out = od[..., 0] + od[..., 1]
-    out += od[..., 2]
-    return out
-
-
 def _read_block_image(plan: _Plan, win: _Window) -> _BlockImage:
     b = win.block
     cy, cx = b.core
@@ -368,7 +354,7 @@ def _read_block_image(plan: _Plan, win: _Window) -> _BlockImage:
     if rgb.dtype != np.uint8:
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)  # as optical_density reads it
     core_rgb = rgb[cy.start - ry0 : cy.stop - ry0, cx.start - rx0 : cx.stop - rx0]
-    return _BlockImage(rgb, (ry0, rx0), core_rgb, _od_sum(core_rgb), targets)
+    return _BlockImage(rgb, (ry0, rx0), core_rgb, summed_od(core_rgb), targets)
 
 
 def _add_objects(acc: _Accumulator, win: _Window, image: _BlockImage | None) -> None:

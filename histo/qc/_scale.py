@@ -17,7 +17,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from histo.io.color import od_lookup
+from histo.io.color import summed_od
 from histo.qc._tissue import matrix_mask
 
 #: blob scales searched, as nucleus diameters in µm (geometric steps of ~17 %): the first and
@@ -63,8 +63,7 @@ def stain_amount(tile: np.ndarray) -> np.ndarray:
     then measured 2.4 µm at their true scale); and a stain vector estimated a few degrees
     off mixes the TRAP red into it.
     """
-    lookup = od_lookup()
-    return lookup[tile[..., 0]] + lookup[tile[..., 1]] + lookup[tile[..., 2]]
+    return summed_od(tile)
 
 
 class ScaleResponse(NamedTuple):

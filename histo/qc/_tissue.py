@@ -5,7 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from histo.qc._stain import OD_FLOOR, optical_density
+from histo.io.color import summed_od
+from histo.qc._stain import OD_FLOOR
 
 #: pre-smoothing (µm) that takes pixel noise and JPEG blocking out of the focus measure
 FOCUS_PRESMOOTH_UM = 0.5
@@ -38,7 +39,7 @@ def blur_um(tiles: list[np.ndarray], pixel_size_um: float) -> float:
     p, r = FOCUS_PRESMOOTH_UM, FOCUS_REBLUR_UM
     before, after = 0.0, 0.0
     for tile in tiles:
-        od = optical_density(tile).sum(axis=-1)
+        od = summed_od(tile)
         where = cv2.GaussianBlur(od, (0, 0), 2.0 / pixel_size_um) > OD_FLOOR
         if where.sum() < 1000:
             continue
@@ -64,7 +65,7 @@ def matrix_mask(
     sigma = MATRIX_WINDOW_UM / pixel_size_um
     radius = max(1, int(round(MATRIX_MIN_WIDTH_UM / 2 / pixel_size_um)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    od = optical_density(tile).sum(axis=-1) if od_sum is None else od_sum
+    od = summed_od(tile) if od_sum is None else od_sum
     mean = cv2.GaussianBlur(od, (0, 0), sigma)
     sq = cv2.GaussianBlur(od * od, (0, 0), sigma)
     cv = np.sqrt(np.clip(sq - mean * mean, 0.0, None)) / np.maximum(mean, 1e-3)
