@@ -275,3 +275,35 @@ def test_cli_synth_long_bone(tmp_path, capsys):
     assert region_paths(out)["standard"].exists()
     with pytest.raises(SystemExit, match="too small"):
         main([*args, "--size", "300", "--out", str(tmp_path / "small.ome.tif")])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_howships_lacuna_stays_open_to_the_marrow_on_a_curved_surface(seed):
+    """A pit lies under its osteoclast, no deeper than its depth: no channel under the bone.
+
+    A marrow cavity of radius 25 µm in bone; a 50-µm osteoclast on its wall with a 1.5-µm pit.
+    A pit cut as a flat ellipse along the tangent would reach ~10 µm into the bone at its ends.
+    """
+    from dataclasses import replace
+
+    from histo.synth._cells import _osteoclast_at, bone_surface
+    from histo.synth._geometry import PHENOTYPE_PARAMS
+
+    yy, xx = np.mgrid[:160, :160]
+    sdf = (np.hypot(yy - 80.0, xx - 80.0) - 25.0).astype(np.float32)  # µm at 1 µm/px
+    pp = replace(PHENOTYPE_PARAMS["oc-rich"], oc_length_um=(50.0, 50.0), pit_depth_um=(1.5, 1.5))
+    oc = _osteoclast_at(
+        np.random.default_rng(seed),
+        105,
+        80,
+        bone_surface(sdf, 1.0),
+        sdf,
+        np.ones_like(sdf, bool),
+        pp,
+        1.0,
+    )
+    carved = np.zeros(sdf.shape, bool)
+    carved[oc.window] = oc.carved
+    depth_px = ndi.distance_transform_edt(sdf > 0)  # from the marrow before the pit
+    assert carved.sum() > 20
+    assert depth_px[carved].max() <= 1.5 + 1.0
