@@ -57,12 +57,15 @@ def test_in_domain_section_passes_every_check(in_domain):
 
 
 @pytest.mark.parametrize("kind", ["h-and-e", "trichrome"])
-def test_eosin_or_trichrome_fails_the_stain_check(kind):
+def test_eosin_or_trichrome_is_flagged_by_the_stain_check(kind):
+    """Flagged, by a stain signal: a warn or a fail (docs/qc.md: trichrome-like sections fail
+    on 25-62 % of the held-out sets and are warned on the rest)."""
     case = make_case(kind, 12, SIZE, 1.0, counterstain="hematoxylin", phenotype="normal")
     report = check_image(case.image, case.stated_pixel_size_um)
     stain = [s for s in report.signals if s.name.startswith("stain.")]
-    assert report.status == FAIL
-    assert any(s.status == FAIL for s in stain), report.reasons
+    assert report.status in (WARN, FAIL)
+    assert any(s.status != PASS for s in stain), report.reasons
+    assert "stain" in report.reasons or "counterstain" in report.reasons, report.reasons
 
 
 @pytest.mark.parametrize(("factor", "word"), [(2.0, "large"), (0.5, "small")])
