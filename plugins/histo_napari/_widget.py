@@ -93,7 +93,7 @@ class HistoWidget(QWidget):
         self.results = ResultsPanel()
         self.correct = CorrectForm(napari_viewer)
         self.layers = ResultLayers(napari_viewer)
-        warm_up()
+        warm_up(napari_viewer)
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run
@@ -132,6 +132,11 @@ class HistoWidget(QWidget):
     def running(self) -> bool:
         """True while a run, re-measure, save or fine-tuning is going on."""
         return self.worker is not None or self._showing or self.train.running
+
+    @property
+    def showing(self) -> bool:
+        """True while the result layers of a finished job are being put in the viewer."""
+        return self._showing
 
     def table_indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""
@@ -271,7 +276,7 @@ class HistoWidget(QWidget):
         try:
             if "low_confidence" not in shown.layers:  # not the last run's unsure blocks
                 self.layers.drop("low_confidence")
-            self.layers.show(shown.layers, then=shown_all)
+            self.layers.show(shown.layers, then=shown_all, collect_first=True)
         except Exception as exc:  # noqa: BLE001 - never take the viewer down
             self._showing = False
             log.exception("showing the result failed")
