@@ -22,6 +22,7 @@ from histo_napari._geometry import Placement
 
 if TYPE_CHECKING:
     import napari
+    from qtpy.QtWidgets import QWidget
 
     from histo_napari._worker import AnalysisOutput
 
@@ -152,19 +153,16 @@ def centres_layer(measurement: Any, place: Placement, slide_name: str) -> Points
     )
 
 
-def warm_up(viewer: napari.Viewer | None = None) -> None:
+def warm_up() -> None:
     """Build a tiny result layer of each kind once, when the widget opens.
 
     The first layers built import and initialise much (unit registry, data frames, colour
     maps); in a worker that would compete with the GUI thread for the interpreter at the
-    moment results arrive. With ``viewer``, its canvas's glyphs are drawn too
-    (:func:`warm_glyphs`).
+    moment results arrive.
     """
     place = Placement((1.0, 1.0), (0.0, 0.0))
     Labels(np.zeros((2, 2), np.uint8), colormap=class_colormap(), **_units(place))
     centres_layer(SimpleNamespace(osteoclasts=[], pixel_size_um=1.0), place, "warm-up")
-    if viewer is not None:
-        warm_glyphs(viewer)
 
 
 #: characters vispy's text visual measures before it lays out any text, even an empty one
@@ -172,20 +170,22 @@ def warm_up(viewer: napari.Viewer | None = None) -> None:
 LAYOUT_GLYPHS = "ÅÉÑŐjgpqy"
 
 
-def warm_glyphs(viewer: napari.Viewer) -> None:
+def warm_glyphs(window: QWidget) -> None:
     """Render the glyphs of the canvas's font that the first text visual drawn needs.
 
     A points layer carries a text visual, empty or not; the first one drawn in a viewer
     renders these glyphs (signed distance fields, on the CPU) within that paint, on top of
     the compilation of the layer's shaders. Done here, they are ready in the font's cache.
-    Nothing is done where napari's canvas does not keep a font this way.
+    ``window`` is napari's main window (the viewer a plugin gets does not lead to its Qt
+    side); nothing is done without a viewer in it.
     """
-    canvas = getattr(getattr(viewer.window, "_qt_viewer", None), "canvas", None)
-    info = getattr(canvas, "font_info", None)
-    if info is None:
+    from napari.qt import QtViewer
+
+    qt_viewer = window.findChild(QtViewer)
+    if qt_viewer is None:
         return
-    font_info = info()
-    font = font_info.font_manager.get_font(font_info.face)
+    info = qt_viewer.canvas.font_info()
+    font = info.font_manager.get_font(info.face)
     for char in LAYOUT_GLYPHS:
         font[char]
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QGroupBox, QScrollArea, QVBoxLayout, QWidget
 
 from histo.errors import Cancelled, HistoError, PixelSizeError
@@ -37,7 +37,13 @@ from histo_napari import _worker as jobs
 from histo_napari._finetune import TrainPanel
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
-from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
+from histo_napari._layers import (
+    ResultLayers,
+    centres_layer,
+    run_layers,
+    warm_glyphs,
+    warm_up,
+)
 from histo_napari._region import RegionEditor
 from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
 from histo_napari._results import ResultsPanel
@@ -93,7 +99,7 @@ class HistoWidget(QWidget):
         self.results = ResultsPanel()
         self.correct = CorrectForm(napari_viewer)
         self.layers = ResultLayers(napari_viewer)
-        warm_up(napari_viewer)
+        warm_up()
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run
@@ -126,6 +132,11 @@ class HistoWidget(QWidget):
         self.correct.remeasure_button.clicked.connect(lambda: self.remeasure())
         self.correct.save_button.clicked.connect(lambda: self.save_class_map())
         self.correct.export_button.clicked.connect(lambda: self.export_csv())
+        # once docked, in the window of the viewer (the next turn of the event loop)
+        QTimer.singleShot(0, self._warm_glyphs)
+
+    def _warm_glyphs(self) -> None:
+        warm_glyphs(self.window())
 
     # ---- state
     @property

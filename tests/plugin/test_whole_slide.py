@@ -138,3 +138,17 @@ def test_result_layers_join_hidden_and_show_in_a_later_turn(qtbot, make_napari_v
     assert viewer.layers["classes"] is not classes and viewer.layers["classes"].data[0, 0] == 2
     assert not viewer.layers["classes"].visible and viewer.layers["cells"].visible
     assert [layer.name for layer in viewer.layers] == ["classes", "cells"]
+
+
+def test_the_canvas_glyphs_are_rendered_once_the_widget_is_docked(qtbot, make_napari_viewer):
+    from histo_napari._layers import LAYOUT_GLYPHS
+    from histo_napari._widget import HistoWidget
+    from napari.qt import QtViewer
+
+    viewer = make_napari_viewer()
+    widget = HistoWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    info = widget.window().findChild(QtViewer).canvas.font_info()
+    glyphs = info.font_manager.get_font(info.face)._glyphs  # what the first text visual reads
+    assert not set(LAYOUT_GLYPHS) <= set(glyphs)
+    qtbot.waitUntil(lambda: set(LAYOUT_GLYPHS) <= set(glyphs), timeout=5_000)
