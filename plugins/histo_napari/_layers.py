@@ -22,7 +22,6 @@ from histo_napari._geometry import Placement
 
 if TYPE_CHECKING:
     import napari
-    from qtpy.QtWidgets import QWidget
 
     from histo_napari._worker import AnalysisOutput
 
@@ -170,18 +169,22 @@ def warm_up() -> None:
 LAYOUT_GLYPHS = "ÅÉÑŐjgpqy"
 
 
-def warm_glyphs(window: QWidget) -> None:
+def warm_glyphs(viewer: napari.Viewer) -> None:
     """Render the glyphs of the canvas's font that the first text visual drawn needs.
 
     A points layer carries a text visual, empty or not; the first one drawn in a viewer
     renders these glyphs (signed distance fields, on the CPU) within that paint, on top of
     the compilation of the layer's shaders. Done here, they are ready in the font's cache.
-    ``window`` is napari's main window (the viewer a plugin gets does not lead to its Qt
-    side); nothing is done without a viewer in it.
+    The viewer's Qt side is found among the application's windows (a plugin's viewer is a
+    proxy that does not lead to it); nothing is done for a viewer without one.
     """
     from napari.qt import QtViewer
+    from qtpy.QtWidgets import QApplication
 
-    qt_viewer = window.findChild(QtViewer)
+    model = getattr(viewer, "__wrapped__", viewer)  # the viewer behind a plugin's proxy
+    windows = QApplication.topLevelWidgets()
+    found = (w if isinstance(w, QtViewer) else w.findChild(QtViewer) for w in windows)
+    qt_viewer = next((q for q in found if q is not None and q.viewer is model), None)
     if qt_viewer is None:
         return
     info = qt_viewer.canvas.font_info()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog, QGroupBox, QScrollArea, QVBoxLayout, QWidget
 
 from histo.errors import Cancelled, HistoError, PixelSizeError
@@ -100,6 +100,7 @@ class HistoWidget(QWidget):
         self.correct = CorrectForm(napari_viewer)
         self.layers = ResultLayers(napari_viewer)
         warm_up()
+        warm_glyphs(napari_viewer)
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run
@@ -132,11 +133,6 @@ class HistoWidget(QWidget):
         self.correct.remeasure_button.clicked.connect(lambda: self.remeasure())
         self.correct.save_button.clicked.connect(lambda: self.save_class_map())
         self.correct.export_button.clicked.connect(lambda: self.export_csv())
-        # once docked, in the window of the viewer (the next turn of the event loop)
-        QTimer.singleShot(0, self._warm_glyphs)
-
-    def _warm_glyphs(self) -> None:
-        warm_glyphs(self.window())
 
     # ---- state
     @property

@@ -140,15 +140,16 @@ def test_result_layers_join_hidden_and_show_in_a_later_turn(qtbot, make_napari_v
     assert [layer.name for layer in viewer.layers] == ["classes", "cells"]
 
 
-def test_the_canvas_glyphs_are_rendered_once_the_widget_is_docked(qtbot, make_napari_viewer):
+def test_the_canvas_glyphs_are_rendered_when_the_widget_is_made(make_napari_viewer):
     from histo_napari._layers import LAYOUT_GLYPHS
     from histo_napari._widget import HistoWidget
     from napari.qt import QtViewer
+    from napari.utils._proxies import PublicOnlyProxy
 
     viewer = make_napari_viewer()
-    widget = HistoWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    info = widget.window().findChild(QtViewer).canvas.font_info()
+    (qt_viewer,) = (q for q in QtViewer._instances if q.viewer is viewer)
+    info = qt_viewer.canvas.font_info()
     glyphs = info.font_manager.get_font(info.face)._glyphs  # what the first text visual reads
     assert not set(LAYOUT_GLYPHS) <= set(glyphs)
-    qtbot.waitUntil(lambda: set(LAYOUT_GLYPHS) <= set(glyphs), timeout=5_000)
+    HistoWidget(PublicOnlyProxy(viewer))  # as napari hands a viewer to a plugin's widget
+    assert set(LAYOUT_GLYPHS) <= set(glyphs)
