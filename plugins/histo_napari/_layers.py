@@ -164,6 +164,35 @@ def warm_up() -> None:
     centres_layer(SimpleNamespace(osteoclasts=[], pixel_size_um=1.0), place, "warm-up")
 
 
+#: characters vispy's text visual measures before it lays out any text, even an empty one
+#: (``vispy.visuals.text.text._text_to_vbo``)
+LAYOUT_GLYPHS = "ÅÉÑŐjgpqy"
+
+
+def warm_glyphs(viewer: napari.Viewer) -> None:
+    """Render the glyphs of the canvas's font that the first text visual drawn needs.
+
+    A points layer carries a text visual, empty or not; the first one drawn in a viewer
+    renders these glyphs (signed distance fields, on the CPU) within that paint, on top of
+    the compilation of the layer's shaders. Done here, they are ready in the font's cache.
+    The viewer's Qt side is found among the application's windows (a plugin's viewer is a
+    proxy that does not lead to it); nothing is done for a viewer without one.
+    """
+    from napari.qt import QtViewer
+    from qtpy.QtWidgets import QApplication
+
+    model = getattr(viewer, "__wrapped__", viewer)  # the viewer behind a plugin's proxy
+    windows = QApplication.topLevelWidgets()
+    found = (w if isinstance(w, QtViewer) else w.findChild(QtViewer) for w in windows)
+    qt_viewer = next((q for q in found if q is not None and q.viewer is model), None)
+    if qt_viewer is None:
+        return
+    info = qt_viewer.canvas.font_info()
+    font = info.font_manager.get_font(info.face)
+    for char in LAYOUT_GLYPHS:
+        font[char]
+
+
 def in_turns(steps: list[Callable[[], None]], then: Callable[[], None] | None = None) -> None:
     """Run ``steps`` on the GUI thread one per turn of the event loop, then ``then``."""
     from qtpy.QtCore import QTimer
@@ -175,11 +204,27 @@ def in_turns(steps: list[Callable[[], None]], then: Callable[[], None] | None = 
             if then is not None:
                 then()
             return
-        pending.pop(0)()
-        # a delay, not 0: other timers and input get their turn between two steps
-        QTimer.singleShot(LAYER_STAGGER_MS, run_next)
+        try:
+            pending.pop(0)()
+        finally:  # a failed step still lets the others and ``then`` run
+            # a delay, not 0: other timers and input get their turn between two steps
+            QTimer.singleShot(LAYER_STAGGER_MS, run_next)
 
     QTimer.singleShot(0, run_next)
+
+
+def collect_garbage() -> None:
+    """A full collection of Python's cyclic garbage collector, in a turn of its own.
+
+    An analysis leaves enough long-lived objects behind that the collector's next full
+    pass comes due while its results are being shown; that pass walks every object of the
+    process, napari's included, and in the same turn as a new layer it blocked the GUI
+    thread twice as long. Done first, the pass is alone in its turn and frees the
+    analysis's garbage before the layers are built.
+    """
+    import gc
+
+    gc.collect()
 
 
 def detach_overlays(layer: Layer) -> dict[str, Any]:
@@ -209,6 +254,7 @@ class ResultLayers:
     def __init__(self, viewer: napari.Viewer) -> None:
         self.viewer = viewer
         self._layers: dict[str, Layer] = {}
+        self._hidden: dict[str, Layer] = {}  #: put in the viewer hidden, to be shown
 
     def get(self, key: str) -> Layer | None:
         """The result layer ``key`` if it is still in the viewer."""
@@ -223,18 +269,26 @@ class ResultLayers:
         )
         return self.get(key) or next(same_name, None)
 
-    def show(self, layers: dict[str, Layer], then: Callable[[], None] | None = None) -> None:
+    def show(
+        self,
+        layers: dict[str, Layer],
+        then: Callable[[], None] | None = None,
+        collect_first: bool = False,
+    ) -> None:
         """Put prepared layers in the viewer (GUI thread), each where its predecessor was.
 
-        One layer, then each of its editing overlays, per turn of the event loop, starting at
-        the next: napari builds a layer's visual and controls on the GUI thread, so adding
-        them all at once would block it that much longer. ``then`` is called once the last
-        one is in.
+        One step per turn of the event loop, starting at the next: a layer joins the viewer
+        hidden (napari builds its visual and controls), is shown (its data are sliced and
+        drawn for the first time), then gets back its editing overlays one by one. napari
+        does all of it on the GUI thread, and each turn ends with the window's repaint, so
+        adding a layer at once would block the GUI thread that much longer. With
+        ``collect_first`` (after an analysis), :func:`collect_garbage` is the first step.
+        ``then`` is called once the last step is done.
         """
-        pending: list[Callable[[], None]] = []
+        pending: list[Callable[[], None]] = [collect_garbage] if collect_first else []
         for key, layer in layers.items():
             overlays = detach_overlays(layer)
-            pending.append(partial(self._put, key, layer))
+            pending += [partial(self._put, key, layer), partial(self._reveal, key)]
             pending += [partial(attach_overlay, layer, name, o) for name, o in overlays.items()]
         in_turns(pending, then)
 
@@ -247,19 +301,30 @@ class ResultLayers:
 
     def _put(self, key: str, new: Layer) -> None:
         old = self._previous(key, new)
-        if old is None:
-            self.viewer.layers.append(new)
-        elif isinstance(old, Points):  # cheaper than a new visual: take the new points
+        if isinstance(old, Points):  # cheaper than a new visual: take the new points
             old.data, old.features = new.data, new.features
             old.scale, old.translate = new.scale, new.translate
-            new = old
-        else:
+            self._layers[key] = old
+            return
+        if old is not None:
             for name in KEPT_PROPERTIES:
                 setattr(new, name, getattr(old, name))
+        if new.visible:  # drawn first in a turn of its own, by _reveal
+            new.visible = False
+            self._hidden[key] = new
+        if old is None:
+            self.viewer.layers.append(new)
+        else:
             index = self.viewer.layers.index(old)
             self.viewer.layers.remove(old)
             self.viewer.layers.insert(index, new)
         self._layers[key] = new
+
+    def _reveal(self, key: str) -> None:
+        """Show a layer :meth:`_put` hid (napari slices a hidden layer only once shown)."""
+        layer = self._hidden.pop(key, None)
+        if layer is not None and layer in self.viewer.layers:
+            layer.visible = True
 
     def instances_of(self, cmap_layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The run's osteoclast and osteocyte instances shown beside ``cmap_layer``."""

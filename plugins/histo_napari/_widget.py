@@ -37,7 +37,13 @@ from histo_napari import _worker as jobs
 from histo_napari._finetune import TrainPanel
 from histo_napari._form import PROGRESS_STEPS, CorrectForm, RunControls, SectionForm
 from histo_napari._geometry import Placement, region_polygons
-from histo_napari._layers import ResultLayers, centres_layer, run_layers, warm_up
+from histo_napari._layers import (
+    ResultLayers,
+    centres_layer,
+    run_layers,
+    warm_glyphs,
+    warm_up,
+)
 from histo_napari._region import RegionEditor
 from histo_napari._regions_layer import regions_layers, remeasure_region, run_region
 from histo_napari._results import ResultsPanel
@@ -94,6 +100,7 @@ class HistoWidget(QWidget):
         self.correct = CorrectForm(napari_viewer)
         self.layers = ResultLayers(napari_viewer)
         warm_up()
+        warm_glyphs(napari_viewer)
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run
@@ -132,6 +139,11 @@ class HistoWidget(QWidget):
     def running(self) -> bool:
         """True while a run, re-measure, save or fine-tuning is going on."""
         return self.worker is not None or self._showing or self.train.running
+
+    @property
+    def showing(self) -> bool:
+        """True while the result layers of a finished job are being put in the viewer."""
+        return self._showing
 
     def table_indices(self) -> dict[str, float]:
         """The indices shown in the table (name -> value)."""
@@ -271,7 +283,7 @@ class HistoWidget(QWidget):
         try:
             if "low_confidence" not in shown.layers:  # not the last run's unsure blocks
                 self.layers.drop("low_confidence")
-            self.layers.show(shown.layers, then=shown_all)
+            self.layers.show(shown.layers, then=shown_all, collect_first=True)
         except Exception as exc:  # noqa: BLE001 - never take the viewer down
             self._showing = False
             log.exception("showing the result failed")
