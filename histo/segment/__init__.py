@@ -162,7 +162,11 @@ class NetworkSegmenter(Segmenter):
         import torch
 
         from histo.device import half_precision, resolve_device
-        from histo.segment.network import fuse_for_inference
+        from histo.segment.network import (
+            FusedCPUNetwork,
+            fuse_for_inference,
+            onednn_fusion_available,
+        )
 
         self.device = resolve_device(device)
         if self.device.type == "cpu":
@@ -178,25 +182,32 @@ class NetworkSegmenter(Segmenter):
         self.net = fuse_for_inference(net.eval()).to(memory_format=torch.channels_last)
         if self.device.type != "cpu":
             self.net = self.net.to(self.device)
+        self._fused_cpu = None
+        if self.device.type == "cpu" and self.precision == "bfloat16" and onednn_fusion_available():
+            self._fused_cpu = FusedCPUNetwork(self.net)
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         import torch
+
+        from histo.segment.network import scores_from_logits
 
         if self.device.type != "cpu":
             return self.predict_scores_batch([rgb])[0]
         rgb, h, w = _pad16(rgb)
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
-        ):
-            out = self.net(x)[0].float()
-            n_cls = self.n_outputs - 1
-            probs = torch.softmax(out[:n_cls], dim=0)
-            centre = torch.sigmoid(out[n_cls:])
-            scores = torch.cat([probs, centre], 0)[:, :h, :w]
-        return np.ascontiguousarray(scores.numpy(), dtype=np.float32)
+        if self._fused_cpu is not None:
+            with torch.inference_mode():
+                logits = self._fused_cpu(x)
+        else:
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
+            ):
+                logits = self.net(x)
+        with torch.inference_mode():
+            scores = scores_from_logits(logits, self.n_outputs - 1)[0, :, :h, :w]
+        return np.ascontiguousarray(scores.numpy())
 
     @property
     def tiles_per_batch(self) -> int:

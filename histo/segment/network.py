@@ -184,6 +184,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def scores_from_logits(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Scores of the network's logits: (N, n_outputs, H, W) float32, contiguous.
+
+    Class probabilities (softmax over the first ``n_classes`` channels), then the centre
+    map (sigmoid of the rest). ``logits`` may be of any floating dtype and memory format
+    (the network's are bfloat16 and channels-last): they are converted and laid out as
+    planes in one pass, and the softmax and sigmoid then run in place. Each image's class
+    planes are contiguous, so the softmax is the one ``torch.softmax(..., dim=0)`` computes
+    on a planar copy, bit for bit.
+    """
+    scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    scores.copy_(logits)
+    for image in scores:
+        probs = image[:n_classes]
+        torch._softmax(probs, 0, False, out=probs)
+    torch.sigmoid_(scores[:, n_classes:])
+    return scores
+
+
 def fuse_for_inference(model: HistoUNet) -> HistoUNet:
     """Fold each BatchNorm into its convolution and rewrite the decoder blocks as
     :class:`UpsampleConcatConv` (in place), for faster inference. Not for training.
@@ -202,6 +221,118 @@ def fuse_for_inference(model: HistoUNet) -> HistoUNet:
         if isinstance(block, ConvBNAct):
             model.up[k] = UpsampleConcatConv(block[0], c_up=w[len(w) - 1 - k])
     return model
+
+
+def onednn_fusion_available() -> bool:
+    """True when torch has oneDNN's convolutions with fused post-ops (CPU builds with oneDNN)."""
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        )
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch builds without oneDNN
+        return False
+
+
+class _PackedConv(NamedTuple):
+    """A convolution's weights for oneDNN: bfloat16, channels-last."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1) -> _PackedConv:
+    w = weight.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    b = None if bias is None else bias.detach().to(torch.bfloat16)
+    return _PackedConv(w, b, [int(stride)] * 2, [int(padding)] * 2)
+
+
+class FusedCPUNetwork:
+    """A folded :class:`HistoUNet` (:func:`fuse_for_inference`) run on the CPU in bfloat16
+    with oneDNN's fused post-ops (inference only).
+
+    Each convolution applies its ReLU as it writes its output, and each decoder block
+    (:class:`UpsampleConcatConv`) adds the upsampled phases and applies the ReLU inside the
+    skip's convolution: the activations are not read and written again by separate passes
+    (on a 768-px tile those passes took about a third of the network's time). The weights are
+    the bfloat16 ones autocast would use; the logits differ from autocast's only where the
+    decoder's sum is rounded to bfloat16 once instead of twice (docs/performance.md).
+
+    Calling it with an (N, 3, H, W) float tensor in [0, 1] (H, W multiples of 16) returns
+    the (N, n_outputs, H, W) bfloat16 logits, channels-last.
+    """
+
+    def __init__(self, net: HistoUNet) -> None:
+        self.encoder = [_packed(net.stem[0].weight, net.stem[0].bias)]
+        for stage in net.down:
+            for block in stage:
+                conv = block[0]
+                self.encoder.append(_packed(conv.weight, conv.bias, conv.stride[0]))
+        self.stages = [len(stage) for stage in net.down]
+        self.decoder = []
+        for block in net.up:
+            if not isinstance(block, UpsampleConcatConv):
+                raise ValueError("FusedCPUNetwork: fold the network first (fuse_for_inference)")
+            phases = _packed(block.phase_weight, None)
+            self.decoder.append((block, phases, _packed(block.skip_weight, block.bias)))
+        self.head = _packed(net.head.weight, net.head.bias, padding=0)
+
+    @staticmethod
+    def _conv_relu(x: torch.Tensor, conv: _PackedConv) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, [1, 1], 1, "relu", [], ""
+        )
+
+    @staticmethod
+    def _up_block(
+        block: UpsampleConcatConv,
+        phases: _PackedConv,
+        skip_conv: _PackedConv,
+        y: torch.Tensor,
+        skip: torch.Tensor,
+    ) -> torch.Tensor:
+        """``block(y, skip)`` with the sum and ReLU fused into the skip's convolution."""
+        h, w = y.shape[-2:]
+        if h < 2 or w < 2 or tuple(skip.shape[-2:]) != (2 * h, 2 * w):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.relu(block.original(y, skip))
+        up = F.pixel_shuffle(F.conv2d(y, phases.weight, padding=1), 2)
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            skip, up, skip_conv.weight, skip_conv.bias, [1, 1], [1, 1], [1, 1], 1,
+            "add", 1.0, "relu", [], "",
+        )  # fmt: skip
+        del up
+        # the ring (see UpsampleConcatConv.forward), the original way
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[..., :2, :] = torch.relu(
+                block.original(y[..., :2, :], skip[..., :4, :])[..., :2, :]
+            )
+            out[..., -2:, :] = torch.relu(
+                block.original(y[..., -2:, :], skip[..., -4:, :])[..., -2:, :]
+            )
+            out[..., :, :2] = torch.relu(block.original(y[..., :, :2], skip[..., :, :4])[..., :2])
+            out[..., :, -2:] = torch.relu(
+                block.original(y[..., :, -2:], skip[..., :, -4:])[..., -2:]
+            )
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # HistoUNet.forward's normalisation, then the bfloat16 autocast would give the stem
+        x = ((x - 0.5) * 4.0).to(torch.bfloat16)
+        skips = [self._conv_relu(x, self.encoder[0])]
+        k = 1
+        for n_convs in self.stages:
+            h = skips[-1]
+            for conv in self.encoder[k : k + n_convs]:
+                h = self._conv_relu(h, conv)
+            k += n_convs
+            skips.append(h)
+        y = skips.pop()
+        for block, phases, skip_conv in self.decoder:
+            y = self._up_block(block, phases, skip_conv, y, skips.pop())
+        return F.conv2d(y, self.head.weight, self.head.bias)
 
 
 class StoredNetwork(NamedTuple):
