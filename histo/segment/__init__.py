@@ -194,12 +194,13 @@ class NetworkSegmenter(Segmenter):
         if self.device.type != "cpu":
             return self.predict_scores_batch([rgb])[0]
         rgb, h, w = _pad16(rgb)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
+        rgb = np.ascontiguousarray(rgb)
         if self._fused_cpu is not None:
             with torch.inference_mode():
-                logits = self._fused_cpu(x)
+                logits = self._fused_cpu.logits(rgb)
         else:
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
             with (
                 torch.inference_mode(),
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
