@@ -338,7 +338,30 @@ def load_model(
         raise ModelError(f"model {source.name!r} has an unknown architecture {arch!r}")
     sha256 = source.verify()
     entry = source.entry if source.entry.get("config") else None
-    model = _load_safetensors(source.weights, entry, source.name, precision, device)
-    model.sha256 = sha256
-    model.qc_reference = read_qc_reference(source)
+    key = _loaded_key(source, sha256, precision, device)
+    model = _LOADED.get(key)
+    if model is None:
+        model = _load_safetensors(source.weights, entry, source.name, precision, device)
+        model.sha256 = sha256
+        model.qc_reference = read_qc_reference(source)
+        _LOADED[key] = model
+        while len(_LOADED) > MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
     return model
+
+
+#: networks built in this process, kept for the next slide (a segmenter is not changed by
+#: its use): the weights file, its sha256 (checked on every load) and the settings
+_LOADED: dict[tuple, NetworkSegmenter] = {}
+#: at most this many kept (the oldest is dropped)
+MAX_LOADED = 4
+
+
+def _loaded_key(source, sha256: str, precision: str | None, device: str | None) -> tuple:
+    import json
+
+    from histo.device import resolve_device
+
+    settings = json.dumps(source.entry, sort_keys=True, default=str)
+    where = str(resolve_device(device))
+    return (str(source.weights), sha256, source.name, settings, resolve_precision(precision), where)
