@@ -139,7 +139,9 @@ class NetworkSegmenter(Segmenter):
     ``precision`` (CPU): "float32", "bfloat16" (convolutions in bfloat16 under autocast, about
     3x faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
     (bfloat16 when the CPU supports it, else float32). ``None`` reads the ``HISTO_PRECISION``
-    environment variable (default "auto"). Scores are float32 either way.
+    environment variable (default "auto"). Scores are float32 either way. In bfloat16 on a CPU
+    the folded network runs as :class:`histo.segment.network.FusedCPUNetwork` (the same
+    logits, fewer passes over the activations).
 
     Torch's thread count is process-wide: the entry points set it (``torch.set_num_threads``),
     never the segmenter.
@@ -195,7 +197,7 @@ class NetworkSegmenter(Segmenter):
             return self.predict_scores_batch([rgb])[0]
         rgb, h, w = _pad16(rgb)
         rgb = np.ascontiguousarray(rgb)
-        if self._fused_cpu is not None:
+        if self._fused_cpu is not None and rgb.dtype == np.uint8:
             with torch.inference_mode():
                 logits = self._fused_cpu.logits(rgb)
         else:

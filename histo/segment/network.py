@@ -283,17 +283,17 @@ class FusedCPUNetwork:
     and rounding to bfloat16 are one look-up of each 8-bit value in a table computed with
     the same float32 operations. The decoder (:class:`UpsampleConcatConv`) and the head run
     as they are under autocast: fusing the decoder's sum into its convolution would round
-    the sum once instead of twice, which moved a few pixels of the class maps and the
-    osteocyte counts of the evaluation slides.
+    the sum to bfloat16 once instead of twice, and so change the class maps.
     """
 
     def __init__(self, net: HistoUNet) -> None:
+        blocks = [net.stem] + [block for stage in net.down for block in stage]
+        if any(not isinstance(block[1], nn.Identity) for block in blocks):
+            raise ValueError("FusedCPUNetwork: fold the network first (fuse_for_inference)")
         self.net = net
-        self.encoder = [_packed(net.stem[0].weight, net.stem[0].bias)]
-        for stage in net.down:
-            for block in stage:
-                conv = block[0]
-                self.encoder.append(_packed(conv.weight, conv.bias, conv.stride[0]))
+        self.encoder = [
+            _packed(b[0].weight, b[0].bias, b[0].stride[0], b[0].padding[0]) for b in blocks
+        ]
         self.stages = [len(stage) for stage in net.down]
         # the bfloat16 input of each 8-bit value: x / 255, then HistoUNet.forward's
         # normalisation, then autocast's rounding (bit patterns, for numpy's look-up)
