@@ -326,7 +326,7 @@ def load_model(
         The device asked for is not available.
     """
     from histo.segment.classical import ClassicalSegmenter
-    from histo.segment.registry import locate_model, read_qc_reference
+    from histo.segment.registry import locate_model
 
     if isinstance(name_or_path, Segmenter):
         return name_or_path
@@ -338,11 +338,18 @@ def load_model(
         return ClassicalSegmenter(**source.entry.get("config", {}))
     if arch != "HistoUNet":
         raise ModelError(f"model {source.name!r} has an unknown architecture {arch!r}")
-    sha256 = source.verify()
-    entry = source.entry if source.entry.get("config") else None
+    return _network(source, source.verify(), precision, device)
+
+
+def _network(source, sha256: str, precision: str | None, device: str | None) -> NetworkSegmenter:
+    """The network of a located model whose weights have ``sha256``: built once per process
+    and settings (:data:`_LOADED`)."""
+    from histo.segment.registry import read_qc_reference
+
     key = _loaded_key(source, sha256, precision, device)
     model = _LOADED.get(key)
     if model is None:
+        entry = source.entry if source.entry.get("config") else None
         model = _load_safetensors(source.weights, entry, source.name, precision, device)
         model.sha256 = sha256
         model.qc_reference = read_qc_reference(source)
