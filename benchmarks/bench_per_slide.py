@@ -12,8 +12,10 @@ round after round (interleaved).
 - marginal speed on fields: 2048² fields with the default network, tissue MP (T.Ar at 1 µm/px)
   per second of one slide in a process that analyses many.
 
-Each run also records the seconds between the pipeline's progress messages (opening, finding
-tissue, segmenting, measuring, writing).
+Each run also records the seconds, wall and CPU (the process's, all threads), between the
+pipeline's progress messages (opening, finding tissue, quality checks, segmenting, measuring,
+writing). On a loaded machine the CPU seconds vary far less than the wall seconds.
+``--torch-threads N`` sets torch's threads in the children as an entry point would.
 
     .venv/bin/python benchmarks/bench_per_slide.py --tree main=../before --tree new=. \\
         --out bench-out/per-slide --repeat 3
@@ -36,29 +38,33 @@ CHILD = r"""
 import json, shutil, sys, tempfile, time
 from histo.pipeline import analyze_slide
 spec = json.loads(sys.argv[1])
+if spec.get("threads"):
+    import torch
+    torch.set_num_threads(spec["threads"])
 def run(path, model):
     out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
     marks = []
     def progress(fraction, message):
-        marks.append((time.perf_counter(), message.split(" ")[0]))
+        marks.append((time.perf_counter(), time.process_time(), message.split(" ")[0]))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         r = analyze_slide(path, out_dir=out, model=model, progress=progress)
-        t1 = time.perf_counter()
-        stages = {}
-        for (ta, stage), (tb, _) in zip(marks, marks[1:] + [(t1, "")]):
+        t1, c1 = time.perf_counter(), time.process_time()
+        stages, cpu_stages = {}, {}
+        for (ta, ca, stage), (tb, cb, _) in zip(marks, marks[1:] + [(t1, c1, "")]):
             stages[stage] = stages.get(stage, 0.0) + tb - ta
-        return r, t1 - t0, time.process_time() - c0, stages
+            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cb - ca
+        return r, t1 - t0, c1 - c0, (stages, cpu_stages)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 for path, model in spec["runs"]:
     run(path, model)
 for _ in range(spec["repeat"]):
     for path, model in spec["runs"]:
-        r, s, cpu, stages = run(path, model)
+        r, s, cpu, (stages, cpu_stages) = run(path, model)
         t_ar = r.measurement.indices["T.Ar"]
         row = {"slide": r.name, "model": model, "seconds": s, "cpu_seconds": cpu, "t_ar": t_ar}
-        row["stages"] = stages
+        row["stages"], row["cpu_stages"] = stages, cpu_stages
         print(json.dumps(row), flush=True)
 """
 
@@ -73,7 +79,9 @@ def ensure_field(folder: Path, phenotype: str, size: int, seed: int) -> Path:
     return path
 
 
-def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) -> list[dict]:
+def run_tree(
+    label: str, path: str, runs: list[tuple[str, str]], repeat: int, threads: int | None = None
+) -> list[dict]:
     root = Path(path).resolve()
     # PYTHONSAFEPATH: `python -c` would otherwise import the working folder's histo first
     env = {
@@ -81,7 +89,7 @@ def run_tree(label: str, path: str, runs: list[tuple[str, str]], repeat: int) ->
         "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}",
         "PYTHONSAFEPATH": "1",
     }
-    spec = json.dumps({"runs": runs, "repeat": repeat})
+    spec = json.dumps({"runs": runs, "repeat": repeat, "threads": threads})
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, spec], env=env, capture_output=True, text=True, check=False
     )
@@ -107,14 +115,15 @@ def summarise(rows: list[dict]) -> None:
             f"{slide}  {model}  {tree}  {len(runs)}  {statistics.median(secs):.2f} "
             f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}  {cpu_text}"
         )
-        staged = [r["stages"] for r in runs if "stages" in r]
-        if staged:
-            names = sorted({k for st in staged for k in st}, key=lambda k: -staged[0].get(k, 0))
-            medians = {k: statistics.median(st.get(k, 0.0) for st in staged) for k in names}
-            print(
-                "    stages (median s): "
-                + ", ".join(f"{k} {v:.2f}" for k, v in medians.items() if v >= 0.005)
-            )
+        for key, what in (("stages", "stages (median s)"), ("cpu_stages", "CPU s")):
+            staged = [r[key] for r in runs if key in r]
+            if staged:
+                names = sorted({k for st in staged for k in st}, key=lambda k: -staged[0].get(k, 0))
+                medians = {k: statistics.median(st.get(k, 0.0) for st in staged) for k in names}
+                print(
+                    f"    {what}: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in medians.items() if v >= 0.005)
+                )
 
 
 def main() -> int:
@@ -123,6 +132,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out") / "per-slide")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each slide (3)")
     parser.add_argument("--rounds", type=int, default=2, help="children per tree, interleaved")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in the children, as an entry point would (default: torch's)",
+    )
     parser.add_argument("--table", action="store_true", help="print recorded results only")
     args = parser.parse_args()
     results = args.out / "results.jsonl"
@@ -135,7 +150,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for label, path in trees:
                 print(f"{label} ...", flush=True)
-                for row in run_tree(label, path, runs, args.repeat):
+                for row in run_tree(label, path, runs, args.repeat, args.torch_threads):
                     with open(results, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
     summarise([json.loads(line) for line in results.read_text().splitlines() if line])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from histo.io import Slide, TissueMask, require_pixel_size, slide_from_array
+from histo.io.color import summed_od
 from histo.qc._plausible import plausibility_signals
 from histo.qc._sample import SlideSample, sample_slide
 from histo.qc._scale import nucleus_diameter_um
@@ -36,9 +37,9 @@ RANGES = {
 NUCLEUS_EXPECTED_UM = 6.0
 
 
-def _tissue_signals(sample: SlideSample) -> list[Signal]:
+def _tissue_signals(sample: SlideSample, od_sums: list[np.ndarray]) -> list[Signal]:
     area = sample.tissue.tissue_area_mm2
-    blur = blur_um(sample.tiles, sample.pixel_size_um) if sample.tiles else math.nan
+    blur = blur_um(sample.tiles, sample.pixel_size_um, od_sums) if sample.tiles else math.nan
     return [
         grade(
             "tissue.area_mm2",
@@ -121,10 +122,11 @@ def _scale_reason(measured_um: float) -> str:
     )
 
 
-def _scale_signal(sample: SlideSample, native_um: float) -> Signal:
+def _scale_signal(sample: SlideSample, native_um: float, od_sums: list[np.ndarray]) -> Signal:
     diameter = math.nan
     if sample.tiles:
-        diameter = nucleus_diameter_um(sample.tiles, sample.pixel_size_um, native_um).diameter_um
+        px = sample.pixel_size_um
+        diameter = nucleus_diameter_um(sample.tiles, px, native_um, od_sums).diameter_um
     return grade("scale.nucleus_um", diameter, "µm", RANGES["scale.nucleus_um"], _scale_reason)
 
 
@@ -159,8 +161,11 @@ def check_slide(
     start = time.perf_counter()
     ps = require_pixel_size(slide)
     sample = sample_slide(slide, tissue=tissue, thumbnail=thumbnail)
-    stains = estimate_stains(sample.tiles) if sample.tiles else None
-    signals = _tissue_signals(sample) + _stain_signals(stains) + [_scale_signal(sample, ps)]
+    # the tiles' summed optical density, which the focus, stain and scale checks all read
+    od_sums = [summed_od(tile) for tile in sample.tiles]
+    stains = estimate_stains(sample.tiles, od_sums) if sample.tiles else None
+    signals = _tissue_signals(sample, od_sums) + _stain_signals(stains)
+    signals.append(_scale_signal(sample, ps, od_sums))
     signals += list(extra_signals)
     return QCReport(slide.name, ps, signals, time.perf_counter() - start)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from histo.io import Slide, TissueMask, read_region, read_thumbnail, require_pixel_size
@@ -70,8 +71,17 @@ def _white_point(thumb: np.ndarray, tissue: TissueMask) -> np.ndarray:
 
 
 def _balance(tile: np.ndarray, white: np.ndarray) -> np.ndarray:
-    """``tile`` scaled so that ``white`` becomes 255 (Beer-Lambert OD relative to the glass)."""
-    return np.clip(tile * (255.0 / white) + 0.5, 0, 255).astype(np.uint8)
+    """``tile`` scaled so that ``white`` becomes 255 (Beer-Lambert OD relative to the glass).
+
+    Each channel's 256 values are scaled once (float32, as the whole tile would be) and the
+    tile is looked up in that table.
+    """
+    values = np.arange(256, dtype=np.uint8)[:, None] * (255.0 / white)
+    table = np.clip(values + 0.5, 0, 255).astype(np.uint8)
+    tile = np.asarray(tile)
+    if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
+        return np.clip(tile * (255.0 / white) + 0.5, 0, 255).astype(np.uint8)
+    return cv2.LUT(np.ascontiguousarray(tile), table.reshape(256, 1, 3))
 
 
 def _tile_origins(tissue: TissueMask, tile_um: float, max_tiles: int) -> list[tuple[float, float]]:

@@ -202,7 +202,10 @@ def deblurred_disk_sigma(sigma_um: float, blur_um: float) -> float:
 
 
 def nucleus_diameter_um(
-    tiles: list[np.ndarray], pixel_size_um: float, native_um: float | None = None
+    tiles: list[np.ndarray],
+    pixel_size_um: float,
+    native_um: float | None = None,
+    od_sums: list[np.ndarray] | None = None,
 ) -> NucleusSize:
     """Typical diameter (µm, by the stated scale) of the strongest dark blobs.
 
@@ -219,6 +222,8 @@ def nucleus_diameter_um(
         The tiles' pixel size, µm/px by the stated scale.
     native_um : float, optional
         The slide's own pixel size (µm/px, stated) the tiles were resampled from.
+    od_sums : list of ndarray, optional
+        The tiles' summed optical density (:func:`stain_amount`) when the caller has them.
 
     Returns
     -------
@@ -226,8 +231,9 @@ def nucleus_diameter_um(
         ``diameter_um`` is NaN when fewer than :data:`MIN_BLOBS` blobs are found.
     """
     found = []
-    for tile in tiles:
-        amount = stain_amount(tile)
+    if od_sums is None:
+        od_sums = [stain_amount(tile) for tile in tiles]
+    for tile, amount in zip(tiles, od_sums, strict=True):
         outside = ~matrix_mask(tile, pixel_size_um, amount)[0]
         found.append(blob_scales(amount, pixel_size_um, outside))
     response = np.concatenate([b.response for b in found]) if found else np.zeros(0)

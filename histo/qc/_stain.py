@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histo.io.color import optical_density
+from histo.io.color import optical_density, summed_od
 from histo.synth._render import STAIN_OD
 
 #: pixels whose summed OD is below this are glass or too pale to carry a stain's hue
@@ -89,14 +89,29 @@ def _nearest(v: np.ndarray, table: dict) -> tuple[str, float]:
     return name, angle_deg(v, table[name])
 
 
-def tissue_od(tiles: list[np.ndarray], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """(N, 3) OD of stained tissue pixels (summed OD above :data:`OD_FLOOR`), subsampled."""
-    parts = [optical_density(t).reshape(-1, 3) for t in tiles]
-    od = np.concatenate(parts) if parts else np.zeros((0, 3), np.float32)
-    od = od[od.sum(axis=1) > OD_FLOOR]
-    if len(od) > max_pixels:  # a fixed stride keeps the estimate deterministic
-        od = od[:: int(np.ceil(len(od) / max_pixels))]
-    return od
+def tissue_od(
+    tiles: list[np.ndarray],
+    max_pixels: int = MAX_PIXELS,
+    od_sums: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """(N, 3) OD of stained tissue pixels (summed OD above :data:`OD_FLOOR`), subsampled.
+
+    The stained pixels of all tiles, in order, are taken with a fixed stride (deterministic)
+    when there are more than ``max_pixels``; the OD is looked up for those pixels only.
+    ``od_sums``: the tiles' summed OD (:func:`histo.io.color.summed_od`) when the caller has
+    them.
+    """
+    if od_sums is None:
+        od_sums = [summed_od(t) for t in tiles]
+    stained = [np.flatnonzero(s > OD_FLOOR) for s in od_sums]
+    n = sum(len(idx) for idx in stained)
+    step = int(np.ceil(n / max_pixels)) if n > max_pixels else 1
+    parts, before = [], 0  # stained pixels of the tiles before this one
+    for tile, idx in zip(tiles, stained, strict=True):
+        rgb = np.asarray(tile).reshape(-1, np.shape(tile)[-1])
+        parts.append(optical_density(rgb[idx[(-before) % step :: step]]))
+        before += len(idx)
+    return np.concatenate(parts) if parts else np.zeros((0, 3), np.float32)
 
 
 def weighted_percentiles(values: np.ndarray, weights: np.ndarray, q) -> np.ndarray:
@@ -135,12 +150,15 @@ def _second_share(od: np.ndarray, counter: np.ndarray, second: np.ndarray) -> fl
     return float(amounts[:, 1].sum() / total) if total > 0 else float("nan")
 
 
-def estimate_stains(tiles: list[np.ndarray]) -> StainEstimate | None:
+def estimate_stains(
+    tiles: list[np.ndarray], od_sums: list[np.ndarray] | None = None
+) -> StainEstimate | None:
     """Stain vectors of the tissue in ``tiles`` and their nearest known stains.
 
-    Returns None when fewer than 1000 stained pixels are found (no tissue to judge).
+    ``od_sums``: the tiles' summed OD when the caller has them. Returns None when fewer than
+    1000 stained pixels are found (no tissue to judge).
     """
-    od = tissue_od(tiles)
+    od = tissue_od(tiles, od_sums=od_sums)
     if len(od) < 1000:
         return None
     v1, v2, third = macenko_vectors(od)

@@ -27,19 +27,23 @@ def _gradient_energy(image: np.ndarray, sigma_px: float, where: np.ndarray) -> f
     return float(np.mean((gx * gx + gy * gy)[where]))
 
 
-def blur_um(tiles: list[np.ndarray], pixel_size_um: float) -> float:
+def blur_um(
+    tiles: list[np.ndarray], pixel_size_um: float, od_sums: list[np.ndarray] | None = None
+) -> float:
     """Apparent blur of the tissue (Gaussian sigma, µm), by re-blurring.
 
     A Gaussian-blurred edge of width ``s`` carries gradient energy proportional to ``1 / s``;
     blurring it further by a known ``r`` lowers the energy by ``sqrt(s^2 + r^2) / s``. The
     ratio of the tissue's gradient energy before and after a known blur thus measures ``s`` in
     µm, whatever the contrast and the pixel size (Crete-Roffet et al., SPIE 2007;6492 use the
-    same idea). Returns NaN without tissue.
+    same idea). ``od_sums``: the tiles' summed OD when the caller has them. Returns NaN
+    without tissue.
     """
     p, r = FOCUS_PRESMOOTH_UM, FOCUS_REBLUR_UM
     before, after = 0.0, 0.0
-    for tile in tiles:
-        od = summed_od(tile)
+    if od_sums is None:
+        od_sums = [summed_od(tile) for tile in tiles]
+    for od in od_sums:
         where = cv2.GaussianBlur(od, (0, 0), 2.0 / pixel_size_um) > OD_FLOOR
         if where.sum() < 1000:
             continue

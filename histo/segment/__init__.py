@@ -139,7 +139,9 @@ class NetworkSegmenter(Segmenter):
     ``precision`` (CPU): "float32", "bfloat16" (convolutions in bfloat16 under autocast, about
     3x faster where the CPU has native bfloat16 instructions, e.g. AVX512-BF16 or AMX) or "auto"
     (bfloat16 when the CPU supports it, else float32). ``None`` reads the ``HISTO_PRECISION``
-    environment variable (default "auto"). Scores are float32 either way.
+    environment variable (default "auto"). Scores are float32 either way. In bfloat16 on a CPU
+    the folded network runs as :class:`histo.segment.network.FusedCPUNetwork` (the same
+    logits, fewer passes over the activations).
 
     Torch's thread count is process-wide: the entry points set it (``torch.set_num_threads``),
     never the segmenter.
@@ -162,7 +164,11 @@ class NetworkSegmenter(Segmenter):
         import torch
 
         from histo.device import half_precision, resolve_device
-        from histo.segment.network import fuse_for_inference
+        from histo.segment.network import (
+            FusedCPUNetwork,
+            fuse_for_inference,
+            onednn_fusion_available,
+        )
 
         self.device = resolve_device(device)
         if self.device.type == "cpu":
@@ -178,25 +184,33 @@ class NetworkSegmenter(Segmenter):
         self.net = fuse_for_inference(net.eval()).to(memory_format=torch.channels_last)
         if self.device.type != "cpu":
             self.net = self.net.to(self.device)
+        self._fused_cpu = None
+        if self.device.type == "cpu" and self.precision == "bfloat16" and onednn_fusion_available():
+            self._fused_cpu = FusedCPUNetwork(self.net)
 
     def predict_scores(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
+        from histo.segment.network import scores_from_logits
+
         if self.device.type != "cpu":
             return self.predict_scores_batch([rgb])[0]
         rgb, h, w = _pad16(rgb)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
-        ):
-            out = self.net(x)[0].float()
-            n_cls = self.n_outputs - 1
-            probs = torch.softmax(out[:n_cls], dim=0)
-            centre = torch.sigmoid(out[n_cls:])
-            scores = torch.cat([probs, centre], 0)[:, :h, :w]
-        return np.ascontiguousarray(scores.numpy(), dtype=np.float32)
+        rgb = np.ascontiguousarray(rgb)
+        if self._fused_cpu is not None and rgb.dtype == np.uint8:
+            with torch.inference_mode():
+                logits = self._fused_cpu.logits(rgb)
+        else:
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
+            ):
+                logits = self.net(x)
+        with torch.inference_mode():
+            scores = scores_from_logits(logits, self.n_outputs - 1)[0, :, :h, :w]
+        return np.ascontiguousarray(scores.numpy())
 
     @property
     def tiles_per_batch(self) -> int:
@@ -312,7 +326,7 @@ def load_model(
         The device asked for is not available.
     """
     from histo.segment.classical import ClassicalSegmenter
-    from histo.segment.registry import locate_model, read_qc_reference
+    from histo.segment.registry import locate_model
 
     if isinstance(name_or_path, Segmenter):
         return name_or_path
@@ -324,9 +338,39 @@ def load_model(
         return ClassicalSegmenter(**source.entry.get("config", {}))
     if arch != "HistoUNet":
         raise ModelError(f"model {source.name!r} has an unknown architecture {arch!r}")
-    sha256 = source.verify()
-    entry = source.entry if source.entry.get("config") else None
-    model = _load_safetensors(source.weights, entry, source.name, precision, device)
-    model.sha256 = sha256
-    model.qc_reference = read_qc_reference(source)
+    return _network(source, source.verify(), precision, device)
+
+
+def _network(source, sha256: str, precision: str | None, device: str | None) -> NetworkSegmenter:
+    """The network of a located model whose weights have ``sha256``: built once per process
+    and settings (:data:`_LOADED`)."""
+    from histo.segment.registry import read_qc_reference
+
+    key = _loaded_key(source, sha256, precision, device)
+    model = _LOADED.get(key)
+    if model is None:
+        entry = source.entry if source.entry.get("config") else None
+        model = _load_safetensors(source.weights, entry, source.name, precision, device)
+        model.sha256 = sha256
+        model.qc_reference = read_qc_reference(source)
+        _LOADED[key] = model
+        while len(_LOADED) > MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
     return model
+
+
+#: networks built in this process, kept for the next slide (a segmenter is not changed by
+#: its use): the weights file, its sha256 (checked on every load) and the settings
+_LOADED: dict[tuple, NetworkSegmenter] = {}
+#: at most this many kept (the oldest is dropped)
+MAX_LOADED = 4
+
+
+def _loaded_key(source, sha256: str, precision: str | None, device: str | None) -> tuple:
+    import json
+
+    from histo.device import resolve_device
+
+    settings = json.dumps(source.entry, sort_keys=True, default=str)
+    where = str(resolve_device(device))
+    return (str(source.weights), sha256, source.name, settings, resolve_precision(precision), where)

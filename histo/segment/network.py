@@ -24,6 +24,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -120,6 +121,25 @@ _PHASE_TAPS = (
 )
 
 
+def _interleave_phases(phases: torch.Tensor) -> torch.Tensor:
+    """(N, C, 2H, 2W) from the (N, 4C, H, W) phases of a decoder block, channel
+    ``(2 r + q) C + o`` holding output channel ``o`` at rows ``2a + r`` and columns ``2b + q``.
+
+    A pixel shuffle with the phases outermost: in channels-last memory both tensors then hold
+    each pixel's ``2C`` values of (q, o) together, and the copy moves them as runs rather than
+    element by element (``F.pixel_shuffle`` on channels-last tensors does the latter).
+    """
+    n, c4, h, w = phases.shape
+    c = c4 // 4
+    channels_last = phases.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(
+        (n, c, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=fmt
+    )
+    out.view(n, c, h, 2, w, 2).copy_(phases.view(n, 2, 2, c, h, w).permute(0, 3, 4, 1, 5, 2))
+    return out
+
+
 class UpsampleConcatConv(nn.Module):
     """``ReLU(conv3x3(cat(bilinear_up2(y), skip)))`` of a fused decoder block, computed without
     the upsampled or the concatenated tensor (inference only, same result).
@@ -127,10 +147,11 @@ class UpsampleConcatConv(nn.Module):
     Upsampling by 2 (bilinear, half-pixel centres, edges clamped) then a 3x3 convolution is
     linear in ``y``: each of the four phases of the output (even or odd row, even or odd column)
     is a 3x3 convolution of ``y`` (padded with its edge values). The block computes those
-    ``4 * c_out`` channels at ``y``'s resolution, interleaves them (pixel shuffle), adds the
-    convolution of the skip (with the bias) and applies the ReLU: on a 768-px tile in bfloat16
-    ~2x faster than interpolate, cat and convolve (the upsampled and concatenated tensors are the
-    largest of the network and their copies cost more than the convolution). The phases are
+    ``4 * c_out`` channels at ``y``'s resolution, interleaves them (a pixel shuffle,
+    :func:`_interleave_phases`), adds the convolution of the skip (with the bias) and applies
+    the ReLU: on a 768-px tile in bfloat16 ~2x faster than interpolate, cat and convolve (the
+    upsampled and concatenated tensors are the largest of the network and their copies cost
+    more than the convolution). The phases are
     convolved with zero padding, which is wrong only on the output's two outermost rows and
     columns (the upsample clamps at the edges; the original convolution pads its input with
     zeros): those are recomputed the original way from strips of ``y`` two pixels thick.
@@ -150,8 +171,9 @@ class UpsampleConcatConv(nn.Module):
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
         c_out = w.shape[0]
         taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype)
-        # phase (r, q) kernel: sum over d, e of taps[r][t, d] * taps[q][u, e] * w[o, c, d, e]
-        phases = torch.einsum("rtd,que,ocde->orqctu", taps, taps, w[:, :c_up])
+        # phase (r, q) kernel: sum over d, e of taps[r][t, d] * taps[q][u, e] * w[o, c, d, e];
+        # phase-major channels ((r, q), then o): see _interleave_phases
+        phases = torch.einsum("rtd,que,ocde->rqoctu", taps, taps, w[:, :c_up])
         self.register_buffer("phase_weight", phases.reshape(4 * c_out, c_up, 3, 3).contiguous())
         self.register_buffer("skip_weight", w[:, c_up:].contiguous())
         self.register_buffer("weight", w.clone())
@@ -166,9 +188,9 @@ class UpsampleConcatConv(nn.Module):
         h, w = y.shape[-2:]
         if h < 2 or w < 2 or tuple(skip.shape[-2:]) != (2 * h, 2 * w):
             return torch.relu_(self.original(y, skip))
-        up = F.conv2d(y, self.phase_weight, padding=1)
+        up = _interleave_phases(F.conv2d(y, self.phase_weight, padding=1))
         out = F.conv2d(skip, self.skip_weight, self.bias, padding=1)
-        out.add_(F.pixel_shuffle(up, 2).to(out.dtype))
+        out.add_(up.to(out.dtype))
         del up
         # the ring: the first and last two rows from y's first and last two rows, and the
         # columns likewise
@@ -184,6 +206,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def scores_from_logits(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Scores of the network's logits: (N, n_outputs, H, W) float32, contiguous.
+
+    Class probabilities (softmax over the first ``n_classes`` channels), then the centre
+    map (sigmoid of the rest). ``logits`` may be of any floating dtype and memory format
+    (the network's are bfloat16 and channels-last): they are converted and laid out as
+    planes in one pass, and the softmax and sigmoid then run in place. Each image's class
+    planes are contiguous, so the softmax is the one ``torch.softmax(..., dim=0)`` computes
+    on a planar copy, bit for bit.
+    """
+    scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    scores.copy_(logits)
+    for image in scores:
+        probs = image[:n_classes]
+        torch._softmax(probs, 0, False, out=probs)
+    torch.sigmoid_(scores[:, n_classes:])
+    return scores
+
+
 def fuse_for_inference(model: HistoUNet) -> HistoUNet:
     """Fold each BatchNorm into its convolution and rewrite the decoder blocks as
     :class:`UpsampleConcatConv` (in place), for faster inference. Not for training.
@@ -194,14 +235,96 @@ def fuse_for_inference(model: HistoUNet) -> HistoUNet:
     for module in model.modules():
         if isinstance(module, ConvBNAct) and isinstance(module[1], nn.BatchNorm2d):
             conv, bn = module[0], module[1]
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-            module[0] = fused
+            # fuse_conv_bn_eval's arithmetic, on the convolution itself (it folds a deep copy)
+            conv.weight, conv.bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
             module[1] = nn.Identity()
     w = model.config.widths
     for k, block in enumerate(model.up):
         if isinstance(block, ConvBNAct):
             model.up[k] = UpsampleConcatConv(block[0], c_up=w[len(w) - 1 - k])
     return model
+
+
+def onednn_fusion_available() -> bool:
+    """True when torch has oneDNN's convolutions with fused post-ops (CPU builds with oneDNN)."""
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        )
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch builds without oneDNN
+        return False
+
+
+class _PackedConv(NamedTuple):
+    """A convolution's weights for oneDNN: bfloat16, channels-last."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1) -> _PackedConv:
+    w = weight.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    b = None if bias is None else bias.detach().to(torch.bfloat16)
+    return _PackedConv(w, b, [int(stride)] * 2, [int(padding)] * 2)
+
+
+class FusedCPUNetwork:
+    """A folded :class:`HistoUNet` (:func:`fuse_for_inference`) run on the CPU in bfloat16,
+    with the logits of the network under bfloat16 autocast, bit for bit (inference only).
+
+    Two passes over the activations are saved where that changes no bit: the encoder's
+    convolutions apply their ReLU as they write their output (oneDNN's post-op; a ReLU
+    commutes with rounding to bfloat16), and the input's scaling to [0, 1], normalisation
+    and rounding to bfloat16 are one look-up of each 8-bit value in a table computed with
+    the same float32 operations. The decoder (:class:`UpsampleConcatConv`) and the head run
+    as they are under autocast: fusing the decoder's sum into its convolution would round
+    the sum to bfloat16 once instead of twice, and so change the class maps.
+    """
+
+    def __init__(self, net: HistoUNet) -> None:
+        blocks = [net.stem] + [block for stage in net.down for block in stage]
+        if any(not isinstance(block[1], nn.Identity) for block in blocks):
+            raise ValueError("FusedCPUNetwork: fold the network first (fuse_for_inference)")
+        self.net = net
+        self.encoder = [
+            _packed(b[0].weight, b[0].bias, b[0].stride[0], b[0].padding[0]) for b in blocks
+        ]
+        self.stages = [len(stage) for stage in net.down]
+        # the bfloat16 input of each 8-bit value: x / 255, then HistoUNet.forward's
+        # normalisation, then autocast's rounding (bit patterns, for numpy's look-up)
+        values = torch.arange(256, dtype=torch.float32).div_(255.0)
+        rounded = ((values - 0.5) * 4.0).to(torch.bfloat16)
+        self.input_table = rounded.view(torch.int16).numpy().copy()
+
+    @staticmethod
+    def _conv_relu(x: torch.Tensor, conv: _PackedConv) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, [1, 1], 1, "relu", [], ""
+        )
+
+    def logits(self, rgb: np.ndarray) -> torch.Tensor:
+        """(1, n_outputs, H, W) bfloat16 logits (channels-last) of an (H, W, 3) uint8 RGB
+        tile, H and W multiples of 16."""
+        x = torch.from_numpy(self.input_table[rgb]).view(torch.bfloat16)
+        x = x.permute(2, 0, 1)[None]  # channels-last, as the tile's pixels are
+        skips = [self._conv_relu(x, self.encoder[0])]
+        k = 1
+        for n_convs in self.stages:
+            h = skips[-1]
+            for conv in self.encoder[k : k + n_convs]:
+                h = self._conv_relu(h, conv)
+            k += n_convs
+            skips.append(h)
+        y = skips.pop()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for block in self.net.up:
+                y = block(y, skips.pop())
+            return self.net.head(y)
 
 
 class StoredNetwork(NamedTuple):

@@ -637,6 +637,46 @@ class FinalRows:
             _trim(self.centre, self.y0)
 
 
+def _ones_span(weights: np.ndarray) -> tuple[int, int]:
+    """The run ``[i0, i1)`` of a taper where every weight is exactly 1 ((0, 0) if none)."""
+    ones = np.flatnonzero(weights == 1)
+    if ones.size == 0 or ones.size != ones[-1] + 1 - ones[0]:
+        return 0, 0
+    return int(ones[0]), int(ones[-1]) + 1
+
+
+def _weighted_into(
+    out: np.ndarray, scores: np.ndarray, wy: np.ndarray, wx: np.ndarray, add: bool
+) -> None:
+    """``out += scores * (wy x wx)`` (``add``) or ``out = scores * (wy x wx)``, float32 as that
+    expression gives it; where both weights are exactly 1 the scores are added or copied
+    without the product (``s * 1 == s``), which is most of a tile."""
+    if out.size == 0:
+        return
+    y0, y1 = _ones_span(wy)
+    x0, x1 = _ones_span(wx)
+    if y1 <= y0 or x1 <= x0:
+        y0 = y1 = x0 = x1 = 0
+    tapered = [(slice(0, y0), slice(None)), (slice(y1, None), slice(None))]
+    tapered += [(slice(y0, y1), slice(0, x0)), (slice(y0, y1), slice(x1, None))]
+    if y1 <= y0:
+        tapered = [(slice(None), slice(None))]
+    for rows, cols in tapered:
+        weight = wy[rows, None] * wx[None, cols]
+        if weight.size == 0:
+            continue
+        if add:
+            out[:, rows, cols] += scores[:, rows, cols] * weight
+        else:
+            np.multiply(scores[:, rows, cols], weight, out=out[:, rows, cols])
+    if y1 > y0:
+        interior = (slice(None), slice(y0, y1), slice(x0, x1))
+        if add:
+            out[interior] += scores[interior]
+        else:
+            out[interior] = scores[interior]
+
+
 class _BlendBuffers(NamedTuple):
     """Float and bool buffers of :data:`BLEND_ROWS` rows reused while columns are blended."""
 
@@ -644,6 +684,7 @@ class _BlendBuffers(NamedTuple):
     best: np.ndarray
     score: np.ndarray
     gt: np.ndarray
+    code: np.ndarray  #: uint8
     second: np.ndarray | None  #: only when margins are tallied
 
 
@@ -683,6 +724,7 @@ class RowBlender:
         self.n_carry = max(0, n_rows - schedule.stride) if len(schedule.ys) > 1 else 0
         self.carry = np.zeros((n_outputs, self.n_carry, self.width), np.float32)
         self.wy_prev = np.zeros(0, np.float32)  # row taper of the previous row of tiles
+        self.fresh = (0, 0)  # window columns the current tile brought in (open_tile)
         self.acc_y0 = 0  # slide row of the current row of tiles' first final row
 
     def start_row(self, iy: int) -> None:
@@ -712,10 +754,12 @@ class RowBlender:
                 self.win[:, :, :keep] = self.win[:, :, x - win_x0 : win_x1 - win_x0].copy()
                 self.win_w[:, :keep] = self.win_w[:, x - win_x0 : win_x1 - win_x0].copy()
             win_x0, win_x1 = x, max(x, win_x1)
+        self.fresh = (x + tw - win_x0, x + tw - win_x0)
         if x + tw > win_x1:
-            # columns entering the window start from the rows carried over
+            # columns entering the window start from the rows carried over; their other rows
+            # are written (not added) by add_tile
             a, b = win_x1 - win_x0, x + tw - win_x0
-            self.win[:, :, a:b] = 0
+            self.fresh = (a, b)
             self.win_w[:, a:b] = 0
             if self.rows_in:
                 self.win[:, : self.rows_in, a:b] = self.carry[:, : self.rows_in, win_x1 : x + tw]
@@ -724,16 +768,33 @@ class RowBlender:
         self.win_x0, self.win_x1 = win_x0, win_x1
 
     def add_tile(self, ix: int, scores: np.ndarray | None) -> None:
-        """Add tile ``ix``'s scores (None: glass, a score of 1 for background) with its taper."""
+        """Add tile ``ix``'s scores (None: glass, a score of 1 for background) with its taper.
+
+        Called after :meth:`open_tile` of the same tile: the window's columns that entered
+        with it (``fresh``) hold only the carried rows, and their other rows are written here.
+        """
         x = self.xs[ix]
-        th, tw = self.wy.size, min(self.schedule.tile_px, self.width - x)
-        wt = self.wy[:, None] * self._col_taper(ix)[None, :]
+        wy, wx = self.wy, self._col_taper(ix)
+        th, tw = wy.size, wx.size
         a = x - self.win_x0
+        f0, f1 = self.fresh  # window columns [f0, a + tw), f0 >= a
+        rows_in = min(self.rows_in, th)
+        self.win_w[:th, a : a + tw] += wy[:, None] * wx[None, :]
+        if f1 > f0:
+            # rows below a last, shorter row of tiles, and (glass) the rows to add to
+            self.win[:, max(th, self.rows_in) :, f0:f1] = 0
+            if scores is None:
+                self.win[:, rows_in:th, f0:f1] = 0
         if scores is None:
-            self.win[0, :th, a : a + tw] += wt
-        else:
-            self.win[:, :th, a : a + tw] += scores * wt
-        self.win_w[:th, a : a + tw] += wt
+            self.win[0, :th, a : a + tw] += wy[:, None] * wx[None, :]
+            return
+        k = f0 - a  # the tile's first fresh column
+        _weighted_into(self.win[:, :th, a:f0], scores[:, :, :k], wy, wx[:k], add=True)
+        fresh = self.win[:, :, f0:f1]
+        _weighted_into(fresh[:, :rows_in], scores[:, :rows_in, k:], wy[:rows_in], wx[k:], add=True)
+        _weighted_into(
+            fresh[:, rows_in:th], scores[:, rows_in:, k:], wy[rows_in:], wx[k:], add=False
+        )
 
     def finish_row(self) -> int:
         """Blend the rest of the row of tiles; returns the slide row up to which rows are final."""
@@ -778,6 +839,7 @@ class RowBlender:
             np.empty(shape, np.float32),
             np.empty(shape, np.float32),
             np.empty(shape, bool),
+            np.empty(shape, np.uint8),
             np.empty(shape, np.float32) if self.tally is not None else None,
         )
         centre_idx, centre_vals = [], []
@@ -800,11 +862,20 @@ class RowBlender:
         win = self.win
         rows = slice(r0, r1)
         h = r1 - r0
-        wsum = np.maximum(self.win_w[rows, a:b], 1e-6, out=buffers.weight[:h])
+        weight = self.win_w[rows, a:b]
+        # where one tile alone covers these pixels every weight is 1 and the blended scores
+        # are the sums themselves (x / 1 == x): no division
+        undivided = bool(np.equal(weight, 1, out=buffers.gt[:h]).all())
+        wsum = None if undivided else np.maximum(weight, 1e-6, out=buffers.weight[:h])
+
+        def blended(k: int, out: np.ndarray) -> np.ndarray:
+            return win[k, rows, a:b] if undivided else np.divide(win[k, rows, a:b], wsum, out=out)
+
         # argmax over the blended classes (the first of equal maxima, as np.argmax), one
         # class at a time: the best of classes 0-2 first (alt), then of all
-        best = np.divide(win[0, rows, a:b], wsum, out=buffers.best[:h])
-        score, gt = buffers.score[:h], buffers.gt[:h]
+        best = buffers.best[:h]
+        np.copyto(best, blended(0, best))
+        score, gt, code = buffers.score[:h], buffers.gt[:h], buffers.code[:h]
         # the second-best score, for the margin (only when it is tallied)
         second = None if buffers.second is None else buffers.second[:h]
         if second is not None:
@@ -816,9 +887,12 @@ class RowBlender:
         for k in range(1, self.n_cls):
             if k == min(3, self.n_cls):
                 alt = cm << np.uint8(ALT_SHIFT)
-            np.divide(win[k, rows, a:b], wsum, out=score)
+            score = blended(k, buffers.score[:h])
             np.greater(score, best, out=gt)
-            np.copyto(cm, np.uint8(k), where=gt)
+            # cm = k where gt: cm holds classes below k, so max(cm, k * gt) (np.copyto
+            # with where= costs several times these two passes)
+            np.multiply(gt.view(np.uint8), np.uint8(k), out=code)
+            np.maximum(cm, code, out=cm)
             if second is not None:
                 # max(second, min(best, score)) in place: second <= best, so it equals
                 # min(best, max(second, score)) (no temporary array)
@@ -830,11 +904,11 @@ class RowBlender:
         if second is not None:
             self._tally(cm, np.subtract(best, second, out=second), d0, r0)
         # the centre map at the class-3 pixels only (the only ones label_band reads)
-        ce = np.divide(win[self.n_cls, rows, a:b], wsum, out=score)
+        ce = blended(self.n_cls, buffers.score[:h])
         np.equal(cm, np.uint8(OSTEOCLAST), out=gt)
         idx = np.flatnonzero(gt)
         cm |= alt
-        return idx.astype(np.int32), ce.ravel()[idx]
+        return idx.astype(np.int32), ce[np.divmod(idx, b - a)]
 
     def _tally(self, classes: np.ndarray, margin: np.ndarray, d0: int, r0: int) -> None:
         """Give the tally the owned columns of blended columns from strip column ``d0``, row

@@ -94,3 +94,35 @@ def test_aniline_blue_counterstain_is_flagged():
     case = make_case("aniline-blue", 22, 768, 1.0, phenotype="normal")
     statuses = _stain_statuses(case)
     assert statuses["stain.counterstain_deg"] != PASS, statuses
+
+
+@pytest.mark.parametrize("max_pixels", [10**9, 5000, 777])
+def test_tissue_od_is_every_stained_pixel_at_a_fixed_stride(max_pixels):
+    """The OD rows are those of the stained pixels of all tiles in order (summed OD above
+    the floor), every k-th when there are more than ``max_pixels``: the stride runs on across
+    tile borders, as over the concatenated tiles."""
+    from histo.io.color import optical_density
+    from histo.qc._stain import OD_FLOOR, tissue_od
+
+    rng = np.random.default_rng(8)
+    tiles = [rng.integers(60, 256, (h, 97, 3), dtype=np.uint8) for h in (50, 81, 33)]
+    od = np.concatenate([optical_density(t).reshape(-1, 3) for t in tiles])
+    expected = od[od.sum(axis=1) > OD_FLOOR]
+    if len(expected) > max_pixels:
+        expected = expected[:: int(np.ceil(len(expected) / max_pixels))]
+    got = tissue_od(tiles, max_pixels)
+    assert 0 < len(got) == len(expected) <= max_pixels
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_white_balance_table_is_the_scaled_tile():
+    """The per-channel table gives the tile scaled so that the glass colour becomes 255,
+    rounded and clipped, as the float expression does."""
+    from histo.qc._sample import _balance
+
+    rng = np.random.default_rng(9)
+    tile = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    white = np.float32([231.5, 244.0, 219.25])
+    expected = np.clip(tile * (255.0 / white) + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(_balance(tile, white), expected)
+    assert _balance(tile, white)[..., 2].max() == 255  # brighter than the glass: clipped

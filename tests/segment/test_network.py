@@ -3,11 +3,14 @@ import pytest
 import torch
 
 from histo.segment.network import (
+    FusedCPUNetwork,
     HistoUNet,
     NetworkConfig,
     UpsampleConcatConv,
     count_parameters,
     fuse_for_inference,
+    onednn_fusion_available,
+    scores_from_logits,
 )
 
 
@@ -80,3 +83,50 @@ def test_segmenter_pads_odd_tiles(shape):
     scores = seg.predict_scores(np.full((*shape, 3), 200, np.uint8))
     assert scores.shape == (6, *shape)
     np.testing.assert_allclose(scores[:5].sum(0), 1.0, atol=1e-5)
+
+
+def _trained_like(widths, n_outputs=6, seed=3):
+    """A small network with non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    net = HistoUNet(NetworkConfig(widths=widths, n_outputs=n_outputs))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(2, 3, 64, 64))
+    return net.eval()
+
+
+@pytest.mark.skipif(not onednn_fusion_available(), reason="torch without oneDNN post-ops")
+@pytest.mark.parametrize("shape", [(64, 96), (16, 16), (48, 32)])
+def test_fused_cpu_network_gives_the_autocast_logits_bit_for_bit(shape):
+    """FusedCPUNetwork (input table, ReLU post-ops) = the folded network under bfloat16
+    autocast on the tile scaled to [0, 1], every bit, border and 1-px coarsest level included."""
+    net = fuse_for_inference(_trained_like([4, 8, 16, 16, 32], n_outputs=8))
+    fast = FusedCPUNetwork(net.to(memory_format=torch.channels_last))
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = net(x)
+        out = fast.logits(rgb)
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == (1, 8, *shape)
+    assert torch.equal(out, ref)
+
+
+def test_scores_from_logits_are_softmax_then_sigmoid_as_planes():
+    logits = torch.randn(1, 8, 20, 30).to(memory_format=torch.channels_last)
+    scores = scores_from_logits(logits.to(torch.bfloat16), 7)
+    assert scores.dtype == torch.float32 and scores.is_contiguous()
+    planes = logits.to(torch.bfloat16).float().contiguous()
+    assert torch.equal(scores[0, :7], torch.softmax(planes[0, :7], dim=0))
+    torch.testing.assert_close(scores[0, 7], torch.sigmoid(planes[0, 7]))
+
+
+def test_load_model_keeps_the_built_network_for_the_next_slide():
+    from histo.segment import load_model
+
+    first = load_model("default", precision="float32")
+    assert load_model("default", precision="float32") is first
+    assert load_model("default", precision="bfloat16") is not first

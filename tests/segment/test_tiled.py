@@ -363,3 +363,50 @@ def test_lookahead_holds_at_most_its_budget_of_scores(monkeypatch):
     assert tiles(3072, 8) == 1
     monkeypatch.setattr(tiled, "LOOKAHEAD_TILES", 0)
     assert tiles(768, 6) == 0
+
+
+class _ClassesOnly:
+    """Scores that differ from tile to tile (each call shifts them), over classes 0-2 only:
+    no objects, so the class map is the blended argmax itself."""
+
+    working_pixel_size_um = 1.0
+    n_outputs = 6
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict_scores(self, rgb):
+        self.calls += 1
+        x = rgb.astype(np.float32) / 255.0
+        scores = np.zeros((6, *rgb.shape[:2]), np.float32)
+        for c in range(3):
+            scores[c] = x[..., c] + np.float32(0.07 * ((self.calls * (c + 1)) % 5))
+        scores[:3] /= scores[:3].sum(axis=0)
+        return scores
+
+
+def test_blending_is_the_weighted_mean_of_the_tiles_bit_for_bit():
+    """The blender's class map is the first argmax of sum(scores * taper) / sum(taper) over
+    every tile that covers a pixel, summed in the schedule's order (float32): the shortcuts
+    where one tile alone covers a pixel (no product, no division) change no bit."""
+    from histo.segment.tiled import TileSchedule, taper
+
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    tile, overlap = 256, 40
+    result = segment_slide(image, _ClassesOnly(), tile_px=tile, overlap_px=overlap)
+    schedule = TileSchedule.plan(image.shape[:2], tile, overlap, 1.0, 10**6, 1)
+    model = _ClassesOnly()
+    acc = np.zeros((6, *image.shape[:2]), np.float32)
+    weight = np.zeros(image.shape[:2], np.float32)
+    xs, ys = schedule.strips[0].xs, schedule.ys
+    for y, x, th, tw in schedule.jobs():
+        iy, ix = ys.index(y), xs.index(x)
+        wy = taper(th, overlap, at_start=iy > 0, at_end=iy < len(ys) - 1)
+        wx = taper(tw, overlap, at_start=ix > 0, at_end=ix < len(xs) - 1)
+        wt = wy[:, None] * wx[None, :]
+        acc[:, y : y + th, x : x + tw] += model.predict_scores(image[y : y + th, x : x + tw]) * wt
+        weight[y : y + th, x : x + tw] += wt
+    expected = np.argmax(acc[:5] / np.maximum(weight, 1e-6), axis=0)
+    assert len(xs) > 2 and len(ys) > 2
+    np.testing.assert_array_equal(np.asarray(result.class_map), expected)
