@@ -55,17 +55,6 @@ class NucleusSize(NamedTuple):
     n_blobs: int
 
 
-def stain_amount(tile: np.ndarray) -> np.ndarray:
-    """Summed optical density per pixel: nuclei are the darkest small blobs of the marrow.
-
-    Not the counterstain's own channel: fast green colours matrix and cytoplasm more than
-    nuclei, and there its channel holds mostly the fine texture of the cytoplasm (nuclei
-    then measured 2.4 µm at their true scale); and a stain vector estimated a few degrees
-    off mixes the TRAP red into it.
-    """
-    return summed_od(tile)
-
-
 class ScaleResponse(NamedTuple):
     """``-sigma^2 LoG`` at one scale, on the full image halved ``step - 1`` times."""
 
@@ -223,7 +212,11 @@ def nucleus_diameter_um(
     native_um : float, optional
         The slide's own pixel size (µm/px, stated) the tiles were resampled from.
     od_sums : list of ndarray, optional
-        The tiles' summed optical density (:func:`stain_amount`) when the caller has them.
+        The tiles' summed optical density (:func:`histo.io.color.summed_od`) when the caller
+        has them. Nuclei are the darkest small blobs of that sum, not of the counterstain's
+        own channel: fast green colours matrix and cytoplasm more than nuclei (there nuclei
+        measured 2.4 µm at their true scale), and a stain vector a few degrees off mixes the
+        TRAP red in.
 
     Returns
     -------
@@ -232,7 +225,7 @@ def nucleus_diameter_um(
     """
     found = []
     if od_sums is None:
-        od_sums = [stain_amount(tile) for tile in tiles]
+        od_sums = [summed_od(tile) for tile in tiles]
     for tile, amount in zip(tiles, od_sums, strict=True):
         outside = ~matrix_mask(tile, pixel_size_um, amount)[0]
         found.append(blob_scales(amount, pixel_size_um, outside))

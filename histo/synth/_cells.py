@@ -152,8 +152,7 @@ def _lowered_surface(pit: Ellipse, sdf: np.ndarray, over, sl, p: float) -> np.nd
     marrow where the surface curves; cutting the pit's flat ellipse out of the bone left its
     ends as thin channels under the surface, osteoclast in the class map that no image shows.
     """
-    yy, xx = np.mgrid[sl[0], sl[1]].astype(np.float32)
-    u = (xx - pit.cx) * np.cos(pit.angle) + (yy - pit.cy) * np.sin(pit.angle)
+    u, _ = pit.axes(sl)
     depth_um = pit.b * p * np.sqrt(np.clip(1.0 - (u / pit.a) ** 2, 0.0, None))
     r = int(np.ceil(pit.b)) + 1
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))

@@ -70,13 +70,17 @@ class Ellipse:
         x1 = min(int(np.ceil(self.cx + r)) + 1, shape[1])
         return slice(y0, y1), slice(x0, x1)
 
-    def level(self, sl: tuple[slice, slice]) -> np.ndarray:
-        """Normalised radius (1 on the outline) over the pixel centres of ``sl``."""
+    def axes(self, sl: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """(u, v) of the pixel centres of ``sl``: px from the centre along the ``a`` axis and
+        across it."""
         yy, xx = np.mgrid[sl[0], sl[1]].astype(np.float32)
         dy, dx = yy - self.cy, xx - self.cx
         c, s = np.cos(self.angle), np.sin(self.angle)
-        u = dx * c + dy * s
-        v = -dx * s + dy * c
+        return dx * c + dy * s, -dx * s + dy * c
+
+    def level(self, sl: tuple[slice, slice]) -> np.ndarray:
+        """Normalised radius (1 on the outline) over the pixel centres of ``sl``."""
+        u, v = self.axes(sl)
         return np.sqrt((u / max(self.a, 0.3)) ** 2 + (v / max(self.b, 0.3)) ** 2)
 
 
