@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from distributed.diagnostics.plugin import WorkerPlugin
 
 
@@ -25,3 +27,17 @@ class TuneWorker(WorkerPlugin):
         tune_malloc()
         tune_gc()
         limit_threads(self.threads)
+
+
+class _DropHeartbeatFailure(logging.Filter):
+    """Drops the worker's traceback for a heartbeat that met the scheduler closing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to communicate with scheduler")
+
+
+def quiet_shutdown() -> None:
+    """Run on each worker once its work is done, before histo closes its own cluster: a
+    heartbeat in flight while the scheduler closes would print an OSError traceback to the
+    command's stderr, where a user reads failures."""
+    logging.getLogger("distributed.worker").addFilter(_DropHeartbeatFailure())

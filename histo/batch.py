@@ -682,10 +682,11 @@ def _local_client(workers: int | None) -> Iterator:
         )
     try:
         with Client(cluster) as client:
-            from histo._dask_worker import TuneWorker
+            from histo._dask_worker import TuneWorker, quiet_shutdown
 
             client.register_plugin(TuneWorker(threads))
             yield client
+            client.run(quiet_shutdown, on_error="ignore")
     finally:
         cluster.close()
 

@@ -462,3 +462,22 @@ def test_a_slide_failing_quality_control_is_a_result_and_batch_exits_0(
     assert "oc-rich-1: uncertain" in err and "qc fail: eosin, not TRAP" in err
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "id='qc'" in html and "class='qc-fail'" in html
+
+
+def test_quiet_shutdown_drops_only_the_closing_heartbeat_traceback(caplog):
+    """Once a batch's work is done its workers stop reporting a heartbeat that met the
+    scheduler closing (a traceback in the command's stderr); other worker errors still show."""
+    import logging
+
+    from histo._dask_worker import quiet_shutdown
+
+    log = logging.getLogger("distributed.worker")
+    before = list(log.filters)
+    try:
+        quiet_shutdown()
+        with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+            log.error("Failed to communicate with scheduler during heartbeat.")
+            log.error("Compute Failed")
+        assert [r.getMessage() for r in caplog.records] == ["Compute Failed"]
+    finally:
+        log.filters[:] = before
