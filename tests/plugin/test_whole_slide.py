@@ -72,7 +72,7 @@ def test_large_slide_results_are_lazy_pyramids_and_the_gui_stays_live(
     assert run_probe.ticks > 100 and remeasure_probe.ticks > 5
     for probe in (run_probe, remeasure_probe):
         assert probe.gap_percentile_s(99) < STALL_LIMIT_S
-    # the display's 0.2 s target is timed by `make bench` (bench_whole_slide), not here: a
+    # the display's 0.2 s target is timed by `make bench` (benchmarks/bench_napari.py), not here: a
     # shared CI machine's load decides a wall-clock gap
     for probe in (run_probe, remeasure_probe, display_probe):
         assert probe.longest_gap_s < OUTLIER_LIMIT_S
