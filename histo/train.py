@@ -98,6 +98,9 @@ class TrainConfig:
     #: drawn smaller when its source pixel size would need more than ``long_bone_max_source_px``
     long_bone_um: list[float] = field(default_factory=lambda: [3000.0, 2000.0])
     long_bone_max_source_px: int = 3000
+    #: finest source pixel size of a long-bone pool section (µm/px; 0: as fine as the range
+    #: and ``long_bone_max_source_px`` allow)
+    long_bone_min_source_px_um: float = 0.0
 
 
 # --------------------------------------------------------------------------- data
@@ -146,7 +149,9 @@ def long_bone_spec(config: TrainConfig, section_id: int) -> dict:
     """
     rng = np.random.default_rng([config.seed, section_id, 13])
     finest = max(
-        config.min_source_pixel_size_um, LONG_BONE_MIN_UM[0] / config.long_bone_max_source_px
+        config.min_source_pixel_size_um,
+        LONG_BONE_MIN_UM[0] / config.long_bone_max_source_px,
+        config.long_bone_min_source_px_um,
     )
     lo, hi = math.log(finest), math.log(max(finest, config.max_source_pixel_size_um))
     source_px = float(math.exp(rng.uniform(lo, hi)))

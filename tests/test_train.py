@@ -183,6 +183,18 @@ def test_long_bone_crops_carry_cartilage_and_soft_tissue():
     assert {5, 6} <= codes
 
 
+def test_long_bone_sections_no_finer_than_the_floor():
+    """With a floor on the long-bone source pixel size, every pool section is drawn at or
+    above it (and within the range); without it, some of the same ids fall below."""
+    from histo.train import long_bone_spec
+
+    floored = TrainConfig(seed=3, long_bone_min_source_px_um=1.0)
+    sizes = [long_bone_spec(floored, i)["source_pixel_size_um"] for i in range(40)]
+    assert min(sizes) >= 1.0 and max(sizes) <= floored.max_source_pixel_size_um
+    free = [long_bone_spec(TrainConfig(seed=3), i)["source_pixel_size_um"] for i in range(40)]
+    assert min(free) < 1.0
+
+
 def test_dice_leaves_out_classes_absent_from_the_batch():
     """Uniform scores on a batch that is all marrow: the Dice term is marrow's alone,
     1 - (2 P/n + 1) / (P/n + P + 1) with P pixels and n classes; the six absent classes,

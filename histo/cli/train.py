@@ -77,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classes (cartilage 5 and soft tissue 6 besides codes 0-4; --init weights with 5 "
         "classes grow their head) (default %(default)s)",
     )
+    parser.add_argument(
+        "--long-bone-min-px",
+        type=float,
+        default=d.long_bone_min_source_px_um,
+        metavar="UM",
+        help="finest source pixel size of the long-bone sections (µm/px; default: 0.5, as "
+        "their size allows)",
+    )
     parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
@@ -181,6 +189,7 @@ def _config(args: argparse.Namespace):
         surface_crop_fraction="surface_crops",
         long_bone_fraction="long_bone_crops",
         long_bone_pool_size="long_bone_pool",
+        long_bone_min_source_px_um="long_bone_min_px",
     )
     return TrainConfig(
         init_weights=str(Path(args.init).resolve()) if args.init else None,
