@@ -15,7 +15,9 @@ round after round (interleaved).
 Each run also records the seconds, wall and CPU (the process's, all threads), between the
 pipeline's progress messages (opening, finding tissue, quality checks, segmenting, measuring,
 writing). On a loaded machine the CPU seconds vary far less than the wall seconds.
-``--torch-threads N`` sets torch's threads in the children as an entry point would.
+``--torch-threads N`` sets torch's threads in the children as an entry point would. Each run
+also records how many cores other processes kept busy meanwhile (from /proc/stat, on Linux):
+``--max-others CORES`` summarises only the runs of a quiet enough machine.
 
     .venv/bin/python benchmarks/bench_per_slide.py --tree main=../before --tree new=. \\
         --out bench-out/per-slide --repeat 3
@@ -35,35 +37,47 @@ HISTO = [sys.executable, "-m", "histo"]
 
 #: what the child runs: warm up on every (slide, model), then time each `repeat` times
 CHILD = r"""
-import json, shutil, sys, tempfile, time
+import json, os, shutil, sys, tempfile, time
 from histo.pipeline import analyze_slide
 spec = json.loads(sys.argv[1])
 if spec.get("threads"):
     import torch
     torch.set_num_threads(spec["threads"])
+def busy_seconds():
+    # CPU seconds the whole machine has been busy (Linux /proc/stat; None elsewhere)
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 def run(path, model):
     out = tempfile.mkdtemp(prefix="histo-bench-")  # a new folder, as in a batch
     marks = []
     def progress(fraction, message):
         marks.append((time.perf_counter(), time.process_time(), message.split(" ")[0]))
     try:
+        b0 = busy_seconds()
         t0, c0 = time.perf_counter(), time.process_time()
         r = analyze_slide(path, out_dir=out, model=model, progress=progress)
         t1, c1 = time.perf_counter(), time.process_time()
+        b1 = busy_seconds()
+        others = None if b0 is None else max(0.0, (b1 - b0) - (c1 - c0)) / (t1 - t0)
         stages, cpu_stages = {}, {}
         for (ta, ca, stage), (tb, cb, _) in zip(marks, marks[1:] + [(t1, c1, "")]):
             stages[stage] = stages.get(stage, 0.0) + tb - ta
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cb - ca
-        return r, t1 - t0, c1 - c0, (stages, cpu_stages)
+        return r, t1 - t0, c1 - c0, (stages, cpu_stages), others
     finally:
         shutil.rmtree(out, ignore_errors=True)
 for path, model in spec["runs"]:
     run(path, model)
 for _ in range(spec["repeat"]):
     for path, model in spec["runs"]:
-        r, s, cpu, (stages, cpu_stages) = run(path, model)
+        r, s, cpu, (stages, cpu_stages), others = run(path, model)
         t_ar = r.measurement.indices["T.Ar"]
         row = {"slide": r.name, "model": model, "seconds": s, "cpu_seconds": cpu, "t_ar": t_ar}
+        row["others_cores"] = others
         row["stages"], row["cpu_stages"] = stages, cpu_stages
         print(json.dumps(row), flush=True)
 """
@@ -99,21 +113,35 @@ def run_tree(
     return [{**row, "tree": label} for row in rows]
 
 
-def summarise(rows: list[dict]) -> None:
+def _others(row: dict) -> float | None:
+    return row.get("others_cores")
+
+
+def summarise(rows: list[dict], max_others: float | None = None) -> None:
     """Median seconds and MP/s per (slide, model, tree); CPU seconds of the process (all its
-    threads) when recorded: on a loaded machine they vary far less than wall seconds."""
+    threads) when recorded: on a loaded machine they vary far less than wall seconds.
+
+    ``max_others``: only the runs during which other processes kept at most that many cores
+    busy on average (runs recorded without the figure are kept)."""
+    if max_others is not None:
+        rows = [r for r in rows if _others(r) is None or _others(r) <= max_others]
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["slide"], r["model"], r["tree"]), []).append(r)
-    print("slide  model  tree  runs  median s (range)  median MP/s  median CPU s (range)")
+    print(
+        "slide  model  tree  runs  median s (range)  median MP/s  median CPU s (range)  "
+        "other processes' cores (median)"
+    )
     for (slide, model, tree), runs in sorted(groups.items()):
         secs = [r["seconds"] for r in runs]
         rate = statistics.median(r["t_ar"] / r["seconds"] for r in runs)
         cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
         cpu_text = f"{statistics.median(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f})" if cpu else "-"
+        others = [_others(r) for r in runs if _others(r) is not None]
+        others_text = f"{statistics.median(others):.2f}" if others else "-"
         print(
             f"{slide}  {model}  {tree}  {len(runs)}  {statistics.median(secs):.2f} "
-            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}  {cpu_text}"
+            f"({min(secs):.2f}-{max(secs):.2f})  {rate:.2f}  {cpu_text}  {others_text}"
         )
         for key, what in (("stages", "stages (median s)"), ("cpu_stages", "CPU s")):
             staged = [r[key] for r in runs if key in r]
@@ -139,6 +167,14 @@ def main() -> int:
         help="torch.set_num_threads in the children, as an entry point would (default: torch's)",
     )
     parser.add_argument("--table", action="store_true", help="print recorded results only")
+    parser.add_argument(
+        "--max-others",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="summarise only the runs during which other processes kept at most CORES cores "
+        "busy on average (Linux; each run records the figure)",
+    )
     args = parser.parse_args()
     results = args.out / "results.jsonl"
     if not args.table:
@@ -153,7 +189,8 @@ def main() -> int:
                 for row in run_tree(label, path, runs, args.repeat, args.torch_threads):
                     with open(results, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
-    summarise([json.loads(line) for line in results.read_text().splitlines() if line])
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line]
+    summarise(rows, args.max_others)
     return 0
 
 
