@@ -96,16 +96,14 @@ def run_cli(slide: str, out: str, model: str) -> tuple[float, float]:
 
 
 def wait_for_result(widget) -> None:
-    """Process Qt events until the widget's worker has handed over its result.
+    """Run Qt's event loop until the widget's worker has handed over its result.
 
     The display starts there: the result layers go in over the turns of the event loop
     that follow, possibly before the worker thread has finished.
     """
-    from qtpy.QtWidgets import QApplication
+    from histo_napari._widget import run_events_until
 
-    while widget.worker is not None and not widget.showing:
-        QApplication.processEvents()
-        time.sleep(0.005)
+    run_events_until(lambda: widget.worker is None or widget.showing, 600.0)
 
 
 def bench_region(viewer, widget, side_px: int) -> None:

@@ -49,6 +49,8 @@ from histo_napari._regions_layer import regions_layers, remeasure_region, run_re
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import napari
     from napari.layers import Labels, Layer
 
@@ -86,6 +88,26 @@ def _boxed(title: str, widget: QWidget) -> QGroupBox:
     box = QGroupBox(title)
     QVBoxLayout(box).addWidget(widget)
     return box
+
+
+def run_events_until(done: Callable[[], bool], timeout_s: float) -> None:
+    """Run a Qt event loop until ``done()`` (checked every 10 ms) or the timeout.
+
+    An event loop, not ``processEvents`` in a loop: only a running loop deletes the widgets
+    napari closes with ``deleteLater``, among them the progress bar of ``viewer.open``, whose
+    status-bar spinner otherwise animates, repainting the window, until the loop runs.
+    """
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    t_end = time.monotonic() + timeout_s
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() >= t_end else None)
+    if not done():
+        timer.start()
+        loop.exec()
+        timer.stop()
 
 
 class HistoWidget(QWidget):
@@ -199,13 +221,8 @@ class HistoWidget(QWidget):
         show_error(f"histo: {message}")
 
     def wait(self, timeout_s: float = 600.0) -> None:
-        """Process Qt events until the running job ends (for scripts and the screenshot)."""
-        from qtpy.QtWidgets import QApplication
-
-        t_end = time.monotonic() + timeout_s
-        while self.running and time.monotonic() < t_end:
-            QApplication.processEvents()
-            time.sleep(0.01)
+        """Run Qt's event loop until the running job ends (for scripts and the screenshot)."""
+        run_events_until(lambda: not self.running, timeout_s)
 
     # ---- analyse
     def make_job(self) -> jobs.AnalysisJob:

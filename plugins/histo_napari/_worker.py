@@ -6,6 +6,7 @@ keep editing); the functions here run in napari thread workers and touch no laye
 
 from __future__ import annotations
 
+import math
 import queue
 import shutil
 import tempfile
@@ -219,12 +220,18 @@ def read_working_image(job: AnalysisJob, result: Any) -> np.ndarray | None:
         slide.close()
 
 
+#: the shortest time between two progress reports handed to the GUI: each one repaints the
+#: window, which under a software OpenGL renderer costs the GUI thread ~20 ms
+PROGRESS_INTERVAL_S = 0.5
+
+
 def with_progress(fn: Callable[..., Any], *args: Any) -> Generator[Progress, None, Any]:
     """Run ``fn(*args, progress=...)`` in a helper thread, yielding its progress.
 
     A generator for napari's ``thread_worker``: the pipeline is one blocking call that
-    reports through a callback, so it runs beside the worker and each report is handed to
-    the GUI thread as it comes. Returns what ``fn`` returns; re-raises what it raises.
+    reports through a callback, so it runs beside the worker and its reports are handed to
+    the GUI thread, the latest one at most every :data:`PROGRESS_INTERVAL_S`. Returns what
+    ``fn`` returns; re-raises what it raises.
     """
     messages: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
@@ -239,12 +246,33 @@ def with_progress(fn: Callable[..., Any], *args: Any) -> Generator[Progress, Non
 
     thread = threading.Thread(target=target, name="histo-job", daemon=True)
     thread.start()
-    while (item := messages.get()) is not None:
-        yield item
+    yield from _latest_every(messages, PROGRESS_INTERVAL_S)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _latest_every(messages: queue.Queue, interval_s: float) -> Generator[Progress, None, None]:
+    """The queue's items up to None, the latest at most every ``interval_s`` (the last one
+    always)."""
+    pending: Progress | None = None
+    last = -math.inf
+    while True:
+        wait = None if pending is None else max(0.0, last + interval_s - time.monotonic())
+        try:
+            item = messages.get(timeout=wait)
+        except queue.Empty:
+            item = pending  # no newer report came in time: hand over the one held
+        if item is None:
+            break
+        if item is not pending:
+            pending = item
+        if time.monotonic() - last >= interval_s:
+            yield pending
+            pending, last = None, time.monotonic()
+    if pending is not None:
+        yield pending
 
 
 # --------------------------------------------------------------------------- corrections

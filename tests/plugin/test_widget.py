@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -164,6 +165,36 @@ def test_remeasure_counts_a_painted_osteoclast(qtbot, viewer_widget, scripted_pi
     lab = class_map_instances(cmap, inst, classes.OSTEOCLAST)
     assert set(np.unique(lab[14:20, 5:18])) == {7}
     assert len(set(np.unique(lab[14:20, 40:50]))) == 1 and lab[15, 45] not in (0, 7)
+
+
+def test_progress_reaches_the_gui_as_the_latest_report_a_few_times_a_second():
+    from histo_napari import _worker
+
+    def chatty(n: int, progress) -> int:  # reports far faster than the GUI should repaint
+        for i in range(n):
+            progress((i + 1) / n, f"step {i + 1}")
+        return n
+
+    gen = _worker.with_progress(chatty, 20000)
+    items = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert result == 20000
+    assert items[0].message == "step 1"  # the first report at once
+    assert items[-1] == _worker.Progress(1.0, "step 20000")  # the last one never lost
+    assert len(items) < 20000 / 100  # reports in between were folded into the latest
+    assert [i.fraction for i in items] == sorted(i.fraction for i in items)
+
+    def slow(progress) -> None:  # reports further apart than the interval: each one shown
+        for i in range(3):
+            progress(i / 3, f"stage {i}")
+            time.sleep(1.5 * _worker.PROGRESS_INTERVAL_S)
+
+    assert [p.message for p in _worker.with_progress(slow)] == ["stage 0", "stage 1", "stage 2"]
 
 
 def test_save_and_export(tmp_path, qtbot, viewer_widget, scripted_pipeline, errors):
