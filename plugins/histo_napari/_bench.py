@@ -119,6 +119,11 @@ def bench_region(viewer, widget, side_px: int) -> None:
         [layer.data_to_world((y0, x0)), layer.data_to_world((y0 + side_px, x0 + side_px))]
     )
     viewer.add_shapes([corners[:, -2:]], shape_type="rectangle", name="region")
+    # the user draws the rectangle before pressing Load: its first paint is not the load's
+    from histo_napari._widget import run_events_until
+
+    t_drawn = time.monotonic() + 0.5
+    run_events_until(lambda: time.monotonic() > t_drawn, 1.0)
     t0 = time.perf_counter()
     with StallProbe() as load:
         widget.region_edit.load_rectangle()
