@@ -197,6 +197,25 @@ def test_progress_reaches_the_gui_as_the_latest_report_a_few_times_a_second():
     assert [p.message for p in _worker.with_progress(slow)] == ["stage 0", "stage 1", "stage 2"]
 
 
+def test_waiting_runs_the_event_loop_that_deletes_closed_widgets(qtbot):
+    # napari closes viewer.open's progress bar with deleteLater; until a running event loop
+    # deletes it, the status bar's spinner animates and repaints the window
+    from histo_napari._widget import run_events_until
+    from qtpy.QtCore import QObject
+
+    gone = []
+    obj = QObject()
+    obj.destroyed.connect(lambda: gone.append(True))
+    obj.deleteLater()
+    del obj
+    t0 = time.monotonic()
+    run_events_until(lambda: bool(gone), 5.0)
+    assert gone and time.monotonic() - t0 < 4.0
+    t0 = time.monotonic()
+    run_events_until(lambda: False, 0.3)  # and it gives up at the timeout
+    assert 0.25 < time.monotonic() - t0 < 3.0
+
+
 def test_save_and_export(tmp_path, qtbot, viewer_widget, scripted_pipeline, errors):
     import csv
 
