@@ -101,7 +101,7 @@ def wait_for_result(widget) -> None:
     The display starts there: the result layers go in over the turns of the event loop
     that follow, possibly before the worker thread has finished.
     """
-    from histo_napari._widget import run_events_until
+    from histo_napari._layers import run_events_until
 
     run_events_until(lambda: widget.worker is None or widget.showing, 600.0)
 
@@ -120,7 +120,7 @@ def bench_region(viewer, widget, side_px: int) -> None:
     )
     viewer.add_shapes([corners[:, -2:]], shape_type="rectangle", name="region")
     # the user draws the rectangle before pressing Load: its first paint is not the load's
-    from histo_napari._widget import run_events_until
+    from histo_napari._layers import run_events_until
 
     t_drawn = time.monotonic() + 0.5
     run_events_until(lambda: time.monotonic() > t_drawn, 1.0)

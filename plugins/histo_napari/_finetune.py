@@ -19,7 +19,6 @@ import html
 import math
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -573,17 +572,14 @@ class TrainPanel(TrainForm):
             self.status.value = "cancelling: keeping the best model so far…"
 
     def wait(self, timeout_s: float = 900.0) -> None:
-        """Process Qt events until the fine-tuning, and the re-run after it, end (scripts)."""
-        from qtpy.QtWidgets import QApplication
+        """Run Qt's event loop until the fine-tuning, and the re-run after it, end (scripts)."""
+        from histo_napari._layers import run_events_until
 
-        def busy() -> bool:
+        def idle() -> bool:
             timer = self._compare_timer
-            return self.widget.running or (timer is not None and timer.isActive())
+            return not (self.widget.running or (timer is not None and timer.isActive()))
 
-        t_end = time.monotonic() + timeout_s
-        while busy() and time.monotonic() < t_end:
-            QApplication.processEvents()
-            time.sleep(0.01)
+        run_events_until(idle, timeout_s)
 
     def _set_busy(self, busy: bool) -> None:
         self.train_button.enabled = self.scribble_button.enabled = not busy

@@ -8,6 +8,7 @@ part); the GUI thread only puts them in the viewer, in place of the previous one
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
@@ -211,6 +212,26 @@ def in_turns(steps: list[Callable[[], None]], then: Callable[[], None] | None = 
             QTimer.singleShot(LAYER_STAGGER_MS, run_next)
 
     QTimer.singleShot(0, run_next)
+
+
+def run_events_until(done: Callable[[], bool], timeout_s: float) -> None:
+    """Run a Qt event loop until ``done()`` (checked every 10 ms) or the timeout.
+
+    An event loop, not ``processEvents`` in a loop: only a running loop deletes the widgets
+    napari closes with ``deleteLater``, among them the progress bar of ``viewer.open``, whose
+    status-bar spinner otherwise animates, repainting the window, until the loop runs.
+    """
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    t_end = time.monotonic() + timeout_s
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() >= t_end else None)
+    if not done():
+        timer.start()
+        loop.exec()
+        timer.stop()
 
 
 def collect_garbage() -> None:

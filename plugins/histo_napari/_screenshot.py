@@ -96,14 +96,12 @@ def _scroll_to_bottom(widget, timeout_s: float = 10.0) -> None:
     the scroll bar that then appears narrows the panels and re-wraps their text."""
     import time
 
-    from qtpy.QtWidgets import QApplication
+    from histo_napari._layers import run_events_until
 
     bar = widget.scroll.verticalScrollBar()
     t_end, last = time.monotonic() + timeout_s, None
     while time.monotonic() < t_end:
-        for _ in range(20):
-            QApplication.processEvents()
-            time.sleep(0.01)
+        run_events_until(lambda: False, 0.2)
         bar.setValue(bar.maximum())
         if (bar.maximum(), bar.value()) == last:
             return

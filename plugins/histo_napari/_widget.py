@@ -22,7 +22,6 @@ layers), :mod:`._results` (call and table), :mod:`._geometry` (placement and reg
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,6 +39,7 @@ from histo_napari._geometry import Placement, region_polygons
 from histo_napari._layers import (
     ResultLayers,
     centres_layer,
+    run_events_until,
     run_layers,
     warm_glyphs,
     warm_up,
@@ -49,8 +49,6 @@ from histo_napari._regions_layer import regions_layers, remeasure_region, run_re
 from histo_napari._results import ResultsPanel
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import napari
     from napari.layers import Labels, Layer
 
@@ -88,26 +86,6 @@ def _boxed(title: str, widget: QWidget) -> QGroupBox:
     box = QGroupBox(title)
     QVBoxLayout(box).addWidget(widget)
     return box
-
-
-def run_events_until(done: Callable[[], bool], timeout_s: float) -> None:
-    """Run a Qt event loop until ``done()`` (checked every 10 ms) or the timeout.
-
-    An event loop, not ``processEvents`` in a loop: only a running loop deletes the widgets
-    napari closes with ``deleteLater``, among them the progress bar of ``viewer.open``, whose
-    status-bar spinner otherwise animates, repainting the window, until the loop runs.
-    """
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    t_end = time.monotonic() + timeout_s
-    loop = QEventLoop()
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() >= t_end else None)
-    if not done():
-        timer.start()
-        loop.exec()
-        timer.stop()
 
 
 class HistoWidget(QWidget):

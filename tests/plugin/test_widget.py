@@ -200,7 +200,7 @@ def test_progress_reaches_the_gui_as_the_latest_report_a_few_times_a_second():
 def test_waiting_runs_the_event_loop_that_deletes_closed_widgets(qtbot):
     # napari closes viewer.open's progress bar with deleteLater; until a running event loop
     # deletes it, the status bar's spinner animates and repaints the window
-    from histo_napari._widget import run_events_until
+    from histo_napari._layers import run_events_until
     from qtpy.QtCore import QObject
 
     gone = []
