@@ -118,7 +118,9 @@ def bench_region(viewer, widget, side_px: int) -> None:
     corners = np.array(
         [layer.data_to_world((y0, x0)), layer.data_to_world((y0 + side_px, x0 + side_px))]
     )
-    viewer.add_shapes([corners[:, -2:]], shape_type="rectangle", name="region")
+    viewer.add_shapes(
+        [corners[:, -2:]], shape_type="rectangle", name="region", units=layer.units[-2:]
+    )
     # the user draws the rectangle before pressing Load: its first paint is not the load's
     from histo_napari._layers import run_events_until
 
