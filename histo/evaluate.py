@@ -404,6 +404,20 @@ def evaluate(
                 f"slide {k + 1}/{len(specs)} ({spec.phenotype}, "
                 f"{spec.counterstain}, {spec.pixel_size_um} µm/px)",
             )
+    return _report(specs, models, segmenters, scores, truth_rows, field_um, seed_base)
+
+
+def _report(
+    specs: list[SlideSpec],
+    models: Sequence[str],
+    segmenters: dict,
+    scores: dict[str, ModelScores],
+    truth_rows: list[dict],
+    field_um: float,
+    seed_base: int,
+) -> dict:
+    """The JSON-able report of :func:`evaluate`: the slides, the models' provenance, summaries
+    and per-slide rows of every model and of the truth map."""
     summary = {m: summarise(s.slides, s) for m, s in scores.items()}
     summary["truth map"] = summarise(truth_rows, None)
     return {

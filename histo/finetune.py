@@ -981,11 +981,25 @@ def _score_base(run: _Run, synthetic: list[_Window]) -> tuple[dict, dict]:
     """The base's Dice on the forgetting sections and on the held-out blocks; keeps back the
     time the last scoring, saving and confidence reference will need."""
     t_score = time.perf_counter()
-    before = dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
+    before = _synthetic_dice(run, synthetic)
     run.validate()
     qc_s = QC_REFERENCE_S * run.config.qc_reference_slides
     run.reserve_s = 2 * (time.perf_counter() - t_score) + 2.0 + qc_s
     return before, dict(run.val)
+
+
+def _check_trained(run: _Run, config: FinetuneConfig, cancelled: bool) -> None:
+    """Raise if the budget was spent before the first training step of a run not cancelled."""
+    if run.step == 0 and not cancelled:
+        raise HistoError(
+            f"the budget of {config.minutes:g} min was spent before the first training step "
+            f"({run.elapsed():.0f} s preparing the fields and scoring the base): give more minutes"
+        )
+
+
+def _synthetic_dice(run: _Run, synthetic: list[_Window]) -> dict:
+    """Dice per class of the run's network on the synthetic windows (how much it forgot)."""
+    return dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
 
 
 def finetune(
@@ -1029,15 +1043,9 @@ def finetune(
     before, base_val = _score_base(run, synthetic)
     log.info("base %s: validation Dice %s", base.name, base_val)
     cancelled = _train(run, progress, cancel)
-    if run.step == 0 and not cancelled:
-        raise HistoError(
-            f"the budget of {config.minutes:g} min was spent before the first training step "
-            f"({run.elapsed():.0f} s preparing the fields and scoring the base): give more minutes"
-        )
+    _check_trained(run, config, cancelled)
     run.net.load_state_dict(run.best_state)
-    after = {}
-    if not cancelled:
-        after = dice_scores(run.net, synthetic, min(run.n_classes, N_CLASSES), run.device)
+    after = {} if cancelled else _synthetic_dice(run, synthetic)
     forgetting = {"synthetic_dice_before": before, "synthetic_dice_after": after}
     extra = {"base_dice": base_val, "forgetting": forgetting}
     record = _model_record(run, base, fields, prepared, run.elapsed(), extra)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -221,6 +222,55 @@ def withhold_call(call: PhenotypeCall, qc_reasons: str) -> PhenotypeCall:
     return PhenotypeCall(UNCERTAIN, math.nan, evidence)
 
 
+class _Limit(NamedTuple):
+    """A limit learnt from the controls, the scale of its confidence and the controls' summary."""
+
+    limit: float
+    scale: float
+    summary: dict[str, float]
+
+
+def _finite_values(rows: list[Mapping], key: str) -> np.ndarray:
+    """The finite values of index ``key`` over ``rows`` (missing or unreadable ones dropped)."""
+    values = np.array([_value(r, key) for r in rows], float)
+    return values[np.isfinite(values)]
+
+
+def _bv_tv_upper(bv: np.ndarray, k: float) -> _Limit:
+    """Upper limit of normal BV/TV (%): mean + k SD of the controls, at least max + 1 SD."""
+    bv_mean, bv_sd = float(bv.mean()), float(bv.std(ddof=1))
+    upper = max(bv_mean + k * bv_sd, float(bv.max()) + bv_sd)
+    summary = {
+        "BV/TV mean": bv_mean,
+        "BV/TV sd": bv_sd,
+        "BV/TV min": float(bv.min()),
+        "BV/TV max": float(bv.max()),
+    }
+    return _Limit(upper, max(bv_sd / 2.0, 1.0), summary)
+
+
+def _oc_poor_lower(
+    noc: np.ndarray, k: float, fraction: float, floor: float, min_controls: int
+) -> _Limit:
+    """oc-poor threshold of N.Oc/B.Pm (/mm), see :func:`calibrate`; the defaults of
+    :class:`ReferenceRanges` with fewer than ``min_controls`` usable controls."""
+    if noc.size < min_controls:
+        defaults = ReferenceRanges()
+        return _Limit(defaults.n_oc_b_pm_lower, defaults.n_oc_b_pm_scale, {})
+    noc_mean, noc_sd = float(noc.mean()), float(noc.std(ddof=1))
+    noc_median = float(np.median(noc))
+    lower = max(floor, min(fraction * noc_median, noc_mean - k * noc_sd))
+    if noc_mean - k * noc_sd < floor:
+        lower = max(floor, fraction * noc_median)
+    summary = {
+        "N.Oc/B.Pm mean": noc_mean,
+        "N.Oc/B.Pm sd": noc_sd,
+        "N.Oc/B.Pm min": float(noc.min()),
+        "N.Oc/B.Pm max": float(noc.max()),
+    }
+    return _Limit(lower, max(lower / 4.0, 0.05), summary)
+
+
 def calibrate(
     control_indices: Iterable[Mapping],
     *,
@@ -250,51 +300,26 @@ def calibrate(
         With ``source`` and ``controls`` describing the calibration.
     """
     rows = list(control_indices)
-    bv = np.array([_value(r, "BV/TV") for r in rows], float)
-    noc = np.array([_value(r, "N.Oc/B.Pm") for r in rows], float)
-    bv = bv[np.isfinite(bv)]
-    noc = noc[np.isfinite(noc)]
+    bv = _finite_values(rows, "BV/TV")
+    noc = _finite_values(rows, "N.Oc/B.Pm")
     if bv.size < min_controls:
         raise HistoError(
             f"calibration needs at least {min_controls} control slides with BV/TV, got {bv.size}"
         )
-    bv_mean, bv_sd = float(bv.mean()), float(bv.std(ddof=1))
-    upper = max(bv_mean + k * bv_sd, float(bv.max()) + bv_sd)
-    scale = max(bv_sd / 2.0, 1.0)
-    defaults = ReferenceRanges()
-    if noc.size >= min_controls:
-        noc_mean, noc_sd = float(noc.mean()), float(noc.std(ddof=1))
-        noc_median = float(np.median(noc))
-        lower = max(oc_poor_floor, min(oc_poor_fraction * noc_median, noc_mean - k * noc_sd))
-        if noc_mean - k * noc_sd < oc_poor_floor:
-            lower = max(oc_poor_floor, oc_poor_fraction * noc_median)
-        noc_scale = max(lower / 4.0, 0.05)
-        noc_summary = {
-            "N.Oc/B.Pm mean": noc_mean,
-            "N.Oc/B.Pm sd": noc_sd,
-            "N.Oc/B.Pm min": float(noc.min()),
-            "N.Oc/B.Pm max": float(noc.max()),
-        }
-    else:
-        lower, noc_scale, noc_summary = defaults.n_oc_b_pm_lower, defaults.n_oc_b_pm_scale, {}
+    bv_tv = _bv_tv_upper(bv, k)
+    n_oc = _oc_poor_lower(noc, k, oc_poor_fraction, oc_poor_floor, min_controls)
     return ReferenceRanges(
-        bv_tv_upper=round(upper, 3),
-        bv_tv_scale=round(scale, 3),
-        n_oc_b_pm_lower=round(lower, 3),
-        n_oc_b_pm_scale=round(noc_scale, 3),
+        bv_tv_upper=round(bv_tv.limit, 3),
+        bv_tv_scale=round(bv_tv.scale, 3),
+        n_oc_b_pm_lower=round(n_oc.limit, 3),
+        n_oc_b_pm_scale=round(n_oc.scale, 3),
         source=(
             f"calibrated from {bv.size} normal control slides: BV/TV upper = max(mean + {k:g} SD, "
             f"max + 1 SD); oc-poor below {oc_poor_fraction:g} x control median N.Oc/B.Pm "
             f"(or mean - {k:g} SD if lower), floor {oc_poor_floor:g}/mm"
         ),
         n_controls=int(bv.size),
-        controls={
-            "BV/TV mean": bv_mean,
-            "BV/TV sd": bv_sd,
-            "BV/TV min": float(bv.min()),
-            "BV/TV max": float(bv.max()),
-            **noc_summary,
-        },
+        controls={**bv_tv.summary, **n_oc.summary},
     )
 
 

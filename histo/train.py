@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -728,16 +728,44 @@ def train(
     log.info("config %s", json.dumps(asdict(config)))
     log.info("network parameters: %d", count_parameters(state.model))
     log.info("device %s (%s)", dev, device_name(dev))
+    last_loss = _run_steps(state, ckpt_path, dev, progress, _StopRule(time_limit_s, stop_at_step))
+    state.save_checkpoint(ckpt_path)
+    return _finish(state, out, last_loss)
+
+
+class _StopRule(NamedTuple):
+    """When a run stops before its configured steps (None: no such limit)."""
+
+    time_limit_s: float | None
+    stop_at_step: int | None
+
+    def reached(self, state: _TrainState) -> bool:
+        """Whether the run stops now (logged)."""
+        if self.time_limit_s is not None and time.perf_counter() - state.t0 > self.time_limit_s:
+            log.info("time limit reached at step %d", state.step)
+            return True
+        if self.stop_at_step is not None and state.step >= self.stop_at_step:
+            log.info("stopping at step %d as asked", state.step)
+            return True
+        return False
+
+
+def _run_steps(
+    state: _TrainState,
+    ckpt_path: Path,
+    dev,
+    progress: Callable[[float, str], None] | None,
+    stop: _StopRule,
+) -> float:
+    """Train up to the configured steps or an early stop, logging every 10 steps and
+    checkpointing every ``checkpoint_every``; returns the last step's loss."""
+    config = state.config
     pool, long_bone_pool = _pools(config, state.step, state.t0)
     amp = _MixedPrecision(dev)
     state.model.train()
     running, last_loss = None, float("nan")
     while state.step < config.steps:
-        if time_limit_s is not None and time.perf_counter() - state.t0 > time_limit_s:
-            log.info("time limit reached at step %d", state.step)
-            break
-        if stop_at_step is not None and state.step >= stop_at_step:
-            log.info("stopping at step %d as asked", state.step)
+        if stop.reached(state):
             break
         last_loss, parts = _train_step(state, pool, long_bone_pool, amp, dev)
         running = last_loss if running is None else 0.95 * running + 0.05 * last_loss
@@ -745,8 +773,7 @@ def train(
             _log_step(state, last_loss, running, parts, progress)
         if state.step % config.checkpoint_every == 0:
             state.save_checkpoint(ckpt_path)
-    state.save_checkpoint(ckpt_path)
-    return _finish(state, out, last_loss)
+    return last_loss
 
 
 def _train_step(state: _TrainState, pool, long_bone_pool, amp, dev) -> tuple[float, dict]:

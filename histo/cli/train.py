@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from histo.cli._options import add_device, option_values
+
+if TYPE_CHECKING:
+    from histo.train import TrainConfig
 
 HELP = "train the segmentation network on synthetic sections (seeded, resumable)"
 DESCRIPTION = """Train the segmentation network on synthetic TRAP sections generated on the fly.
@@ -30,31 +34,42 @@ Example:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from histo.train import TrainConfig
 
-    d = TrainConfig()
+    defaults = TrainConfig()
     parser.add_argument("--out", required=True, help="output folder")
+    _add_schedule_options(parser, defaults)
+    _add_crop_options(parser, defaults)
+    _add_run_options(parser)
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The numeric options of the run's schedule and section pools."""
     for flag, kind, default, what in (
-        ("--seed", int, d.seed, "random seed"),
-        ("--steps", int, d.steps, "optimiser steps"),
-        ("--batch-size", int, d.batch_size, "crops per step"),
-        ("--crop", int, d.crop_px, "crop size in px"),
-        ("--lr", float, d.lr, "peak learning rate"),
-        ("--pool-size", int, d.pool_size, "sections held"),
-        ("--refresh-every", int, d.refresh_every, "steps per replaced section"),
-        ("--field", int, d.field_px, "section size in working px"),
-        ("--threads", int, d.threads, "torch threads"),
-        ("--long-bone-pool", int, d.long_bone_pool_size, "long-bone sections held"),
+        ("--seed", int, defaults.seed, "random seed"),
+        ("--steps", int, defaults.steps, "optimiser steps"),
+        ("--batch-size", int, defaults.batch_size, "crops per step"),
+        ("--crop", int, defaults.crop_px, "crop size in px"),
+        ("--lr", float, defaults.lr, "peak learning rate"),
+        ("--pool-size", int, defaults.pool_size, "sections held"),
+        ("--refresh-every", int, defaults.refresh_every, "steps per replaced section"),
+        ("--field", int, defaults.field_px, "section size in working px"),
+        ("--threads", int, defaults.threads, "torch threads"),
+        ("--long-bone-pool", int, defaults.long_bone_pool_size, "long-bone sections held"),
         (
             "--long-bone-refresh-every",
             int,
-            d.long_bone_refresh_every,
+            defaults.long_bone_refresh_every,
             "steps per replaced long-bone section",
         ),
     ):
         parser.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
+
+
+def _add_crop_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The options choosing the crops and weighting the classes."""
     parser.add_argument(
         "--surface-crops",
         type=float,
-        default=d.surface_crop_fraction,
+        default=defaults.surface_crop_fraction,
         help="share of crops centred on the bone surface, where marrow cells next to bone are "
         "the hard negatives of osteoclasts (default %(default)s; at most 0.5)",
     )
@@ -65,13 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="W",
         help="cross-entropy weights of background, marrow, bone, osteoclast, osteocyte "
-        f"(default {d.class_weights}), then cartilage and soft tissue when the network learns "
-        "7 classes (default 1 1)",
+        f"(default {defaults.class_weights}), then cartilage and soft tissue when the network "
+        "learns 7 classes (default 1 1)",
     )
     parser.add_argument(
         "--long-bone-crops",
         type=float,
-        default=d.long_bone_fraction,
+        default=defaults.long_bone_fraction,
         metavar="F",
         help="share of the crops taken from long-bone sections; above 0 the network learns 7 "
         "classes (cartilage 5 and soft tissue 6 besides codes 0-4; --init weights with 5 "
@@ -80,11 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--long-bone-min-px",
         type=float,
-        default=d.long_bone_min_source_px_um,
+        default=defaults.long_bone_min_source_px_um,
         metavar="UM",
         help="finest source pixel size of the long-bone sections (µm/px; default: 0.5, as "
         "their size allows)",
     )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the run itself: start weights, resume, time limit, registry, device."""
     parser.add_argument("--init", default=None, help="start from these weights (fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(

@@ -90,10 +90,27 @@ def mask_polygons(
     )
     if hierarchy is None:
         return []
-    links = hierarchy[0].tolist()
-    # all rings of the mask, each followed by its first point (closing it), scaled at once
+    rings = _mask_rings(contours, hierarchy[0].tolist())
+    pts = np.concatenate(rings.parts).astype(np.float64)
+    pts += (float(offset[1]) + 0.5, float(offset[0]) + 0.5)
+    if scale != 1.0:
+        pts *= float(scale)
+    return _nest_rings(np.round(pts, 3).tolist(), rings)
+
+
+class _Rings(NamedTuple):
+    """All rings of a mask, each followed by its first point (closing it), so that they can be
+    scaled at once; ``rings_per_polygon`` counts an outer ring and its holes."""
+
+    parts: list[np.ndarray]
+    rings_per_polygon: list[int]
+
+
+def _mask_rings(contours, links: list[list[int]]) -> _Rings:
+    """The rings of ``cv2.findContours`` (``RETR_CCOMP``) polygon by polygon: each outer ring
+    then its holes of at least 3 points (``links``: the hierarchy's rows)."""
     parts: list[np.ndarray] = []
-    structure: list[int] = []  # rings per polygon
+    structure: list[int] = []
     for i, (_, _, child, parent) in enumerate(links):
         if parent != -1:
             continue  # a hole: added to its parent below
@@ -107,21 +124,21 @@ def mask_polygons(
                 n_rings += 1
             child = links[child][0]
         structure.append(n_rings)
-    pts = np.concatenate(parts).astype(np.float64)
-    pts += (float(offset[1]) + 0.5, float(offset[0]) + 0.5)
-    if scale != 1.0:
-        pts *= float(scale)
-    flat = np.round(pts, 3).tolist()
+    return _Rings(parts, structure)
+
+
+def _nest_rings(flat: list[list[float]], rings: _Rings) -> list[list[list[list[float]]]]:
+    """Cut the points ``flat`` of all ``rings`` (closed, in order) back into polygons."""
     polygons = []
     k = at = 0
-    for n_rings in structure:
-        rings = []
+    for n_rings in rings.rings_per_polygon:
+        polygon = []
         for _ in range(n_rings):
-            n = len(parts[k]) + 1
-            rings.append(flat[at : at + n])
+            n = len(rings.parts[k]) + 1
+            polygon.append(flat[at : at + n])
             at += n
             k += 2
-        polygons.append(rings)
+        polygons.append(polygon)
     return polygons
 
 

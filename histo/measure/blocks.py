@@ -39,7 +39,8 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -701,17 +702,28 @@ def measure_by_blocks(
     shape = _check_class_map(class_map)
     block_px = max(int(block_px), 16)
     margin_px = int(math.ceil(MARGIN_UM / px)) if margin_px is None else int(margin_px)
-    sources: list[GivenLabels | ComponentLabels] = []
-    try:
-        for given, code, name in (
-            (osteoclast_labels, classes.OSTEOCLAST, "osteoclast_labels"),
-            (osteocyte_labels, classes.OSTEOCYTE, "osteocyte_labels"),
-        ):
-            sources.append(_label_source(class_map, shape, given, code, name, block_px))
+    labels = (osteoclast_labels, osteocyte_labels)
+    with _label_sources(class_map, shape, labels, block_px) as sources:
         region = None if roi is None else Region(roi, shape, px)
         plan = _plan(class_map, shape, px, rules, sources, region, _image_reader(image, shape))
         margin = max(margin_px, plan.per_margin, plan.ring_px + 1, _pit_margin(rules, px))
         return _measure(plan, list(iter_blocks(shape, block_px, margin)), progress)
+
+
+@contextmanager
+def _label_sources(
+    class_map: Any, shape: tuple[int, int], given: tuple[Any, Any], block_px: int
+) -> Iterator[list[GivenLabels | ComponentLabels]]:
+    """The osteoclast and osteocyte instances (``given``: their labels or None, see
+    :func:`_label_source`); the temporary stores of labelled components are closed on exit."""
+    sources: list[GivenLabels | ComponentLabels] = []
+    try:
+        for labels, code, name in (
+            (given[0], classes.OSTEOCLAST, "osteoclast_labels"),
+            (given[1], classes.OSTEOCYTE, "osteocyte_labels"),
+        ):
+            sources.append(_label_source(class_map, shape, labels, code, name, block_px))
+        yield sources
     finally:
         for source in sources:
             if isinstance(source, ComponentLabels):
@@ -749,6 +761,11 @@ def _measure(plan: _Plan, blocks: list[Block], progress: ProgressFn | None) -> M
                 progress((i + 1) / len(blocks), f"measuring block {i + 1}/{len(blocks)}")
             release_free_memory(slack_mb=TRIM_SLACK_MB)
     return _finish(acc, plan)
+
+
+def _optional_array(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array, None kept."""
+    return None if value is None else np.asarray(value)
 
 
 def measure(
@@ -800,22 +817,17 @@ def measure(
     The map is measured by :func:`measure_by_blocks` in blocks of ``DEFAULT_BLOCK_PX``: one
     implementation for every size.
 
-
     Parallel-plate model (Parfitt et al. 1983): Tb.Th = 2·B.Ar/B.Pm, Tb.N = (B.Ar/T.Ar)/Tb.Th,
     Tb.Sp = 1/Tb.N − Tb.Th. B.Pm uses a sub-pixel estimator: marching squares on the bone
     mask with the contour polygon smoothed along its length (see :func:`boundary_length_px`).
     """
     cmap = validate_class_map(class_map)
-
-    def array(value: Any) -> Any:
-        return None if value is None else np.asarray(value)
-
     return measure_by_blocks(
         cmap,
         pixel_size_um,
-        osteoclast_labels=array(osteoclast_labels),
-        osteocyte_labels=array(osteocyte_labels),
-        image=image if callable(image) else array(image),
+        osteoclast_labels=_optional_array(osteoclast_labels),
+        osteocyte_labels=_optional_array(osteocyte_labels),
+        image=image if callable(image) else _optional_array(image),
         roi=roi,
         rules=rules,
     )

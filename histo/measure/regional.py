@@ -167,6 +167,30 @@ def _prefixed(prefix: str, indices: dict) -> dict:
     return {f"{prefix}:{k}": indices[k] for k in EXTRA_INDICES if k in indices}
 
 
+def _long_bone_rois(regions, grid: float, px: float) -> dict[str, Roi | None]:
+    """The ROIs (µm) of a long bone's zones: the standard region's box, then the growth plate,
+    cortex, primary spongiosa and junction zone (None where a zone was not found)."""
+    rois = {"standard": _box_roi(regions.box, px)}
+    for key, mask in (
+        ("growth_plate", regions.growth_plate),
+        ("cortex", regions.cortex),
+        ("primary", regions.primary_spongiosa),
+        ("junction", _junction_zone(regions, grid)),
+    ):
+        rois[key] = mask_roi(mask, grid, px)
+    return rois
+
+
+def _zone_indices(measure_roi: MeasureFn, rois: dict[str, Roi | None], whole: Measurement) -> dict:
+    """The whole section's indices and those of the cortex and primary spongiosa (where
+    found), their names prefixed with the zone's."""
+    extra = _prefixed("section", whole.indices)
+    for key in ("cortex", "primary"):
+        if rois[key] is not None:
+            extra.update(_prefixed(key, measure_roi(rois[key]).indices))
+    return extra
+
+
 def measure_by_region(
     class_map,
     pixel_size_um: float,
@@ -204,20 +228,10 @@ def measure_by_region(
     if search.regions is None:
         return RegionalMeasurement(measure_roi(None), MeasuredRegion(REGION_WHOLE, search.reason))
     regions = search.regions
-    rois = {"standard": _box_roi(regions.box, px)}
-    for key, mask in (
-        ("growth_plate", regions.growth_plate),
-        ("cortex", regions.cortex),
-        ("primary", regions.primary_spongiosa),
-        ("junction", _junction_zone(regions, grid)),
-    ):
-        rois[key] = mask_roi(mask, grid, px)
+    rois = _long_bone_rois(regions, grid, px)
     main = measure_roi(rois["standard"])
     whole = measure_roi(None)
-    extra = _prefixed("section", whole.indices)
-    for key in ("cortex", "primary"):
-        if rois[key] is not None:
-            extra.update(_prefixed(key, measure_roi(rois[key]).indices))
+    extra = _zone_indices(measure_roi, rois, whole)
     extra["N.Oc.junction"] = _count_in(whole.osteoclasts, _junction_zone(regions, grid), grid, px)
     region = MeasuredRegion(
         REGION_STANDARD,
