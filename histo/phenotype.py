@@ -236,17 +236,21 @@ def _finite_values(rows: list[Mapping], key: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+def _summary(name: str, values: np.ndarray) -> dict[str, float]:
+    """Mean, SD (n - 1), min and max of the controls' values of index ``name``."""
+    return {
+        f"{name} mean": float(values.mean()),
+        f"{name} sd": float(values.std(ddof=1)),
+        f"{name} min": float(values.min()),
+        f"{name} max": float(values.max()),
+    }
+
+
 def _bv_tv_upper(bv: np.ndarray, k: float) -> _Limit:
     """Upper limit of normal BV/TV (%): mean + k SD of the controls, at least max + 1 SD."""
     bv_mean, bv_sd = float(bv.mean()), float(bv.std(ddof=1))
     upper = max(bv_mean + k * bv_sd, float(bv.max()) + bv_sd)
-    summary = {
-        "BV/TV mean": bv_mean,
-        "BV/TV sd": bv_sd,
-        "BV/TV min": float(bv.min()),
-        "BV/TV max": float(bv.max()),
-    }
-    return _Limit(upper, max(bv_sd / 2.0, 1.0), summary)
+    return _Limit(upper, max(bv_sd / 2.0, 1.0), _summary("BV/TV", bv))
 
 
 def _oc_poor_lower(
@@ -262,13 +266,7 @@ def _oc_poor_lower(
     lower = max(floor, min(fraction * noc_median, noc_mean - k * noc_sd))
     if noc_mean - k * noc_sd < floor:
         lower = max(floor, fraction * noc_median)
-    summary = {
-        "N.Oc/B.Pm mean": noc_mean,
-        "N.Oc/B.Pm sd": noc_sd,
-        "N.Oc/B.Pm min": float(noc.min()),
-        "N.Oc/B.Pm max": float(noc.max()),
-    }
-    return _Limit(lower, max(lower / 4.0, 0.05), summary)
+    return _Limit(lower, max(lower / 4.0, 0.05), _summary("N.Oc/B.Pm", noc))
 
 
 def calibrate(
