@@ -266,8 +266,7 @@ def _latest_every(messages: queue.Queue, interval_s: float) -> Generator[Progres
             item = pending  # no newer report came in time: hand over the one held
         if item is None:
             break
-        if item is not pending:
-            pending = item
+        pending = item
         if time.monotonic() - last >= interval_s:
             yield pending
             pending, last = None, time.monotonic()
