@@ -41,6 +41,7 @@ from histo_napari._layers import (
     centres_layer,
     run_events_until,
     run_layers,
+    thaw,
     warm_glyphs,
     warm_up,
 )
@@ -101,6 +102,7 @@ class HistoWidget(QWidget):
         self.layers = ResultLayers(napari_viewer)
         warm_up()
         warm_glyphs(napari_viewer)
+        self.destroyed.connect(thaw)
         self.worker: Any = None  #: the job running now (one at a time)
         self.job: jobs.AnalysisJob | None = None
         self.output: jobs.AnalysisOutput | None = None  #: the last finished run

@@ -93,6 +93,25 @@ def test_run_adds_layers_and_table(qtbot, viewer_widget, scripted_pipeline, erro
     assert_same_indices(widget.measurement.indices, expected)
 
 
+def test_a_shown_run_leaves_the_collector_only_new_objects_to_walk(
+    qtbot, viewer_widget, scripted_pipeline, errors
+):
+    import gc
+
+    viewer, widget = viewer_widget
+    gc.unfreeze()
+    widget.controls.run_button.native.click()
+    wait_for_run(qtbot, widget)
+    assert errors == []
+    # napari's objects and the results are frozen: the objects a full pass walks are the
+    # few made since
+    assert gc.get_freeze_count() > 10_000
+    assert len(gc.get_objects()) < gc.get_freeze_count() / 10
+    widget.close()
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: gc.get_freeze_count() == 0, timeout=5000)  # the widget gone
+
+
 def test_cancel_stops_the_run(qtbot, viewer_widget, scripted_pipeline, errors):
     viewer, widget = viewer_widget
     scripted_pipeline.steps, scripted_pipeline.step_s = 200, 0.02
